@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sphere-ar-hf",
+    version="0.1.0",
+    description="SphereAR (hyperspherical-latent autoregressive image generation) for transformers and diffusers",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"sphere_ar_hf": ["data/*.json", "pretrained/*/*.json", "pretrained/*/*/*.json",
+                                   "pretrained/*/*/*.safetensors"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "diffusers>=0.35",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=1.0",
+        "numpy>=1.24",
+        "pillow>=9.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["sphere-ar=sphere_ar_hf.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,104 @@
+"""SphereARConfig: the AR transformer's configuration, with the official B / L / H presets."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from .layers import swiglu_hidden_size
+
+__all__ = ["SphereARConfig", "PRESETS"]
+
+# official sizes (SphereAR/model.py); recommended guidance scales from the official sampling commands
+PRESETS: dict[str, dict] = {
+    "SphereAR-B": dict(hidden_size=768, num_hidden_layers=24, num_attention_heads=12, head_hidden_size=768,
+                       head_num_layers=6, head_num_adaln=2, guidance_scale=4.5),
+    "SphereAR-L": dict(hidden_size=1024, num_hidden_layers=32, num_attention_heads=16, head_hidden_size=1024,
+                       head_num_layers=8, head_num_adaln=2, guidance_scale=4.6),
+    "SphereAR-H": dict(hidden_size=1280, num_hidden_layers=40, num_attention_heads=20, head_hidden_size=1280,
+                       head_num_layers=12, head_num_adaln=3, guidance_scale=4.5),
+}
+
+
+class SphereARConfig(PreTrainedConfig):
+    """Configuration of :class:`SphereARTransformer`.
+
+    Args:
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: the causal trunk
+            (``intermediate_size`` defaults to the official SwiGLU width).
+        head_hidden_size, head_num_layers, head_num_adaln: the per-token diffusion MLP head; consecutive
+            ``head_num_layers / head_num_adaln`` blocks share one adaLN projection.
+        latent_dim, image_size, patch_size: the token grid ((image_size / patch_size)^2 tokens of latent_dim).
+        num_classes, num_class_tokens: class conditioning; id ``num_classes`` is the null (unconditional) class.
+        class_dropout_prob, diff_batch_mul: training (class dropout to the null class; head batch repetition).
+        guidance_scale: the recommended classifier-free guidance scale for sampling.
+    """
+
+    model_type = "sphere_ar"
+
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 12,
+        intermediate_size: int | None = None,
+        head_hidden_size: int = 768,
+        head_num_layers: int = 6,
+        head_num_adaln: int = 2,
+        latent_dim: int = 16,
+        image_size: int = 256,
+        patch_size: int = 16,
+        num_classes: int = 1000,
+        num_class_tokens: int = 16,
+        class_dropout_prob: float = 0.1,
+        diff_batch_mul: int = 4,
+        guidance_scale: float = 4.5,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size or swiglu_hidden_size(hidden_size)
+        self.head_hidden_size = head_hidden_size
+        self.head_num_layers = head_num_layers
+        self.head_num_adaln = head_num_adaln
+        self.latent_dim = latent_dim
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.num_class_tokens = num_class_tokens
+        self.class_dropout_prob = class_dropout_prob
+        self.diff_batch_mul = diff_batch_mul
+        self.guidance_scale = guidance_scale
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} must "
+                             "give an integer head dim divisible by 4 (2D RoPE)")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.head_num_adaln < 1 or self.head_num_layers % max(1, self.head_num_layers // self.head_num_adaln):
+            raise ValueError(f"head_num_layers {self.head_num_layers} must be divisible into head_num_adaln "
+                             f"{self.head_num_adaln} groups")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid_size**2
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> SphereARConfig:
+        """``SphereARConfig.from_preset("SphereAR-B", image_size=256)``: the official sizes of B, L or H."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **kwargs})

@@ -1,0 +1,145 @@
+"""Building blocks shared by the S-VAE's ViTs and the AR trunk: SwiGLU, 2D RoPE, attention with a KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FeedForward", "Attention", "TransformerBlock", "KVCache", "Rope2D", "swiglu_hidden_size"]
+
+
+def swiglu_hidden_size(dim: int, multiple_of: int = 256) -> int:
+    """The official SwiGLU width: 2/3 of 4 * dim, rounded up to a multiple of 256."""
+    hidden = int(2 * (4 * dim) / 3)
+    return -(-hidden // multiple_of) * multiple_of
+
+
+def grid_positions(grid_size: int) -> torch.Tensor:
+    """(x, y) patch centres of a ``grid_size`` x ``grid_size`` raster, in patch units, as in the official code."""
+    centers = torch.arange(grid_size, dtype=torch.float32) + 0.5
+    gy, gx = torch.meshgrid(centers, centers, indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+
+
+class Rope2D:
+    """2D rotary position embedding: half of each head's rotary pairs encode x, half encode y.
+
+    The first ``num_prefix`` positions (class or register tokens) get position 0 (no rotation); the patches get
+    their grid centre + 1. ``cos``/``sin`` tables ``(seq, head_dim // 2)`` are built once per device and cached.
+    """
+
+    def __init__(self, head_dim: int, grid_size: int, num_prefix: int, theta: float = 10000.0, drop_last: bool = False):
+        if head_dim % 4:
+            raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
+        quarter = head_dim // 4
+        freqs = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2)[:quarter].float() / (head_dim // 2)))
+        pos = torch.cat([torch.zeros(num_prefix, 2), grid_positions(grid_size) + 1.0], dim=0)
+        angles = torch.outer(pos.flatten(), freqs).view(pos.shape[0], -1)  # (seq, head_dim // 2): x then y
+        if drop_last:
+            angles = angles[:-1]
+        self.cos, self.sin = angles.cos(), angles.sin()
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return self.cos.shape[0]
+
+    def get(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._cache:
+            self._cache[device] = (self.cos.to(device), self.sin.to(device))
+        return self._cache[device]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` (B, H, L, D) by ``cos``/``sin`` (L, D // 2), in float32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class KVCache:
+    """A preallocated key/value cache for all layers: ``(layers, batch, heads, max_len, head_dim)``."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (fused qkv, no biases) through ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, num_heads: int, causal: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} attention heads")
+        self.num_heads, self.head_dim, self.causal = num_heads, dim // num_heads, causal
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,
+                layer_idx: int = 0, start: int = 0) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.wqkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, is_causal = None, self.causal
+        if cache is not None:
+            k, v = cache.update(layer_idx, start, k, v)
+            if n == 1 or not self.causal:
+                is_causal = False
+            elif start > 0:  # a causal chunk after cached positions
+                is_causal = False
+                mask = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP with fused gate/up projection ``w1`` and down projection ``w2``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w1(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int, causal: bool, eps: float = 1e-6):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(dim, eps=eps)
+        self.attention = Attention(dim, num_heads, causal)
+        self.ffn_norm = nn.RMSNorm(dim, eps=eps)
+        self.feed_forward = FeedForward(dim, hidden)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,
+                layer_idx: int = 0, start: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, cache, layer_idx, start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def run_blocks(module: nn.Module, blocks: nn.ModuleList, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    """Run ``blocks`` in order, with activation checkpointing when ``module.gradient_checkpointing`` is on."""
+    checkpointing = getattr(module, "gradient_checkpointing", False) and torch.is_grad_enabled() and cache is None
+    for i, block in enumerate(blocks):
+        if checkpointing:
+            x = module._gradient_checkpointing_func(block, x, rope)
+        else:
+            x = block(x, rope, cache, i, start)
+    return x

@@ -1,0 +1,193 @@
+"""SphereARPipeline: class-conditional image generation with SphereAR (diffusers ``DiffusionPipeline``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .labels import build_label_index, resolve_label_ids
+from .modeling_sphere_ar import SphereARTransformer
+from .scheduling_sphere_ar import SphereARScheduler, apply_guidance
+from .vae import SphereVAE
+
+__all__ = ["SphereARPipeline"]
+
+LabelInput = int | str | Sequence[int | str] | np.ndarray | torch.Tensor
+CFG_SCHEDULES = ("linear", "constant")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class SphereARPipeline(DiffusionPipeline):
+    """Class-conditional generation: the transformer predicts one sphere token at a time, the VAE decodes.
+
+    Per token ``i``: one trunk step with the KV cache gives the head condition; the scheduler integrates the
+    head's velocity (classifier-free guided, with a scale rising linearly from 1 to ``guidance_scale`` over
+    the tokens for ``cfg_schedule="linear"``); the result is projected back onto the radius-sqrt(d) sphere
+    before it is fed back and decoded.
+
+    Randomness: with one ``torch.Generator`` the noise is drawn in the official code's order and shapes, so
+    ``generator=torch.Generator().manual_seed(s)`` reproduces the official sampler run after
+    ``torch.manual_seed(s)`` (CPU, float32). With a list of generators (one per image) each image uses only
+    its own generator, so it does not depend on the rest of the batch.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(self, transformer: SphereARTransformer, vae: SphereVAE, scheduler: SphereARScheduler,
+                 id2label: dict[int, str] | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        id2label = {int(k): v for k, v in (id2label or {}).items()}
+        self.register_to_config(id2label=id2label or None)
+        self.id2label = id2label
+        self._velocity_fn: Callable | None = None
+
+    # ---- labels --------------------------------------------------------------------------------------------
+    @property
+    def labels(self) -> dict[str, int]:
+        """Every lower-cased class name and synonym -> class id."""
+        return build_label_index(self.id2label)
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_classes
+
+    def get_label_ids(self, label: LabelInput) -> list[int]:
+        """Class ids for names (case-insensitive, any comma-separated synonym) and/or integer ids."""
+        return resolve_label_ids(label, self.id2label, self.num_classes)
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def enable_torch_compile(self, **compile_kwargs) -> None:
+        """Opt in to ``torch.compile`` of the per-step head evaluation (the sampler's hot loop)."""
+        self._velocity_fn = torch.compile(self.transformer.head.velocity, **compile_kwargs)
+
+    def disable_torch_compile(self) -> None:
+        self._velocity_fn = None
+
+    @staticmethod
+    def guidance_at(index: int, num_tokens: int, guidance_scale: float, cfg_schedule: str) -> float:
+        """The guidance scale used for token ``index``: constant, or rising linearly from 1 (official)."""
+        if guidance_scale <= 1.0:
+            return 1.0
+        if cfg_schedule == "constant":
+            return guidance_scale
+        return 1.0 + (guidance_scale - 1.0) * index / num_tokens
+
+    def check_inputs(self, batch_size: int, guidance_scale: float, cfg_schedule: str, num_inference_steps: int,
+                     generator, output_type: str) -> None:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(f"got a list of {len(generator)} generators for {batch_size} images: pass one "
+                                 "generator per image, or a single generator")
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError("generator must be a torch.Generator or a list of torch.Generator")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+
+    def sample_token(self, cond: torch.Tensor, t_emb: torch.Tensor, guidance: float, generator) -> torch.Tensor:
+        """Integrate the head's flow for one token of every row of ``cond`` and project onto the sphere.
+
+        ``cond`` (rows, hidden) are head conditions laid out ``[conditional; unconditional]`` when guiding.
+        With ``guidance > 1`` one state per image is integrated with guided velocities and shared by both
+        halves; otherwise every row gets its own state (as in the official sampler).
+        """
+        head, scheduler = self.transformer.head, self.scheduler
+        velocity = self._velocity_fn or head.velocity
+        c_emb = head.embed_condition(cond)  # once per token
+        guided = guidance > 1.0
+        n = cond.shape[0] // 2 if guided else cond.shape[0]
+        if isinstance(generator, list) and len(generator) != n:
+            generator = generator * (n // len(generator))  # unguided rows of both halves: each image's own
+        x = randn_tensor((n, self.transformer.config.latent_dim), generator=generator, device=cond.device,
+                         dtype=torch.float32)
+        for k in range(len(scheduler)):
+            v = velocity(torch.cat([x, x]) if guided else x, t_emb[k:k + 1], c_emb)
+            if guided:
+                v = apply_guidance(v.float(), guidance)
+            x = scheduler.step(v, k, x, generator=generator).prev_sample
+        if guided:
+            x = torch.cat([x, x])
+        return self.vae.normalize(x)  # back onto the sphere, also after CFG: fed back and decoded
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: LabelInput,
+        guidance_scale: float | None = None,
+        cfg_schedule: str = "linear",
+        num_inference_steps: int = 100,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate one image per class label.
+
+        Args:
+            class_labels: an id, a class name, or a list / array / tensor of them.
+            guidance_scale: classifier-free guidance; ``None`` takes the model's recommended value
+                (``transformer.config.guidance_scale``); ``<= 1`` disables guidance.
+            cfg_schedule: ``"linear"`` (official: rises from 1 to ``guidance_scale`` over the tokens) or ``"constant"``.
+            num_inference_steps: sampler steps per token (plus the official final Euler step).
+            generator: one generator (official noise order) or one per image.
+            output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (sphere tokens).
+        """
+        labels = self.get_label_ids(class_labels)
+        if guidance_scale is None:
+            guidance_scale = float(self.transformer.config.guidance_scale)
+        self.check_inputs(len(labels), guidance_scale, cfg_schedule, num_inference_steps, generator, output_type)
+        tf = self.transformer
+        device = self._execution_device
+        batch = len(labels)
+        do_cfg = guidance_scale > 1.0
+        cond = torch.tensor(labels, device=device, dtype=torch.long)
+        if do_cfg:
+            cond = torch.cat([cond, torch.full_like(cond, tf.null_class_id)])
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        num_tokens = tf.config.num_image_tokens
+        cache = tf.allocate_kv_cache(cond.shape[0], device=device)
+        t_emb = tf.head.embed_time(self.scheduler.timesteps)  # once per call: the same times for every token
+        z = tf.prefill(cond, cache)
+        tokens = []
+        with self.progress_bar(total=num_tokens) as bar:
+            for i in range(num_tokens):
+                guidance = self.guidance_at(i, num_tokens, guidance_scale, cfg_schedule)
+                token = self.sample_token(z, t_emb, guidance, generator)
+                tokens.append(token[:batch])
+                if i + 1 < num_tokens:
+                    z = tf.decode_step(token, i, cache)
+                bar.update()
+        latents = torch.stack(tokens, dim=1)
+        if output_type == "latent":
+            images = latents
+        else:
+            if self.vae.device != device and hasattr(self, "_offload_gpu_id") is False:
+                pass
+            decoded = self.vae.decode(latents.to(self.vae.device, self.vae.dtype)).sample
+            if not torch.isfinite(decoded).all():
+                raise FloatingPointError(f"the decoder produced non-finite values in {self.vae.dtype}; "
+                                         "run the VAE in float32 or bfloat16")
+            images = (decoded.float() / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

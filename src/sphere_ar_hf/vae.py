@@ -1,0 +1,197 @@
+"""SphereVAE: the S-VAE of SphereAR, a CNN + ViT autoencoder with a Power Spherical posterior."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .layers import Rope2D, TransformerBlock, run_blocks, swiglu_hidden_size
+from .power_spherical import PowerSphericalDistribution, l2_normalize, project_to_sphere
+
+__all__ = ["SphereVAE", "SphereVAEEncoderOutput", "DecoderOutput"]
+
+
+@dataclass
+class SphereVAEEncoderOutput(BaseOutput):
+    """``latent_dist``: the Power Spherical posterior over unit directions, one per patch token."""
+
+    latent_dist: PowerSphericalDistribution
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+
+
+class DownBlock(nn.Module):
+    """Residual 2x downsampling block."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = _group_norm(cin), nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False)
+        self.norm2, self.conv2 = _group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 2, stride=2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class UpBlock(nn.Module):
+    """Residual 2x upsampling block followed by a second residual conv pair."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = _group_norm(cin), nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False)
+        self.norm2, self.conv2 = _group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.shortcut = nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False)
+        self.norm3, self.conv3 = _group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm4, self.conv4 = _group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        x = self.shortcut(x) + h
+        h = self.conv3(F.silu(self.norm3(x)))
+        return x + self.conv4(F.silu(self.norm4(h)))
+
+
+class ViT(nn.Module):
+    """Register tokens + bidirectional transformer blocks over the patch tokens."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, num_registers: int, grid: int, eps: float, theta: float):
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.num_registers = num_registers
+        self.register_tokens = nn.Parameter(torch.zeros(num_registers, dim))
+        self.layers = nn.ModuleList(
+            TransformerBlock(dim, num_heads, swiglu_hidden_size(dim), causal=False, eps=eps) for _ in range(depth)
+        )
+        self.rope = Rope2D(dim // num_heads, grid, num_registers, theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reg = self.register_tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        x = torch.cat([reg, x], dim=1)
+        x = run_blocks(self, self.layers, x, self.rope.get(x.device))
+        return x[:, self.num_registers:]
+
+
+class SphereVAE(ModelMixin, ConfigMixin):
+    """Hyperspherical VAE: images ``(B, 3, H, W)`` in [-1, 1] <-> tokens ``(B, (H/p)^2, latent_dim)`` of norm sqrt(d).
+
+    The encoder is a residual CNN (one 2x downsampling per stage) followed by a ViT with register tokens; its
+    output gives a Power Spherical posterior per patch (direction ``mu``, concentration ``kappa = softplus + 1``).
+    The decoder mirrors it. Sizes are all in the config; the defaults are the official 75M S-VAE.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["TransformerBlock", "DownBlock", "UpBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_dim: int = 16,
+        image_size: int = 256,
+        patch_size: int = 16,
+        z_channels: int = 512,
+        cnn_channels: tuple[int, ...] = (64, 64, 128, 256, 512),
+        encoder_layers: int = 6,
+        decoder_layers: int = 12,
+        num_register_tokens: int = 4,
+        num_attention_heads: int | None = None,
+        in_channels: int = 3,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+    ):
+        super().__init__()
+        cnn_channels = tuple(cnn_channels)
+        if 2 ** (len(cnn_channels) - 1) != patch_size:
+            raise ValueError(f"patch_size {patch_size} needs {int(math.log2(patch_size)) + 1} CNN channel stages "
+                             f"(one 2x downsampling each), got cnn_channels={list(cnn_channels)}")
+        if cnn_channels[-1] != z_channels:
+            raise ValueError(f"the last CNN stage must have z_channels={z_channels} channels, got {cnn_channels[-1]}")
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        heads = num_attention_heads or max(1, z_channels // 64)
+        grid = image_size // patch_size
+        self.grid_size, self.num_tokens = grid, grid * grid
+        vit = dict(dim=z_channels, num_heads=heads, num_registers=num_register_tokens, grid=grid, eps=rms_norm_eps,
+                   theta=rope_theta)
+        # encoder
+        self.encoder_conv_in = nn.Conv2d(in_channels, cnn_channels[0], 3, padding=1, bias=False)
+        self.down_blocks = nn.ModuleList(DownBlock(a, b) for a, b in zip(cnn_channels[:-1], cnn_channels[1:]))
+        self.encoder_vit = ViT(depth=encoder_layers, **vit)
+        self.encoder_norm = nn.RMSNorm(z_channels, eps=rms_norm_eps)
+        self.encoder_out = nn.Linear(z_channels, z_channels, bias=False)
+        self.quant_proj = nn.Linear(z_channels, latent_dim + 1)
+        # decoder
+        self.post_quant_proj = nn.Linear(latent_dim, z_channels, bias=False)
+        self.decoder_conv_in = nn.Conv2d(z_channels, z_channels, 3, padding=1, bias=False)
+        self.decoder_vit = ViT(depth=decoder_layers, **vit)
+        rev = cnn_channels[::-1]
+        self.up_blocks = nn.ModuleList(UpBlock(a, b) for a, b in zip(rev[:-1], rev[1:]))
+        self.decoder_norm_out = nn.GroupNorm(16, rev[-1], eps=1e-6)
+        self.decoder_conv_out = nn.Conv2d(rev[-1], in_channels, 3, padding=1, bias=False)
+
+    @property
+    def latent_radius(self) -> float:
+        return math.sqrt(self.config.latent_dim)
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Project latents ``(..., latent_dim)`` onto the sphere of radius sqrt(latent_dim)."""
+        return project_to_sphere(latents, self.latent_radius)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape (batch, 3, H, W), got {type(images).__name__}")
+        c, s = self.config.in_channels, self.config.image_size
+        if images.dim() != 4 or images.shape[1] != c or images.shape[2] != s or images.shape[3] != s:
+            raise ValueError(f"images must have shape (batch, {c}, {s}, {s}), got {tuple(images.shape)}")
+
+    def encode(self, images: torch.Tensor, return_dict: bool = True) -> SphereVAEEncoderOutput | tuple:
+        """Encode images in [-1, 1] into the per-token Power Spherical posterior."""
+        self._check_images(images)
+        x = self.encoder_conv_in(images)
+        for block in self.down_blocks:
+            x = block(x)
+        x = x.flatten(2).transpose(1, 2)  # (B, L, C) raster order
+        x = self.encoder_out(self.encoder_norm(self.encoder_vit(x)))
+        h = self.quant_proj(x)
+        mu = l2_normalize(h[..., :-1].float())
+        kappa = F.softplus(h[..., -1].float()) + 1.0
+        dist = PowerSphericalDistribution(mu, kappa)
+        return SphereVAEEncoderOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
+        """Decode tokens ``(B, L, latent_dim)`` on the radius-sqrt(d) sphere into images in about [-1, 1]."""
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor (batch, tokens, latent_dim), got {type(latents).__name__}")
+        L, d = self.num_tokens, self.config.latent_dim
+        if latents.dim() != 3 or latents.shape[1] != L or latents.shape[2] != d:
+            raise ValueError(f"latents must have shape (batch, {L}, {d}) (tokens of a {self.config.image_size}px image,"
+                             f" latent_dim {d}), got {tuple(latents.shape)}")
+        x = self.post_quant_proj(latents.to(self.post_quant_proj.weight.dtype))
+        g = self.grid_size
+        x = x.transpose(1, 2).unflatten(2, (g, g))
+        x = self.decoder_conv_in(x).flatten(2).transpose(1, 2)
+        x = self.decoder_vit(x)
+        x = x.transpose(1, 2).unflatten(2, (g, g))
+        for block in self.up_blocks:
+            x = block(x)
+        x = self.decoder_conv_out(F.silu(self.decoder_norm_out(x)))
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def forward(self, images: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
+                return_dict: bool = True) -> DecoderOutput | tuple:
+        """Reconstruct images through a posterior sample (or its mode)."""
+        dist = self.encode(images).latent_dist
+        z = dist.sample(generator) if sample_posterior else dist.mode()
+        return self.decode(self.normalize(z), return_dict=return_dict)
