@@ -176,8 +176,6 @@ class SphereARPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            if self.vae.device != device and hasattr(self, "_offload_gpu_id") is False:
-                pass
             decoded = self.vae.decode(latents.to(self.vae.device, self.vae.dtype)).sample
             if not torch.isfinite(decoded).all():
                 raise FloatingPointError(f"the decoder produced non-finite values in {self.vae.dtype}; "
