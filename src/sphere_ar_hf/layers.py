@@ -17,7 +17,7 @@ def swiglu_hidden_size(dim: int, multiple_of: int = 256) -> int:
 
 def grid_positions(grid_size: int) -> torch.Tensor:
     """(x, y) patch centres of a ``grid_size`` x ``grid_size`` raster, in patch units, as in the official code."""
-    centers = torch.arange(grid_size, dtype=torch.float32) + 0.5
+    centers = torch.arange(grid_size, dtype=torch.float32, device="cpu") + 0.5
     gy, gx = torch.meshgrid(centers, centers, indexing="ij")
     return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
 
@@ -26,27 +26,33 @@ class Rope2D:
     """2D rotary position embedding: half of each head's rotary pairs encode x, half encode y.
 
     The first ``num_prefix`` positions (class or register tokens) get position 0 (no rotation); the patches get
-    their grid centre + 1. ``cos``/``sin`` tables ``(seq, head_dim // 2)`` are built once per device and cached.
+    their grid centre + 1; ``drop_last`` leaves out the last patch (the AR input never holds it).
     """
 
     def __init__(self, head_dim: int, grid_size: int, num_prefix: int, theta: float = 10000.0, drop_last: bool = False):
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
-        quarter = head_dim // 4
-        freqs = 1.0 / (theta ** (torch.arange(0, head_dim // 2, 2)[:quarter].float() / (head_dim // 2)))
-        pos = torch.cat([torch.zeros(num_prefix, 2), grid_positions(grid_size) + 1.0], dim=0)
-        angles = torch.outer(pos.flatten(), freqs).view(pos.shape[0], -1)  # (seq, head_dim // 2): x then y
-        if drop_last:
-            angles = angles[:-1]
-        self.cos, self.sin = angles.cos(), angles.sin()
+        self.head_dim, self.grid_size, self.num_prefix, self.theta = head_dim, grid_size, num_prefix, theta
+        self.length = num_prefix + grid_size * grid_size - int(drop_last)
         self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
-        return self.cos.shape[0]
+        return self.length
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # built on the CPU explicitly: models may be constructed under a meta-device context
+        quarter, half = self.head_dim // 4, self.head_dim // 2
+        exps = torch.arange(0, half, 2, device="cpu")[:quarter].float() / half
+        freqs = 1.0 / (self.theta**exps)
+        pos = torch.cat([torch.zeros(self.num_prefix, 2, device="cpu"), grid_positions(self.grid_size) + 1.0])
+        angles = torch.outer(pos.flatten(), freqs).view(pos.shape[0], -1)[: self.length]  # (seq, hd/2): x then y
+        return angles.cos(), angles.sin()
 
     def get(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` tables ``(seq, head_dim // 2)`` on ``device`` (built once per device)."""
         if device not in self._cache:
-            self._cache[device] = (self.cos.to(device), self.sin.to(device))
+            cos, sin = self._tables()
+            self._cache[device] = (cos.to(device), sin.to(device))
         return self._cache[device]
 
 
