@@ -11,6 +11,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .layers import Rope2D, TransformerBlock, run_blocks, swiglu_hidden_size
@@ -156,6 +157,7 @@ class SphereVAE(ModelMixin, ConfigMixin):
         if images.dim() != 4 or images.shape[1] != c or images.shape[2] != s or images.shape[3] != s:
             raise ValueError(f"images must have shape (batch, {c}, {s}, {s}), got {tuple(images.shape)}")
 
+    @apply_forward_hook
     def encode(self, images: torch.Tensor, return_dict: bool = True) -> SphereVAEEncoderOutput | tuple:
         """Encode images in [-1, 1] into the per-token Power Spherical posterior."""
         self._check_images(images)
@@ -170,6 +172,7 @@ class SphereVAE(ModelMixin, ConfigMixin):
         dist = PowerSphericalDistribution(mu, kappa)
         return SphereVAEEncoderOutput(latent_dist=dist) if return_dict else (dist,)
 
+    @apply_forward_hook
     def decode(self, latents: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """Decode tokens ``(B, L, latent_dim)`` on the radius-sqrt(d) sphere into images in about [-1, 1]."""
         if not isinstance(latents, torch.Tensor):
