@@ -27,7 +27,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        # training: datasets for data, lpips (+ torchvision, its backbone) for the S-VAE's perceptual loss
+        "train": ["datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10"],
+        "test": ["pytest>=8", "ruff>=0.6", "datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10"],
     },
     entry_points={"console_scripts": ["sphere-ar=sphere_ar_hf.cli:main"]},
     classifiers=[

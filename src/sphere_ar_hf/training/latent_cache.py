@@ -1,0 +1,312 @@
+"""Latent cache: encode a dataset's center crops once into SphereVAE posterior parameters, then train the AR model
+on fresh posterior samples without running the VAE encoder.
+
+The cache is a ``save_to_disk`` folder with, per image, ``mu`` (L, d) and ``kappa`` (L,) of the center crop,
+``mu_flip``/``kappa_flip`` of its horizontal flip (both float32), ``class_labels`` (a ClassLabel when the source
+has class names) and ``index`` (the row in the source dataset), plus ``latent_cache.json`` with the VAE config,
+latent_dim, the source's id2label and where the data came from. :class:`LatentCacheDataset` reads it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets.arrow_writer import ArrowWriter
+
+from ..power_spherical import PowerSphericalDistribution, project_to_sphere
+from ..vae import SphereVAE
+from .data import (
+    DataArguments,
+    _describe,
+    _undecoded,
+    center_crop,
+    class_names,
+    decode_image,
+    load_image_dataset,
+    pixels_to_tensor,
+)
+
+__all__ = [
+    "CACHE_INFO_FILE",
+    "CacheArguments",
+    "LatentCacheDataset",
+    "cache_latents",
+    "encode_posteriors",
+    "load_latent_cache_info",
+    "load_vae",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_INFO_FILE = "latent_cache.json"
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclass
+class CacheArguments:
+    """How to encode the latent cache (``HfArgumentParser``-ready; the data come from :class:`DataArguments`)."""
+
+    pretrained_vae: str = field(
+        metadata={"help": "A SphereVAE folder (or Hub id), or a pipeline folder with a vae/ subfolder."}
+    )
+    output_dir: str = field(metadata={"help": "Where to write the cache (a datasets save_to_disk folder)."})
+    batch_size: int = field(default=64, metadata={"help": "Images per encoder batch, per process."})
+    mixed_precision: str = field(default="no", metadata={"help": "Encoder autocast: 'no', 'fp16' or 'bf16'."})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader workers decoding images, per process."})
+    cpu: bool = field(default=False, metadata={"help": "Run on CPU even if an accelerator is available."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at output_dir."})
+
+
+def load_vae(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> SphereVAE:
+    """Load a :class:`SphereVAE` from its own folder, from a pipeline folder's ``vae/`` subfolder, or from the Hub
+    (the repository root first, then its ``vae`` subfolder)."""
+    kwargs: dict[str, Any] = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    local = Path(path)
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return SphereVAE.from_pretrained(str(local), **kwargs)
+        if (local / "vae" / "config.json").is_file():
+            return SphereVAE.from_pretrained(str(local), subfolder="vae", **kwargs)
+        raise ValueError(f"{local} is neither a SphereVAE folder (config.json) nor a pipeline folder (vae/config.json)")
+    try:
+        return SphereVAE.from_pretrained(str(path), **kwargs)
+    except OSError:
+        return SphereVAE.from_pretrained(str(path), subfolder="vae", **kwargs)
+
+
+@torch.no_grad()
+def encode_posteriors(vae: SphereVAE, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Posterior parameters of images ``(B, 3, H, W)`` and of their horizontal flips, as float32 CPU tensors:
+    ``mu``/``mu_flip`` (B, L, d), ``kappa``/``kappa_flip`` (B, L)."""
+    both = torch.cat([pixel_values, pixel_values.flip(-1)])
+    dist = vae.encode(both).latent_dist
+    mu, kappa = dist.mu.float().cpu(), dist.kappa.float().cpu()
+    b = pixel_values.shape[0]
+    return {"mu": mu[:b], "kappa": kappa[:b], "mu_flip": mu[b:], "kappa_flip": kappa[b:]}
+
+
+class _CenterCropDataset(torch.utils.data.Dataset):
+    """Center crops of a slice of the source dataset; None for an undecodable image."""
+
+    def __init__(self, dataset: datasets.Dataset, args: DataArguments, offset: int):
+        self.dataset = _undecoded(dataset.select_columns([args.image_column, args.label_column]), args.image_column)
+        self.args, self.offset = args, offset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        row = self.dataset[int(i)]
+        index = self.offset + int(i)
+        try:
+            image = decode_image(row[self.args.image_column])
+        except Exception as err:  # skipped and counted, never a crash
+            logger.warning("skipping undecodable image (example %d, %s): %s: %s", index,
+                           _describe(row[self.args.image_column]), type(err).__name__, err)
+            return None
+        return {"pixel_values": pixels_to_tensor(center_crop(image, self.args.resolution)),
+                "class_labels": int(row[self.args.label_column]), "index": index}
+
+
+def _collate(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
+    items = [item for item in batch if item is not None]
+    out: dict[str, Any] = {"num_skipped": len(batch) - len(items)}
+    if items:
+        out["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+        out["class_labels"] = np.array([item["class_labels"] for item in items], dtype=np.int64)
+        out["index"] = np.array([item["index"] for item in items], dtype=np.int64)
+    return out
+
+
+def _cache_features(num_tokens: int, latent_dim: int, id2label: dict[int, str] | None) -> datasets.Features:
+    label = datasets.ClassLabel(names=[id2label[i] for i in range(len(id2label))]) if id2label else \
+        datasets.Value("int64")
+    mu = datasets.Array2D((num_tokens, latent_dim), "float32")
+    kappa = datasets.List(datasets.Value("float32"), length=num_tokens)
+    return datasets.Features({"mu": mu, "kappa": kappa, "mu_flip": mu, "kappa_flip": kappa, "class_labels": label,
+                              "index": datasets.Value("int64")})
+
+
+def _shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Contiguous, balanced shard ``[start, end)`` of ``n`` rows for ``rank``."""
+    div, mod = divmod(n, world_size)
+    start = rank * div + min(rank, mod)
+    return start, start + div + (1 if rank < mod else 0)
+
+
+def cache_latents(
+    vae: SphereVAE,
+    data_args: DataArguments,
+    output_dir: str | os.PathLike,
+    batch_size: int = 64,
+    accelerator: Any | None = None,
+    num_workers: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Encode the center crops of the dataset of ``data_args`` (and their flips) into a latent cache.
+
+    With an ``accelerate.Accelerator`` each process encodes a contiguous shard; the main process concatenates
+    the shards and saves the result to a temporary folder, renamed to ``output_dir`` when complete. The folder
+    next to ``output_dir`` that holds the shards must be on a filesystem all processes share.
+    Returns ``output_dir`` (on every process, after the cache is complete).
+    """
+    if data_args.streaming:
+        raise ValueError("the latent cache needs a map-style dataset; set streaming=False")
+    if data_args.resolution != vae.config.image_size:
+        raise ValueError(f"resolution {data_args.resolution} differs from the VAE's image_size "
+                         f"{vae.config.image_size}; set --resolution {vae.config.image_size}")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    is_main = rank == 0
+    device = accelerator.device if accelerator is not None else next(vae.parameters()).device
+    output_dir = Path(output_dir)
+    partial = output_dir.parent / f".{output_dir.name}.partial"
+
+    def barrier() -> None:
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    raw = load_image_dataset(data_args)  # validates columns and labels on every process, before any work
+    id2label = class_names(raw, data_args.label_column)
+    num_classes = data_args.num_classes or len(id2label or {})
+    if is_main:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    barrier()
+
+    vae = vae.to(device).eval().requires_grad_(False)
+    num_tokens, latent_dim = vae.num_tokens, vae.config.latent_dim
+    features = _cache_features(num_tokens, latent_dim, id2label)
+    start, end = _shard_bounds(len(raw), world, rank)
+    shard = _CenterCropDataset(raw.select(range(start, end)), data_args, offset=start)
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    skipped, written = 0, 0
+    with ArrowWriter(features=features, path=str(partial / f"shard-{rank:05d}.arrow")) as writer:
+        for batch in loader:
+            skipped += batch["num_skipped"]
+            if "pixel_values" not in batch:
+                continue
+            with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+                post = encode_posteriors(vae, batch["pixel_values"].to(device))
+            writer.write_batch({**{k: v.numpy() for k, v in post.items()},
+                                "class_labels": batch["class_labels"], "index": batch["index"]})
+            written += len(batch["index"])
+        writer.finalize()
+    (partial / f"shard-{rank:05d}.json").write_text(json.dumps({"written": written, "skipped": skipped}))
+    logger.info("process %d encoded %d images (%d undecodable skipped)", rank, written, skipped)
+    barrier()
+
+    if is_main:
+        shards = [datasets.Dataset.from_file(str(partial / f"shard-{r:05d}.arrow")) for r in range(world)]
+        stats = [json.loads((partial / f"shard-{r:05d}.json").read_text()) for r in range(world)]
+        cache = datasets.concatenate_datasets(shards)
+        info = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "latent_dim": latent_dim,
+            "num_tokens": num_tokens,
+            "image_size": vae.config.image_size,
+            "num_classes": num_classes,
+            "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
+            "num_examples": len(cache),
+            "num_skipped": sum(s["skipped"] for s in stats),
+            "dtype": "float32",
+            "crop": "center",
+            "vae_config": json.loads(vae.to_json_string()),
+            "source": {k: v for k, v in asdict(data_args).items() if k not in ("latent_cache", "cache_dir")},
+        }
+        cache.info.description = json.dumps(info)
+        staged = partial / "dataset"
+        cache.save_to_disk(str(staged))
+        (staged / CACHE_INFO_FILE).write_text(json.dumps(info, indent=2))
+        del cache, shards
+        if output_dir.exists():  # overwrite: move the old cache aside first, delete it after the swap
+            os.replace(output_dir, partial / "old")
+        os.replace(staged, output_dir)
+        shutil.rmtree(partial, ignore_errors=True)
+        logger.info("wrote a latent cache of %d images to %s (%d undecodable skipped)", info["num_examples"],
+                    output_dir, info["num_skipped"])
+    barrier()
+    return output_dir
+
+
+def load_latent_cache_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a latent cache (``latent_cache.json``); ``id2label`` keys are ints."""
+    file = Path(path) / CACHE_INFO_FILE
+    if not file.is_file():
+        raise ValueError(f"{path} is not a latent cache (no {CACHE_INFO_FILE}); write one with cache_latents")
+    info = json.loads(file.read_text())
+    if info.get("id2label"):
+        info["id2label"] = {int(k): v for k, v in info["id2label"].items()}
+    return info
+
+
+def _torch_seed(seed: int, epoch: int, index: int) -> int:
+    a, b = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint32)
+    return ((int(a) << 32) | int(b)) & ((1 << 63) - 1)
+
+
+class LatentCacheDataset(torch.utils.data.Dataset):
+    """AR training items from a latent cache: ``{"latents": (L, d) on the radius-sqrt(d) sphere,
+    "class_labels": ()}``.
+
+    Each item draws, from a ``torch.Generator`` seeded per ``(seed, epoch, index)``, the flip (probability 0.5
+    when ``hflip``) and then a fresh sample of the Power Spherical posterior, scaled to radius sqrt(d) as
+    ``SphereVAE.normalize`` does. ``sample_posterior=False`` returns the posterior mode instead.
+    """
+
+    def __init__(self, path: str | os.PathLike, seed: int = 0, hflip: bool = True, sample_posterior: bool = True):
+        self.path, self.seed, self.hflip, self.sample_posterior = str(path), int(seed), hflip, sample_posterior
+        self.info = load_latent_cache_info(path)
+        self.latent_dim, self.num_tokens = int(self.info["latent_dim"]), int(self.info["num_tokens"])
+        self.num_classes = int(self.info["num_classes"])
+        self.id2label: dict[int, str] | None = self.info.get("id2label")
+        self.latent_radius = math.sqrt(self.latent_dim)
+        data = datasets.load_from_disk(self.path)
+        self._plain = data.select_columns(["mu", "kappa", "class_labels"]).with_format("numpy")
+        self._flipped = data.select_columns(["mu_flip", "kappa_flip", "class_labels"]).with_format("numpy")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: changes every flip and posterior draw."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._plain)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(_torch_seed(self.seed, self.epoch, index))
+        flip = bool(torch.rand((), generator=g) < 0.5) if self.hflip else False
+        row = (self._flipped if flip else self._plain)[int(index)]
+        suffix = "_flip" if flip else ""
+        dist = PowerSphericalDistribution(torch.from_numpy(row["mu" + suffix]), torch.from_numpy(row["kappa" + suffix]))
+        z = dist.sample(g) if self.sample_posterior else dist.mode()
+        return {"latents": project_to_sphere(z.float(), self.latent_radius),
+                "class_labels": torch.tensor(int(row["class_labels"]), dtype=torch.long)}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Command line: ``python examples/cache_latents.py --pretrained_vae ... --output_dir ... <data arguments>``."""
+    from accelerate import Accelerator
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((DataArguments, CacheArguments))
+    data_args, cache_args = parser.parse_args_into_dataclasses(args=argv)
+    accelerator = Accelerator(mixed_precision=cache_args.mixed_precision, cpu=cache_args.cpu)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    vae = load_vae(cache_args.pretrained_vae)
+    return cache_latents(vae, data_args, cache_args.output_dir, batch_size=cache_args.batch_size,
+                         accelerator=accelerator, num_workers=cache_args.num_workers, overwrite=cache_args.overwrite)
