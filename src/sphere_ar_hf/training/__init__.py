@@ -1,4 +1,4 @@
-"""Training utilities: data loading and augmentation, the latent cache."""
+"""Training utilities: data loading and augmentation, the latent cache, EMA, the AR Trainer."""
 
 from .data import (
     DataArguments,
@@ -10,10 +10,23 @@ from .data import (
     collate_images,
     load_image_dataset,
 )
+from .ema import EMACallback, ParameterEMA
 from .latent_cache import CacheArguments, LatentCacheDataset, cache_latents, load_latent_cache_info, load_vae
+from .trainer import (
+    ModelArguments,
+    SphereARTrainer,
+    SphereARTrainingArguments,
+    resolve_resume_checkpoint,
+    train_sphere_ar,
+)
 
 __all__ = [
     "CacheArguments",
+    "EMACallback",
+    "ModelArguments",
+    "ParameterEMA",
+    "SphereARTrainer",
+    "SphereARTrainingArguments",
     "DataArguments",
     "ImageDataset",
     "IterableImageDataset",
@@ -26,4 +39,6 @@ __all__ = [
     "load_image_dataset",
     "load_latent_cache_info",
     "load_vae",
+    "resolve_resume_checkpoint",
+    "train_sphere_ar",
 ]

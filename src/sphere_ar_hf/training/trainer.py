@@ -1,0 +1,605 @@
+"""Training the SphereAR transformer with ``transformers.Trainer``: the official recipe, crash-safe checkpoints.
+
+* :class:`SphereARTrainingArguments`: ``TrainingArguments`` whose defaults are the official recipe (AdamW
+  lr 3e-4, betas (0.9, 0.95), weight decay 0.05, 20k warm-up steps, cosine decay to 1e-5 from step 20k, grad
+  clipping 1.0, EMA 0.9999, bf16 on GPU, 400 epochs, per-device batch 64 = global 512 on 8 GPUs, tensorboard).
+* :class:`SphereARTrainer`: takes batches of sphere tokens (``latents``, e.g. from the latent cache) or images
+  (``pixel_values``, encoded on the fly by a frozen SphereVAE with posterior sampling); no weight decay on 1-d
+  parameters, ``proj_in`` and ``class_embedding``; the official learning-rate formula as a ``LambdaLR``; every
+  random draw of the loss from one ``torch.Generator`` per process that is checkpointed; an EMA
+  (:mod:`.ema`); checkpoints that are marked complete only once every file is on disk, so a run killed while
+  saving never leaves a checkpoint that ``--resume_from_checkpoint latest`` would pick up.
+* :func:`train_sphere_ar`: the whole run behind ``examples/train_sphere_ar.py``; it ends by writing a complete
+  pipeline folder (EMA weights, the VAE, the scheduler, the dataset's class names) atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+
+from ..configuration_sphere_ar import PRESETS, SphereARConfig
+from ..modeling_sphere_ar import SphereARTransformer
+from ..vae import SphereVAE
+from .ema import EMACallback, _unwrap
+
+__all__ = [
+    "CHECKPOINT_COMPLETE_NAME",
+    "ModelArguments",
+    "OfficialLRLambda",
+    "SphereARTrainer",
+    "SphereARTrainingArguments",
+    "build_sphere_ar_config",
+    "collate_training_batch",
+    "is_complete_checkpoint",
+    "list_checkpoints",
+    "official_learning_rate",
+    "resolve_resume_checkpoint",
+    "train_sphere_ar",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
+GENERATOR_STATE_NAME = "loss_generator_{}.safetensors"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learning rate
+
+
+def official_learning_rate(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int,
+                           decay_start: int) -> float:
+    """The official ``adjust_learning_rate`` for optimizer step ``step`` (0-based).
+
+    Linear warm-up ``lr * step / warmup_steps`` for ``step < warmup_steps``; cosine decay from ``lr`` to
+    ``min_lr`` over ``[decay_start, total_steps]`` when ``0 < decay_start < total_steps``; ``lr`` otherwise.
+    """
+    if step < warmup_steps and warmup_steps > 0:
+        return lr * step / warmup_steps
+    if 0 < decay_start < total_steps and step >= decay_start:
+        progress = (step - decay_start) / max(total_steps - decay_start, 1e-8)
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
+
+
+class OfficialLRLambda:
+    """``LambdaLR`` factor ``official_learning_rate(step) / lr`` (a callable object, so it is checkpointed)."""
+
+    def __init__(self, total_steps: int, lr: float, min_lr: float, warmup_steps: int, decay_start: int):
+        self.total_steps, self.lr, self.min_lr = int(total_steps), float(lr), float(min_lr)
+        self.warmup_steps, self.decay_start = int(warmup_steps), int(decay_start)
+
+    def __call__(self, step: int) -> float:
+        if self.lr == 0:
+            return 0.0
+        return official_learning_rate(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps,
+                                      self.decay_start) / self.lr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments
+
+
+def _cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class SphereARTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the official SphereAR recipe as defaults, plus the recipe's own settings."""
+
+    output_dir: str | None = field(
+        default="results", metadata={"help": "Where checkpoints, tensorboard logs and the final pipeline go."})
+    per_device_train_batch_size: int = field(
+        default=64, metadata={"help": "Batch size per device (official: 64 x 8 GPUs = global batch 512)."})
+    num_train_epochs: float = field(default=400.0, metadata={"help": "Training epochs (official: 400)."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate (official: 3e-4)."})
+    min_lr: float = field(default=1e-5, metadata={"help": "Learning rate at the end of the cosine decay."})
+    warmup_steps: float = field(
+        default=20000,
+        metadata={"help": "Linear warm-up from 0 over this many optimizer steps (a float in (0, 1): a ratio of the "
+                          "total steps; official: 20000)."})
+    decay_start: int = field(
+        default=20000,
+        metadata={"help": "Optimizer step where the cosine decay to min_lr starts (<= 0: no decay; official: 20000)."})
+    official_lr_schedule: bool = field(
+        default=True,
+        metadata={"help": "Use the official warm-up/constant/cosine schedule (warmup_steps, decay_start, min_lr); "
+                          "False: use --lr_scheduler_type instead."})
+    weight_decay: float = field(
+        default=0.05,
+        metadata={"help": "AdamW weight decay, not applied to 1-d parameters, proj_in and class_embedding."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (official: 0.9)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (official: 0.95)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off; official: 1.0)."})
+    ema_decay: float = field(
+        default=0.9999,
+        metadata={"help": "EMA decay of the trainable weights, updated every optimizer step; the final pipeline "
+                          "gets the EMA weights (<= 0: no EMA; official: 0.9999)."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast (official). Default: on when a CUDA GPU with bf16 is used, else off.",
+                  "nargs": "?", "const": True})
+    seed: int = field(default=0, metadata={"help": "Seed of the model init, the sampler and the loss noise."})
+    dataloader_num_workers: int = field(default=16, metadata={"help": "DataLoader workers per process (official: 16)."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch (official)."})
+    logging_steps: float = field(default=100, metadata={"help": "Log every N optimizer steps (official: 100)."})
+    save_strategy: SaveStrategy | str = field(
+        default="epoch", metadata={"help": "When to checkpoint: 'no', 'epoch' (official) or 'steps' (--save_steps)."})
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Loggers to report to (official: tensorboard; 'none' for none)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the batches are built by the training datasets, not columns."})
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["class_labels"], metadata={"help": "Label keys of a batch (eval bookkeeping)."})
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Evaluation returns the loss only (the model has no logits to gather)."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP find_unused_parameters (every SphereAR parameter is used)."})
+    pipeline_output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the final pipeline folder is written (default: <output_dir>/pipeline); with "
+                          "--push_to_hub it is what gets pushed (to --hub_model_id)."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = _cuda_bf16() and not self.use_cpu
+        super().__post_init__()
+
+
+@dataclass
+class ModelArguments:
+    """Which AR model to train and from which S-VAE (``HfArgumentParser``-ready)."""
+
+    pretrained_vae: str = field(
+        metadata={"help": "The frozen S-VAE: a SphereVAE folder or a pipeline folder (its vae/ is used). It sets the "
+                          "image size, patch size and latent_dim, encodes images on the fly and goes into the final "
+                          "pipeline."})
+    model: str = field(
+        default="SphereAR-B",
+        metadata={"help": "Model size preset (official sizes).", "choices": sorted(PRESETS)})
+    config_file: str | None = field(
+        default=None,
+        metadata={"help": "A SphereARConfig JSON file (or a folder with config.json) used instead of --model."})
+    pretrained_model: str | None = field(
+        default=None,
+        metadata={"help": "Start from these transformer weights (a SphereARTransformer folder or a pipeline folder "
+                          "with transformer/) instead of a random init."})
+    class_dropout_prob: float | None = field(
+        default=None, metadata={"help": "Class-label dropout for CFG (default: the config's, official 0.1)."})
+    diff_batch_mul: int | None = field(
+        default=None, metadata={"help": "Head batch repetition (default: the config's, official 4)."})
+
+
+def build_sphere_ar_config(model_args: ModelArguments, vae: SphereVAE, num_classes: int) -> SphereARConfig:
+    """The transformer config: preset or file, with the token grid from the VAE and the class count from the data."""
+    tokens = dict(image_size=vae.config.image_size, patch_size=vae.config.patch_size,
+                  latent_dim=vae.config.latent_dim, num_classes=int(num_classes))
+    extra = {k: v for k, v in (("class_dropout_prob", model_args.class_dropout_prob),
+                               ("diff_batch_mul", model_args.diff_batch_mul)) if v is not None}
+    if model_args.config_file:
+        base = SphereARConfig.from_pretrained(model_args.config_file).to_dict()
+        for key in ("model_type", "transformers_version", "architectures"):
+            base.pop(key, None)
+        return SphereARConfig(**{**base, **tokens, **extra})
+    return SphereARConfig.from_preset(model_args.model, **tokens, **extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every ``checkpoint-<step>`` folder in ``output_dir`` as ``(step, path)``, newest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))]
+    return sorted(found, key=lambda sp: sp[0], reverse=True)
+
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` has its completion marker and every file the marker lists, at the recorded size."""
+    folder = Path(folder)
+    marker = folder / CHECKPOINT_COMPLETE_NAME
+    try:
+        files = json.loads(marker.read_text())["files"]
+        return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def mark_checkpoint_complete(folder: str | os.PathLike, step: int) -> None:
+    """fsync every file of ``folder``, then write the completion marker (temporary name, then rename)."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != CHECKPOINT_COMPLETE_NAME:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            files[str(path.relative_to(folder))] = path.stat().st_size
+    tmp = folder / f".{CHECKPOINT_COMPLETE_NAME}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"global_step": int(step), "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / CHECKPOINT_COMPLETE_NAME)
+    _fsync_path(folder)
+
+
+def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume: str | bool | None) -> str | None:
+    """Turn ``--resume_from_checkpoint`` into a checkpoint folder (or None: start from scratch).
+
+    ``"latest"`` (or ``True``): the newest *complete* checkpoint in ``output_dir``, None when there is none, so a
+    preemptible job can always pass it. A path must be a complete checkpoint: one a crash left half-written is
+    refused with a ValueError that says so.
+    """
+    word = resume.strip().lower() if isinstance(resume, str) else None
+    if resume is None or resume is False or word in ("", "none", "false"):
+        return None
+    if resume is True or word in ("latest", "last", "true"):
+        for _, folder in list_checkpoints(output_dir):
+            if is_complete_checkpoint(folder):
+                return str(folder)
+            logger.warning("skipping %s: incomplete (the run stopped while writing it)", folder)
+        logger.info("no complete checkpoint in %s: training starts from scratch", output_dir)
+        return None
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {resume}: no such folder (pass a checkpoint folder or 'latest')")
+    if not is_complete_checkpoint(folder):
+        raise ValueError(f"--resume_from_checkpoint {resume}: incomplete checkpoint (no valid "
+                         f"{CHECKPOINT_COMPLETE_NAME}; the run stopped while writing it); pass 'latest' to use the "
+                         "newest complete one")
+    return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches
+
+
+def collate_training_batch(items: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+    """Stack dataset items (``latents`` or ``pixel_values``, ``class_labels``, anything else tensor-valued).
+
+    ``None`` items (undecodable images) are dropped; a batch with none left is ``{}`` and the trainer then runs a
+    zero-weight step so that every process still steps together.
+    """
+    if any(it is not None and "pixel_values" in it for it in items):
+        from .data import collate_images
+
+        out = collate_images(items)  # counts undecodable images
+        if out is None:
+            return {}
+        extra = {k for it in items if it is not None for k in it} - set(out)
+        kept = [it for it in items if it is not None]
+        out.update({k: torch.stack([torch.as_tensor(it[k]) for it in kept]) for k in sorted(extra)})
+        return out
+    kept = [it for it in items if it is not None]
+    if not kept:
+        return {}
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in kept]) for k in kept[0]}
+
+
+class _DatasetEpochCallback(TrainerCallback):
+    """Calls ``train_dataset.set_epoch(epoch)`` at the start of every epoch (augmentation / posterior draws)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class SphereARTrainer(Trainer):
+    """``Trainer`` for :class:`SphereARTransformer` (see the module docstring).
+
+    Args:
+        model: the transformer to train.
+        args: training arguments (:class:`SphereARTrainingArguments` for the recipe's extra settings).
+        vae: the frozen S-VAE; needed for ``pixel_values`` batches and for :meth:`save_pipeline`.
+        **kwargs: everything else ``transformers.Trainer`` takes (``train_dataset``, ``callbacks``, ...).
+    """
+
+    def __init__(self, model: SphereARTransformer, args: TrainingArguments, vae: SphereVAE | None = None,
+                 train_dataset: Any = None, data_collator: Callable | None = None,
+                 callbacks: list[TrainerCallback] | None = None, **kwargs):
+        callbacks = list(callbacks or [])
+        ema_decay = float(getattr(args, "ema_decay", 0.0) or 0.0)
+        self.ema_callback = EMACallback(ema_decay) if ema_decay > 0 else None
+        if self.ema_callback is not None:
+            callbacks.append(self.ema_callback)
+        if train_dataset is not None:
+            callbacks.append(_DatasetEpochCallback(train_dataset))
+        super().__init__(model=model, args=args, train_dataset=train_dataset,
+                         data_collator=data_collator or collate_training_batch, callbacks=callbacks, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean: the Trainer scales it for GA
+        self.loss_is_scaled_for_ga = False
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.generator = torch.Generator(device=self.args.device)
+        self.generator.manual_seed(self.args.seed * self.args.world_size + self.args.process_index)
+        self._eval_generator = torch.Generator(device=self.args.device)
+        self._resumed_from: str | None = None
+
+    # ---- loss ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sphere tokens of images in [-1, 1]: ``vae.normalize(vae.encode(x).latent_dist.sample(generator))``."""
+        if self.vae is None:
+            raise ValueError("this batch holds pixel_values but the trainer has no VAE: pass vae= (or train from a "
+                             "latent cache)")
+        device = pixel_values.device
+        if self.vae.device != device:
+            self.vae.to(device)
+        dist = self.vae.encode(pixel_values.to(device, self.vae.dtype)).latent_dist
+        return self.vae.normalize(dist.sample(generator).float())
+
+    def _dummy_inputs(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        c = _unwrap(model).config
+        latents = torch.zeros(1, c.num_image_tokens, c.latent_dim, device=self.args.device)
+        latents[..., 0] = math.sqrt(c.latent_dim)
+        return {"latents": latents, "class_labels": torch.full((1,), c.num_classes, device=self.args.device)}
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Flow-matching loss of a batch of ``latents`` or ``pixel_values`` (encoded here) and ``class_labels``."""
+        generator = self.generator if model.training else self._eval_generator
+        latents = inputs.get("latents")
+        if latents is None:
+            if "pixel_values" not in inputs:
+                raise ValueError(f"a training batch needs 'latents' or 'pixel_values', got keys {sorted(inputs)}")
+            latents = self.encode_images(inputs["pixel_values"], generator)
+        outputs = model(latents=latents.float(), class_labels=inputs["class_labels"], generator=generator)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None
+                      ) -> torch.Tensor:
+        if not inputs:  # every image of the batch was undecodable: a zero-weight step keeps the processes in step
+            logger.warning("empty batch (every image undecodable): running a zero-weight step")
+            model.train()
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, self._dummy_inputs(model)) * 0.0
+            self.accelerator.backward(loss)
+            return loss.detach()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        self._eval_generator.manual_seed(self.args.seed)  # the same noise at every evaluation
+        return super().evaluate(*args, **kwargs)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Rough training FLOPs: 6 x parameters x image tokens."""
+        labels = inputs.get("class_labels")
+        if labels is None:
+            return 0
+        config = _unwrap(self.model).config
+        return 6 * _unwrap(self.model).num_parameters() * labels.numel() * config.num_image_tokens
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
+        return None  # the loss is a mean over tokens and noise draws, not a sum over labels
+
+    # ---- optimizer and schedule ----------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Weight decay on every parameter but the model's ``non_decay_parameter_names()`` (official)."""
+        inner = _unwrap(model)
+        if not hasattr(inner, "non_decay_parameter_names"):
+            return super().get_decay_parameter_names(model)
+        named = dict(inner.named_parameters())
+        no_decay = {id(named[n]) for n in inner.non_decay_parameter_names()}
+        return [n for n, p in model.named_parameters() if id(p) not in no_decay]
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+                         ) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.lr_scheduler is None and getattr(self.args, "official_lr_schedule", False):
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            fn = OfficialLRLambda(num_training_steps, self.args.learning_rate, self.args.min_lr,
+                                  self.args.get_warmup_steps(num_training_steps), self.args.decay_start)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    # ---- checkpoints and resume ----------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> Any:
+        """``Trainer.train`` with ``resume_from_checkpoint="latest"`` (newest complete checkpoint, or a fresh start)."""
+        folder = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        self._resumed_from = folder
+        if self.ema_callback is not None:
+            self.ema_callback.resume_from_checkpoint = folder
+        if folder is not None:
+            logger.info("resuming from %s", folder)
+        return super().train(resume_from_checkpoint=folder, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, plus the EMA and the loss generator, then the completion marker; rotation last."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.exists():  # left by an earlier (killed) run: never write into it
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate only after this checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        folder.mkdir(parents=True, exist_ok=True)
+        if not self.args.save_only_model:
+            save_file({"state": self.generator.get_state().cpu()},
+                      str(folder / GENERATOR_STATE_NAME.format(self.args.process_index)))
+        if self.args.should_save and self.ema_callback is not None:
+            self.ema_callback.save(folder)
+        self._checkpoint_hook(folder)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_checkpoint_complete(folder, self.state.global_step)
+            self._rotate_complete_checkpoints(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _checkpoint_hook(self, folder: Path) -> None:
+        """Called after every file of a checkpoint is written and before it is marked complete (tests use it)."""
+
+    def _rotate_complete_checkpoints(self, run_dir: Path) -> None:
+        """Keep the newest ``save_total_limit`` complete checkpoints (and the best one); drop incomplete ones."""
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        best = self.state.best_model_checkpoint
+        complete = [p for _, p in list_checkpoints(run_dir) if is_complete_checkpoint(p)]
+        incomplete = [p for _, p in list_checkpoints(run_dir) if p not in complete]
+        for p in complete[limit:] + incomplete:
+            if best is not None and Path(best).resolve() == p.resolve():
+                continue
+            logger.info("deleting checkpoint %s (save_total_limit=%d)", p, limit)
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = Path(checkpoint) / GENERATOR_STATE_NAME.format(self.args.process_index)
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                self.generator.set_state(f.get_tensor("state"))
+        else:
+            logger.warning("%s has no loss-generator state for process %d: the noise stream restarts",
+                           checkpoint, self.args.process_index)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Intermediate Trainer pushes are off: the Hub repo gets the final pipeline (:meth:`push_pipeline_to_hub`)."""
+
+    # ---- final pipeline ------------------------------------------------------------------------------------
+    def build_pipeline(self, id2label: dict[int, str] | None = None, scheduler: Any = None) -> Any:
+        """A :class:`SphereARPipeline` of the current transformer (EMA weights after training), the VAE, a scheduler."""
+        from ..pipeline_sphere_ar import SphereARPipeline
+        from ..scheduling_sphere_ar import SphereARScheduler
+
+        if self.vae is None:
+            raise ValueError("build_pipeline needs the VAE: pass vae= to the trainer")
+        transformer = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return SphereARPipeline(transformer=transformer, vae=self.vae, scheduler=scheduler or SphereARScheduler(),
+                                id2label=id2label)
+
+    def save_pipeline(self, output_dir: str | os.PathLike, id2label: dict[int, str] | None = None) -> Path:
+        """Write the pipeline folder atomically (temporary folder, then rename) on the main process."""
+        from ..convert import write_atomically
+
+        output_dir = Path(output_dir)
+        if self.args.should_save:
+            pipe = self.build_pipeline(id2label)
+            write_atomically(output_dir, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True),
+                             overwrite=True)
+            logger.info("wrote the pipeline to %s", output_dir)
+        self.accelerator.wait_for_everyone()
+        return output_dir
+
+    def push_pipeline_to_hub(self, folder: str | os.PathLike, commit_message: str = "End of training") -> None:
+        """Upload a saved pipeline folder to ``args.hub_model_id`` (the repository root)."""
+        if not self.args.should_save:
+            return
+        from huggingface_hub import HfApi
+
+        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        api = HfApi(token=self.args.hub_token)
+        api.create_repo(repo_id, private=self.args.hub_private_repo, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                          revision=self.args.hub_revision)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole run
+
+
+def _load_transformer(path: str, config: SphereARConfig) -> SphereARTransformer:
+    if (Path(path) / "transformer" / "config.json").is_file():
+        model = SphereARTransformer.from_pretrained(path, subfolder="transformer")
+    else:
+        model = SphereARTransformer.from_pretrained(path)
+    for key in ("num_image_tokens", "latent_dim", "num_classes"):
+        if getattr(model.config, key) != getattr(config, key):
+            raise ValueError(f"--pretrained_model {path}: {key} = {getattr(model.config, key)}, but the VAE/data "
+                             f"need {getattr(config, key)}")
+    model.config.class_dropout_prob = config.class_dropout_prob
+    model.config.diff_batch_mul = config.diff_batch_mul
+    return model
+
+
+def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: TrainingArguments,
+                    callbacks: list[TrainerCallback] | None = None,
+                    dataset_wrapper: Callable[[Any], Any] | None = None) -> Path:
+    """Train a SphereAR transformer and write the pipeline folder; returns its path.
+
+    Data: ``data_args.latent_cache`` (sphere tokens sampled from cached posteriors) or images (``DataArguments``),
+    encoded on the fly by the VAE. ``dataset_wrapper`` may wrap the training dataset (e.g. to log what is read).
+    """
+    from transformers import set_seed
+
+    from .data import build_image_dataset, class_names
+    from .latent_cache import LatentCacheDataset, load_vae
+
+    set_seed(training_args.seed)
+    vae = load_vae(model_args.pretrained_vae).float()
+    if data_args.latent_cache:
+        dataset = LatentCacheDataset(data_args.latent_cache, seed=training_args.seed, hflip=data_args.hflip)
+        if (dataset.num_tokens, dataset.latent_dim) != (vae.num_tokens, vae.config.latent_dim):
+            raise ValueError(f"latent cache {data_args.latent_cache} holds ({dataset.num_tokens}, "
+                             f"{dataset.latent_dim}) tokens, the VAE makes ({vae.num_tokens}, {vae.config.latent_dim})")
+        num_classes, id2label = dataset.num_classes, dataset.id2label
+    else:
+        if data_args.resolution != vae.config.image_size:
+            logger.info("resolution set to the VAE's image_size %d", vae.config.image_size)
+            data_args.resolution = vae.config.image_size
+        dataset = build_image_dataset(data_args, seed=training_args.seed)
+        id2label = class_names(dataset.dataset, data_args.label_column)
+        num_classes = data_args.num_classes if data_args.num_classes is not None else len(id2label or {})
+    if id2label is not None and len(id2label) != num_classes:
+        logger.warning("the dataset names %d classes but num_classes=%d: the pipeline gets no class names",
+                       len(id2label), num_classes)
+        id2label = None
+    config = build_sphere_ar_config(model_args, vae, num_classes)
+    set_seed(training_args.seed)
+    if model_args.pretrained_model:
+        model = _load_transformer(model_args.pretrained_model, config)
+    else:
+        model = SphereARTransformer(config)
+    if dataset_wrapper is not None:
+        dataset = dataset_wrapper(dataset)
+    trainer = SphereARTrainer(model=model, args=training_args, vae=vae, train_dataset=dataset, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    out = Path(getattr(training_args, "pipeline_output_dir", None) or Path(training_args.output_dir) / "pipeline")
+    trainer.save_pipeline(out, id2label)
+    if training_args.push_to_hub:
+        trainer.push_pipeline_to_hub(out)
+    return out

@@ -1,0 +1,510 @@
+"""AR-model training: recipe defaults, EMA, optimizer groups, LR schedule, crash-safe resume, two processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARTransformer, SphereVAE
+from sphere_ar_hf.training.data import DataArguments
+from sphere_ar_hf.training.ema import EMA_WEIGHTS_NAME, ParameterEMA
+from sphere_ar_hf.training.trainer import (
+    CHECKPOINT_COMPLETE_NAME,
+    ModelArguments,
+    SphereARTrainer,
+    SphereARTrainingArguments,
+    collate_training_batch,
+    is_complete_checkpoint,
+    mark_checkpoint_complete,
+    official_learning_rate,
+    resolve_resume_checkpoint,
+    train_sphere_ar,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "train_sphere_ar.py"
+PROBE = ROOT / "tests" / "scripts" / "train_probe.py"
+CLASS_NAMES = ["red", "green", "blue", "grey"]
+TINY_AR = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_hidden_size=64, head_num_layers=2,
+               head_num_adaln=1, image_size=32, patch_size=16, num_classes=4, num_class_tokens=4)
+TINY_VAE = dict(image_size=32, patch_size=16, z_channels=64, cnn_channels=(32, 32, 32, 32, 64), encoder_layers=1,
+                decoder_layers=1)
+TIMEOUT = 600
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: fast on a busy 2-core machine, and the same numerics as the subprocesses."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """A tiny S-VAE folder, a 16-image 4-class dataset (save_to_disk) and a tiny transformer config file."""
+    root = tmp_path_factory.mktemp("train_ar_assets")
+    torch.manual_seed(0)
+    SphereVAE(**TINY_VAE).save_pretrained(str(root / "vae"))
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(16):
+        c = i % 4
+        a = np.full((40, 44, 3), 40, np.uint8)
+        a[..., c % 3] = 200
+        a[: 8 * (c + 1)] = 90
+        images.append(Image.fromarray(np.clip(a + rng.integers(0, 40, a.shape), 0, 255).astype(np.uint8)))
+        labels.append(c)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(root / "data"))
+    SphereARConfig(**TINY_AR).to_json_file(str(root / "config.json"))
+    return {"root": root, "vae": root / "vae", "data": root / "data", "config": root / "config.json"}
+
+
+class LatentsDataset(torch.utils.data.Dataset):
+    """Fixed sphere-token sequences (4 tokens of 16 dims, radius 4), labels ``i % 4``."""
+
+    def __init__(self, n: int = 8, seed: int = 0):
+        x = torch.randn(n, 4, 16, generator=torch.Generator().manual_seed(seed))
+        self.latents = torch.nn.functional.normalize(x, dim=-1) * 4.0
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"latents": self.latents[i], "class_labels": torch.tensor(i % 4)}
+
+
+def tiny_model(seed: int = 0) -> SphereARTransformer:
+    torch.manual_seed(seed)
+    return SphereARTransformer(SphereARConfig(**TINY_AR))
+
+
+def tiny_args(tmp_path: Path, **overrides) -> SphereARTrainingArguments:
+    kw = dict(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+              warmup_steps=0, decay_start=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+              dataloader_num_workers=0, disable_tqdm=True)
+    return SphereARTrainingArguments(**{**kw, **overrides})
+
+
+def example_cli(assets: dict[str, Path], output_dir: Path, **flags) -> list[str]:
+    args = {"pretrained_vae": assets["vae"], "config_file": assets["config"], "dataset_path": assets["data"],
+            "num_classes": 4, "output_dir": output_dir, "per_device_train_batch_size": 4,
+            "dataloader_num_workers": 0, "warmup_steps": 2, "decay_start": 10, "logging_steps": 5,
+            "report_to": "none", "use_cpu": "true", "disable_tqdm": "true", **flags}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("train_sphere_ar_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments, optimizer, schedule, EMA
+
+
+def test_defaults_are_the_official_recipe(tmp_path):
+    args = SphereARTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    assert args.learning_rate == 3e-4 and args.min_lr == 1e-5
+    assert (args.adam_beta1, args.adam_beta2) == (0.9, 0.95)
+    assert args.weight_decay == 0.05 and args.max_grad_norm == 1.0 and args.ema_decay == 0.9999
+    assert args.warmup_steps == 20000 and args.decay_start == 20000 and args.official_lr_schedule
+    assert args.num_train_epochs == 400 and args.per_device_train_batch_size == 64  # x 8 GPUs = 512
+    assert args.dataloader_drop_last and args.seed == 0 and args.save_strategy == "epoch"
+    assert args.report_to == ["tensorboard"] and not args.remove_unused_columns
+    assert args.label_names == ["class_labels"] and args.bf16 is False  # bf16 only on a CUDA GPU
+    config = SphereARConfig()
+    assert config.class_dropout_prob == 0.1 and config.diff_batch_mul == 4
+
+
+def test_help_lists_every_option(capsys):
+    example = load_example()
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for cls in (ModelArguments, DataArguments, SphereARTrainingArguments):
+        for f in dataclasses.fields(cls):
+            if f.init and not f.name.startswith("_"):
+                assert f"--{f.name}" in text, f"--help misses --{f.name}"
+    for word in ("SphereAR-B", "SphereAR-L", "SphereAR-H", "official: 0.9999", "latent cache"):
+        assert word in text
+
+
+def test_optimizer_groups_no_decay_on_the_official_params(tmp_path):
+    model = tiny_model()
+    trainer = SphereARTrainer(model=model, args=tiny_args(tmp_path, weight_decay=0.05),
+                              train_dataset=LatentsDataset())
+    opt = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    assert set(groups) == {0.05, 0.0}
+    no_decay = groups[0.0]
+    assert no_decay == set(model.non_decay_parameter_names())
+    assert {"proj_in.weight", "proj_in.bias", "class_embedding.weight"} <= no_decay
+    assert "head_pos_embedding.weight" in groups[0.05]  # 2-d, not in the official no-decay keys
+    assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in groups[0.05])
+    assert all(p.ndim < 2 for n, p in model.named_parameters()
+               if n in no_decay and not n.startswith(("proj_in.", "class_embedding.")))
+    assert groups[0.05] | no_decay == {n for n, _ in model.named_parameters()}
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["lr"] == 1e-3
+
+
+def test_lr_schedule_is_the_official_formula(tmp_path):
+    lr, min_lr, total = 1e-3, 1e-5, 100
+    trainer = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path, learning_rate=lr, min_lr=min_lr,
+                                                                  warmup_steps=10, decay_start=40),
+                              train_dataset=LatentsDataset())
+    trainer.create_optimizer()
+    sched = trainer.create_scheduler(num_training_steps=total)
+    seen = []
+    for _ in range(total + 1):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])  # the lr optimizer step len(seen) - 1 uses
+        trainer.optimizer.step()
+        sched.step()
+    expected = {0: 0.0, 5: lr / 2, 9: lr * 0.9, 10: lr, 39: lr, 40: lr, 70: (lr + min_lr) / 2, 100: min_lr}
+    for step, value in expected.items():
+        assert seen[step] == pytest.approx(value, rel=1e-9, abs=1e-12), step
+    assert seen[55] == pytest.approx(min_lr + (lr - min_lr) * 0.5 * (1 + np.cos(np.pi * 15 / 60)), rel=1e-9)
+    for step, value in enumerate(seen):
+        assert value == pytest.approx(official_learning_rate(step, total, lr, min_lr, 10, 40), rel=1e-9, abs=1e-12)
+    # no decay when decay_start <= 0; a float warmup_steps is a ratio of the total steps
+    assert official_learning_rate(90, 100, lr, min_lr, 10, -1) == lr
+    assert SphereARTrainingArguments(output_dir=str(tmp_path), warmup_steps=0.1, use_cpu=True).get_warmup_steps(
+        100) == 10
+    # the schedule object is checkpointed with its settings
+    assert sched.state_dict()["lr_lambdas"][0]["decay_start"] == 40
+
+
+def test_ema_update_equals_the_formula(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model[1].weight.requires_grad_(False)  # frozen: not averaged
+    ema = ParameterEMA(model, decay=0.9)
+    assert ema.names == ["0.weight", "0.bias", "1.bias"]
+    expected = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                expected[n] = 0.9 * expected[n] + 0.1 * p.detach()
+    for n, value in ema.state_dict().items():
+        torch.testing.assert_close(value, expected[n], rtol=0, atol=1e-6)
+    # save / load round trip, and copy into a model
+    ema.save(tmp_path / EMA_WEIGHTS_NAME)
+    other = ParameterEMA(model, decay=0.9)
+    other.load(tmp_path / EMA_WEIGHTS_NAME)
+    assert other.num_updates == 3 and max_abs_diff(other.state_dict(), ema.state_dict()) == 0
+    other.copy_to(model)
+    assert torch.equal(model[0].weight, ema.state_dict()["0.weight"])
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict({"0.weight": torch.zeros(4, 3)})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loss, batches, flags
+
+
+def test_loss_falls_and_the_logged_lr_follows_the_schedule(tmp_path):
+    dataset = LatentsDataset()
+    args = tiny_args(tmp_path, max_steps=60, per_device_train_batch_size=8, warmup_steps=5, decay_start=40,
+                     ema_decay=0.99)
+    trainer = SphereARTrainer(model=tiny_model(), args=args, train_dataset=dataset)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in logs]
+    assert len(losses) == 60
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.6 * first, (first, last)  # measured: about 2.1 -> 0.8
+    for h in logs:  # the lr logged at step s is the one optimizer step s - 1 used
+        assert h["learning_rate"] == pytest.approx(official_learning_rate(h["step"] - 1, 60, 1e-3, 1e-5, 5, 40),
+                                                   rel=1e-6, abs=1e-12)
+    # set_epoch before every epoch (8 examples = one step per epoch)
+    assert sorted(set(dataset.epochs)) == list(range(60)) and dataset.epochs == sorted(dataset.epochs)
+    # the EMA was copied into the model at the end
+    assert max_abs_diff(trainer.ema_callback.ema.state_dict(), {n: p.detach() for n, p in
+                                                                 trainer.model.named_parameters()}) == 0
+
+
+def test_pixel_batches_are_encoded_with_posterior_sampling(tmp_path):
+    torch.manual_seed(1)
+    vae = SphereVAE(**TINY_VAE)
+    trainer = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path), vae=vae, train_dataset=LatentsDataset())
+    model = trainer.model.eval()  # no label dropout: every draw comes from the (eval) generator
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    labels = torch.tensor([0, 3])
+    state = torch.Generator().manual_seed(123).get_state()
+    trainer._eval_generator.set_state(state)
+    loss_pixels = trainer.compute_loss(model, {"pixel_values": pixels, "class_labels": labels})
+    g = torch.Generator()
+    g.set_state(state)
+    latents = vae.normalize(vae.encode(pixels).latent_dist.sample(g))
+    assert torch.allclose(latents.norm(dim=-1), torch.full((2, 4), 4.0), atol=1e-5)
+    assert not torch.allclose(latents, vae.normalize(vae.encode(pixels).latent_dist.mode()), atol=1e-3)
+    loss_latents = model(latents, labels, generator=g).loss
+    assert loss_pixels.item() == pytest.approx(loss_latents.item(), rel=1e-6)
+    no_vae = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path), train_dataset=LatentsDataset())
+    with pytest.raises(ValueError, match="no VAE"):
+        no_vae.compute_loss(no_vae.model, {"pixel_values": pixels, "class_labels": labels})
+
+
+def test_evaluate_passes_class_labels_and_returns_the_model_loss(tmp_path, monkeypatch):
+    trainer = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path), train_dataset=LatentsDataset())
+    seen = []
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", lambda **kw: seen.append(sorted(kw)) or forward(**kw))
+    first = trainer.evaluate(eval_dataset=LatentsDataset(seed=1))
+    second = trainer.evaluate(eval_dataset=LatentsDataset(seed=1))
+    assert np.isfinite(first["eval_loss"]) and first["eval_loss"] == second["eval_loss"]  # same noise each time
+    assert seen and all(keys == ["class_labels", "generator", "latents"] for keys in seen)
+    state = trainer.generator.get_state()
+    trainer.evaluate(eval_dataset=LatentsDataset(seed=1))
+    assert torch.equal(trainer.generator.get_state(), state)  # evaluation leaves the training noise alone
+
+
+def test_save_pipeline_and_push_to_hub_upload_the_pipeline_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:  # no network in tests
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create", repo_id, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    args = tiny_args(tmp_path, hub_model_id="me/tiny-sphere-ar", hub_token="secret")
+    trainer = SphereARTrainer(model=tiny_model(), args=args, vae=SphereVAE(**TINY_VAE), train_dataset=LatentsDataset())
+    out = trainer.save_pipeline(tmp_path / "pipe", dict(enumerate(CLASS_NAMES)))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    trainer.push_pipeline_to_hub(out)
+    assert calls == [("token", "secret"), ("create", "me/tiny-sphere-ar", True),
+                     ("upload", "me/tiny-sphere-ar", ["model_index.json", "scheduler", "transformer", "vae"])]
+    assert SphereARPipeline.from_pretrained(str(out)).id2label[2] == "blue"
+
+
+def test_undecodable_batch_becomes_a_zero_weight_step(tmp_path):
+    assert collate_training_batch([None, None]) == {}
+    batch = collate_training_batch([None, {"latents": torch.ones(4, 16), "class_labels": torch.tensor(2)}])
+    assert batch["latents"].shape == (1, 4, 16) and batch["class_labels"].tolist() == [2]
+    trainer = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path), train_dataset=LatentsDataset())
+    loss = trainer.training_step(trainer.model, {})
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())
+
+
+def test_activation_checkpointing_and_torch_compile_flags(tmp_path, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    def run(**flags):
+        model = tiny_model()
+        trainer = SphereARTrainer(model=model, args=tiny_args(tmp_path, **flags), train_dataset=LatentsDataset())
+        trainer.train()
+        return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    _, base = run()
+    calls = []
+    checkpoint = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    trainer, ckpt = run(activation_checkpointing=True)
+    assert trainer.model.gradient_checkpointing and len(calls) >= 3 * 2  # 2 blocks per step
+    assert ckpt == base
+    trainer, compiled = run(torch_compile=True, torch_compile_backend="eager")
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    assert compiled == pytest.approx(base, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints: completion marker, resolver, kill -9 and resume
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    (folder / "trainer_state.json").write_text("{}")
+    if complete:
+        mark_checkpoint_complete(folder, step)
+    return folder
+
+
+def test_resolver_skips_checkpoints_a_crash_left_half_written(tmp_path):
+    assert resolve_resume_checkpoint(tmp_path, "latest") is None  # nothing yet: start fresh
+    good = _fake_checkpoint(tmp_path, 5)
+    _fake_checkpoint(tmp_path, 10, complete=False)  # killed before the marker
+    truncated = _fake_checkpoint(tmp_path, 15)
+    (truncated / "model.safetensors").write_bytes(b"x" * 10)  # a file shorter than recorded
+    corrupt = _fake_checkpoint(tmp_path, 20)
+    (corrupt / CHECKPOINT_COMPLETE_NAME).write_text('{"global_step": 20, "fil')  # torn marker
+    (tmp_path / "checkpoint-25").mkdir()  # an empty folder
+    assert is_complete_checkpoint(good) and not is_complete_checkpoint(truncated)
+    assert resolve_resume_checkpoint(tmp_path, "latest") == str(good)
+    assert resolve_resume_checkpoint(tmp_path, True) == str(good)
+    assert resolve_resume_checkpoint(tmp_path, None) is None
+    with pytest.raises(ValueError, match="incomplete"):
+        resolve_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-10"))
+    with pytest.raises(ValueError, match="no such folder"):
+        resolve_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-99"))
+    assert json.loads((good / CHECKPOINT_COMPLETE_NAME).read_text())["files"]["model.safetensors"] == 100
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> None:
+    start = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {path} appeared:\n"
+                                 + log.read_text()[-4000:])
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.2)
+
+
+def test_kill9_while_checkpointing_then_resume_latest_equals_uninterrupted(assets, tmp_path):
+    flags = dict(max_steps=30, save_strategy="steps", save_steps=10, seed=3)
+    # reference: the same example script, uninterrupted (in this process)
+    load_example().main(example_cli(assets, tmp_path / "ref", **flags, report_to="tensorboard"))
+    ref = tmp_path / "ref"
+    assert list((ref / "runs").rglob("events.out.tfevents*")), "no tensorboard events"
+
+    # run 2: killed with SIGKILL while writing checkpoint-20 (every file written, completion marker not yet)
+    out, signal_file, log = tmp_path / "run", tmp_path / "hanging", tmp_path / "killed.log"
+    env = subprocess_env(SPHERE_AR_PROBE_HANG_AT_STEP="20", SPHERE_AR_PROBE_SIGNAL=str(signal_file))
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(PROBE), *example_cli(assets, out, **flags)], env=env,
+                                stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            _wait_for(signal_file, proc, log)
+            assert is_complete_checkpoint(out / "checkpoint-10")
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    half = out / "checkpoint-20"
+    assert (half / "model.safetensors").is_file() and (half / EMA_WEIGHTS_NAME).is_file()
+    assert not is_complete_checkpoint(half) and not (out / "pipeline").exists()
+
+    # resume with the example script: `latest` must skip the half-written checkpoint-20 and use checkpoint-10
+    res = subprocess.run([sys.executable, str(EXAMPLE), *example_cli(assets, out, **flags,
+                                                                     resume_from_checkpoint="latest")],
+                         env=subprocess_env(), capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoint-10'}" in res.stderr
+    assert "skipping" in res.stderr and is_complete_checkpoint(half)
+
+    for name in ("model.safetensors", EMA_WEIGHTS_NAME):
+        a, b = load_file(str(ref / "checkpoint-30" / name)), load_file(str(out / "checkpoint-30" / name))
+        assert max_abs_diff(a, b) <= 1e-6, name
+    pipe_ref = load_file(str(ref / "pipeline" / "transformer" / "model.safetensors"))
+    pipe_run = load_file(str(out / "pipeline" / "transformer" / "model.safetensors"))
+    assert max_abs_diff(pipe_ref, pipe_run) <= 1e-6
+    # the pipeline holds the EMA weights, which differ from the raw ones
+    ema = load_file(str(ref / "checkpoint-30" / EMA_WEIGHTS_NAME))
+    assert max_abs_diff(pipe_ref, ema) == 0
+    assert max_abs_diff(pipe_ref, load_file(str(ref / "checkpoint-30" / "model.safetensors"))) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data routes and two processes
+
+
+def test_training_from_a_latent_cache(assets, tmp_path):
+    from sphere_ar_hf.training.latent_cache import cache_latents, load_vae
+
+    data_args = DataArguments(dataset_path=str(assets["data"]), num_classes=4, resolution=32)
+    cache_latents(load_vae(assets["vae"]), data_args, tmp_path / "cache", batch_size=8)
+    model_args = ModelArguments(pretrained_vae=str(assets["vae"]), config_file=str(assets["config"]))
+    out = train_sphere_ar(model_args, DataArguments(latent_cache=str(tmp_path / "cache"), num_classes=4),
+                          tiny_args(tmp_path, max_steps=2, ema_decay=0.9999))
+    pipe = SphereARPipeline.from_pretrained(str(out))
+    assert pipe.id2label == dict(enumerate(CLASS_NAMES)) and pipe.transformer.config.num_classes == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_on_disjoint_data_and_save_a_pipeline(assets, tmp_path):
+    index_dir, out = tmp_path / "indices", tmp_path / "ddp"
+    index_dir.mkdir()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(PROBE), *example_cli(assets, out, num_train_epochs=2, save_strategy="no",
+                                    per_device_train_batch_size=2, decay_start=4, logging_steps=2,
+                                    ddp_backend="gloo")]
+    res = subprocess.run(cmd, env=subprocess_env(SPHERE_AR_PROBE_INDEX_DIR=str(index_dir)), capture_output=True,
+                         text=True, cwd=tmp_path, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    seen = {}
+    for rank in (0, 1):
+        rows = [tuple(map(int, line.split())) for line in (index_dir / f"rank{rank}.txt").read_text().split("\n")
+                if line]
+        seen[rank] = rows
+        assert all(label == index % 4 for _, index, label in rows)  # the dataset's labels
+    for epoch in (0, 1):
+        r0 = [i for e, i, _ in seen[0] if e == epoch]
+        r1 = [i for e, i, _ in seen[1] if e == epoch]
+        assert len(r0) == len(r1) == 8  # both ranks trained: 4 steps x batch 2 each
+        assert not set(r0) & set(r1) and set(r0) | set(r1) == set(range(16))
+    assert sorted(i for e, i, _ in seen[0] if e == 0) != sorted(i for e, i, _ in seen[0] if e == 1)  # reshuffled
+    state = json.loads((out / "pipeline" / "model_index.json").read_text())
+    assert {"transformer", "vae", "scheduler"} <= set(state)
+    pipe = SphereARPipeline.from_pretrained(str(out / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.id2label == dict(enumerate(CLASS_NAMES))
+    images = pipe(["blue", 0], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+    shutil.rmtree(out)
