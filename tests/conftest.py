@@ -1,0 +1,117 @@
+"""Shared fixtures: the official-format tiny fixture (converted once per session) and tiny random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sphere_ar_hf
+from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARScheduler, SphereARTransformer, SphereVAE
+
+FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-tiny"
+
+TINY_AR = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_hidden_size=64, head_num_layers=2,
+               head_num_adaln=1, image_size=32, patch_size=16, num_classes=10, num_class_tokens=4)
+TINY_VAE = dict(image_size=32, patch_size=16, z_channels=64, cnn_channels=(32, 32, 32, 32, 64), encoder_layers=1,
+                decoder_layers=1)
+TINY_ID2LABEL = {0: "zero, nil", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven",
+                 8: "eight", 9: "nine"}
+
+
+@torch.no_grad()
+def randomize_zero_params(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give every all-zero parameter (the head's zero-initialised adaLN / output layers, biases) random values.
+
+    A freshly initialised SphereAR head outputs exactly zero velocity, which would make the class, the guidance
+    and the trunk invisible in the outputs; tests that need them to matter call this first.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.numel() and bool((p == 0).all()):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def sphere_tokens(batch: int, tokens: int, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    """Random latent tokens on the radius-sqrt(dim) sphere."""
+    x = torch.randn(batch, tokens, dim, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(x, dim=-1) * dim**0.5
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    assert (FIXTURE_DIR / "expected.safetensors").is_file(), f"missing shared fixture {FIXTURE_DIR}"
+    return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def expected(fixture_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(fixture_dir / "expected.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def converted_pipeline(fixture_dir: Path) -> SphereARPipeline:
+    pipe = sphere_ar_hf.convert_official_checkpoint(fixture_dir / "ar.pt")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def make_transformer():
+    """``make_transformer(seed=0, **overrides)``: a tiny random SphereARTransformer (float32, eval mode)."""
+
+    def make(seed: int = 0, randomize: bool = True, **overrides) -> SphereARTransformer:
+        torch.manual_seed(seed)
+        model = SphereARTransformer(SphereARConfig(**{**TINY_AR, **overrides}))
+        if randomize:
+            randomize_zero_params(model, seed)
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture
+def make_vae():
+    """``make_vae(seed=0, **overrides)``: a tiny random SphereVAE (float32, eval mode)."""
+
+    def make(seed: int = 0, **overrides) -> SphereVAE:
+        torch.manual_seed(seed)
+        return SphereVAE(**{**TINY_VAE, **overrides}).eval()
+
+    return make
+
+
+def build_tiny_pipeline(seed: int = 0) -> SphereARPipeline:
+    torch.manual_seed(seed)
+    transformer = randomize_zero_params(SphereARTransformer(SphereARConfig(**TINY_AR)), seed).eval()
+    vae = SphereVAE(**TINY_VAE).eval()
+    pipe = SphereARPipeline(transformer=transformer, vae=vae, scheduler=SphereARScheduler(num_inference_steps=4),
+                            id2label=dict(TINY_ID2LABEL))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def make_pipeline():
+    """``make_pipeline(seed=0)``: a fresh tiny random pipeline that the test may modify."""
+    return build_tiny_pipeline
+
+
+@pytest.fixture
+def make_tokens():
+    """``make_tokens(batch, tokens, dim=16, seed=0)``: random tokens on the radius-sqrt(dim) sphere."""
+    return sphere_tokens
+
+
+@pytest.fixture(scope="session")
+def tiny_id2label() -> dict[int, str]:
+    return dict(TINY_ID2LABEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline() -> SphereARPipeline:
+    """A tiny random pipeline (4 tokens of 16 dims, 32 px, 10 classes); tests must not modify it."""
+    return build_tiny_pipeline()
