@@ -1,4 +1,4 @@
-"""Training utilities: data loading and augmentation, the latent cache, EMA, the AR Trainer."""
+"""Training utilities: data loading and augmentation, the latent cache, EMA, the AR Trainer, the S-VAE trainer."""
 
 from .data import (
     DataArguments,
@@ -12,6 +12,7 @@ from .data import (
 )
 from .ema import EMACallback, ParameterEMA
 from .latent_cache import CacheArguments, LatentCacheDataset, cache_latents, load_latent_cache_info, load_vae
+from .losses import PatchGANDiscriminator, PerceptualLoss, SphereVAELoss
 from .trainer import (
     ModelArguments,
     SphereARTrainer,
@@ -19,12 +20,18 @@ from .trainer import (
     resolve_resume_checkpoint,
     train_sphere_ar,
 )
+from .vae_trainer import VAEModelArguments, VAETrainingArguments, train_vae
 
 __all__ = [
     "CacheArguments",
     "EMACallback",
     "ModelArguments",
     "ParameterEMA",
+    "PatchGANDiscriminator",
+    "PerceptualLoss",
+    "SphereVAELoss",
+    "VAEModelArguments",
+    "VAETrainingArguments",
     "SphereARTrainer",
     "SphereARTrainingArguments",
     "DataArguments",
@@ -41,4 +48,5 @@ __all__ = [
     "load_vae",
     "resolve_resume_checkpoint",
     "train_sphere_ar",
+    "train_vae",
 ]

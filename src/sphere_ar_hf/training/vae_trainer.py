@@ -1,0 +1,744 @@
+"""Training the S-VAE (SphereVAE + PatchGAN) with ``accelerate``: arguments, the official recipe's pieces, the loop.
+
+``train_vae`` is the whole run (``examples/train_vae.py`` only parses arguments). One optimizer step is the
+official one: the VAE step on L1 + LPIPS + KL + adversarial loss, then the discriminator step on the same
+reconstructions (detached, computed before the VAE update). Defaults are the official S-VAE recipe (the
+README's command: 100 epochs, global batch 256, lr 1e-4 constant, AdamW betas (0.9, 0.95), weight decay 0.05
+on >= 2-D tensors, gradient clipping 1.0, bf16, discriminator from step 20000).
+
+Checkpoints are ``accelerator.save_state`` folders written under a temporary name and renamed into place with a
+completion marker, so that ``--resume_from_checkpoint latest`` never picks a half-written one. A resumed run
+continues bit for bit (same device count and batch geometry): the posterior samples take a generator seeded
+from ``(seed, step, micro-batch, rank)``, the data order and augmentation are functions of ``(seed, epoch)``,
+and the global RNG (LPIPS dropout) is restored by ``load_state``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..convert import write_atomically
+from ..vae import SphereVAE
+from .data import DataArguments, build_image_dataset, collate_images
+from .losses import DISC_LOSSES, GEN_LOSSES, REC_LOSSES, PatchGANDiscriminator, SphereVAELoss
+
+__all__ = [
+    "CHECKPOINT_MARKER",
+    "PairedDiscriminator",
+    "ResumableDistributedSampler",
+    "TrainState",
+    "VAEModelArguments",
+    "VAETrainingArguments",
+    "VAEWithPosterior",
+    "build_discriminator",
+    "build_vae",
+    "find_latest_checkpoint",
+    "init_official_vae_weights",
+    "is_complete_checkpoint",
+    "lr_at_step",
+    "official_param_groups",
+    "posterior_generator",
+    "save_checkpoint_atomically",
+    "save_preview",
+    "train_vae",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_MARKER = "checkpoint_complete.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments
+
+
+@dataclass
+class VAEModelArguments:
+    """The S-VAE and discriminator architecture (``HfArgumentParser``-ready). Unset sizes come from
+    ``vae_config`` or else the official 75M S-VAE; the image size is always the data ``resolution``."""
+
+    vae_config: str | None = field(
+        default=None, metadata={"help": "A SphereVAE config.json (or a folder holding one) to build the VAE from."}
+    )
+    pretrained_vae: str | None = field(
+        default=None,
+        metadata={"help": "Start from these SphereVAE weights (a SphereVAE folder, a pipeline folder with vae/, or a "
+                          "Hub id) instead of the official random initialisation."},
+    )
+    latent_dim: int | None = field(default=None, metadata={"help": "Latent token width d (official: 16)."})
+    patch_size: int | None = field(default=None, metadata={"help": "Pixels per token side (official: 16)."})
+    z_channels: int | None = field(default=None, metadata={"help": "ViT width (official: 512)."})
+    cnn_channels: list[int] | None = field(
+        default=None,
+        metadata={"help": "CNN stage widths, one 2x downsampling between stages; the last equals z_channels "
+                          "(official: 64 64 128 256 512)."},
+    )
+    encoder_layers: int | None = field(default=None, metadata={"help": "Encoder ViT blocks (official: 6)."})
+    decoder_layers: int | None = field(default=None, metadata={"help": "Decoder ViT blocks (official: 12)."})
+    num_register_tokens: int | None = field(default=None, metadata={"help": "ViT register tokens (official: 4)."})
+    num_attention_heads: int | None = field(
+        default=None, metadata={"help": "ViT attention heads (official: z_channels / 64)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute the ViT blocks' activations in the backward pass (saves memory)."}
+    )
+    disc_channels: int = field(default=64, metadata={"help": "PatchGAN base width (official: 64)."})
+    disc_layers: int = field(default=3, metadata={"help": "PatchGAN stride-2 layers (official: 3)."})
+
+
+@dataclass
+class VAETrainingArguments:
+    """Optimisation, losses, checkpointing and logging of the S-VAE run (``HfArgumentParser``-ready)."""
+
+    output_dir: str = field(
+        metadata={"help": "Run folder: checkpoint-<step>/, previews/, logs/ and, at the end, vae/ and discriminator/."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the initialisation, data order, augmentation, sampling."})
+    global_batch_size: int = field(
+        default=256, metadata={"help": "Images per optimizer step over all processes (official: 256)."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Micro-batches per optimizer step; the per-device batch is global_batch_size / "
+                          "(processes * gradient_accumulation_steps)."},
+    )
+    num_train_epochs: int = field(default=100, metadata={"help": "Epochs (official S-VAE: 100)."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Stop after this many optimizer steps (overrides num_train_epochs; required "
+                                        "for streamed datasets)."}
+    )
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "AdamW learning rate of both models (official: 1e-4)."}
+    )
+    lr_warmup_steps: int = field(
+        default=0, metadata={"help": "Linear warmup steps from 0 (official S-VAE: none; <= 0 disables)."}
+    )
+    lr_decay_start: int = field(
+        default=-1,
+        metadata={"help": "Step from which the lr decays to min_lr with a cosine until the last step (official S-VAE:"
+                          " -1 = constant lr; <= 0 disables)."},
+    )
+    min_lr: float = field(default=1e-5, metadata={"help": "Final lr of the cosine decay (official: 1e-5)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (official: 0.9)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (official: 0.95)."})
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "AdamW weight decay of >= 2-D tensors; 1-D ones get none (official: 0.05)."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping of each model's gradients (official: 1.0; 0 disables)."}
+    )
+    reconstruction_loss: Literal["l1", "l2"] = field(
+        default="l1", metadata={"help": f"Pixel loss, one of {sorted(REC_LOSSES)} (official: l1)."}
+    )
+    reconstruction_weight: float = field(default=1.0, metadata={"help": "Pixel loss weight (official: 1.0)."})
+    perceptual_weight: float = field(default=1.0, metadata={"help": "LPIPS (VGG) loss weight (official: 1.0)."})
+    kl_weight: float = field(
+        default=0.004, metadata={"help": "Weight of the KL to the uniform sphere, mean per token (official: 0.004)."}
+    )
+    disc_weight: float = field(
+        default=0.5, metadata={"help": "Weight of both adversarial losses once on (official: 0.5; no adaptive weight)."}
+    )
+    disc_start: int = field(
+        default=20000,
+        metadata={"help": "Optimizer step (1-based) from which the adversarial losses are on (official: 20000)."},
+    )
+    disc_loss: Literal["hinge", "vanilla", "non-saturating"] = field(
+        default="hinge", metadata={"help": f"Discriminator loss, one of {sorted(DISC_LOSSES)} (official: hinge)."}
+    )
+    gen_loss: Literal["hinge", "non-saturating"] = field(
+        default="hinge",
+        metadata={"help": f"Generator adversarial loss, one of {sorted(GEN_LOSSES)} (official: hinge)."},
+    )
+    lpips_dropout: bool = field(
+        default=True,
+        metadata={"help": "Keep LPIPS's dropout active during training, as the official code does (its loss module "
+                          "is in training mode)."},
+    )
+    lpips_random_backbone: bool = field(
+        default=False,
+        metadata={"help": "Testing only: a random VGG16 in LPIPS (no download; the perceptual loss is meaningless)."},
+    )
+    mixed_precision: Literal["no", "bf16"] = field(
+        default="bf16", metadata={"help": "'bf16' autocast (official) or 'no' (float32)."}
+    )
+    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls/convolutions on GPU (official)."})
+    dataloader_num_workers: int = field(
+        default=16, metadata={"help": "DataLoader worker processes per process (official: 16)."}
+    )
+    logging_steps: int = field(default=100, metadata={"help": "Log averaged losses every N steps (official: 100)."})
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "accelerate tracker: tensorboard, wandb, ..., 'all' or 'none'."}
+    )
+    tracker_project_name: str = field(default="train_vae", metadata={"help": "Tracker run/project name."})
+    checkpointing_steps: int = field(
+        default=5000, metadata={"help": "Save a resumable checkpoint-<step> folder every N steps (and at the end)."}
+    )
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N checkpoints (None: keep all)."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder, or 'latest' for the newest complete one in output_dir (a fresh run "
+                          "if there is none)."},
+    )
+    validation_steps: int = field(
+        default=5000, metadata={"help": "Write a reconstruction preview PNG every N steps (and at the end)."}
+    )
+    num_validation_images: int = field(
+        default=8, metadata={"help": "Images in the preview (top row: inputs, bottom row: reconstructions)."}
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models
+
+
+def build_vae(model_args: VAEModelArguments, image_size: int) -> SphereVAE:
+    """A SphereVAE from ``pretrained_vae``, or ``vae_config`` + flags with the official initialisation."""
+    sizes = {k: getattr(model_args, k) for k in ("latent_dim", "patch_size", "z_channels", "cnn_channels",
+                                                 "encoder_layers", "decoder_layers", "num_register_tokens",
+                                                 "num_attention_heads")}
+    if model_args.pretrained_vae:
+        from .latent_cache import load_vae
+
+        vae = load_vae(model_args.pretrained_vae)
+        given = {k: v for k, v in sizes.items() if v is not None}
+        if given or model_args.vae_config:
+            raise ValueError(f"--pretrained_vae fixes the architecture; drop {sorted(given) or ['--vae_config']}")
+        if vae.config.image_size != image_size:
+            raise ValueError(f"the pretrained VAE is for {vae.config.image_size}px images; set --resolution "
+                             f"{vae.config.image_size} (got {image_size})")
+        return vae
+    config: dict[str, Any] = {}
+    if model_args.vae_config:
+        config = dict(SphereVAE.load_config(model_args.vae_config))
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        if config.get("image_size", image_size) != image_size:
+            logger.warning("vae_config image_size %s replaced by the data resolution %d", config["image_size"],
+                           image_size)
+    config.update({k: v for k, v in sizes.items() if v is not None})
+    config["image_size"] = image_size
+    if "cnn_channels" in config:
+        config["cnn_channels"] = tuple(config["cnn_channels"])
+    vae = SphereVAE(**config)
+    init_official_vae_weights(vae)
+    return vae
+
+
+@torch.no_grad()
+def init_official_vae_weights(vae: SphereVAE) -> SphereVAE:
+    """The official initialisation: linear weights N(0, 0.02) and zero biases, register tokens N(0, 0.02), then
+    PyTorch's default init again for ``quant_proj``, ``post_quant_proj`` and ``encoder_out``; convolutions and
+    norms keep PyTorch's defaults. Draws from the global RNG (seed it first)."""
+    for module in vae.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for vit in (vae.encoder_vit, vae.decoder_vit):
+        nn.init.normal_(vit.register_tokens, 0.0, 0.02)
+    for module in (vae.quant_proj, vae.post_quant_proj, vae.encoder_out):
+        module.reset_parameters()
+    return vae
+
+
+def build_discriminator(model_args: VAEModelArguments) -> PatchGANDiscriminator:
+    return PatchGANDiscriminator(in_channels=3, base_channels=model_args.disc_channels,
+                                 num_layers=model_args.disc_layers)
+
+
+class VAEWithPosterior(nn.Module):
+    """The trained module: encode, sample the posterior with ``generator``, project onto the sphere, decode.
+
+    One ``forward`` (so that DDP sees the whole graph); returns ``(reconstruction, mean per-token KL to the
+    uniform sphere, mean kappa)``.
+    """
+
+    def __init__(self, vae: SphereVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(images).latent_dist
+        latents = self.vae.normalize(dist.sample(generator))
+        recon = self.vae.decode(latents).sample
+        return recon, dist.kl().mean(), dist.kappa.detach().mean()
+
+
+class PairedDiscriminator(nn.Module):
+    """Runs the discriminator on real and fake images separately (BatchNorm statistics per batch, as the
+    official code) inside one ``forward``, so that DDP sees a single call."""
+
+    def __init__(self, discriminator: nn.Module):
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.discriminator(real), self.discriminator(fake)
+
+
+def official_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as the official ``create_optimizer``: decay on tensors with >= 2 dims, none on the rest."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def lr_at_step(step: int, total_steps: int, lr: float, warmup_steps: int = 0, decay_start: int = -1,
+               min_lr: float = 1e-5) -> float:
+    """The official schedule at 0-based ``step``: linear warmup from 0, constant, then (if ``decay_start > 0``)
+    a cosine from ``lr`` at ``decay_start`` to ``min_lr`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * step / warmup_steps
+    if 0 < decay_start <= step and decay_start < total_steps:
+        progress = (step - decay_start) / max(total_steps - decay_start, 1e-8)
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
+
+
+def posterior_generator(seed: int, step: int, micro_batch: int, rank: int, device: torch.device) -> torch.Generator:
+    """A generator for one micro-batch's posterior sample, seeded from ``(seed, step, micro_batch, rank)``: the
+    draws need no saved state and a resumed run repeats them exactly."""
+    key = hashlib.sha256(f"sphere-vae/{seed}/{step}/{micro_batch}/{rank}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data position and checkpoints
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` (the official sampler: shuffled with ``seed + epoch``, sharded by rank) that can
+    start after the first ``start_index`` indices of this rank's share, to resume mid-epoch."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.start_index = 0
+
+    def set_start_index(self, start_index: int) -> None:
+        self.start_index = int(start_index)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_index)
+
+
+@dataclass
+class TrainState:
+    """What ``accelerate`` does not save itself: the step, the data position and the batch geometry."""
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_batches_in_epoch: int = 0
+    global_batch_size: int = 0
+    num_processes: int = 0
+    gradient_accumulation_steps: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint folder whose save finished (it holds the completion marker)."""
+    return (Path(path) / CHECKPOINT_MARKER).is_file()
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete ``checkpoint-<step>`` folder with the highest step; incomplete ones are skipped with a warning."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found: list[tuple[int, Path]] = []
+    for entry in root.iterdir():
+        match = _CHECKPOINT_RE.match(entry.name)
+        if match and entry.is_dir():
+            if is_complete_checkpoint(entry):
+                found.append((int(match.group(1)), entry))
+            else:
+                logger.warning("ignoring incomplete checkpoint %s (no %s)", entry, CHECKPOINT_MARKER)
+    return max(found)[1] if found else None
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint_atomically(accelerator: Any, output_dir: str | os.PathLike, step: int,
+                               extra: dict[str, Any] | None = None, total_limit: int | None = None) -> Path:
+    """``accelerator.save_state`` into ``.checkpoint-<step>.tmp``, add the completion marker, then rename to
+    ``checkpoint-<step>``. Call on every process. A run killed before the rename leaves only the hidden
+    temporary folder, which :func:`find_latest_checkpoint` ignores (and the next save replaces)."""
+    root = Path(output_dir)
+    final, tmp = root / f"checkpoint-{step}", root / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker = {"step": step, **(extra or {})}
+        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2, default=str))
+        _fsync_tree(tmp)
+        if final.exists():
+            old = root / f".checkpoint-{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        if total_limit is not None and total_limit > 0:
+            complete = sorted((int(m.group(1)), p) for p in root.iterdir()
+                              if (m := _CHECKPOINT_RE.match(p.name)) and is_complete_checkpoint(p))
+            for _, old_path in complete[:-total_limit]:
+                shutil.rmtree(old_path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# previews
+
+
+@torch.no_grad()
+def save_preview(vae: SphereVAE, images: torch.Tensor, path: str | os.PathLike,
+                 autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """Reconstruct ``images`` through the posterior mode and write a PNG (top row inputs, bottom row
+    reconstructions) atomically. Returns the grid ``(3, H, W)`` in [0, 1]. Draws no random numbers."""
+    from torchvision.utils import make_grid, save_image
+
+    was_training = vae.training
+    vae.eval()
+    try:
+        with autocast or contextlib.nullcontext():
+            mode = vae.encode(images).latent_dist.mode()
+            recon = vae.decode(vae.normalize(mode)).sample
+    finally:
+        vae.train(was_training)
+    both = torch.cat([images.float(), recon.float()]).clamp(-1, 1) * 0.5 + 0.5
+    grid = make_grid(both.cpu(), nrow=images.shape[0], padding=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_image(grid, tmp, format="PNG")
+    os.replace(tmp, path)
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _tracker_config(*arg_objects: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for obj in arg_objects:
+        for key, value in asdict(obj).items():
+            config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+def _preview_batch(dataset: Any, count: int) -> torch.Tensor | None:
+    """The first ``count`` decodable images of epoch 0 (fixed for the whole run, resumes included)."""
+    if count <= 0:
+        return None
+    dataset.set_epoch(0)
+    source: Iterable[Any] = iter(dataset) if isinstance(dataset, torch.utils.data.IterableDataset) else (
+        dataset[i] for i in range(len(dataset)))
+    items = [item["pixel_values"] for item in itertools.islice((x for x in source if x is not None), count)]
+    return torch.stack(items) if items else None
+
+
+class _Meter:
+    """Per-key running means of logged values over a logging window (keys may appear mid-window)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        self.steps += 1
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {key: self.sums[key] / self.counts[key] for key in sorted(self.sums)}
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+
+
+def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments,
+              data_args: DataArguments) -> Path:
+    """Train the S-VAE and its discriminator; returns the saved ``output_dir/vae`` folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    args = training_args
+    if args.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {args.mixed_precision!r}")
+    if data_args.latent_cache:
+        raise ValueError("the S-VAE trains on images; drop --latent_cache")
+    output_dir = Path(args.output_dir)
+    report_to = None if args.report_to in ("none", "", None) else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+                        if accelerator.is_main_process else logging.WARNING)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    if int(os.environ.get("WORLD_SIZE", "1")) > world:
+        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate runs {world}: every "
+                           "process would train alone and overwrite the same files (on CPU-only machines set "
+                           "ACCELERATE_USE_CPU=true)")
+    if args.allow_tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    per_step = world * args.gradient_accumulation_steps
+    if args.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size {args.global_batch_size} must be divisible by processes "
+                         f"({world}) x gradient_accumulation_steps ({args.gradient_accumulation_steps})")
+    micro_bs, accum = args.global_batch_size // per_step, args.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (output_dir / "training_args.json").write_text(json.dumps(
+            {"model": asdict(model_args), "training": asdict(args), "data": asdict(data_args)}, indent=2))
+
+    # models, losses, optimizers
+    set_seed(args.seed)
+    vae = build_vae(model_args, data_args.resolution)
+    if model_args.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    discriminator = build_discriminator(model_args)
+    loss_fn = SphereVAELoss(
+        reconstruction_loss=args.reconstruction_loss, reconstruction_weight=args.reconstruction_weight,
+        perceptual_weight=args.perceptual_weight, kl_weight=args.kl_weight, disc_weight=args.disc_weight,
+        disc_start=args.disc_start, disc_loss=args.disc_loss, gen_loss=args.gen_loss,
+        lpips_pretrained_backbone=not args.lpips_random_backbone, lpips_dropout=args.lpips_dropout,
+    ).to(device)
+    model, paired = VAEWithPosterior(vae), PairedDiscriminator(discriminator)
+    model.train()
+    paired.train()
+    loss_fn.train()
+    adam = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+    if device.type == "cuda":
+        adam["fused"] = True
+    opt_g = torch.optim.AdamW(official_param_groups(model, args.weight_decay), **adam)
+    opt_d = torch.optim.AdamW(official_param_groups(paired, args.weight_decay), **adam)
+    model, paired, opt_g, opt_d = accelerator.prepare(model, paired, opt_g, opt_d)
+    disc_inner: nn.Module = accelerator.unwrap_model(paired).discriminator
+    set_seed(args.seed, device_specific=True)  # per-process global RNG (LPIPS dropout)
+
+    # data
+    dataset = build_image_dataset(data_args, seed=args.seed, rank=rank, world_size=world)
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    sampler = None
+    if streaming:
+        if args.max_train_steps is None:
+            raise ValueError("a streamed dataset has no known length: set --max_train_steps")
+        steps_per_epoch = None
+    else:
+        sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        steps_per_epoch = sampler.num_samples // micro_bs // accum
+        if steps_per_epoch == 0:
+            raise ValueError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    preview = _preview_batch(dataset, args.num_validation_images) if accelerator.is_main_process else None
+
+    state = TrainState(global_batch_size=args.global_batch_size, num_processes=world,
+                       gradient_accumulation_steps=accum)
+    accelerator.register_for_checkpointing(state)
+    last_saved = -1
+    resume = args.resume_from_checkpoint
+    if resume:
+        path = find_latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            logger.info("no complete checkpoint in %s: starting a new run", output_dir)
+        else:
+            if not is_complete_checkpoint(path):
+                raise ValueError(f"{path} is not a complete checkpoint (no {CHECKPOINT_MARKER})")
+            accelerator.load_state(str(path))
+            saved = (state.global_batch_size, state.num_processes, state.gradient_accumulation_steps)
+            if saved != (args.global_batch_size, world, accum):
+                logger.warning("checkpoint geometry (global batch, processes, accumulation) %s differs from %s: the "
+                               "data order after resuming differs from an uninterrupted run", saved,
+                               (args.global_batch_size, world, accum))
+                state.global_batch_size, state.num_processes, state.gradient_accumulation_steps = (
+                    args.global_batch_size, world, accum)
+            logger.info("resumed from %s at step %d (epoch %d)", path, state.global_step, state.epoch)
+            last_saved = state.global_step
+
+    if report_to:
+        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(model_args, args, data_args))
+    logger.info("S-VAE: %.1fM parameters, discriminator %.2fM; %s steps, micro-batch %d x %d accumulation x %d "
+                "processes", sum(p.numel() for p in vae.parameters()) / 1e6,
+                sum(p.numel() for p in discriminator.parameters()) / 1e6, max_steps, micro_bs, accum, world)
+
+    meter, t0 = _Meter(), time.time()
+    while state.global_step < max_steps:
+        dataset.set_epoch(state.epoch)
+        if sampler is not None:
+            sampler.set_epoch(state.epoch)
+            sampler.set_start_index(state.micro_batches_in_epoch * micro_bs)
+        loader = DataLoader(dataset, batch_size=micro_bs, sampler=sampler, num_workers=args.dataloader_num_workers,
+                            collate_fn=collate_images, drop_last=True, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(args.seed + state.epoch))
+        batches = iter(loader)
+        if streaming and state.micro_batches_in_epoch:
+            logger.info("skipping %d streamed batches to the resume position", state.micro_batches_in_epoch)
+            for _ in itertools.islice(batches, state.micro_batches_in_epoch):
+                pass
+        while state.global_step < max_steps:
+            micro = list(itertools.islice(batches, accum))
+            if len(micro) < accum:  # end of the epoch (an incomplete accumulation group is dropped)
+                if state.micro_batches_in_epoch == 0:
+                    raise RuntimeError("the dataset yielded no complete batch in an epoch")
+                state.epoch += 1
+                state.micro_batches_in_epoch = 0
+                break
+            logs = _train_step(accelerator, model, paired, disc_inner, loss_fn, opt_g, opt_d, micro, state, args,
+                               max_steps)
+            state.global_step += 1
+            state.micro_batches_in_epoch += accum
+            meter.add(logs)
+            step = state.global_step
+            if step % args.logging_steps == 0 or step == max_steps:
+                _log(accelerator, meter, step, time.time() - t0)
+                meter.reset()
+                t0 = time.time()
+            if step % args.checkpointing_steps == 0 or step == max_steps:
+                save_checkpoint_atomically(accelerator, output_dir, step, extra={"epoch": state.epoch},
+                                           total_limit=args.checkpoints_total_limit)
+                last_saved = step
+            if accelerator.is_main_process and preview is not None and (
+                    step % args.validation_steps == 0 or step == max_steps):
+                _write_preview(accelerator, model, preview, output_dir / "previews" / f"step_{step:07d}.png", step)
+
+    if last_saved != state.global_step:
+        save_checkpoint_atomically(accelerator, output_dir, state.global_step, extra={"epoch": state.epoch},
+                                   total_limit=args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    vae_dir = output_dir / "vae"
+    if accelerator.is_main_process:
+        final_vae = accelerator.unwrap_model(model).vae
+        write_atomically(vae_dir, final_vae.save_pretrained, overwrite=True)
+        write_atomically(output_dir / "discriminator", disc_inner.save_pretrained, overwrite=True)
+        logger.info("saved the S-VAE to %s", vae_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return vae_dir
+
+
+def _train_step(accelerator: Any, model: nn.Module, paired: nn.Module, disc_inner: nn.Module,
+                loss_fn: SphereVAELoss, opt_g: Any, opt_d: Any, micro: list[dict[str, torch.Tensor] | None],
+                state: TrainState, args: VAETrainingArguments, max_steps: int) -> dict[str, Any]:
+    """One official optimizer step (VAE, then discriminator) over ``len(micro)`` accumulated micro-batches."""
+    device, accum = accelerator.device, len(micro)
+    step = state.global_step + 1  # 1-based, as the official ``global_step`` of the adversarial weight
+    lr = lr_at_step(state.global_step, max_steps, args.learning_rate, args.lr_warmup_steps, args.lr_decay_start,
+                    args.min_lr)
+    for opt in (opt_g, opt_d):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    adv_on = loss_fn.adversarial_weight(step) > 0
+    logs: dict[str, Any] = {}
+
+    def add(values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            logs[k] = logs.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v) / accum
+
+    opt_g.zero_grad(set_to_none=True)
+    disc_inner.requires_grad_(False)  # the generator's adversarial term trains only the VAE
+    cached = []
+    for i, batch in enumerate(micro):
+        if batch is None:
+            raise RuntimeError("every image of a batch was undecodable; check the dataset")
+        images = batch["pixel_values"].to(device, non_blocking=True)
+        sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                gen = posterior_generator(args.seed, state.global_step, i, accelerator.process_index, device)
+                recon, kl, kappa = model(images, gen)
+                out = loss_fn.generator_loss(images, recon, kl, step, disc_inner if adv_on else None)
+            accelerator.backward(out.loss / accum)
+        add({**out.logs(), "kappa": kappa})
+        cached.append((images, recon.detach()))
+    disc_inner.requires_grad_(True)
+    if args.max_grad_norm > 0:
+        logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).detach().float()
+    opt_g.step()
+
+    opt_d.zero_grad(set_to_none=True)
+    if adv_on:
+        for i, (images, recon) in enumerate(cached):
+            sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(paired)
+            with sync:
+                with accelerator.autocast():
+                    logits_real, logits_fake = paired(images, recon)
+                    d_loss = loss_fn.discriminator_loss(logits_real, logits_fake, step)
+                accelerator.backward(d_loss / accum)
+            add({"disc_loss": d_loss, "logits_real": logits_real.detach().float().mean(),
+                 "logits_fake": logits_fake.detach().float().mean()})
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(paired.parameters(), args.max_grad_norm)
+    else:
+        # The official code backpropagates 0 * loss here: zero gradients, yet AdamW still steps (weight decay,
+        # step count). Same result without running the discriminator.
+        for p in paired.parameters():
+            p.grad = torch.zeros_like(p)
+        add({"disc_loss": 0.0})
+    opt_d.step()
+    logs["lr"] = lr
+    return logs
+
+
+def _log(accelerator: Any, meter: _Meter, step: int, seconds: float) -> None:
+    means = meter.means()  # the same keys on every process (all take the same steps)
+    local = torch.tensor(list(means.values()), dtype=torch.float32, device=accelerator.device)
+    values = accelerator.reduce(local, reduction="mean")
+    logs = {f"train/{k}": float(v) for k, v in zip(means, values.tolist())}
+    logs["train/steps_per_sec"] = meter.steps / max(seconds, 1e-9)
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        logger.info("step %d: %s", step, ", ".join(f"{k[6:]} {v:.4f}" for k, v in logs.items()))
+
+
+def _write_preview(accelerator: Any, model: nn.Module, images: torch.Tensor, path: Path, step: int) -> None:
+    vae = accelerator.unwrap_model(model).vae
+    grid = save_preview(vae, images.to(accelerator.device), path, accelerator.autocast())
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("previews/input_vs_reconstruction", grid, step)
