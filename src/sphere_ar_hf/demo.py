@@ -1,0 +1,415 @@
+"""The SphereAR Gradio demo: a class picker, the sampling settings, a per-token progress bar and a gallery.
+
+``build_demo(pipeline)`` returns a ready-to-launch ``gr.Blocks`` (queue enabled); ``main()`` is the command line
+(``python -m sphere_ar_hf.demo`` or the Space's ``app.py``)::
+
+    python -m sphere_ar_hf.demo                       # the bundled digits model, offline, http://127.0.0.1:7860
+    python -m sphere_ar_hf.demo --model sphere-ar-b   # any pipeline folder or Hub repository id
+
+Every request is checked on the server, whatever the sliders allow (an API call can send any value): at most
+``max_images`` images, ``1..max_steps`` sampler steps, a finite guidance scale in the slider's range, a known
+schedule, a seed in ``[0, 2**32)``. A request outside those bounds is refused with a ``gr.Error`` before any work.
+One request samples at a time (a lock around the pipeline; the queue's concurrency limit defaults to 1), and the
+queue holds at most ``max_queue_size`` waiting requests.
+
+Needs ``gradio`` (the ``[demo]`` extra); imported here, so import this module only for the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .pipeline_sphere_ar import SphereARPipeline
+
+__all__ = ["DemoRunner", "build_demo", "build_parser", "class_choices", "create_demo", "load_default_pipeline", "main"]
+
+CFG_SCHEDULES = ("linear", "constant")
+MAX_SEED = 2**32 - 1
+MAX_LABEL_CHARS = 200  # a class name longer than this is refused before the (fuzzy) name lookup
+IMAGENET_DEFAULT_CLASSES = (207, 360, 388, 88)  # golden retriever, otter, giant panda, macaw
+API_NAME = "generate"
+
+
+# ---- the pipeline side ----------------------------------------------------------------------------------------
+def class_choices(pipeline: SphereARPipeline) -> list[tuple[str, str]]:
+    """Dropdown choices ``(shown name, value)``: ``("207: golden retriever", "207")``, or ``("3", "3")`` when the
+    name is the id itself. The value is the class id as a string, which ``pipeline.get_label_ids`` resolves
+    unambiguously (ImageNet has two classes named "crane"); the shown name carries every synonym for the search."""
+    id2label = pipeline.id2label or {}
+    choices = []
+    for class_id in range(pipeline.num_classes):
+        label = " ".join(str(id2label.get(class_id, "")).split())
+        name = str(class_id) if not label or label == str(class_id) else f"{class_id}: {label}"
+        choices.append((name, str(class_id)))
+    return choices
+
+
+def short_label(pipeline: SphereARPipeline, class_id: int) -> str:
+    """The first synonym of a class's name, or ``class N`` without names."""
+    label = (pipeline.id2label or {}).get(class_id)
+    return label.split(",")[0].strip() if label else f"class {class_id}"
+
+
+def default_classes(pipeline: SphereARPipeline) -> list[str]:
+    """A few ImageNet favourites for an ImageNet-1k model, else the first (up to) ten classes."""
+    if pipeline.num_classes == 1000 and pipeline.id2label:
+        return [str(i) for i in IMAGENET_DEFAULT_CLASSES]
+    return [str(i) for i in range(min(pipeline.num_classes, 10))]
+
+
+def upscale(image: Image.Image, min_size: int) -> Image.Image:
+    """Nearest-neighbour upscaling by an integer factor to at least ``min_size`` pixels (pixels stay visible)."""
+    from PIL import Image
+
+    factor = math.ceil(min_size / max(1, min(image.size)))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def _error(message: str) -> gr.Error:
+    """A user error shown in the UI / returned to the API client, without a traceback in the server log."""
+    return gr.Error(message, print_exception=False)
+
+
+class _TokenProgress:
+    """A stand-in for the pipeline's tqdm bar (``with pipe.progress_bar(total=n) as bar: bar.update()``) that
+    reports to a ``gr.Progress``."""
+
+    def __init__(self, progress: gr.Progress, total: int, desc: str) -> None:
+        self.progress, self.total, self.desc, self.n = progress, total, desc, 0
+        self.progress((0, total), desc=desc, unit="tokens")
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.progress((self.n, self.total), desc=self.desc, unit="tokens")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _TokenProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def report_progress(pipeline: SphereARPipeline, progress: gr.Progress, desc: str) -> Iterator[None]:
+    """While inside, the pipeline's per-token progress bar reports to ``progress`` instead of the terminal.
+
+    ``DiffusionPipeline.progress_bar`` is replaced on the instance (the class's method is untouched) and restored
+    on exit; callers hold the pipeline lock, so no other call sees it.
+    """
+
+    def progress_bar(iterable=None, total=None):
+        if iterable is not None:
+            return progress.tqdm(iterable, desc=desc)
+        return _TokenProgress(progress, total, desc)
+
+    pipeline.progress_bar = progress_bar
+    try:
+        yield
+    finally:
+        del pipeline.progress_bar
+
+
+class DemoRunner:
+    """Validates a request against the server's bounds and runs the pipeline (one request at a time)."""
+
+    def __init__(self, pipeline: SphereARPipeline, *, max_images: int = 16, max_steps: int = 200,
+                 max_guidance: float | None = None, display_size: int = 256) -> None:
+        for name, value in (("max_images", max_images), ("max_steps", max_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.pipeline = pipeline
+        self.max_images = max_images
+        self.max_steps = max_steps
+        self.recommended_guidance = float(pipeline.transformer.config.guidance_scale)
+        self.max_guidance = float(max_guidance) if max_guidance is not None else max(
+            10.0, math.ceil(2 * self.recommended_guidance))
+        self.display_size = display_size
+        self.lock = threading.Lock()
+
+    # -- validation: everything an API call can send ---------------------------------------------------------
+    @staticmethod
+    def _integer(value: Any, name: str, low: int, high: int) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _error(f"{name} must be an integer, got {value!r:.60}")
+        if not low <= value <= high:
+            raise _error(f"{name} must be between {low} and {high} on this server, got {value}")
+        return value
+
+    def _class_ids(self, classes: Any) -> list[int]:
+        if classes is None or classes == "":
+            classes = []
+        if isinstance(classes, (str, int)) and not isinstance(classes, bool):
+            classes = [classes]
+        if not isinstance(classes, (list, tuple)):
+            raise _error(f"classes must be a list of class names or ids, got {type(classes).__name__}")
+        if not classes:
+            raise _error("pick at least one class")
+        if len(classes) > self.max_images:
+            raise _error(f"at most {self.max_images} classes (and images) per request on this server, "
+                           f"got {len(classes)} classes")
+        for c in classes:
+            if isinstance(c, str) and len(c) > MAX_LABEL_CHARS:
+                raise _error(f"class name too long ({len(c)} characters; at most {MAX_LABEL_CHARS})")
+        try:
+            return self.pipeline.get_label_ids(list(classes))
+        except (ValueError, TypeError) as e:
+            raise _error(" ".join(str(e).split())) from None
+
+    def validate(self, classes: Any, images_per_class: Any, guidance_scale: Any, cfg_schedule: Any, steps: Any,
+                 seed: Any) -> tuple[list[int], float, str, int, int]:
+        """The request as ``(class ids, one per image; guidance, schedule, steps, seed)``, or ``gr.Error``."""
+        per_class = self._integer(images_per_class, "images per class", 1, self.max_images)
+        steps = self._integer(steps, "steps", 1, self.max_steps)
+        seed = self._integer(seed, "seed", 0, MAX_SEED)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise _error(f"guidance scale must be a number, got {guidance_scale!r:.60}")
+        guidance = float(guidance_scale)
+        if not (math.isfinite(guidance) and 1.0 <= guidance <= self.max_guidance):
+            raise _error(f"guidance scale must be between 1 and {self.max_guidance:g}, got {guidance_scale}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise _error(f"CFG schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r:.60}")
+        ids = self._class_ids(classes)
+        if len(ids) * per_class > self.max_images:
+            raise _error(f"at most {self.max_images} images per request on this server, asked for {len(ids)} "
+                           f"classes x {per_class} per class = {len(ids) * per_class}")
+        labels = [class_id for class_id in ids for _ in range(per_class)]
+        return labels, guidance, cfg_schedule, steps, seed
+
+    # -- the event handler ---------------------------------------------------------------------------------
+    def generate(self, classes: list[str] | None, images_per_class: int, guidance_scale: float, cfg_schedule: str,
+                 steps: int, seed: int, progress: gr.Progress = gr.Progress()  # noqa: B008 (gradio's idiom)
+                 ) -> tuple[list[tuple[Image.Image, str]], str]:
+        """Generate ``images_per_class`` images of each class; image k uses a CPU generator seeded ``seed + k``
+        (as ``sphere-ar generate``), so an image depends only on its seed, class and settings."""
+        import torch
+
+        labels, guidance, schedule, steps, seed = self.validate(classes, images_per_class, guidance_scale,
+                                                                cfg_schedule, steps, seed)
+        progress(0, desc="Waiting for the model")
+        with self.lock:
+            start = time.perf_counter()
+            generators = [torch.Generator().manual_seed(seed + k) for k in range(len(labels))]
+            try:
+                with report_progress(self.pipeline, progress, "Sampling tokens"):
+                    images = self.pipeline(labels, guidance_scale=guidance, cfg_schedule=schedule,
+                                           num_inference_steps=steps, generator=generators, output_type="pil").images
+            except (FloatingPointError, ValueError, TypeError) as e:
+                raise _error(" ".join(str(e).split())) from None
+            seconds = time.perf_counter() - start
+        gallery = [(upscale(image, self.display_size), f"{short_label(self.pipeline, c)} · seed {seed + k}")
+                   for k, (c, image) in enumerate(zip(labels, images))]
+        w, h = images[0].size
+        shown = f" (shown ×{gallery[0][0].width // w})" if gallery[0][0].width != w else ""
+        count = f"{len(images)} image{'s' * (len(images) != 1)}"
+        info = (f"{count} of {w}×{h} px{shown} · guidance {guidance:g} ({schedule}) · {steps} steps · "
+                f"seeds {seed}–{seed + len(images) - 1} · {seconds:.1f} s")
+        return gallery, info
+
+
+# ---- the UI -----------------------------------------------------------------------------------------------------
+def _describe(pipeline: SphereARPipeline, model_name: str | None) -> str:
+    c = pipeline.transformer.config
+    names = "class names" if pipeline.id2label else "class ids only"
+    return (f"**Model:** `{model_name or 'custom pipeline'}` · {c.num_classes} classes ({names}) · "
+            f"{c.image_size}×{c.image_size} px · {c.num_image_tokens} tokens of dimension {c.latent_dim} · "
+            f"recommended guidance {c.guidance_scale:g}")
+
+
+def build_demo(pipeline: SphereARPipeline, *, model_name: str | None = None, max_images: int = 16,
+               max_steps: int = 200, default_steps: int | None = None, default_images_per_class: int = 1,
+               default_class_labels: Sequence[int | str] | None = None, max_guidance: float | None = None,
+               concurrency_limit: int = 1, max_queue_size: int = 16, display_size: int = 256,
+               analytics_enabled: bool = False) -> gr.Blocks:
+    """The demo for ``pipeline``, with the queue enabled; call ``.launch()`` on it.
+
+    Args:
+        pipeline: a loaded ``SphereARPipeline`` (already on its device).
+        model_name: shown in the header (e.g. the folder or Hub id).
+        max_images: most images one request may ask for (classes x images per class); enforced on the server.
+        max_steps: most sampler steps per token one request may ask for; enforced on the server.
+        default_steps: the steps slider's start value (default: the scheduler's ``num_inference_steps``).
+        default_images_per_class: the images-per-class slider's start value.
+        default_class_labels: classes selected at start (ids or names; default: four ImageNet classes for an
+            ImageNet-1k model, else the first ten classes); ``[]`` selects none.
+        max_guidance: the guidance slider's (and the server's) upper bound (default: max(10, 2 x recommended)).
+        concurrency_limit: requests processed at once (the pipeline itself runs one at a time).
+        max_queue_size: requests that may wait; more are turned away.
+        display_size: images smaller than this are upscaled (nearest neighbour, integer factor) for display.
+        analytics_enabled: Gradio's usage telemetry (off by default: the demo never phones home).
+    """
+    runner = DemoRunner(pipeline, max_images=max_images, max_steps=max_steps, max_guidance=max_guidance,
+                        display_size=display_size)
+    choices = class_choices(pipeline)
+    if default_class_labels is None:
+        selected = default_classes(pipeline)
+    else:
+        selected = [str(i) for i in pipeline.get_label_ids(list(default_class_labels))] if default_class_labels else []
+    selected = selected[:max_images]
+    steps = default_steps if default_steps is not None else int(pipeline.scheduler.config.num_inference_steps)
+    steps = max(1, min(int(steps), max_steps))
+    per_class = max(1, min(int(default_images_per_class), max_images // max(1, len(selected))))
+
+    with gr.Blocks(title="SphereAR", analytics_enabled=analytics_enabled, delete_cache=(1800, 3600)) as demo:
+        gr.Markdown("# SphereAR: class-conditional image generation with hyperspherical latents\n"
+                    "Autoregressive generation of continuous tokens that live on a sphere "
+                    "([Ke & Xue, ICLR 2026](https://arxiv.org/abs/2509.24335)).\n\n" + _describe(pipeline, model_name))
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                classes = gr.Dropdown(
+                    choices, value=selected, multiselect=True, allow_custom_value=True, filterable=True,
+                    label="Classes", elem_id="classes",
+                    info="Type to search; any class name, synonym or id works. Each class gets its own images.")
+                images_per_class = gr.Slider(1, max_images, value=per_class, step=1, label="Images per class",
+                                             info=f"at most {max_images} images per request", elem_id="per-class")
+                guidance = gr.Slider(1.0, runner.max_guidance, value=runner.recommended_guidance, step=0.1,
+                                     label="Guidance scale", elem_id="guidance",
+                                     info=f"classifier-free guidance; 1 disables it (recommended: "
+                                          f"{runner.recommended_guidance:g})")
+                schedule = gr.Radio(list(CFG_SCHEDULES), value="linear", label="CFG schedule", elem_id="schedule",
+                                    info="linear: guidance rises from 1 over the tokens (official); constant: "
+                                         "the same for every token")
+                steps_slider = gr.Slider(1, max_steps, value=steps, step=1, label="Steps per token",
+                                         elem_id="steps", info="sampler steps for each token (official: 100)")
+                seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
+                                 info="image k uses seed + k")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=3, min_width=320):
+                columns = 5 if pipeline.transformer.config.image_size < 64 else 4
+                gallery = gr.Gallery(label="Samples", columns=columns, format="png", object_fit="contain",
+                                     elem_id="gallery", interactive=False)
+                info = gr.Markdown(label="Details", elem_id="info")
+        button.click(runner.generate, inputs=[classes, images_per_class, guidance, schedule, steps_slider, seed],
+                     outputs=[gallery, info], api_name=API_NAME, concurrency_limit=concurrency_limit)
+    demo.queue(max_size=max_queue_size, default_concurrency_limit=concurrency_limit)
+    demo.runner = runner  # for tests and callers that want the validated handler
+    return demo
+
+
+# ---- the command line ---------------------------------------------------------------------------------------------
+def load_default_pipeline(dtype: str = "float32") -> SphereARPipeline:
+    """The bundled digits model (package data: works offline)."""
+    from .cli import load_pipeline
+    from .pretrained import bundled_model_path
+
+    return load_pipeline(str(bundled_model_path("digits")), dtype)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless it has no default or already talks about it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sphere-ar-demo", formatter_class=_HelpFormatter,
+        description="The SphereAR Gradio demo: pick classes, set guidance / schedule / steps / seed, generate.")
+    parser.add_argument("--model", default=None, metavar="DIR_OR_REPO",
+                        help="pipeline folder (from `sphere-ar convert`) or Hugging Face Hub repository id "
+                             "(default: the bundled digits model, which needs no network)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        help="address to bind; 0.0.0.0 exposes the demo to the network (default: $GRADIO_SERVER_NAME, "
+                             "which Spaces set to 0.0.0.0, else 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+                        help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights and compute dtype")
+    parser.add_argument("--max-images", type=_positive_int, default=16, help="most images per request")
+    parser.add_argument("--max-steps", type=_positive_int, default=200, help="most sampler steps per token")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="the steps slider's start value (default: the scheduler's num_inference_steps)")
+    parser.add_argument("--concurrency-limit", type=_positive_int, default=1, help="requests processed at once")
+    parser.add_argument("--queue-size", type=_positive_int, default=16, help="requests that may wait in the queue")
+    return parser
+
+
+def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str, Any]]:
+    """Parse ``argv``, load the model and build the demo; returns ``(demo, launch keyword arguments)``.
+
+    Raises ``CLIError`` (from ``sphere_ar_hf.cli``) for a model that cannot be loaded.
+    """
+    import torch
+
+    from .cli import CLIError, load_pipeline, resolve_model
+
+    args = build_parser().parse_args(argv)
+    if args.model is None:
+        pipeline, name = load_default_pipeline(args.dtype), "digits (bundled)"
+    else:
+        model = resolve_model(args.model)
+        # a local folder is shown by its name only: a public demo need not reveal the server's paths
+        name = Path(model).resolve().name if Path(model).exists() else model
+        pipeline = load_pipeline(model, args.dtype)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipeline.to(device)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise CLIError(f"--device {args.device}: {' '.join(str(e).split())}") from None
+    pipeline.set_progress_bar_config(disable=True)
+    demo = build_demo(pipeline, model_name=name, max_images=args.max_images, max_steps=args.max_steps,
+                      default_steps=args.steps, concurrency_limit=args.concurrency_limit,
+                      max_queue_size=args.queue_size)
+    return demo, {"server_name": args.host, "server_port": args.port, "ssr_mode": False}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo until interrupted; returns the exit status (2 with a one-line ``error:`` for bad input)."""
+    from .cli import CLIError
+
+    try:
+        demo, launch_kwargs = create_demo(argv)
+    except (CLIError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    demo.launch(**launch_kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The Gradio demo (``sphere_ar_hf.demo`` and the Space's ``hub_cards/space/app.py``): a real browser picks classes
+and generates, the named API endpoint returns images, and requests beyond the server's bounds are refused.
+
+One server (a tiny random pipeline folder passed with ``--model``, on 127.0.0.1 and a free port) serves the module;
+the browser is Debian's Chromium driven by Playwright (no ``playwright install``). Nothing may reach beyond the
+loopback interface: Python sockets are restricted for the module and the browser's requests are routed.
+
+``SPHERE_AR_DEMO_MODEL=bundled`` (or a pipeline folder / Hub id) serves that model instead of the tiny one, and
+``SPHERE_AR_UPDATE_SCREENSHOT=1`` copies the browser test's screenshot to ``docs/demo_screenshot.png``::
+
+    SPHERE_AR_DEMO_MODEL=bundled SPHERE_AR_UPDATE_SCREENSHOT=1 python -m pytest tests/test_demo.py -k browser
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio")
+
+from conftest import build_tiny_pipeline  # noqa: E402
+from sphere_ar_hf import imagenet_id2label  # noqa: E402
+from sphere_ar_hf.demo import (  # noqa: E402
+    API_NAME,
+    MAX_SEED,
+    build_demo,
+    class_choices,
+    create_demo,
+    load_default_pipeline,
+    main,
+    short_label,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "hub_cards" / "space" / "app.py"
+SCREENSHOT = ROOT / "docs" / "demo_screenshot.png"
+CHROMIUM = os.environ.get("SPHERE_AR_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+UPDATE_SCREENSHOT = os.environ.get("SPHERE_AR_UPDATE_SCREENSHOT") == "1"
+DEMO_MODEL = os.environ.get("SPHERE_AR_DEMO_MODEL")  # None: the tiny random pipeline; "bundled": no --model
+MAX_IMAGES, MAX_STEPS = 8, 8
+TIMEOUT_S = 60  # any single wait: a page load, a generation, an API call
+
+pytestmark = [  # pandas deprecations inside gradio's queue statistics, not ours
+    pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
+
+
+# ---- isolation: loopback only, no telemetry, one thread -------------------------------------------------------
+def _is_loopback(host: object) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated(tmp_path_factory):
+    """No telemetry or version checks, Gradio's files in a temporary folder, and Python sockets that refuse any
+    address but the loopback (a phone-home attempt fails the module in ``test_nothing_left_loopback``)."""
+    blocked: list[object] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(sock: socket.socket, address) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            blocked.append(address)
+            raise ConnectionRefusedError(f"test_demo: connection to {address!r} blocked (loopback only)")
+
+    def connect(sock, address):
+        guard(sock, address)
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        guard(sock, address)
+        return real_connect_ex(sock, address)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a shared 2-core machine spin-wait badly
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+                            "HF_HUB_OFFLINE": "1", "GRADIO_RUN_HISTORY": "False",
+                            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}.items():
+            mp.setenv(name, value)
+        mp.delenv("GRADIO_SERVER_NAME", raising=False)
+        mp.delenv("GRADIO_SERVER_PORT", raising=False)
+        mp.setattr(socket.socket, "connect", connect)
+        mp.setattr(socket.socket, "connect_ex", connect_ex)
+        yield blocked
+    torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-pipeline")
+    build_tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """The demo, launched from its command line (``--model``), on 127.0.0.1; closed after the module."""
+    if DEMO_MODEL is None:
+        model = ["--model", str(tiny_model_dir), "--max-images", str(MAX_IMAGES), "--max-steps", str(MAX_STEPS)]
+    else:
+        model = [] if DEMO_MODEL == "bundled" else ["--model", DEMO_MODEL]
+    for attempt in range(3):  # another process may take the free port between the probe and the bind
+        demo, launch_kwargs = create_demo([*model, "--port", str(_free_port())])
+        assert launch_kwargs["server_name"] == "127.0.0.1"
+        try:
+            demo.launch(**launch_kwargs, prevent_thread_lock=True, quiet=True)
+            break
+        except OSError:
+            demo.close()
+            if attempt == 2:
+                raise
+    try:
+        yield SimpleNamespace(demo=demo, url=demo.local_url, runner=demo.runner, pipe=demo.runner.pipeline)
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    c = Client(server.url, verbose=False, analytics_enabled=False, download_files=False,
+               httpx_kwargs={"timeout": TIMEOUT_S})
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _predict(client, classes, per_class=1, guidance=2.0, schedule="linear", steps=2, seed=0):
+    job = client.submit(classes, per_class, guidance, schedule, steps, seed, api_name=f"/{API_NAME}")
+    return job.result(timeout=TIMEOUT_S)
+
+
+# ---- the real browser -----------------------------------------------------------------------------------------------
+def test_browser_pick_classes_generate_and_show_images(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    from PIL import Image
+
+    pipe, origin = server.pipe, server.url.rstrip("/")
+    wanted = [3, 7]
+    names = dict(class_choices(pipe))
+    shown = {v: k for k, v in names.items()}  # value -> shown name
+    outside: list[str] = []
+
+    def route(r):
+        if r.request.url.startswith((origin + "/", "data:", "blob:")) or r.request.url == origin:
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1280, "height": 860}, timeout=TIMEOUT_S * 1000)
+        try:
+            context.set_default_timeout(TIMEOUT_S * 1000)
+            context.route("**/*", route)
+            page = context.new_page()
+            page.goto(origin + "/")
+            classes = page.locator("#classes")
+            classes.get_by_title("Clear").click()  # drop the default selection
+            for class_id in wanted:  # search by name, pick the option
+                page.click("#classes input")
+                page.keyboard.type(short_label(pipe, class_id))
+                page.get_by_role("option", name=shown[str(class_id)], exact=True).click()
+            page.keyboard.press("Escape")
+            assert classes.locator(".token").all_inner_texts() == [shown[str(c)] for c in wanted]
+            per_class = page.locator("#per-class input[type=number]")
+            per_class.fill("4")
+            per_class.press("Enter")
+            page.click("#generate")
+
+            page.locator("#info").get_by_text("8 images of").wait_for()
+            page.wait_for_function(  # every image of the gallery decoded, none broken
+                "n => { const im = [...document.querySelectorAll('#gallery img')];"
+                " return im.length === n && im.every(e => e.complete && e.naturalWidth > 0); }", arg=8)
+            first = page.locator("#gallery img").first
+            assert first.get_attribute("alt").startswith(short_label(pipe, 3))
+            response = context.request.get(first.get_attribute("src"))
+            assert response.ok
+            path = tmp_path / "first.png"
+            path.write_bytes(response.body())
+            with Image.open(path) as image:
+                size = pipe.transformer.config.image_size
+                assert image.width >= size and image.width % size == 0 and image.getbbox() is not None
+                lo, hi = image.convert("L").getextrema()
+                assert hi > lo  # not a blank image
+            shot = tmp_path / "demo_screenshot.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 0
+        finally:
+            context.close()
+    assert outside == []  # the page loads nothing from beyond the server (fonts, scripts, telemetry)
+    if UPDATE_SCREENSHOT:
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT)
+
+
+# ---- the API ------------------------------------------------------------------------------------------------------
+def test_api_generate_returns_images(server, client):
+    import httpx
+    from PIL import Image
+
+    pipe = server.pipe
+    assert f"/{API_NAME}" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    gallery, info = _predict(client, ["3", short_label(pipe, 7)], per_class=2, steps=2, seed=5)
+    assert [item["caption"] for item in gallery] == [
+        f"{short_label(pipe, c)} · seed {s}" for c, s in ((3, 5), (3, 6), (7, 7), (7, 8))]
+    assert "4 images" in info and "2 steps" in info and "seeds 5–8" in info
+    response = httpx.get(gallery[0]["image"]["url"], timeout=TIMEOUT_S)
+    assert response.status_code == 200
+    with Image.open(BytesIO(response.content)) as image:
+        assert image.format == "PNG" and image.width >= pipe.transformer.config.image_size
+        lo, hi = image.convert("L").getextrema()
+        assert hi > lo
+
+    # the same seed and settings give the same images (each image has its own generator)
+    again, _ = _predict(client, ["3"], per_class=1, steps=2, seed=5)
+    assert httpx.get(again[0]["image"]["url"], timeout=TIMEOUT_S).content == response.content
+
+
+def test_api_refuses_requests_beyond_the_bounds(server, client):
+    from gradio_client.exceptions import AppError
+
+    runner = server.runner
+    too_many = runner.max_images // 2 + 1
+    bad = {
+        "images": dict(classes=["3", "7"], per_class=too_many),  # each is allowed, the product is not
+        "classes": dict(classes=[str(i % 10) for i in range(runner.max_images + 1)]),
+        "steps": dict(classes=["3"], steps=runner.max_steps + 1),
+        "zero steps": dict(classes=["3"], steps=0),
+        "guidance": dict(classes=["3"], guidance=runner.max_guidance + 1),
+        "schedule": dict(classes=["3"], schedule="cosine"),
+        "seed": dict(classes=["3"], seed=-1),
+        "no class": dict(classes=[]),
+        "unknown class": dict(classes=["no such class"]),
+    }
+    start = time.perf_counter()
+    for kwargs in bad.values():
+        with pytest.raises(AppError):
+            _predict(client, **kwargs)
+    assert time.perf_counter() - start < TIMEOUT_S  # refused before any work
+    with pytest.raises(AppError, match=f"at most {runner.max_images} images"):
+        _predict(client, **bad["images"])
+
+
+# ---- the handler, without a server ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir):
+    from sphere_ar_hf.cli import load_pipeline
+
+    pipe = load_pipeline(str(tiny_model_dir))
+    return build_demo(pipe, max_images=MAX_IMAGES, max_steps=MAX_STEPS).runner
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("steps", MAX_STEPS + 1, "steps must be between 1 and 8"),
+    ("steps", 10**9, "steps must be between"),
+    ("steps", 2.5, "steps must be an integer"),
+    ("steps", True, "steps must be an integer"),
+    ("steps", None, "steps must be an integer"),
+    ("per_class", MAX_IMAGES + 1, "images per class must be between"),
+    ("per_class", 5, "at most 8 images per request"),  # 2 classes x 5
+    ("seed", MAX_SEED + 1, "seed must be between"),
+    ("seed", "abc", "seed must be an integer"),
+    ("guidance", math.nan, "guidance scale must be between"),
+    ("guidance", math.inf, "guidance scale must be between"),
+    ("guidance", 0.5, "guidance scale must be between"),
+    ("guidance", "4", "guidance scale must be a number"),
+    ("schedule", "cosine", "CFG schedule must be one of"),
+    ("classes", None, "pick at least one class"),
+    ("classes", [str(i % 10) for i in range(MAX_IMAGES + 1)], "at most 8 classes"),
+    ("classes", ["x" * 10_000], "class name too long"),
+    ("classes", ["10"], "out of range"),
+    ("classes", [{"a": 1}], "class labels must be"),
+    ("classes", 3.5, "classes must be a list"),
+])
+def test_handler_validates_every_field(runner, field, value, message):
+    request = dict(classes=["3", "seven"], per_class=1, guidance=2.0, schedule="linear", steps=2, seed=0)
+    request[field] = value
+    with pytest.raises(gr.Error, match=message):
+        runner.validate(request["classes"], request["per_class"], request["guidance"], request["schedule"],
+                        request["steps"], request["seed"])
+
+
+def test_handler_accepts_what_the_ui_and_api_send(runner):
+    labels, guidance, schedule, steps, seed = runner.validate(["3", "seven", 1], 2.0, 3, "constant", "4", 7.0)
+    assert labels == [3, 3, 7, 7, 1, 1] and (guidance, schedule, steps, seed) == (3.0, "constant", 4, 7)
+    assert runner.validate("three", 1, 1, "linear", 1, MAX_SEED)[0] == [3]
+
+
+class _ProgressRecorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __call__(self, progress, desc=None, total=None, unit="steps"):
+        self.calls.append((progress, desc))
+
+    def tqdm(self, iterable, **kwargs):
+        return iterable
+
+
+def test_progress_follows_every_token_and_the_pipeline_is_restored(runner):
+    pipe = runner.pipeline
+    progress = _ProgressRecorder()
+    gallery, info = runner.generate(["3"], 2, 2.0, "linear", 2, 0, progress=progress)
+    tokens = pipe.transformer.config.num_image_tokens
+    token_calls = [p for p, desc in progress.calls if desc == "Sampling tokens"]
+    assert token_calls == [(k, tokens) for k in range(tokens + 1)]
+    assert "progress_bar" not in vars(pipe)  # the class's tqdm bar again
+    assert len(gallery) == 2 and gallery[0][0].width == math.ceil(runner.display_size / 32) * 32
+    assert "2 images of 32×32 px (shown ×8)" in info
+
+
+# ---- choices, defaults, command line, app.py -----------------------------------------------------------------------
+def test_class_choices_search_text_and_values():
+    imagenet = SimpleNamespace(id2label=imagenet_id2label(), num_classes=1000)
+    choices = dict((value, name) for name, value in class_choices(imagenet))
+    assert len(choices) == 1000 and choices["207"] == "207: golden retriever"
+    assert choices["0"] == "0: tench, Tinca tinca"  # every synonym is searchable
+    digits = SimpleNamespace(id2label={i: str(i) for i in range(10)}, num_classes=10)
+    assert class_choices(digits) == [(str(i), str(i)) for i in range(10)]
+    assert class_choices(SimpleNamespace(id2label=None, num_classes=3)) == [("0", "0"), ("1", "1"), ("2", "2")]
+
+
+def test_default_model_is_the_bundled_digits_model():
+    """Without --model the demo serves the bundled digits model (offline)."""
+    pipe = load_default_pipeline()
+    demo = build_demo(pipe)
+    try:
+        runner = demo.runner
+        assert [name for name, _ in class_choices(pipe)] == [str(i) for i in range(10)]
+        assert runner.recommended_guidance == pipe.transformer.config.guidance_scale
+        gallery, info = runner.generate(["7"], 1, runner.recommended_guidance, "linear", 2, 0,
+                                        progress=_ProgressRecorder())
+        assert len(gallery) == 1 and gallery[0][1] == "7 · seed 0"
+    finally:
+        demo.close()
+
+
+def test_command_line_errors_and_defaults(capsys, tmp_path):
+    assert main(["--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no such folder" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["--port", "70000"])
+    from sphere_ar_hf.demo import build_parser
+
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.model, args.max_images, args.max_steps) == ("127.0.0.1", 7860, None, 16, 200)
+
+
+def test_space_app_is_a_thin_wrapper(monkeypatch):
+    spec = importlib.util.spec_from_file_location("space_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "space_app", module)
+    spec.loader.exec_module(module)  # runs nothing but imports: main() is behind __name__ == "__main__"
+    assert module.main is main
+
+
+def test_nothing_left_loopback(isolated):
+    """Run last in the module: no Python socket tried to reach anything but 127.0.0.1."""
+    assert isolated == []
