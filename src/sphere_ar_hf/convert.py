@@ -8,11 +8,15 @@ any of it runs. Every architecture setting is inferred from tensor shapes and ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,58 +34,69 @@ class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names the problem in one line."""
 
 
-# official key (without the leading "vae.") -> ours, for the S-VAE
+# Renaming rules as (official prefix, our prefix) templates; "{i}" stands for a block index. Both directions are
+# derived from them: official -> ours to convert, ours -> official to name a missing weight as the user's file does.
+# S-VAE (official keys without the leading "vae.")
 _VAE_RULES = [
-    (r"encoder\.conv_in\.", "encoder_conv_in."),
-    (r"encoder\.patchify\.0\.net\.(\d+)\.block\.0\.", r"down_blocks.\1.norm1."),
-    (r"encoder\.patchify\.0\.net\.(\d+)\.block\.2\.", r"down_blocks.\1.conv1."),
-    (r"encoder\.patchify\.0\.net\.(\d+)\.block\.3\.", r"down_blocks.\1.norm2."),
-    (r"encoder\.patchify\.0\.net\.(\d+)\.block\.5\.", r"down_blocks.\1.conv2."),
-    (r"encoder\.patchify\.0\.net\.(\d+)\.shortcut\.", r"down_blocks.\1.shortcut."),
-    (r"encoder\.register_token\.weight", "encoder_vit.register_tokens"),
-    (r"encoder\.layers\.", "encoder_vit.layers."),
-    (r"encoder\.norm\.", "encoder_norm."),
-    (r"encoder\.output\.", "encoder_out."),
-    (r"decoder\.conv_in\.1\.", "decoder_conv_in."),
-    (r"decoder\.register_token\.weight", "decoder_vit.register_tokens"),
-    (r"decoder\.layers\.", "decoder_vit.layers."),
-    (r"decoder\.unpatchify\.1\.net\.(\d+)\.block\.0\.", r"up_blocks.\1.norm1."),
-    (r"decoder\.unpatchify\.1\.net\.(\d+)\.block\.2\.", r"up_blocks.\1.conv1."),
-    (r"decoder\.unpatchify\.1\.net\.(\d+)\.block\.3\.", r"up_blocks.\1.norm2."),
-    (r"decoder\.unpatchify\.1\.net\.(\d+)\.block\.5\.", r"up_blocks.\1.conv2."),
-    (r"decoder\.unpatchify\.1\.net\.(\d+)\.shortcut\.", r"up_blocks.\1.shortcut."),
-    (r"decoder\.unpatchify\.1\.net\.(\d+)\.block2\.0\.", r"up_blocks.\1.norm3."),
-    (r"decoder\.unpatchify\.1\.net\.(\d+)\.block2\.2\.", r"up_blocks.\1.conv3."),
-    (r"decoder\.unpatchify\.1\.net\.(\d+)\.block2\.3\.", r"up_blocks.\1.norm4."),
-    (r"decoder\.unpatchify\.1\.net\.(\d+)\.block2\.5\.", r"up_blocks.\1.conv4."),
-    (r"decoder\.conv_out\.0\.", "decoder_norm_out."),
-    (r"decoder\.conv_out\.2\.", "decoder_conv_out."),
-    (r"(quant_proj|post_quant_proj)\.", r"\1."),
+    ("encoder.conv_in.", "encoder_conv_in."),
+    ("encoder.patchify.0.net.{i}.block.0.", "down_blocks.{i}.norm1."),
+    ("encoder.patchify.0.net.{i}.block.2.", "down_blocks.{i}.conv1."),
+    ("encoder.patchify.0.net.{i}.block.3.", "down_blocks.{i}.norm2."),
+    ("encoder.patchify.0.net.{i}.block.5.", "down_blocks.{i}.conv2."),
+    ("encoder.patchify.0.net.{i}.shortcut.", "down_blocks.{i}.shortcut."),
+    ("encoder.register_token.weight", "encoder_vit.register_tokens"),
+    ("encoder.layers.", "encoder_vit.layers."),
+    ("encoder.norm.", "encoder_norm."),
+    ("encoder.output.", "encoder_out."),
+    ("decoder.conv_in.1.", "decoder_conv_in."),
+    ("decoder.register_token.weight", "decoder_vit.register_tokens"),
+    ("decoder.layers.", "decoder_vit.layers."),
+    ("decoder.unpatchify.1.net.{i}.block.0.", "up_blocks.{i}.norm1."),
+    ("decoder.unpatchify.1.net.{i}.block.2.", "up_blocks.{i}.conv1."),
+    ("decoder.unpatchify.1.net.{i}.block.3.", "up_blocks.{i}.norm2."),
+    ("decoder.unpatchify.1.net.{i}.block.5.", "up_blocks.{i}.conv2."),
+    ("decoder.unpatchify.1.net.{i}.shortcut.", "up_blocks.{i}.shortcut."),
+    ("decoder.unpatchify.1.net.{i}.block2.0.", "up_blocks.{i}.norm3."),
+    ("decoder.unpatchify.1.net.{i}.block2.2.", "up_blocks.{i}.conv3."),
+    ("decoder.unpatchify.1.net.{i}.block2.3.", "up_blocks.{i}.norm4."),
+    ("decoder.unpatchify.1.net.{i}.block2.5.", "up_blocks.{i}.conv4."),
+    ("decoder.conv_out.0.", "decoder_norm_out."),
+    ("decoder.conv_out.2.", "decoder_conv_out."),
+    ("quant_proj.", "quant_proj."),
+    ("post_quant_proj.", "post_quant_proj."),
 ]
-# official key -> ours, for the AR transformer
+# AR transformer
 _AR_RULES = [
-    (r"cls_embedding\.", "class_embedding."),
-    (r"proj_in\.", "proj_in."),
-    (r"emb_norm\.", "input_norm."),
-    (r"layers\.", "layers."),
-    (r"norm\.", "norm."),
-    (r"pos_for_diff\.", "head_pos_embedding."),
-    (r"head\.net\.time_embed\.mlp\.0\.", "head.time_embed.linear_1."),
-    (r"head\.net\.time_embed\.mlp\.2\.", "head.time_embed.linear_2."),
-    (r"head\.net\.(cond_embed|input_proj|res_blocks)\.", r"head.\1."),
-    (r"head\.net\.ada_ln_blocks\.", "head.adaln."),
-    (r"head\.net\.final_layer\.ada_ln_modulation\.", "head.final_adaln."),
-    (r"head\.net\.final_layer\.linear\.", "head.final_linear."),
+    ("cls_embedding.", "class_embedding."),
+    ("proj_in.", "proj_in."),
+    ("emb_norm.", "input_norm."),
+    ("layers.", "layers."),
+    ("norm.", "norm."),
+    ("pos_for_diff.", "head_pos_embedding."),
+    ("head.net.time_embed.mlp.0.", "head.time_embed.linear_1."),
+    ("head.net.time_embed.mlp.2.", "head.time_embed.linear_2."),
+    ("head.net.cond_embed.", "head.cond_embed."),
+    ("head.net.input_proj.", "head.input_proj."),
+    ("head.net.res_blocks.", "head.res_blocks."),
+    ("head.net.ada_ln_blocks.", "head.adaln."),
+    ("head.net.final_layer.ada_ln_modulation.", "head.final_adaln."),
+    ("head.net.final_layer.linear.", "head.final_linear."),
 ]
 # buffers the official code saves that we recompute (checked for shape only)
 _VAE_IGNORED = ("encoder.freqs_cis", "decoder.freqs_cis")
 
 
-def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
-    for pattern, repl in rules:
-        m = re.match(pattern, key)
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+
+
+def _rename(key: str, rules: list[tuple[str, str]], reverse: bool = False) -> str | None:
+    """``key`` renamed by the first matching rule (official -> ours, or ours -> official), or None."""
+    for official, ours in rules:
+        src, dst = (ours, official) if reverse else (official, ours)
+        m = _template_regex(src).match(key)
         if m:
-            return m.expand(repl) + key[m.end():]
+            return dst.replace("{i}", m.group("i") if "{i}" in src else "") + key[m.end():]
     return None
 
 
@@ -89,77 +104,126 @@ def _safe_globals() -> list:
     return [argparse.Namespace]
 
 
+def _first_sentence(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    cut = text.find(". ")
+    text = text[:cut + 1] if cut > 0 else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _type_name(e: BaseException) -> str:
+    mod = type(e).__module__
+    return type(e).__qualname__ if mod in ("builtins", None) else f"{mod.lstrip('_')}.{type(e).__qualname__}"
+
+
+def _refusal(path: Path, message: str) -> ConversionError:
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m:
+        why = (f"it would import {m.group(1)}, and a weights-only load allows only tensors, containers, numbers, "
+               "strings and argparse.Namespace (a pickle that imports anything else can run code)")
+    else:
+        detail = next((line.strip() for line in message.splitlines() if "Unsupported" in line), "")
+        why = "it is not a weights-only torch checkpoint" + (f" ({detail})" if detail else "")
+    return ConversionError(f"{path}: refused to unpickle: {why}")
+
+
 def load_official_checkpoint(path: str | os.PathLike) -> dict:
-    """Read an official ``.pt`` file without running code from it (weights-only unpickling)."""
+    """Read an official ``.pt`` file without running code from it (weights-only unpickling).
+
+    Raises :class:`ConversionError` (one line) for a missing, empty, unreadable, truncated or corrupt file, and for
+    a pickle that would import anything but weights (it is refused before any of it runs).
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConversionError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ConversionError(f"{path}: the file is empty")
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a directory, not a checkpoint file")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.stat().st_size == 0:
+            raise ConversionError(f"{path}: the file is empty")
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is what matters
+            warnings.simplefilter("ignore")
+            with torch.serialization.safe_globals(_safe_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ConversionError:
+        raise
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read the file: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - every failure becomes one line
-        msg = str(e).strip().splitlines()
-        first = next((line for line in msg if "Unsupported global" in line or "Unsupported operand" in line),
-                     msg[0] if msg else type(e).__name__)
-        if "global" in first.lower() or "weights_only" in " ".join(msg).lower():
-            raise ConversionError(f"{path}: refused to unpickle: the file holds objects other than weights "
-                                  f"({first.strip()})") from None
-        raise ConversionError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {first.strip()}") from None
+        if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
+            raise _refusal(path, str(e)) from None
+        raise ConversionError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
+                              f"{_type_name(e)}: {_first_sentence(e)}") from None
     if not isinstance(obj, dict):
-        raise ConversionError(f"{path}: expected a dict (a state dict or one with 'ema'/'model'), got {type(obj).__name__}")
+        raise ConversionError(f"{path}: expected a dict (a state dict, or a checkpoint with 'ema'/'model'), "
+                              f"got {type(obj).__name__}")
     return obj
 
 
-def _state_dict(ckpt: dict, path, use_ema: bool) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None]:
+def _state_dict(ckpt: dict, path, prefer: str) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None, str]:
+    """The weights of a checkpoint, its ``args`` and where the weights came from (``ema``, ``model``, ``state dict``).
+
+    ``prefer``: ``"ema"`` (EMA if present, else ``model``), ``"model"`` (only ``model``: an EMA-only checkpoint is an
+    error) or ``"any"`` (``model`` if present, else ``ema``).
+    """
     args = ckpt.get("args") if isinstance(ckpt.get("args"), argparse.Namespace) else None
     if "ema" in ckpt or "model" in ckpt:
-        key = "ema" if use_ema and "ema" in ckpt else "model"
-        if key not in ckpt:
+        order = {"ema": ("ema", "model"), "model": ("model",), "any": ("model", "ema")}[prefer]
+        source = next((k for k in order if k in ckpt), None)
+        if source is None:
             raise ConversionError(f"{path}: --no-ema asks for the 'model' weights, but the checkpoint only has 'ema'")
-        sd = ckpt[key]
+        sd = ckpt[source]
+        if not isinstance(sd, dict):
+            raise ConversionError(f"{path}: '{source}' holds a {type(sd).__name__}, not a state dict")
     else:
-        sd = ckpt
-    if not isinstance(sd, dict):
-        raise ConversionError(f"{path}: the weights are a {type(sd).__name__}, not a state dict")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise ConversionError(f"{path}: the file holds no weights")
+        source, sd = "state dict", ckpt
+    weights = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not weights:
+        keys = sorted(str(k) for k in ckpt)[:6]
+        raise ConversionError(f"{path}: the file holds no weights (no tensors; top-level keys {keys})")
     out = {}
-    for k, v in sd.items():
+    for k, v in weights.items():
         for prefix in ("module.", "_orig_mod."):
             k = k[len(prefix):] if k.startswith(prefix) else k
         out[k] = v
-    return out, args
+    return out, args, source
 
 
 def _count(sd: dict, pattern: str) -> int:
+    """How many numbered blocks ``pattern`` (one group: the index) has: the highest index + 1."""
     rx = re.compile(pattern)
-    return len({m.group(1) for k in sd if (m := rx.match(k))})
+    return 1 + max((int(m.group(1)) for k in sd if (m := rx.match(k))), default=-1)
 
 
-def _need(sd: dict, key: str, what: str) -> torch.Tensor:
+def _need(sd: dict, key: str, what: str, prefix: str = "") -> torch.Tensor:
     if key not in sd:
-        raise ConversionError(f"missing key {key!r}: cannot infer {what}")
-    return sd[key]
+        raise ConversionError(f"missing key {prefix + key!r}: cannot infer {what}")
+    t = sd[key]
+    if t.dim() < 1:
+        raise ConversionError(f"{prefix + key} is a scalar: cannot infer {what}")
+    return t
 
 
 def infer_vae_config(vae_sd: dict[str, torch.Tensor], image_size: int | None, num_heads: int | None) -> dict:
     """The SphereVAE config of official S-VAE weights (keys without ``vae.``)."""
-    qp = _need(vae_sd, "quant_proj.weight", "the latent dim")
+    qp = _need(vae_sd, "quant_proj.weight", "the latent dim", "vae.")
+    if qp.dim() != 2:
+        raise ConversionError(f"vae.quant_proj.weight has shape {tuple(qp.shape)}, expected a matrix")
     z, latent_dim = qp.shape[1], qp.shape[0] - 1
     n_down = _count(vae_sd, r"encoder\.patchify\.0\.net\.(\d+)\.")
-    chs = [_need(vae_sd, "encoder.conv_in.weight", "the CNN width").shape[0]]
-    chs += [_need(vae_sd, f"encoder.patchify.0.net.{i}.block.2.weight", "the CNN widths").shape[0] for i in range(n_down)]
-    regs = _need(vae_sd, "encoder.register_token.weight", "the register tokens").shape[0]
+    chs = [_need(vae_sd, "encoder.conv_in.weight", "the CNN width", "vae.").shape[0]]
+    chs += [_need(vae_sd, f"encoder.patchify.0.net.{i}.block.2.weight", "the CNN widths", "vae.").shape[0]
+            for i in range(n_down)]
+    regs = _need(vae_sd, "encoder.register_token.weight", "the register tokens", "vae.").shape[0]
     freqs = vae_sd.get("encoder.freqs_cis")
     if num_heads is None:
-        num_heads = z // freqs.shape[1] // 2 if freqs is not None else max(1, z // 64)
+        num_heads = z // freqs.shape[1] // 2 if freqs is not None and freqs.dim() >= 2 else max(1, z // 64)
+    if num_heads < 1 or z % num_heads:
+        raise ConversionError(f"S-VAE width {z} is not divisible by {num_heads} attention heads (--vae-num-heads)")
     patch = 2**n_down
     if image_size is None:
         if freqs is None:
-            raise ConversionError("cannot infer the image size: no 'encoder.freqs_cis' and no 'args.image_size'")
+            raise ConversionError("cannot infer the image size: no 'vae.encoder.freqs_cis' and no 'args.image_size'")
         image_size = int(round(math.sqrt(freqs.shape[0] - regs))) * patch
     return dict(latent_dim=latent_dim, image_size=image_size, patch_size=patch, z_channels=z, cnn_channels=chs,
                 encoder_layers=_count(vae_sd, r"encoder\.layers\.(\d+)\."),
@@ -167,74 +231,117 @@ def infer_vae_config(vae_sd: dict[str, torch.Tensor], image_size: int | None, nu
                 num_attention_heads=num_heads)
 
 
-def infer_ar_config(ar_sd: dict[str, torch.Tensor], patch_size: int, num_heads: int | None) -> dict:
-    """The SphereARConfig of official AR weights (keys without the ``vae.`` part)."""
+def infer_ar_config(ar_sd: dict[str, torch.Tensor], patch_size: int, num_heads: int | None,
+                    preset: str | None = None) -> dict:
+    """The SphereARConfig of official AR weights (keys without the ``vae.`` part).
+
+    ``preset``: the official ``args.model`` (``"SphereAR-B"``, ...); when it names a known preset, the inferred sizes
+    must match it (so that, e.g., a checkpoint missing its last layer is not silently converted to a smaller model).
+    """
     pin = _need(ar_sd, "proj_in.weight", "the width")
+    if pin.dim() != 2:
+        raise ConversionError(f"proj_in.weight has shape {tuple(pin.shape)}, expected a matrix")
     hidden, latent_dim = pin.shape
     cls = _need(ar_sd, "cls_embedding.weight", "the class embedding")
-    if cls.shape[1] % hidden:
-        raise ConversionError(f"cls_embedding.weight has width {cls.shape[1]}, not a multiple of the width {hidden}")
+    if cls.dim() != 2 or cls.shape[1] % hidden:
+        raise ConversionError(f"cls_embedding.weight has shape {tuple(cls.shape)}: its width is not a multiple of "
+                              f"the model width {hidden}")
     n_tok = _need(ar_sd, "pos_for_diff.weight", "the token count").shape[0]
     grid = int(round(math.sqrt(n_tok)))
     if grid * grid != n_tok:
         raise ConversionError(f"pos_for_diff.weight has {n_tok} rows, not a square token grid")
+    known = PRESETS.get(preset) if isinstance(preset, str) else None
+    if num_heads is None:
+        num_heads = known["num_attention_heads"] if known else max(1, hidden // 64)
     cfg = dict(hidden_size=hidden, num_hidden_layers=_count(ar_sd, r"layers\.(\d+)\."),
-               num_attention_heads=num_heads or max(1, hidden // 64),
-               intermediate_size=_need(ar_sd, "layers.0.feed_forward.w2.weight", "the MLP width").shape[1],
+               num_attention_heads=num_heads,
+               intermediate_size=_need(ar_sd, "layers.0.feed_forward.w2.weight", "the MLP width").shape[-1],
                head_hidden_size=_need(ar_sd, "head.net.input_proj.weight", "the head width").shape[0],
                head_num_layers=_count(ar_sd, r"head\.net\.res_blocks\.(\d+)\."),
                head_num_adaln=_count(ar_sd, r"head\.net\.ada_ln_blocks\.(\d+)\."),
                latent_dim=latent_dim, image_size=grid * patch_size, patch_size=patch_size,
                num_classes=cls.shape[0] - 1, num_class_tokens=cls.shape[1] // hidden)
-    if hidden % cfg["num_attention_heads"]:
-        raise ConversionError(f"width {hidden} is not divisible by {cfg['num_attention_heads']} heads (--num-heads)")
-    for preset in PRESETS.values():  # the recommended guidance of the matching official model
-        if all(cfg[k] == preset[k] for k in preset if k != "guidance_scale"):
-            cfg["guidance_scale"] = preset["guidance_scale"]
+    if known:
+        wrong = [f"{k}={cfg[k]} (expected {known[k]})" for k in known
+                 if k not in ("guidance_scale", "num_attention_heads") and cfg[k] != known[k]]
+        if wrong:
+            raise ConversionError(f"the checkpoint's args say {preset}, but its weights have {', '.join(wrong)}: "
+                                  "missing or extra layers?")
+    if num_heads < 1 or hidden % num_heads:
+        raise ConversionError(f"width {hidden} is not divisible by {num_heads} attention heads (--num-heads)")
+    for p in PRESETS.values():  # the recommended guidance of the matching official model
+        if all(cfg[k] == p[k] for k in p if k not in ("guidance_scale", "num_attention_heads")):
+            cfg["guidance_scale"] = p["guidance_scale"]
     return cfg
 
 
-def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], names: dict[str, str], what: str,
+               rules, prefix: str) -> None:
+    """Load converted weights, naming any problem by the official key (``names``: ours -> official)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing:
-        raise ConversionError(f"{what}: missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''} "
-                              f"({len(missing)} in all)")
+        official = [prefix + (_rename(k, rules, reverse=True) or k) for k in missing]
+        raise ConversionError(f"{what}: missing key{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(official[:4])}{' ...' if len(missing) > 4 else ''} ({len(missing)} in all)")
     if unexpected:
-        raise ConversionError(f"{what}: unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+        official = [names[k] for k in unexpected]
+        raise ConversionError(f"{what}: unexpected key{'s' if len(unexpected) > 1 else ''} "
+                              f"{', '.join(official[:4])}{' ...' if len(unexpected) > 4 else ''}")
     for k, v in sd.items():
         if v.shape != expected[k].shape:
-            raise ConversionError(f"{what}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+            raise ConversionError(f"{what}: {names[k]} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        if not (v.is_floating_point() or v.is_complex()) and expected[k].is_floating_point():
+            raise ConversionError(f"{what}: {names[k]} has dtype {v.dtype}, expected floating point weights")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
-def _map(sd: dict[str, torch.Tensor], rules, what: str, ignored=()) -> dict[str, torch.Tensor]:
-    out = {}
+def _map(sd: dict[str, torch.Tensor], rules, what: str, prefix: str = "",
+         ignored=()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Rename official keys to ours; returns the renamed weights and ours -> official (with ``prefix``) names."""
+    out, names = {}, {}
     for k, v in sd.items():
         if k in ignored:
             continue
         new = _rename(k, rules)
         if new is None:
-            raise ConversionError(f"{what}: unexpected key {k!r}")
-        out[new] = v
-    return out
+            raise ConversionError(f"{what}: unexpected key {prefix + k!r}")
+        out[new], names[new] = v, prefix + k
+    return out, names
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"{output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(f"{output} exists and is not empty (pass --overwrite to replace it)")
 
 
 def write_atomically(output: str | os.PathLike, write, overwrite: bool = False) -> Path:
-    """Call ``write(tmp_dir)`` and move the folder into place only once it is complete."""
+    """Call ``write(tmp_dir)`` and move the folder into place only once it is complete.
+
+    The temporary folder sits beside ``output`` (same file system, so the final rename is atomic) and is removed
+    on any failure or interruption; an existing ``output`` (with ``overwrite``) is only removed once the new one
+    is complete, and put back if the swap fails.
+    """
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ConversionError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+    _check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         write(tmp)
         if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, old / output.name)
+            try:
+                os.replace(tmp, output)
+            except BaseException:
+                os.replace(old / output.name, output)
+                raise
+            finally:
+                if not (old / output.name).exists() or output.exists():
+                    shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, output)
     finally:
@@ -243,50 +350,85 @@ def write_atomically(output: str | os.PathLike, write, overwrite: bool = False) 
     return output
 
 
+@contextlib.contextmanager
+def _about(path) -> Iterator[None]:
+    """Prefix ``path`` to the message of a ConversionError raised inside (unless it names it already)."""
+    try:
+        yield
+    except ConversionError as e:
+        if str(e).startswith(f"{path}:"):
+            raise
+        raise ConversionError(f"{path}: {e}") from None
+
+
+def _build(factory, what: str):
+    try:
+        return factory()
+    except (ValueError, TypeError) as e:  # a config the inferred sizes do not allow
+        raise ConversionError(f"{what}: cannot build the model from the inferred sizes: {_first_sentence(e)}") from None
+
+
 def convert_official_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None,
                                 vae_checkpoint: str | os.PathLike | None = None, use_ema: bool = True,
                                 num_heads: int | None = None, vae_num_heads: int | None = None,
-                                overwrite: bool = False):
+                                overwrite: bool = False, info: dict | None = None):
     """Build a :class:`SphereARPipeline` from official weights and, if ``output`` is given, save it there.
 
     ``checkpoint``: an official AR checkpoint (``{"ema", "model", "epochs", "args"}`` or a bare state dict),
     which normally carries the ``vae.*`` weights too; ``vae_checkpoint``: an official ``vae.pt`` whose weights
-    replace them. Attention heads default to width / 64 (all official models); ``num_heads`` overrides.
+    replace them. ``use_ema``: the EMA weights when the checkpoint has them (else ``model``); ``False`` requires
+    ``model``. Attention heads default to width / 64 (all official models); ``num_heads`` overrides.
+    ``output`` is written atomically as safetensors (an existing non-empty folder needs ``overwrite``).
+    ``info``, if given, is filled with where the weights came from (``weights``, ``vae_weights``).
+
+    Every problem with the inputs raises :class:`ConversionError` with a one-line message.
     """
     from .pipeline_sphere_ar import SphereARPipeline
 
-    sd, args = _state_dict(load_official_checkpoint(checkpoint), checkpoint, use_ema)
+    if output is not None:
+        _check_output(Path(output), overwrite)  # fail before the slow part
+    sd, args, source = _state_dict(load_official_checkpoint(checkpoint), checkpoint, "ema" if use_ema else "model")
     vae_sd = {k[4:]: v for k, v in sd.items() if k.startswith("vae.")}
     ar_sd = {k: v for k, v in sd.items() if not k.startswith("vae.")}
-    if not ar_sd:
+    vae_source = f"{checkpoint} ({source})"
+    if not ar_sd or getattr(args, "vae_only", False):
         raise ConversionError(f"{checkpoint}: holds only S-VAE weights; pass an AR checkpoint (e.g. SphereAR_B.pt) "
-                              "and give this file as --vae-checkpoint")
+                              "as --checkpoint and give this file as --vae-checkpoint")
     if vae_checkpoint is not None:
-        vsd, vargs = _state_dict(load_official_checkpoint(vae_checkpoint), vae_checkpoint, use_ema=False)
-        vae_sd = {k[4:] if k.startswith("vae.") else k: v for k, v in vsd.items()}
-        bad = [k for k in vsd if not k.startswith("vae.")]
-        if bad and len(bad) != len(vsd):
-            raise ConversionError(f"{vae_checkpoint}: unexpected non-VAE keys {bad[:3]}")
+        vsd, _, vsource = _state_dict(load_official_checkpoint(vae_checkpoint), vae_checkpoint, "any")
+        if any(k.startswith("vae.") for k in vsd):  # an official vae.pt (or an AR checkpoint): its vae.* weights
+            vae_sd = {k[4:]: v for k, v in vsd.items() if k.startswith("vae.")}
+        else:  # a bare S-VAE state dict
+            vae_sd = vsd
+        vae_source = f"{vae_checkpoint} ({vsource})"
     if not vae_sd:
         raise ConversionError(f"{checkpoint}: no S-VAE ('vae.*') weights; pass --vae-checkpoint vae.pt")
-    image_size = getattr(args, "image_size", None)
-    vae_cfg = infer_vae_config(vae_sd, image_size, vae_num_heads)
-    ar_cfg = infer_ar_config(ar_sd, vae_cfg["patch_size"], num_heads)
-    if ar_cfg["image_size"] != vae_cfg["image_size"] or ar_cfg["latent_dim"] != vae_cfg["latent_dim"]:
-        raise ConversionError(f"the AR model ({ar_cfg['image_size']}px, latent dim {ar_cfg['latent_dim']}) does not "
-                              f"match the S-VAE ({vae_cfg['image_size']}px, latent dim {vae_cfg['latent_dim']})")
-    rows = vae_cfg["num_register_tokens"] + (vae_cfg["image_size"] // vae_cfg["patch_size"]) ** 2
-    for k in _VAE_IGNORED:
-        if k in vae_sd and vae_sd[k].shape[0] != rows:
-            raise ConversionError(f"S-VAE: {k} has {vae_sd[k].shape[0]} positions, expected {rows} for "
-                                  f"{vae_cfg['image_size']}px images")
-    vae = SphereVAE(**vae_cfg)
-    _load_into(vae, _map(vae_sd, _VAE_RULES, "S-VAE", _VAE_IGNORED), "S-VAE")
-    transformer = SphereARTransformer(SphereARConfig(**ar_cfg))
-    _load_into(transformer, _map(ar_sd, _AR_RULES, "AR model"), "AR model")
+    vae_path = vae_checkpoint if vae_checkpoint is not None else checkpoint
+    # sizes: the token grid comes from the AR weights, the patch size from the VAE's CNN
+    patch_size = 2 ** _count(vae_sd, r"encoder\.patchify\.0\.net\.(\d+)\.")  # one 2x downsampling per block
+    with _about(checkpoint):
+        ar_cfg = infer_ar_config(ar_sd, patch_size, num_heads, getattr(args, "model", None))
+    with _about(vae_path):
+        vae_cfg = infer_vae_config(vae_sd, ar_cfg["image_size"], vae_num_heads)
+        if ar_cfg["latent_dim"] != vae_cfg["latent_dim"]:
+            raise ConversionError(f"the S-VAE has latent dim {vae_cfg['latent_dim']}, but the AR model "
+                                  f"({checkpoint}) has {ar_cfg['latent_dim']}")
+        if vae_checkpoint is None:  # the VAE was saved with the AR model: its RoPE table must fit the same grid
+            rows = vae_cfg["num_register_tokens"] + (vae_cfg["image_size"] // vae_cfg["patch_size"]) ** 2
+            for k in _VAE_IGNORED:
+                if k in vae_sd and vae_sd[k].dim() >= 1 and vae_sd[k].shape[0] != rows:
+                    raise ConversionError(f"S-VAE: vae.{k} has {vae_sd[k].shape[0]} positions, expected {rows} for "
+                                          f"{vae_cfg['image_size']}px images")
+        vae = _build(lambda: SphereVAE(**vae_cfg), "S-VAE")
+        _load_into(vae, *_map(vae_sd, _VAE_RULES, "S-VAE", "vae.", _VAE_IGNORED), "S-VAE", _VAE_RULES, "vae.")
+    with _about(checkpoint):
+        transformer = _build(lambda: SphereARTransformer(SphereARConfig(**ar_cfg)), "AR model")
+        _load_into(transformer, *_map(ar_sd, _AR_RULES, "AR model"), "AR model", _AR_RULES, "")
     id2label = imagenet_id2label() if ar_cfg["num_classes"] == 1000 else None
     pipe = SphereARPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=SphereARScheduler(),
                             id2label=id2label)
+    if info is not None:
+        info.update(weights=source, vae_weights=vae_source)
     if output is not None:
         write_atomically(output, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), overwrite=overwrite)
     return pipe

@@ -1,0 +1,397 @@
+"""The ``sphere-ar`` command line: ``sphere-ar convert`` (official checkpoint -> pipeline folder) and
+``sphere-ar generate`` (class labels -> PNG images).
+
+Errors in the inputs (a bad checkpoint, an unknown class name, a missing model folder, ...) print one line
+``error: <message>`` on stderr and exit with status 2; nothing is left half-written (files and folders are written
+under a temporary name and renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import secrets
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .convert import ConversionError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .pipeline_sphere_ar import SphereARPipeline
+
+__all__ = ["CLIError", "DEFAULT_MODEL", "build_parser", "main", "make_grid", "save_image_atomically", "slugify"]
+
+# The model `generate` uses without --model. None: --model is required. A later release points this at the
+# bundled default model (see resolve_model).
+DEFAULT_MODEL: str | None = None
+DTYPES = ("float32", "bfloat16", "float16")
+CFG_SCHEDULES = ("linear", "constant")
+
+
+class CLIError(Exception):
+    """A user error: printed as ``error: <message>``, exit status 2."""
+
+
+# ---- small helpers --------------------------------------------------------------------------------------------
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split()) or "unknown error"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"the seed must be in [0, 2**63), got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def slugify(text: str, max_length: int = 60) -> str:
+    """A file-name-safe slug: lower case, runs of anything but letters and digits -> ``-``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_length].rstrip("-") or "image"
+
+
+def make_grid(images: Sequence[Image.Image], ncols: int | None = None, padding: int = 2,
+              background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Tile equally sized images row by row into one RGB image.
+
+    ``ncols`` defaults to ``ceil(sqrt(len(images)))``; cells are separated by ``padding`` pixels of ``background``
+    (none around the border), so the grid is ``ncols * W + (ncols - 1) * padding`` pixels wide.
+    """
+    from PIL import Image
+
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    w, h = images[0].size
+    if any(im.size != (w, h) for im in images):
+        raise ValueError(f"make_grid needs images of one size, got {sorted({im.size for im in images})}")
+    n = len(images)
+    ncols = max(1, min(n, ncols or math.ceil(math.sqrt(n))))
+    nrows = math.ceil(n / ncols)
+    grid = Image.new("RGB", (ncols * w + (ncols - 1) * padding, nrows * h + (nrows - 1) * padding), background)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid.paste(im.convert("RGB"), (c * (w + padding), r * (h + padding)))
+    return grid
+
+
+def _image_format(path: Path) -> str:
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise CLIError(f"{path}: unknown image file extension {path.suffix!r} (use .png)")
+    return fmt
+
+
+def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    fmt = _image_format(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            image.save(f, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Hide the libraries' loading / saving bars and warnings (the pipeline's token bar stays)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    state = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    for m, _, _ in state:
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, verbosity, bar in state:
+            m.set_verbosity(verbosity)
+            (m.enable_progress_bar if bar else m.disable_progress_bar)()
+
+
+# ---- convert --------------------------------------------------------------------------------------------------
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_official_checkpoint
+
+    info: dict = {}
+    with _quiet_libraries():
+        pipe = convert_official_checkpoint(args.checkpoint, args.output, vae_checkpoint=args.vae_checkpoint,
+                                           use_ema=not args.no_ema, num_heads=args.num_heads,
+                                           vae_num_heads=args.vae_num_heads, overwrite=args.overwrite, info=info)
+    tf, vae = pipe.transformer, pipe.vae
+    c = tf.config
+    n_tf = sum(p.numel() for p in tf.parameters())
+    n_vae = sum(p.numel() for p in vae.parameters())
+    names = "ImageNet class names" if pipe.id2label else "no class names"
+    print(f"wrote {args.output}: transformer {_millions(n_tf)} parameters ({info.get('weights', '?')} weights; "
+          f"width {c.hidden_size}, {c.num_hidden_layers} layers), S-VAE {_millions(n_vae)} parameters; "
+          f"{c.image_size}x{c.image_size} images, {c.num_image_tokens} tokens of dim {c.latent_dim}, "
+          f"{c.num_classes} classes ({names})")
+    return 0
+
+
+# ---- generate -------------------------------------------------------------------------------------------------
+def resolve_model(model: str | None) -> str:
+    """The pipeline folder (or Hub id) to load: ``--model``, else :data:`DEFAULT_MODEL`."""
+    model = model or DEFAULT_MODEL
+    if not model:
+        raise CLIError("no model given: pass --model DIR (a folder written by `sphere-ar convert`)")
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"{model}: not a folder (--model takes a pipeline folder written by `sphere-ar convert`)")
+        if not (path / "model_index.json").is_file():
+            raise CLIError(f"{model}: no model_index.json, so not a pipeline folder (write one with `sphere-ar "
+                           "convert`)")
+        return str(path)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.startswith("."):
+        return model  # a Hugging Face Hub repository id
+    raise CLIError(f"{model}: no such folder")
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"--device {name!r}: {_one_line(e)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def load_pipeline(model: str, dtype: str = "float32") -> SphereARPipeline:
+    """``SphereARPipeline.from_pretrained`` with quiet loading; load failures become :class:`CLIError`."""
+    import torch
+    from diffusers.pipelines import pipeline_utils
+
+    from .pipeline_sphere_ar import SphereARPipeline
+
+    torch_dtype = getattr(torch, dtype)
+    # newer diffusers call it `dtype` (and deprecate `torch_dtype`); older ones only know `torch_dtype`
+    kwargs = {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": torch_dtype}
+    try:
+        with _quiet_libraries():
+            pipe = SphereARPipeline.from_pretrained(model, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        where = model if Path(model).exists() else f"{model} (no such local folder; tried the Hugging Face Hub)"
+        raise CLIError(f"cannot load the pipeline from {where}: {_one_line(e)}") from None
+    if not isinstance(pipe, SphereARPipeline):
+        raise CLIError(f"{model} holds a {type(pipe).__name__}, not a SphereARPipeline")
+    return pipe
+
+
+def _label_slug(pipe: SphereARPipeline, class_id: int) -> str:
+    name = (pipe.id2label or {}).get(class_id)
+    return slugify(name.split(",")[0]) if name else f"class-{class_id}"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.output is not None:
+        _image_format(args.output)  # fail before loading anything
+    device = _device(args.device)
+    pipe = load_pipeline(resolve_model(args.model), args.dtype)
+    try:
+        ids = pipe.get_label_ids(list(args.class_labels))
+    except (ValueError, TypeError) as e:
+        raise CLIError(_one_line(e)) from None
+    pipe.to(device)
+    guidance = args.guidance_scale if args.guidance_scale is not None else float(pipe.transformer.config.guidance_scale)
+    (args.output_dir if args.output_dir is not None else args.output.parent).mkdir(parents=True, exist_ok=True)
+
+    images, written = [], []
+    n_batches = math.ceil(len(ids) / args.batch_size)
+    for b in range(n_batches):
+        start = b * args.batch_size
+        batch = ids[start:start + args.batch_size]
+        # one CPU generator per image, seeded seed + index: an image depends only on its seed, class and settings,
+        # not on --batch-size (noise is drawn on the CPU, so the noise does not depend on the device either)
+        generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
+        if n_batches > 1:
+            pipe.set_progress_bar_config(desc=f"batch {b + 1}/{n_batches}")
+        try:
+            out = pipe(batch, guidance_scale=guidance, cfg_schedule=args.cfg_schedule,
+                       num_inference_steps=args.steps, generator=generators, output_type="pil")
+        except FloatingPointError as e:  # e.g. a float16 decoder overflow: a known, explained failure
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 1
+        for i, (class_id, image) in enumerate(zip(batch, out.images)):
+            images.append(image)
+            if args.output_dir is not None:
+                name = f"{start + i:03d}_{_label_slug(pipe, class_id)}.png"
+                written.append(save_image_atomically(image, args.output_dir / name))
+    grid_path = args.output if args.output is not None else args.output_dir / "grid.png"
+    save_image_atomically(make_grid(images, args.grid_cols), grid_path)
+    w, h = images[0].size
+    where = f"{len(written)} images and the grid to {args.output_dir}" if written else f"the grid to {grid_path}"
+    print(f"wrote {where} ({len(images)} images of {w}x{h}, seeds {args.seed}..{args.seed + len(images) - 1}, "
+          f"guidance {guidance:g} {args.cfg_schedule}, {args.steps} steps)")
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless it has no default or already talks about it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if no_default or action.required or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sphere-ar", description="SphereAR: class-conditional image generation with hyperspherical latents.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fmt = _HelpFormatter
+    conv = sub.add_parser(
+        "convert", formatter_class=fmt, help="convert an official SphereAR checkpoint into a pipeline folder",
+        description="Convert an official SphereAR checkpoint (e.g. SphereAR_B.pt) into a pipeline folder "
+                    "(model_index.json, transformer/, vae/, scheduler/; safetensors weights) that "
+                    "`sphere-ar generate --model` and SphereARPipeline.from_pretrained load. The checkpoint is read "
+                    "weights-only: a pickle that would run code is refused. The folder is written atomically.")
+    conv.add_argument("--checkpoint", required=True, type=Path, metavar="PATH",
+                      help="official AR checkpoint (.pt): {'ema', 'model', 'epochs', 'args'} or a bare state dict; "
+                           "it normally includes the S-VAE ('vae.*') weights")
+    conv.add_argument("--output", required=True, type=Path, metavar="DIR", help="pipeline folder to write")
+    conv.add_argument("--vae-checkpoint", type=Path, metavar="PATH", default=None,
+                      help="official S-VAE checkpoint (vae.pt) whose weights replace the checkpoint's 'vae.*' "
+                           "weights (default: those in --checkpoint)")
+    conv.add_argument("--no-ema", action="store_true",
+                      help="convert the raw 'model' weights instead of the EMA weights (by default 'ema' is used "
+                           "when present, as the official sampler does)")
+    conv.add_argument("--num-heads", type=_positive_int, metavar="N", default=None,
+                      help="attention heads of the AR transformer (default: the official preset's, i.e. width / 64)")
+    conv.add_argument("--vae-num-heads", type=_positive_int, metavar="N", default=None,
+                      help="attention heads of the S-VAE's ViTs (default: inferred from its RoPE table, "
+                           "else width / 64)")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace --output if it exists and is not empty (the old folder is removed only once "
+                           "the new one is complete)")
+    conv.set_defaults(func=cmd_convert)
+
+    gen = sub.add_parser(
+        "generate", formatter_class=fmt, help="generate images of ImageNet classes",
+        description="Generate one image per class label and write PNGs. Image k (counting from 0 over all "
+                    "labels) uses its own CPU random generator seeded with --seed + k, so an image depends only on "
+                    "its seed, class and the sampling settings (and the device and dtype), not on --batch-size or "
+                    "the other labels (up to float rounding: at most 1/255 in a few pixels).",
+        epilog="example: sphere-ar generate --model ./SphereAR-B --class-labels 207 360 'golden retriever' "
+               "--output-dir samples/")
+    gen.add_argument("--model", required=DEFAULT_MODEL is None, default=DEFAULT_MODEL, metavar="DIR",
+                     help="pipeline folder written by `sphere-ar convert` (or a Hugging Face Hub repository id)")
+    gen.add_argument("--class-labels", required=True, nargs="+", metavar="LABEL",
+                     help="class ids (0-999 for ImageNet) and/or class names, e.g. 207 360 'golden retriever' "
+                          "(names are case-insensitive; any synonym of an ImageNet class works)")
+    gen.add_argument("--guidance-scale", type=_finite_float, metavar="F", default=None,
+                     help="classifier-free guidance scale; <= 1 disables guidance (default: the model's "
+                          "recommended value, e.g. 4.5 for SphereAR-B)")
+    gen.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="linear",
+                     help="guidance over the tokens: 'linear' rises from 1 to --guidance-scale (official), "
+                          "'constant' uses it for every token")
+    gen.add_argument("--steps", type=_positive_int, metavar="N", default=100,
+                     help="sampler steps per token, as in the official sampler (fewer are faster and rougher)")
+    gen.add_argument("--seed", type=_seed, metavar="S", default=0,
+                     help="random seed: image k (from 0) uses a CPU torch.Generator seeded with S + k")
+    gen.add_argument("--batch-size", type=_positive_int, metavar="N", default=16,
+                     help="images generated at once (memory vs. speed; the images do not depend on it, up to "
+                          "float rounding)")
+    gen.add_argument("--device", metavar="DEVICE", default=None,
+                     help="torch device: cpu, cuda, cuda:1, mps, ... (default: cuda if available, else mps, else cpu)")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32",
+                     help="weights and compute dtype (bfloat16 is faster on GPUs; float16 may overflow in the "
+                          "decoder)")
+    gen.add_argument("--grid-cols", type=_positive_int, metavar="N", default=None,
+                     help="columns of the grid image (default: ceil(sqrt(number of images)))")
+    out = gen.add_mutually_exclusive_group(required=True)
+    out.add_argument("--output", type=Path, metavar="FILE", default=None,
+                     help="write only a grid of all images to FILE (e.g. grid.png)")
+    out.add_argument("--output-dir", type=Path, metavar="DIR", default=None,
+                     help="write each image to DIR/{index:03d}_{label}.png (e.g. 000_golden-retriever.png) plus "
+                          "DIR/grid.png")
+    gen.set_defaults(func=cmd_generate)
+
+    from .hub import add_push_parser
+
+    add_push_parser(sub, formatter_class=fmt)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sphere-ar`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors (status 2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return args.func(args)
+    except (CLIError, ConversionError, OSError) as e:
+        if isinstance(e, OSError) and e.strerror:  # without the "[Errno N]" noise
+            e = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

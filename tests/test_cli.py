@@ -1,0 +1,178 @@
+"""`sphere-ar generate` (and the parser of both subcommands) on the converted official-format tiny fixture."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sphere_ar_hf import convert_official_checkpoint
+from sphere_ar_hf.cli import build_parser, main, make_grid, slugify
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-tiny"
+STEPS = ("--steps", "2")
+
+
+def run(*argv: str | Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(err: str) -> str:
+    """stderr must be exactly one `error: ...` line (no traceback, no loading bars)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than several (and is not slowed down by a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    convert_official_checkpoint(FIXTURE / "ar.pt", out)
+    return out
+
+
+def test_output_dir_writes_each_image_and_a_grid(model, tmp_path) -> None:
+    out = tmp_path / "samples"
+    code, stdout, err = run("generate", "--model", model, "--class-labels", "207", "otter", "Goldfish", *STEPS,
+                            "--batch-size", "2", "--output-dir", out)
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000_golden-retriever.png", "001_otter.png", "002_goldfish.png", "grid.png"]
+    for name in names[:-1]:
+        with Image.open(out / name) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * 64 + 2, 2 * 64 + 2)  # 3 images: 2 x 2 cells, 2 px apart
+        # the grid holds the images in order, row by row
+        with Image.open(out / "001_otter.png") as otter:
+            assert grid.crop((66, 0, 130, 64)).tobytes() == otter.tobytes()
+    assert "wrote 3 images" in stdout and stdout.count("\n") == 1
+
+
+def test_output_writes_only_the_grid(model, tmp_path) -> None:
+    target = tmp_path / "nested" / "grid.png"
+    code, stdout, err = run("generate", "--model", model, "--class-labels", "207", "360", *STEPS,
+                            "--guidance-scale", "1", "--cfg-schedule", "constant", "--output", target)
+    assert code == 0, err
+    assert sorted(p.name for p in target.parent.iterdir()) == ["grid.png"]  # nothing else, no temporary files
+    with Image.open(target) as grid:
+        assert grid.size == (2 * 64 + 2, 64)
+    assert str(target) in stdout
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im).astype(np.int16)
+
+
+def test_seeds_are_per_image_and_reproducible(model, tmp_path) -> None:
+    # image k uses a generator seeded S + k, so the same seed gives the same bytes, and an image does not depend
+    # on its batch (up to float rounding, at most 1/255 in a few pixels)
+    common = ("--model", model, *STEPS)
+    for name, argv in {"a": ("--class-labels", "otter", "otter", "goldfish", "--seed", "5", "--batch-size", "3"),
+                       "b": ("--class-labels", "otter", "otter", "goldfish", "--seed", "5", "--batch-size", "3"),
+                       "c": ("--class-labels", "otter", "goldfish", "--seed", "6", "--batch-size", "1")}.items():
+        code, _, err = run("generate", *common, *argv, "--output-dir", tmp_path / name)
+        assert code == 0, err
+    a, b, c = (tmp_path / "a", tmp_path / "b", tmp_path / "c")
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == {p.name: p.read_bytes() for p in b.iterdir()}
+    for mine, same_seed in (("000_otter.png", "001_otter.png"), ("001_goldfish.png", "002_goldfish.png")):
+        diff = np.abs(_pixels(c / mine) - _pixels(a / same_seed))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (mine, diff.max(), (diff > 0).mean())
+    # seeds 5 and 6 for the same class: different images
+    assert np.abs(_pixels(a / "000_otter.png") - _pixels(a / "001_otter.png")).mean() > 5
+
+
+@pytest.mark.parametrize("labels, needles", [
+    (["207", "golden retreiver"], ["unknown class name 'golden retreiver'", "'golden retriever'"]),
+    (["1000"], ["out of range", "0..999"]),
+    (["-1"], ["out of range"]),
+])
+def test_bad_class_labels(labels, needles, model, tmp_path) -> None:
+    code, stdout, err = run("generate", "--model", model, "--class-labels", *labels, *STEPS,
+                            "--output-dir", tmp_path / "out")
+    assert code == 2
+    line = error_line(err)
+    for needle in needles:
+        assert needle in line, line
+    assert not (tmp_path / "out").exists() and stdout == ""
+
+
+def test_bad_model_and_options(model, tmp_path) -> None:
+    code, _, err = run("generate", "--model", tmp_path / "nope", "--class-labels", "1", "--output", tmp_path / "g.png")
+    assert code == 2 and "no such folder" in error_line(err)
+    code, _, err = run("generate", "--model", tmp_path, "--class-labels", "1", "--output", tmp_path / "g.png")
+    assert code == 2 and "model_index.json" in error_line(err)
+    code, _, err = run("generate", "--model", model, "--class-labels", "1", "--output", tmp_path / "g.xyz")
+    assert code == 2 and "extension" in error_line(err)
+    code, _, err = run("generate", "--model", model, "--class-labels", "1", "--output", tmp_path / "g.png",
+                       "--device", "nonsense")
+    assert code == 2 and "--device" in error_line(err)
+    assert list(tmp_path.iterdir()) == []
+    # argparse usage errors: status 2 too
+    for argv in (["generate", "--class-labels", "1", "--output", "g.png"],  # no --model
+                 ["generate", "--model", str(model), "--class-labels", "1"],  # no output
+                 ["generate", "--model", str(model), "--class-labels", "1", "--output", "a.png", "--output-dir", "d"],
+                 ["generate", "--model", str(model), "--class-labels", "1", "--output", "a.png", "--steps", "0"],
+                 ["generate", "--model", str(model), "--class-labels", "1", "--output", "a.png", "--cfg-schedule", "x"],
+                 ["convert", "--output", "x"], []):
+        code, _, err = run(*argv)
+        assert code == 2 and "usage:" in err, argv
+
+
+OPTIONS = {
+    "convert": ["--checkpoint", "--output", "--vae-checkpoint", "--no-ema", "--num-heads", "--vae-num-heads",
+                "--overwrite"],
+    "generate": ["--model", "--class-labels", "--guidance-scale", "--cfg-schedule", "--steps", "--seed",
+                 "--batch-size", "--device", "--dtype", "--output", "--output-dir", "--grid-cols"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_help_mentions_every_option(command: str) -> None:
+    code, stdout, _ = run(command, "--help")
+    assert code == 0
+    for option in OPTIONS[command]:
+        assert f"{option} " in stdout or f"{option}\n" in stdout, option
+    # and every option the parser has is documented
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        assert action.help, action.option_strings
+        for option in action.option_strings:
+            assert option in stdout
+    if command == "generate":
+        assert "seed" in stdout and "+ k" in stdout  # the per-image seeding is documented
+        for choice in ("linear", "constant", "float32", "bfloat16", "float16"):
+            assert choice in stdout
+
+
+def test_make_grid_and_slugify() -> None:
+    ims = [Image.new("RGB", (8, 6), (i * 40, 0, 0)) for i in range(5)]
+    grid = make_grid(ims, ncols=2, padding=1)
+    assert grid.size == (2 * 8 + 1, 3 * 6 + 2)
+    assert grid.getpixel((9, 7)) == (120, 0, 0)  # image 3: row 1, column 1
+    assert grid.getpixel((12, 15)) == (255, 255, 255)  # the empty last cell
+    assert make_grid(ims[:1]).size == (8, 6)
+    assert make_grid(ims).size == (3 * 8 + 2 * 2, 2 * 6 + 2)  # ceil(sqrt(5)) = 3 columns
+    with pytest.raises(ValueError):
+        make_grid([Image.new("RGB", (8, 6)), Image.new("RGB", (6, 8))])
+    assert slugify("tench, Tinca tinca") == "tench-tinca-tinca"
+    assert slugify("jack-o'-lantern") == "jack-o-lantern"
+    assert slugify("!!!") == "image"
