@@ -3,7 +3,6 @@
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks these up to load our components)
 from transformers import AutoConfig, AutoModel, PreTrainedModel  # noqa: F401
 
-
 from .configuration_sphere_ar import PRESETS, SphereARConfig
 from .convert import convert_official_checkpoint
 from .labels import imagenet_id2label

@@ -82,31 +82,41 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (fused qkv, no biases) through ``scaled_dot_product_attention``."""
+    """Multi-head self-attention (fused qkv, no biases).
+
+    Without a cache: ``scaled_dot_product_attention``. With a :class:`KVCache` (incremental decoding): explicit
+    ``softmax(q k^T / sqrt(d)) v`` as in the official KV-cache path, which for a query of one token (a few dozen
+    keys) is also cheaper than the fused kernel's setup.
+    """
 
     def __init__(self, dim: int, num_heads: int, causal: bool):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} attention heads")
         self.num_heads, self.head_dim, self.causal = num_heads, dim // num_heads, causal
+        self.scale = self.head_dim**-0.5
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,
                 layer_idx: int = 0, start: int = 0) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.wqkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, is_causal = None, self.causal
-        if cache is not None:
-            k, v = cache.update(layer_idx, start, k, v)
-            if n == 1 or not self.causal:
-                is_causal = False
-            elif start > 0:  # a causal chunk after cached positions
-                is_causal = False
-                mask = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        if cache is None:
+            q, k, v = self.wqkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+        qkv = self.wqkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], cos, sin).unbind(0)  # q and k rotated together
+        k, v = cache.update(layer_idx, start, k, qkv[2])
+        attn = (q * self.scale) @ k.transpose(-1, -2)  # (b, heads, n, start + n)
+        if self.causal and n > 1:
+            i = torch.arange(n, device=x.device).unsqueeze(1)
+            j = torch.arange(start + n, device=x.device).unsqueeze(0)
+            attn.masked_fill_(j > start + i, float("-inf"))
+        out = torch.softmax(attn, dim=-1) @ v
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
 

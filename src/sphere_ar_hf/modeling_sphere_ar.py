@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,44 @@ class DiffusionHead(nn.Module):
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_embed(t)
 
+    @property
+    def modulation_width(self) -> int:
+        """Columns of all adaLN outputs together (see :meth:`modulation`)."""
+        return sum(m.out_features for m in self.adaln) + self.final_adaln.out_features
+
+    def modulation(self, t_emb: torch.Tensor, c_emb: torch.Tensor) -> list[torch.Tensor]:
+        """Every adaLN projection of ``silu(t_emb + c_emb)`` (broadcast together), ``1`` already added to each scale.
+
+        Returns one tensor ``(..., 3 * dim)`` (scale + 1, shift, gate) per shared adaLN and one ``(..., 2 * dim)``
+        (scale + 1, shift) for the final layer. It does not depend on the state ``x``, so the sampler computes it
+        for many steps and all rows in one batched product per projection (``t_emb`` (steps, 1, dim),
+        ``c_emb`` (rows, dim)) instead of once per step.
+        """
+        y = F.silu(t_emb + c_emb)
+        dim = self.final_linear.in_features
+        mods = [m(y) for m in self.adaln] + [self.final_adaln(y)]
+        for m in mods:
+            m[..., :dim] += 1  # the same float32 ``1 + scale`` as the unfused form
+        return mods
+
+    def velocity_from_modulation(self, x: torch.Tensor, mods: Sequence[torch.Tensor], repeat: int = 1) -> torch.Tensor:
+        """Velocity at ``x`` (n, latent_dim) given one step's rows of :meth:`modulation` (each (n * repeat, width)).
+
+        ``repeat > 1``: the state is shared by ``repeat`` row blocks (the conditional and unconditional halves of
+        classifier-free guidance); ``x`` is projected once and the projected rows are repeated.
+        """
+        dim = self.final_linear.in_features
+        x = x.to(self.input_proj.weight.dtype)
+        h = self.input_proj(torch.cat([x] * repeat) if repeat > 1 else x)
+        for i, block in enumerate(self.res_blocks):
+            if i % self.adaln_every == 0:
+                mod = mods[i // self.adaln_every]
+                scale1, shift, gate = mod[:, :dim], mod[:, dim:2 * dim], mod[:, 2 * dim:]
+            a, b = block.w1(block.norm(h) * scale1 + shift).chunk(2, dim=-1)
+            h = h + block.w2(F.silu(a) * b) * gate
+        mod = mods[-1]
+        return self.final_linear(self.final_norm(h) * mod[:, :dim] + mod[:, dim:])
+
     def velocity(self, x: torch.Tensor, t_emb: torch.Tensor, c_emb: torch.Tensor) -> torch.Tensor:
         """Velocity from precomputed time (N or 1, dim) and condition (N, dim) embeddings."""
         h = self.input_proj(x.to(self.input_proj.weight.dtype))
@@ -113,7 +152,10 @@ class DiffusionHead(nn.Module):
         for i, block in enumerate(self.res_blocks):
             if i % self.adaln_every == 0:
                 scale, shift, gate = self.adaln[i // self.adaln_every](y).chunk(3, dim=-1)
-            h = self._gradient_checkpointing_func(block, h, scale, shift, gate) if ckpt else block(h, scale, shift, gate)
+            if ckpt:
+                h = self._gradient_checkpointing_func(block, h, scale, shift, gate)
+            else:
+                h = block(h, scale, shift, gate)
         scale, shift = self.final_adaln(y).chunk(2, dim=-1)
         return self.final_linear(self.final_norm(h) * (1 + scale) + shift)
 

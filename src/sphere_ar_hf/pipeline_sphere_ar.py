@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from .labels import build_label_index, resolve_label_ids
 from .modeling_sphere_ar import SphereARTransformer
-from .scheduling_sphere_ar import SphereARScheduler, apply_guidance
+from .scheduling_sphere_ar import SphereARScheduler, apply_guidance, draw_noise
 from .vae import SphereVAE
 
 __all__ = ["SphereARPipeline"]
@@ -37,9 +36,10 @@ class SphereARPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vae"
+    MODULATION_BYTES = 64 * 2**20  # sample_token: memory for the precomputed adaLN modulations of a token
 
     def __init__(self, transformer: SphereARTransformer, vae: SphereVAE, scheduler: SphereARScheduler,
-                 id2label: dict[int, str] | None = None):
+                 id2label: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         id2label = {int(k): v for k, v in (id2label or {}).items()}
@@ -64,7 +64,7 @@ class SphereARPipeline(DiffusionPipeline):
     # ---- helpers -------------------------------------------------------------------------------------------
     def enable_torch_compile(self, **compile_kwargs) -> None:
         """Opt in to ``torch.compile`` of the per-step head evaluation (the sampler's hot loop)."""
-        self._velocity_fn = torch.compile(self.transformer.head.velocity, **compile_kwargs)
+        self._velocity_fn = torch.compile(self.transformer.head.velocity_from_modulation, **compile_kwargs)
 
     def disable_torch_compile(self) -> None:
         self._velocity_fn = None
@@ -105,24 +105,35 @@ class SphereARPipeline(DiffusionPipeline):
         ``cond`` (rows, hidden) are head conditions laid out ``[conditional; unconditional]`` when guiding.
         With ``guidance > 1`` one state per image is integrated with guided velocities and shared by both
         halves; otherwise every row gets its own state (as in the official sampler).
+
+        Work that does not depend on the state is hoisted out of the step loop: the condition embedding once
+        per token, and the adaLN modulations of all steps (which depend only on time and condition) in a few
+        batched products per token; each step then runs only the state-dependent MLP.
         """
         head, scheduler = self.transformer.head, self.scheduler
-        velocity = self._velocity_fn or head.velocity
-        c_emb = head.embed_condition(cond)  # once per token
+        velocity = self._velocity_fn or head.velocity_from_modulation
         guided = guidance > 1.0
-        n = cond.shape[0] // 2 if guided else cond.shape[0]
+        rows = cond.shape[0]
+        n = rows // 2 if guided else rows
         if isinstance(generator, list) and len(generator) != n:
             generator = generator * (n // len(generator))  # unguided rows of both halves: each image's own
-        x = randn_tensor((n, self.transformer.config.latent_dim), generator=generator, device=cond.device,
-                         dtype=torch.float32)
-        for k in range(len(scheduler)):
-            v = velocity(torch.cat([x, x]) if guided else x, t_emb[k:k + 1], c_emb)
+        c_emb = head.embed_condition(cond)  # once per token
+        x = draw_noise((n, self.transformer.config.latent_dim), generator, cond.device, torch.float32)
+        num_steps = len(scheduler)
+        # modulations of `chunk` steps at a time: ~MODULATION_BYTES of activations at most
+        row_bytes = rows * head.modulation_width * c_emb.element_size()
+        chunk = max(1, min(num_steps, self.MODULATION_BYTES // row_bytes))
+        repeat = 2 if guided else 1
+        for k in range(num_steps):
+            j = k % chunk
+            if j == 0:
+                mods = head.modulation(t_emb[k:k + chunk, None], c_emb)
+            v = velocity(x, [m[j] for m in mods], repeat)
             if guided:
                 v = apply_guidance(v.float(), guidance)
-            x = scheduler.step(v, k, x, generator=generator).prev_sample
-        if guided:
-            x = torch.cat([x, x])
-        return self.vae.normalize(x)  # back onto the sphere, also after CFG: fed back and decoded
+            x = scheduler.step(v, k, x, generator=generator, return_dict=False)[0]
+        x = self.vae.normalize(x)  # back onto the sphere, also after CFG: fed back and decoded
+        return torch.cat([x, x]) if guided else x
 
     # ---- generation ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,7 +156,8 @@ class SphereARPipeline(DiffusionPipeline):
             cfg_schedule: ``"linear"`` (official: rises from 1 to ``guidance_scale`` over the tokens) or ``"constant"``.
             num_inference_steps: sampler steps per token (plus the official final Euler step).
             generator: one generator (official noise order) or one per image.
-            output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"`` (sphere tokens).
+            output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"``
+                (sphere tokens).
         """
         labels = self.get_label_ids(class_labels)
         if guidance_scale is None:

@@ -84,7 +84,8 @@ class PowerSphericalDistribution:
         if mu.dim() < 1 or mu.shape[-1] < 2:
             raise ValueError(f"mu must have shape (..., m) with m >= 2, got {tuple(mu.shape)}")
         if kappa.shape != mu.shape[:-1]:
-            raise ValueError(f"kappa must have shape {tuple(mu.shape[:-1])} (mu without its last dim), got {tuple(kappa.shape)}")
+            raise ValueError(f"kappa must have shape {tuple(mu.shape[:-1])} (mu without its last dim), "
+                             f"got {tuple(kappa.shape)}")
         self.eps = eps
         self.dtype = mu.dtype
         compute = torch.promote_types(mu.dtype, torch.float32)
@@ -123,7 +124,8 @@ class PowerSphericalDistribution:
         """Differential entropy, per distribution."""
         kappa, beta = self._f()
         alpha = kappa + beta
-        h = -(self._log_normalizer(kappa, beta) + kappa * (math.log(2.0) + torch.digamma(alpha) - torch.digamma(alpha + beta)))
+        digamma_gap = torch.digamma(alpha) - torch.digamma(alpha + beta)
+        h = -(self._log_normalizer(kappa, beta) + kappa * (math.log(2.0) + digamma_gap))
         return h.to(self.kappa.dtype)
 
     def kl(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["SphereARScheduler", "SphereARSchedulerOutput", "flow_path", "apply_guidance"]
+__all__ = ["SphereARScheduler", "SphereARSchedulerOutput", "flow_path", "apply_guidance", "draw_noise"]
 
 
 def flow_path(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +27,18 @@ def apply_guidance(velocity: torch.Tensor, guidance_scale: float) -> torch.Tenso
     """Classifier-free guidance on a velocity batch laid out ``[conditional; unconditional]``."""
     cond, uncond = velocity.chunk(2, dim=0)
     return uncond + guidance_scale * (cond - uncond)
+
+
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
+               device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise; one generator (or none) draws directly, a list goes through ``randn_tensor``.
+
+    ``torch.randn`` with the generator is exactly what ``randn_tensor`` runs for one generator on the target
+    device (the same stream), without its per-call overhead; the sampler draws once per step.
+    """
+    if generator is None or (isinstance(generator, torch.Generator) and generator.device.type == device.type):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
 @dataclass
@@ -73,7 +85,11 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
             self.step_sizes = [dt] * num_inference_steps
             self.stochastic = [False] * num_inference_steps
         self.timesteps = torch.stack(times).to(device)
-        self._t = [float(x) for x in torch.stack(times)]
+        self._t = [float(x) for x in times]
+        # the SDE step's scalars, computed with float32 ops exactly as the official sampler does (it keeps t in a
+        # float32 tensor): the score's variance (1 - t)^2 + t (1 - t) and the noise scale sqrt(2 (1 - t) dt)
+        self._var = [float((1 - t) ** 2 - t * -1 * (1 - t)) for t in times]
+        self._noise_scale = [float((2.0 * (1.0 - t) * dt) ** 0.5) for t, dt in zip(times, self.step_sizes)]
 
     def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None,
@@ -84,11 +100,11 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
         dt = self.step_sizes[step_index]
         if self.stochastic[step_index]:
             t = self._t[step_index]
-            var = (1.0 - t) ** 2 + t * (1.0 - t)
-            score = (t * v - x) / var
-            drift = v + (1.0 - t) * score
-            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + drift * dt + (2.0 * (1.0 - t) * dt) ** 0.5 * noise
+            # x + (v + (1 - t) * (t * v - x) / var) * dt + noise_scale * noise, in the official order of float32
+            # operations (the same rounding), in place on fresh buffers
+            out = (v * t).sub_(x).div_(self._var[step_index]).mul_(1.0 - t).add_(v).mul_(dt).add_(x)
+            noise = draw_noise(x.shape, generator, x.device, x.dtype)
+            x = out.add_(noise.mul_(self._noise_scale[step_index]))
         else:
             x = x + v * dt
         return SphereARSchedulerOutput(prev_sample=x) if return_dict else (x,)
