@@ -324,29 +324,16 @@ def test_cli_wiring():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if "push" not in commands:
-        pytest.skip("`sphere-ar push` is not wired into cli.py yet (hub.add_push_parser)")
+    assert "push" in commands
     args = parser.parse_args(["push", "--pipeline", "p", "--repo-id", REPO_ID, "--license", "mit"])
     assert args.func is hub.run_push
 
 
 # ---- loading a pushed folder with the installed package --------------------------------------------------------------
 def package_pipeline_class() -> type[SphereARPipeline]:
-    """SphereARPipeline, with the remote-code-aware ``load_config`` and ``download`` (hub.py's proposal for
-    pipeline_sphere_ar.py) until the pipeline module defines them."""
-    if "load_config" in SphereARPipeline.__dict__ and "download" in SphereARPipeline.__dict__:
-        return SphereARPipeline
-
-    class PackagePipeline(SphereARPipeline):
-        @classmethod
-        def load_config(cls, *args, **kwargs):
-            return hub.package_model_index(super().load_config(*args, **kwargs))
-
-        @classmethod
-        def download(cls, pretrained_model_name, **kwargs):
-            return hub.download_pipeline(pretrained_model_name, **kwargs)
-
-    return PackagePipeline
+    """SphereARPipeline, which maps a pushed repository's remote-code entries back to this package."""
+    assert "load_config" in SphereARPipeline.__dict__ and "download" in SphereARPipeline.__dict__
+    return SphereARPipeline
 
 
 def test_package_loads_pushed_folder_without_its_code(pipeline_dir, tmp_path):

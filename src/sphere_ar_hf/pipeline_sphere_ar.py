@@ -47,6 +47,22 @@ class SphereARPipeline(DiffusionPipeline):
         self.id2label = id2label
         self._velocity_fn: Callable | None = None
 
+    # ---- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """``ConfigMixin.load_config``; a repository pushed with remote code (``sphere-ar push``) maps to this
+        package's classes, so its bundled code is neither needed nor run."""
+        from .hub import package_model_index
+
+        return package_model_index(super().load_config(*args, **kwargs))
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs) -> str:
+        """Fetch a Hub repository's configs and weights (not its remote code, which this package does not need)."""
+        from .hub import download_pipeline
+
+        return download_pipeline(pretrained_model_name, **kwargs)
+
     # ---- labels --------------------------------------------------------------------------------------------
     @property
     def labels(self) -> dict[str, int]:
