@@ -127,8 +127,7 @@ def test_bad_model_and_options(model, tmp_path) -> None:
     assert code == 2 and "--device" in error_line(err)
     assert list(tmp_path.iterdir()) == []
     # argparse usage errors: status 2 too
-    for argv in (["generate", "--class-labels", "1", "--output", "g.png"],  # no --model
-                 ["generate", "--model", str(model), "--class-labels", "1"],  # no output
+    for argv in (["generate", "--model", str(model), "--class-labels", "1"],  # no output
                  ["generate", "--model", str(model), "--class-labels", "1", "--output", "a.png", "--output-dir", "d"],
                  ["generate", "--model", str(model), "--class-labels", "1", "--output", "a.png", "--steps", "0"],
                  ["generate", "--model", str(model), "--class-labels", "1", "--output", "a.png", "--cfg-schedule", "x"],
@@ -176,3 +175,11 @@ def test_make_grid_and_slugify() -> None:
     assert slugify("tench, Tinca tinca") == "tench-tinca-tinca"
     assert slugify("jack-o'-lantern") == "jack-o-lantern"
     assert slugify("!!!") == "image"
+
+
+def test_generate_without_model_uses_the_embedded_digits_model(tmp_path) -> None:
+    out = tmp_path / "grid.png"
+    code, _, err = run("generate", "--class-labels", "3", "7", "--steps", "2", "--output", out)
+    assert code == 0, err
+    with Image.open(out) as im:
+        assert im.width >= 2 * 16 and im.height >= 16  # two 16 px digits side by side

@@ -25,10 +25,9 @@ from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr  # noqa: E402
 import pytest
 import torch
-
-gr = pytest.importorskip("gradio")
 
 from conftest import build_tiny_pipeline  # noqa: E402
 from sphere_ar_hf import imagenet_id2label  # noqa: E402
@@ -161,9 +160,9 @@ def _predict(client, classes, per_class=1, guidance=2.0, schedule="linear", step
 
 # ---- the real browser -----------------------------------------------------------------------------------------------
 def test_browser_pick_classes_generate_and_show_images(server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    import playwright.sync_api as sync_api
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+        pytest.fail(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     from PIL import Image
 
     pipe, origin = server.pipe, server.url.rstrip("/")

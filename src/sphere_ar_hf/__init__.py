@@ -9,6 +9,7 @@ from .labels import imagenet_id2label
 from .modeling_sphere_ar import SphereARTransformer, SphereARTransformerOutput
 from .pipeline_sphere_ar import SphereARPipeline
 from .power_spherical import PowerSphericalDistribution, project_to_sphere
+from .pretrained import bundled_model_path
 from .scheduling_sphere_ar import SphereARScheduler
 from .vae import SphereVAE
 
@@ -26,6 +27,7 @@ __all__ = [
     "SphereARTransformer",
     "SphereARTransformerOutput",
     "SphereVAE",
+    "bundled_model_path",
     "convert_official_checkpoint",
     "imagenet_id2label",
     "project_to_sphere",

@@ -30,7 +30,8 @@ __all__ = ["CLIError", "DEFAULT_MODEL", "build_parser", "main", "make_grid", "sa
 
 # The model `generate` uses without --model. None: --model is required. A later release points this at the
 # bundled default model (see resolve_model).
-DEFAULT_MODEL: str | None = None
+# the embedded digits model (package data): `sphere-ar generate` works offline with no --model
+DEFAULT_MODEL: str | None = str(Path(__file__).parent / "pretrained" / "digits")
 DTYPES = ("float32", "bfloat16", "float16")
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -335,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the other labels (up to float rounding: at most 1/255 in a few pixels).",
         epilog="example: sphere-ar generate --model ./SphereAR-B --class-labels 207 360 'golden retriever' "
                "--output-dir samples/")
-    gen.add_argument("--model", required=DEFAULT_MODEL is None, default=DEFAULT_MODEL, metavar="DIR",
-                     help="pipeline folder written by `sphere-ar convert` (or a Hugging Face Hub repository id)")
+    gen.add_argument("--model", default=None, metavar="DIR",
+                     help="pipeline folder written by `sphere-ar convert` or a Hub repository id (default: the "
+                          "embedded digits model, classes 0-9)")
     gen.add_argument("--class-labels", required=True, nargs="+", metavar="LABEL",
                      help="class ids (0-999 for ImageNet) and/or class names, e.g. 207 360 'golden retriever' "
                           "(names are case-insensitive; any synonym of an ImageNet class works)")
