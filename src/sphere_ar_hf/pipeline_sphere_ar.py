@@ -37,6 +37,7 @@ class SphereARPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "transformer->vae"
     MODULATION_BYTES = 64 * 2**20  # sample_token: memory for the precomputed adaLN modulations of a token
+    TRANSPOSED_HEAD_MIN_ROWS = 32  # __call__: from this many head rows (CPU), use DiffusionHead.transposed_weights
 
     def __init__(self, transformer: SphereARTransformer, vae: SphereVAE, scheduler: SphereARScheduler,
                  id2label: dict | None = None):
@@ -46,6 +47,7 @@ class SphereARPipeline(DiffusionPipeline):
         self.register_to_config(id2label=id2label or None)
         self.id2label = id2label
         self._velocity_fn: Callable | None = None
+        self._head_weights_t: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -140,11 +142,12 @@ class SphereARPipeline(DiffusionPipeline):
         row_bytes = rows * head.modulation_width * c_emb.element_size()
         chunk = max(1, min(num_steps, self.MODULATION_BYTES // row_bytes))
         repeat = 2 if guided else 1
+        weights_t = getattr(self, "_head_weights_t", None)  # set by __call__ for many rows on the CPU
         for k in range(num_steps):
             j = k % chunk
             if j == 0:
                 mods = head.modulation(t_emb[k:k + chunk, None], c_emb)
-            v = velocity(x, [m[j] for m in mods], repeat)
+            v = velocity(x, [m[j] for m in mods], repeat, weights_t)
             if guided:
                 v = apply_guidance(v.float(), guidance)
             x = scheduler.step(v, k, x, generator=generator, return_dict=False)[0]
@@ -192,14 +195,21 @@ class SphereARPipeline(DiffusionPipeline):
         t_emb = tf.head.embed_time(self.scheduler.timesteps)  # once per call: the same times for every token
         z = tf.prefill(cond, cache)
         tokens = []
-        with self.progress_bar(total=num_tokens) as bar:
-            for i in range(num_tokens):
-                guidance = self.guidance_at(i, num_tokens, guidance_scale, cfg_schedule)
-                token = self.sample_token(z, t_emb, guidance, generator)
-                tokens.append(token[:batch])
-                if i + 1 < num_tokens:
-                    z = tf.decode_step(token, i, cache)
-                bar.update()
+        # many head rows on the CPU: the head's block weights in (in, out) layout for this call (~1.4x faster
+        # products at 64 rows; a transient copy of the head's block weights)
+        if cond.device.type == "cpu" and cond.shape[0] >= self.TRANSPOSED_HEAD_MIN_ROWS:
+            self._head_weights_t = tf.head.transposed_weights()
+        try:
+            with self.progress_bar(total=num_tokens) as bar:
+                for i in range(num_tokens):
+                    guidance = self.guidance_at(i, num_tokens, guidance_scale, cfg_schedule)
+                    token = self.sample_token(z, t_emb, guidance, generator)
+                    tokens.append(token[:batch])
+                    if i + 1 < num_tokens:
+                        z = tf.decode_step(token, i, cache)
+                    bar.update()
+        finally:
+            self._head_weights_t = None
         latents = torch.stack(tokens, dim=1)
         if output_type == "latent":
             images = latents
