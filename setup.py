@@ -29,10 +29,12 @@ setup(
     ],
     extras_require={
         # training: datasets for data, lpips (+ torchvision, its backbone) for the S-VAE's perceptual loss
-        "train": ["datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10", "scikit-learn>=1.3"],
+        "train": ["datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10", "scikit-learn>=1.3",
+                  "peft>=0.17"],
         "demo": ["gradio>=6.31,<7"],
         "test": ["pytest>=8", "ruff>=0.6", "datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10",
-                 "scikit-learn>=1.3", "gradio>=6.31,<7", "gradio_client>=2.0", "playwright>=1.50", "httpx"],
+                 "scikit-learn>=1.3", "peft>=0.17", "gradio>=6.31,<7", "gradio_client>=2.0", "playwright>=1.50",
+                 "httpx"],
     },
     entry_points={"console_scripts": ["sphere-ar=sphere_ar_hf.cli:main"]},
     classifiers=[

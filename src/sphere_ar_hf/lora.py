@@ -1,0 +1,385 @@
+"""LoRA fine-tuning of the SphereAR transformer with PEFT, and one-call loading / merging into a pipeline.
+
+Adapters go on the causal trunk's linears (``layers.N.attention.wqkv / wo``, ``layers.N.feed_forward.w1 / w2``),
+optionally on the diffusion head's linears (``lora_head``), and optionally as trainable rows of the class
+embedding (``class_rows``: PEFT's ``trainable_token_indices``, so the adapter stores just those rows). The targets
+are full-name regexes: the head also has modules named ``w1`` / ``w2``, and they are left alone unless asked for.
+
+    from sphere_ar_hf.lora import load_lora, merge_lora, unload_lora
+
+    load_lora(pipe, "my-adapter")      # adapters injected into pipe.transformer (it stays a SphereARTransformer)
+    images = pipe([3, 7]).images
+    unload_lora(pipe)                  # the base weights, bit for bit
+    merge_lora(pipe)                   # or: fold the adapter into the weights for plain fast inference
+
+Training (:func:`train_lora`, behind ``examples/train_lora.py``) reuses :class:`SphereARTrainer`: images are
+encoded on the fly by the pipeline's frozen VAE (or read from a latent cache), and the adapter is written as
+``adapter_model.safetensors`` + ``adapter_config.json`` to a folder that appears only once complete.
+
+Needs ``peft`` (the ``[lora]`` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments
+
+from .modeling_sphere_ar import SphereARTransformer
+from .training.trainer import SphereARTrainer, SphereARTrainingArguments, collate_training_batch
+
+__all__ = [
+    "HEAD_TARGETS",
+    "TRUNK_TARGETS",
+    "LoraArguments",
+    "LoraTrainer",
+    "LoraTrainingArguments",
+    "RelabelingCollator",
+    "add_lora",
+    "adapter_parameter_count",
+    "build_lora_config",
+    "get_lora_model",
+    "load_lora",
+    "merge_lora",
+    "save_lora",
+    "train_lora",
+    "unload_lora",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the trunk's attention and feed-forward linears (full module names; ``re.fullmatch``)
+TRUNK_TARGETS = r"layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2))"
+#: every linear of the diffusion head
+HEAD_TARGETS = (r"head\.(time_embed\.linear_[12]|cond_embed|input_proj|res_blocks\.\d+\.(w1|w2)|adaln\.\d+|"
+                r"final_adaln|final_linear)")
+CLASS_EMBEDDING = "class_embedding"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+_HANDLE = "_sphere_ar_lora"  # the PeftModel that owns the adapters injected into a transformer
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("LoRA needs peft: pip install 'sphere-ar-hf[lora]' (or pip install peft)") from err
+    return peft
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration and wrapping
+
+
+def build_lora_config(rank: int = 8, alpha: float | None = None, dropout: float = 0.0, lora_head: bool = False,
+                      class_rows: Sequence[int] | None = None, target_modules: str | None = None,
+                      num_classes: int | None = None) -> Any:
+    """A ``peft.LoraConfig`` for :class:`SphereARTransformer`.
+
+    Args:
+        rank: LoRA rank ``r``.
+        alpha: LoRA alpha (default: ``rank``, i.e. a scale of 1).
+        dropout: dropout on the LoRA input.
+        lora_head: also adapt the diffusion head's linears.
+        class_rows: class-embedding rows to train (class ids; ``num_classes`` is the null class of CFG).
+        target_modules: a full-name regex replacing the trunk (+ head) targets.
+        num_classes: the model's class count, to check ``class_rows`` (ids in ``[0, num_classes]``).
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    targets = target_modules or (f"({TRUNK_TARGETS}|{HEAD_TARGETS})" if lora_head else TRUNK_TARGETS)
+    re.compile(targets)
+    rows = sorted({int(r) for r in class_rows}) if class_rows else None
+    if rows and num_classes is not None and (rows[0] < 0 or rows[-1] > num_classes):
+        raise ValueError(f"class_rows must lie in [0, {num_classes}] ({num_classes} is the null class), got {rows}")
+    return _peft().LoraConfig(
+        r=int(rank), lora_alpha=float(alpha if alpha is not None else rank), lora_dropout=float(dropout),
+        target_modules=targets, bias="none",
+        trainable_token_indices={CLASS_EMBEDDING: rows} if rows else None)
+
+
+def add_lora(transformer: SphereARTransformer, config: Any, adapter_name: str = "default") -> Any:
+    """Wrap ``transformer`` in a trainable ``PeftModel`` (adapters injected in place; only they require grad)."""
+    if get_lora_model(transformer) is not None:
+        raise ValueError("this transformer already has a LoRA adapter: merge_lora or unload_lora it first")
+    with _quiet():
+        peft_model = _peft().get_peft_model(transformer, config, adapter_name=adapter_name)
+    _attach(transformer, peft_model)
+    return peft_model
+
+
+def _refuse_save(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("this transformer has a LoRA adapter loaded, and its weights would be saved under PEFT's "
+                       "names (a folder that loads with random weights): call merge_lora(pipe) to save the merged "
+                       "model or unload_lora(pipe) to save the base model; save the adapter with save_lora")
+
+
+def _attach(transformer: SphereARTransformer, peft_model: Any) -> None:
+    """Remember the PeftModel (not as a submodule: no cycle in the module tree) and block ``save_pretrained``."""
+    transformer.__dict__[_HANDLE] = peft_model
+    transformer.__dict__["save_pretrained"] = _refuse_save
+
+
+def _detach(transformer: SphereARTransformer) -> None:
+    transformer.__dict__.pop(_HANDLE, None)
+    transformer.__dict__.pop("save_pretrained", None)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the transformers deprecation warning that PEFT triggers (``is_gradient_checkpointing``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _transformer_of(target: Any) -> SphereARTransformer:
+    """The SphereARTransformer of a pipeline, a PeftModel or a transformer."""
+    peft = _peft()
+    if isinstance(target, peft.PeftModel):
+        return target.get_base_model()
+    model = getattr(target, "transformer", target)
+    if isinstance(model, peft.PeftModel):
+        model = model.get_base_model()
+    if not isinstance(model, SphereARTransformer):
+        raise TypeError(f"expected a SphereARPipeline, a SphereARTransformer or its PeftModel, got "
+                        f"{type(target).__name__}")
+    return model
+
+
+def get_lora_model(target: Any) -> Any | None:
+    """The ``PeftModel`` holding the adapters injected into ``target``'s transformer, or None."""
+    return _transformer_of(target).__dict__.get(_HANDLE)
+
+
+def adapter_parameter_count(target: Any) -> int:
+    """Number of values an adapter stores (LoRA matrices + trained class-embedding rows) for ``target``."""
+    peft = _peft()
+    peft_model = target if isinstance(target, peft.PeftModel) else get_lora_model(target)
+    if peft_model is None:
+        raise ValueError("no LoRA adapter is loaded")
+    state = peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    return sum(t.numel() for t in state.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving, loading, merging
+
+
+def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True,
+              base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter (``adapter_model.safetensors``, ``adapter_config.json``) of ``target`` (a PeftModel, or a
+    pipeline / transformer with an adapter loaded) to ``output_dir`` atomically."""
+    from .convert import write_atomically
+
+    peft = _peft()
+    peft_model = target if isinstance(target, peft.PeftModel) else get_lora_model(target)
+    if peft_model is None:
+        raise ValueError("no LoRA adapter is loaded")
+    if base_model_name_or_path is not None:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = str(base_model_name_or_path)
+
+    def write(tmp: Path) -> None:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        missing = [name for name in ADAPTER_FILES if not (tmp / name).is_file()]
+        if missing:
+            raise RuntimeError(f"PEFT did not write {missing}")
+
+    return write_atomically(output_dir, write, overwrite=overwrite)
+
+
+def load_lora(target: Any, adapter: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+              **kwargs) -> Any:
+    """Inject the adapter at ``adapter`` (a folder or Hub repo id) into ``target`` (a pipeline or a transformer).
+
+    The adapter layers replace the targeted linears *in place*: ``pipe.transformer`` stays the same
+    SphereARTransformer object, so the pipeline works unchanged (``pipe(...)`` now samples with the adapter).
+    Returns the owning ``PeftModel`` (``kwargs`` go to ``PeftModel.from_pretrained``). Undo with
+    :func:`unload_lora`, or make it permanent with :func:`merge_lora`. While it is loaded,
+    ``pipe.save_pretrained`` raises (the weights would be saved under PEFT's names): merge or unload first.
+    """
+    peft = _peft()
+    transformer = _transformer_of(target)
+    if get_lora_model(transformer) is not None:
+        raise ValueError("a LoRA adapter is already loaded: merge_lora or unload_lora it first")
+    path = Path(adapter)
+    if path.exists() and not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} holds no adapter_config.json (not a PEFT adapter folder)")
+    with _quiet():
+        peft_model = peft.PeftModel.from_pretrained(transformer, str(adapter), adapter_name=adapter_name,
+                                                    is_trainable=is_trainable, **kwargs)
+    _attach(transformer, peft_model)
+    return peft_model
+
+
+def _release(target: Any, merge: bool) -> SphereARTransformer:
+    transformer = _transformer_of(target)
+    peft_model = get_lora_model(transformer)
+    if peft_model is None:
+        raise ValueError("no LoRA adapter is loaded")
+    base = peft_model.merge_and_unload() if merge else peft_model.unload()
+    _detach(transformer)
+    if base is not transformer:  # pragma: no cover - PEFT unloads in place
+        raise RuntimeError("PEFT returned a different module than the one it wrapped")
+    if not isinstance(target, nn.Module) and getattr(target, "transformer", transformer) is not transformer:
+        target.transformer = transformer  # a pipeline that held the PeftModel itself
+    return transformer
+
+
+def merge_lora(target: Any) -> SphereARTransformer:
+    """Fold the loaded adapter into the transformer's weights and remove the adapter layers (in place).
+
+    The result is a plain SphereARTransformer (same speed as the base model, saveable with ``save_pretrained``);
+    the base weights are overwritten, so reload the base model to go back.
+    """
+    return _release(target, merge=True)
+
+
+def unload_lora(target: Any) -> SphereARTransformer:
+    """Remove the loaded adapter: the original linears (and class embedding) are put back, bit for bit."""
+    return _release(target, merge=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class LoraArguments:
+    """The base pipeline and the adapter's shape (``HfArgumentParser``-ready)."""
+
+    pretrained_model: str = field(
+        metadata={"help": "The base pipeline (a folder or Hub repo id with transformer/ and vae/); its frozen VAE "
+                          "encodes the training images."})
+    adapter_output_dir: str | None = field(
+        default=None, metadata={"help": "Where the adapter is written (default: <output_dir>/adapter)."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank; scale 1)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_head: bool = field(default=False, metadata={"help": "Also adapt the diffusion head's linears."})
+    train_class_embeddings: list[int] | None = field(
+        default=None,
+        metadata={"help": "Class ids whose class-embedding rows are trained too (re-purposed classes; "
+                          "num_classes is the null class). Only these rows are stored in the adapter."})
+    class_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "The base model's class id for each dataset label (dataset label i trains class "
+                          "class_ids[i], e.g. one imagefolder class re-purposing class 7). Default: the dataset's "
+                          "labels are the model's class ids."})
+    target_modules: str | None = field(
+        default=None, metadata={"help": "A full-module-name regex that replaces the default LoRA targets."})
+
+
+@dataclass
+class LoraTrainingArguments(SphereARTrainingArguments):
+    """:class:`SphereARTrainingArguments` with defaults for a short adapter run."""
+
+    output_dir: str | None = field(default="lora-results", metadata={"help": "Checkpoints, logs and the adapter."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Training epochs."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    min_lr: float = field(default=1e-4, metadata={"help": "Learning rate at the end of the cosine decay."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float in (0, 1): a ratio)."})
+    decay_start: int = field(default=1, metadata={"help": "Step where the cosine decay starts (<= 0: none)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA matrices."})
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the adapter weights (<= 0: none)."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'epoch' or 'steps'."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers ('none' for none)."})
+    logging_steps: float = field(default=50, metadata={"help": "Log every N optimizer steps."})
+
+
+class RelabelingCollator:
+    """:func:`collate_training_batch`, then dataset label ``i`` -> class id ``class_ids[i]``."""
+
+    def __init__(self, class_ids: Sequence[int]):
+        self.table = torch.tensor([int(c) for c in class_ids], dtype=torch.long)
+
+    def __call__(self, items: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+        batch = collate_training_batch(items)
+        if "class_labels" in batch:
+            batch["class_labels"] = self.table[batch["class_labels"].long()]
+        return batch
+
+
+class LoraTrainer(SphereARTrainer):
+    """:class:`SphereARTrainer` for a PEFT-wrapped transformer: weight decay only on the LoRA matrices."""
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return [n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and ".lora_" in n]
+
+
+def _load_pipeline(path: str) -> Any:
+    from .pipeline_sphere_ar import SphereARPipeline
+
+    return SphereARPipeline.from_pretrained(path)
+
+
+def train_lora(lora_args: LoraArguments, data_args: Any, training_args: TrainingArguments,
+               callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Train a LoRA adapter on the base pipeline's transformer and write it; returns the adapter folder.
+
+    ``data_args`` is a :class:`~sphere_ar_hf.training.data.DataArguments`: images (encoded on the fly by the
+    pipeline's frozen VAE, at its resolution) or a latent cache made with the same VAE. Labels are the base
+    model's class ids, or are mapped to them by ``lora_args.class_ids``. ``callbacks`` go to the trainer.
+    """
+    from transformers import set_seed
+
+    from .training.data import build_image_dataset
+    from .training.latent_cache import LatentCacheDataset
+
+    set_seed(training_args.seed)
+    pipe = _load_pipeline(lora_args.pretrained_model)
+    transformer, vae = pipe.transformer.float(), pipe.vae.float()
+    num_classes = transformer.config.num_classes
+    collator = None
+    if lora_args.class_ids:
+        bad = [c for c in lora_args.class_ids if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"class_ids must lie in [0, {num_classes}), got {bad}")
+        collator = RelabelingCollator(lora_args.class_ids)
+    data_classes = len(lora_args.class_ids) if lora_args.class_ids else num_classes
+    if data_args.latent_cache:
+        dataset = LatentCacheDataset(data_args.latent_cache, seed=training_args.seed, hflip=data_args.hflip)
+        if (dataset.num_tokens, dataset.latent_dim) != (vae.num_tokens, vae.config.latent_dim):
+            raise ValueError(f"latent cache {data_args.latent_cache} holds ({dataset.num_tokens}, "
+                             f"{dataset.latent_dim}) tokens, the base VAE makes ({vae.num_tokens}, "
+                             f"{vae.config.latent_dim})")
+        if dataset.num_classes > data_classes:
+            raise ValueError(f"latent cache {data_args.latent_cache} has {dataset.num_classes} classes, but "
+                             f"{data_classes} are mapped to the base model's classes")
+    else:
+        data_args.resolution = vae.config.image_size
+        if data_args.num_classes != data_classes:
+            logger.info("num_classes set to %d (%s)", data_classes,
+                        "class_ids" if lora_args.class_ids else "the base model's")
+            data_args.num_classes = data_classes
+        dataset = build_image_dataset(data_args, seed=training_args.seed)
+    config = build_lora_config(lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout,
+                               lora_args.lora_head, lora_args.train_class_embeddings, lora_args.target_modules,
+                               num_classes)
+    n_base = sum(p.numel() for p in transformer.parameters())
+    peft_model = add_lora(transformer, config)
+    n_adapter = adapter_parameter_count(peft_model)
+    logger.info("LoRA adapter: %d values (%.2f%% of the transformer's %d)", n_adapter, 100 * n_adapter / n_base,
+                n_base)
+    trainer = LoraTrainer(model=peft_model, args=training_args, vae=vae, train_dataset=dataset,
+                          data_collator=collator, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    out = Path(lora_args.adapter_output_dir or Path(training_args.output_dir) / "adapter")
+    if training_args.should_save:
+        save_lora(peft_model, out, base_model_name_or_path=lora_args.pretrained_model)
+        logger.info("wrote the adapter to %s", out)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
