@@ -11,11 +11,12 @@ code (images encoded on the fly by the pipeline's frozen S-VAE). Printed:
 
 * the adapter's size (values stored) and its ratio to the base transformer's parameters;
 * training steps/s (optimizer steps over the ``Trainer.train`` wall time);
-* the style score of generated images (base, adapted, merged) next to the real data's (original and restyled)
-  and to the S-VAE's reconstructions of the restyled real data (the most the frozen decoder can show);
-* the red-channel excess ``mean(R - (G + B) / 2)`` of generated images (base vs adapted);
-* the accuracy of the digits classifier (``DigitClassifier``, trained on the real train split) on the grayscale
-  version of generated images: base vs adapted vs merged (are they still the requested digit?);
+* the style score (mean ink, or the red excess for ``red``) of the real data (original, restyled) and of the
+  S-VAE's reconstructions of the restyled real data (the most the frozen decoder can show);
+* for generated images (base, adapted, merged): the mean ink, the red-channel excess ``mean(R - (G + B) / 2)``,
+  and the accuracy of the digits classifier (``DigitClassifier``, trained on the real train split) on their
+  grayscale version (are they still the requested digit?), next to its accuracy on the real test digits (original,
+  restyled, reconstructed: what the style itself costs);
 * merged vs adapter images for the same seed (max pixel difference), and that unloading the adapter restores the
   base weights bit for bit and the base images for the same seed.
 
@@ -215,12 +216,14 @@ def main(argv: list[str] | None = None) -> dict:
         real = upscale_digits(splits.test_images, size)
         real_rgb = np.repeat(((real + 1) / 2)[..., None], 3, axis=-1)
         styled = restyle_digits(splits.test_images, args.style, size)
+        reconstructed = reconstruct(pipe, styled)
 
         def sample() -> tuple[np.ndarray, np.ndarray, float]:
             return generate_digits(pipe, args.n_per_class, None, args.inference_steps, args.seed + 1)
 
         def measure(images: np.ndarray, labels: np.ndarray, seconds: float) -> dict:
-            return {"style": style_score(images, args.style), "red_excess": red_excess(images),
+            return {"style": style_score(images, args.style), "ink": float(np.mean(images)),
+                    "red_excess": red_excess(images),
                     "accuracy": clf.accuracy(images, labels), "seconds_per_image": seconds / len(labels)}
 
         before = weights_snapshot(pipe.transformer)
@@ -247,9 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
             "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size,
             "train_seconds": timer.seconds, "train_steps_per_second": timer.steps_per_second,
             "real_style": style_score(real_rgb, args.style), "real_restyled_style": style_score(styled, args.style),
-            "vae_reconstruction_style": style_score(reconstruct(pipe, styled), args.style),
+            "vae_reconstruction_style": style_score(reconstructed, args.style),
             "classifier_real_test_accuracy": clf.accuracy(real, splits.test_labels),
             "classifier_restyled_test_accuracy": clf.accuracy(styled, splits.test_labels),
+            "classifier_reconstructed_test_accuracy": clf.accuracy(reconstructed, splits.test_labels),
             "generated": rows, "merged_vs_adapter_max_pixel_diff": merged_diff,
             "merged_vs_adapter_same_class": merged_same_class,
             "unloaded_weights_bitwise_equal": unloaded_weights_equal,
@@ -275,14 +279,15 @@ def report(r: dict) -> None:
     print(f"training: {r['train_steps_per_second']:.2f} steps/s ({r['train_seconds']:.0f} s)")
     print(f"\nstyle score ({score}) — real: original {r['real_style']:.3f}, restyled {r['real_restyled_style']:.3f}, "
           f"S-VAE reconstruction of the restyled {r['vae_reconstruction_style']:.3f}")
-    print(f"classifier on real test digits: original {100 * r['classifier_real_test_accuracy']:.1f}%, "
-          f"restyled {100 * r['classifier_restyled_test_accuracy']:.1f}%")
+    print(f"classifier on the real test digits: original {100 * r['classifier_real_test_accuracy']:.1f}%, "
+          f"restyled {100 * r['classifier_restyled_test_accuracy']:.1f}%, S-VAE reconstruction of the restyled "
+          f"{100 * r['classifier_reconstructed_test_accuracy']:.1f}%")
     print(f"\n{r['num_images']} generated images per setting ({r['inference_steps']} steps, recommended guidance)\n")
-    print(f"| setting | {score} | red excess | classifier accuracy | time / image |")
+    print("| setting | mean ink | red excess | classifier accuracy | time / image |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in ("base", "adapted", "merged"):
         row = g[name]
-        print(f"| {name} | {row['style']:.3f} | {row['red_excess']:+.4f} | {100 * row['accuracy']:.1f}% | "
+        print(f"| {name} | {row['ink']:.3f} | {row['red_excess']:+.4f} | {100 * row['accuracy']:.1f}% | "
               f"{1000 * row['seconds_per_image']:.0f} ms |")
     print(f"\nmerged vs adapter, same seed: max pixel difference {r['merged_vs_adapter_max_pixel_diff']:.2e}, "
           f"same predicted class {100 * r['merged_vs_adapter_same_class']:.0f}%")
