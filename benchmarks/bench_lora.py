@@ -193,8 +193,20 @@ def train_adapter(model: str, data: Path, out: Path, args: argparse.Namespace) -
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from threadpoolctl import threadpool_limits
+
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    with threadpool_limits(args.threads):  # scikit-learn's BLAS too (2 threads on a busy 2-core machine: 10x slower)
+        results = run(args)
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train, sample, measure; returns every number."""
     from sphere_ar_hf.lora import adapter_parameter_count, load_lora, merge_lora, unload_lora
 
     model = args.model or str(bundled_digits_path())
@@ -263,9 +275,6 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    report(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
     return results
 
 

@@ -77,10 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train_vae_stage(args: argparse.Namespace, dataset: Path, run_dir: Path) -> Path:
+def train_vae_stage(args: argparse.Namespace, dataset: Path, run_dir: Path, num_train: int) -> Path:
     from sphere_ar_hf.training.vae_trainer import VAEModelArguments, VAETrainingArguments, train_vae
 
-    steps_per_epoch = 1437 // args.vae_batch_size  # the train split (drop_last)
+    steps_per_epoch = num_train // args.vae_batch_size  # drop_last
     max_steps = args.vae_epochs * steps_per_epoch
     model_args = VAEModelArguments(
         latent_dim=args.latent_dim, patch_size=2 ** (len(args.cnn_channels) - 1), z_channels=args.cnn_channels[-1],
@@ -105,7 +105,7 @@ def _data_args(args: argparse.Namespace, dataset: Path, **kwargs):
                          hflip=False, **kwargs)
 
 
-def train_ar_stage(args: argparse.Namespace, vae_dir: Path, cache: Path, run_dir: Path) -> Path:
+def train_ar_stage(args: argparse.Namespace, vae_dir: Path, cache: Path, run_dir: Path, num_train: int) -> Path:
     from sphere_ar_hf import SphereARConfig
     from sphere_ar_hf.training.trainer import ModelArguments, SphereARTrainingArguments, train_sphere_ar
 
@@ -117,7 +117,7 @@ def train_ar_stage(args: argparse.Namespace, vae_dir: Path, cache: Path, run_dir
         patch_size=2 ** (len(args.cnn_channels) - 1), num_classes=10)
     config_file = run_dir.parent / "ar_config.json"
     config.to_json_file(str(config_file))
-    steps = int(args.ar_epochs * (1437 // args.ar_batch_size))
+    steps = int(args.ar_epochs * (num_train // args.ar_batch_size))
     training_args = SphereARTrainingArguments(
         output_dir=str(run_dir), pipeline_output_dir=str(run_dir / "pipeline"), use_cpu=True, seed=args.seed,
         per_device_train_batch_size=args.ar_batch_size, num_train_epochs=args.ar_epochs, learning_rate=args.ar_lr,
@@ -127,6 +127,19 @@ def train_ar_stage(args: argparse.Namespace, vae_dir: Path, cache: Path, run_dir
     model_args = ModelArguments(pretrained_vae=str(vae_dir), config_file=str(config_file))
     return train_sphere_ar(model_args, _data_args(args, cache.parent / "data", latent_cache=str(cache)),
                            training_args)
+
+
+def _copy_public(src: Path, dst: Path) -> None:
+    """Copy the pipeline folder with ordinary permissions (temporary folders and some writers use 0700 / 0600) and
+    without the ``_name_or_path`` of the (temporary) folder the VAE was loaded from, so that two runs of the recipe
+    write byte-identical folders."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    for config in dst.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for path in [dst, *dst.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -143,15 +156,16 @@ def main(argv: list[str] | None = None) -> Path:
         work.mkdir(parents=True, exist_ok=True)
     try:
         # 1. data: the train split only (the test split is for the benchmark)
+        splits = load_digit_splits()
+        num_train = len(splits.train_labels)
         data = work / "data"
-        if not data.exists():
-            splits = load_digit_splits()
-            write_digits_dataset(splits.train_images, splits.train_labels, data, args.resolution)
+        shutil.rmtree(data, ignore_errors=True)
+        write_digits_dataset(splits.train_images, splits.train_labels, data, args.resolution)
         # 2. S-VAE
         vae_dir = work / "vae-run" / "vae"
         if not (args.reuse_vae and (vae_dir / "config.json").is_file()):
             shutil.rmtree(work / "vae-run", ignore_errors=True)
-            vae_dir = train_vae_stage(args, data, work / "vae-run")
+            vae_dir = train_vae_stage(args, data, work / "vae-run", num_train)
         t_vae = time.time()
         logger.info("S-VAE done after %.0f s", t_vae - t0)
         # 3. latent cache
@@ -161,13 +175,12 @@ def main(argv: list[str] | None = None) -> Path:
         cache_latents(load_vae(vae_dir).eval(), _data_args(args, data), cache, batch_size=256, overwrite=True)
         # 4. SphereAR
         shutil.rmtree(work / "ar-run", ignore_errors=True)
-        pipeline = train_ar_stage(args, vae_dir, cache, work / "ar-run")
+        pipeline = train_ar_stage(args, vae_dir, cache, work / "ar-run", num_train)
         logger.info("SphereAR done after %.0f s (S-VAE %.0f s)", time.time() - t0, t_vae - t0)
         # 5. the pipeline folder
         from sphere_ar_hf.convert import write_atomically
 
-        write_atomically(args.output_dir, lambda out: shutil.copytree(pipeline, out, dirs_exist_ok=True),
-                         overwrite=True)
+        write_atomically(args.output_dir, lambda out: _copy_public(pipeline, out), overwrite=True)
         (work / "recipe.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
     finally:
         if tmp is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +122,12 @@ class DigitClassifier:
     the Fréchet distance. Deterministic for a given ``seed`` (trains in seconds on the train split)."""
 
     def __init__(self, size: int = DIGITS_IMAGE_SIZE, hidden: tuple[int, ...] = (128, 64), seed: int = 0,
-                 max_iter: int = 300):
+                 max_iter: int = 300, blas_threads: int | None = 1):
         from sklearn.neural_network import MLPClassifier
 
         self.size = size
+        # one BLAS thread by default: on a busy machine several spin-wait badly (10x+ slower), and one is plenty here
+        self.blas_threads = blas_threads
         self.mlp = MLPClassifier(hidden_layer_sizes=hidden, alpha=1e-3, max_iter=max_iter, random_state=seed,
                                  early_stopping=False, tol=1e-5)
 
@@ -137,10 +139,15 @@ class DigitClassifier:
 
         from sklearn.exceptions import ConvergenceWarning
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), self._limits():
             warnings.simplefilter("ignore", ConvergenceWarning)
             self.mlp.fit(self._flat(images), np.asarray(labels))
         return self
+
+    def _limits(self):
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+        return threadpool_limits(self.blas_threads)
 
     @classmethod
     def fit_real(cls, splits: DigitSplits, size: int = DIGITS_IMAGE_SIZE, seed: int = 0) -> DigitClassifier:
@@ -148,7 +155,8 @@ class DigitClassifier:
         return cls(size=size, seed=seed).fit(upscale_digits(splits.train_images, size), splits.train_labels)
 
     def predict(self, images: Any) -> np.ndarray:
-        return self.mlp.predict(self._flat(images))
+        with self._limits():
+            return self.mlp.predict(self._flat(images))
 
     def accuracy(self, images: Any, labels: np.ndarray) -> float:
         return float(np.mean(self.predict(images) == np.asarray(labels)))
@@ -156,8 +164,9 @@ class DigitClassifier:
     def features(self, images: Any) -> np.ndarray:
         """The last hidden layer's (ReLU) activations, (N, hidden[-1]) float64."""
         h = self._flat(images).astype(np.float64)
-        for w, b in zip(self.mlp.coefs_[:-1], self.mlp.intercepts_[:-1]):
-            h = np.maximum(h @ w + b, 0.0)
+        with self._limits():
+            for w, b in zip(self.mlp.coefs_[:-1], self.mlp.intercepts_[:-1]):
+                h = np.maximum(h @ w + b, 0.0)
         return h
 
 
@@ -211,7 +220,6 @@ class SampleReport:
     per_class_accuracy: dict[int, float]
     frechet_distance: float
     num_images: int
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def evaluate_samples(classifier: DigitClassifier, images: Any, labels: np.ndarray,

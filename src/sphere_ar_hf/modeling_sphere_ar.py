@@ -126,8 +126,14 @@ class DiffusionHead(nn.Module):
             m[..., :dim] += 1  # the same float32 ``1 + scale`` as the unfused form
         return mods
 
-    def transposed_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Contiguous ``(w1.weight.T, w2.weight.T)`` of each residual block, for :meth:`velocity_from_modulation`."""
+    def transposed_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Contiguous ``(w1.weight.T, w2.weight.T)`` of each residual block, for :meth:`velocity_from_modulation`.
+
+        ``None`` when a block's linear is not a plain ``nn.Linear`` (e.g. wrapped by a LoRA adapter): its
+        ``weight`` would then be the base weight alone, and the product must go through the module.
+        """
+        if any(type(m) is not nn.Linear for b in self.res_blocks for m in (b.w1, b.w2)):
+            return None
         return [(b.w1.weight.t().contiguous(), b.w2.weight.t().contiguous()) for b in self.res_blocks]
 
     def velocity_from_modulation(self, x: torch.Tensor, mods: Sequence[torch.Tensor], repeat: int = 1,
