@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--official-batch", type=lambda s: [int(x) for x in s.replace(",", " ").split()], default=[8],
                     help="batch size(s) of the side-by-side comparison, e.g. '8' (default) or '1,8,32'")
     ap.add_argument("--official-stub", default=OFFICIAL_STUB, help="folder with the flash_attn stand-in")
+    ap.add_argument("--head-modulation", default="auto", choices=["auto", "exact", "batched"],
+                    help="the pipeline's batched_head_modulation: auto (exact on CPU), exact, or batched over steps")
     return ap.parse_args(argv)
 
 
@@ -231,13 +233,14 @@ def main(a: argparse.Namespace) -> None:
     image_size = 256 if a.full else 64
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; SphereAR-B + S-VAE at "
           f"{image_size} px ({(image_size // 16) ** 2} tokens), {a.steps} steps, CFG {a.guidance_scale} "
-          f"{a.cfg_schedule}, best of {a.repeats}", flush=True)
+          f"{a.cfg_schedule}, best of {a.repeats}, head modulation {a.head_modulation}", flush=True)
     model = None
     if a.official:
         model, pipe = build_official(a.official, a.official_stub, image_size, a.seed)
     else:
         pipe = build_ours(image_size, a.seed)
     pipe.set_progress_bar_config(disable=True)
+    pipe.batched_head_modulation = {"auto": None, "exact": False, "batched": True}[a.head_modulation]
     n_tf = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
     n_vae = sum(p.numel() for p in pipe.vae.parameters()) / 1e6
     print(f"parameters: transformer {n_tf:.1f}M, VAE {n_vae:.1f}M", flush=True)

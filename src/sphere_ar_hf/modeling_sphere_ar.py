@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_sphere_ar import SphereARConfig
-from .layers import KVCache, Rope2D, TransformerBlock, run_blocks
+from .layers import KVCache, Rope2D, TransformerBlock, align_loaded, run_blocks
 from .scheduling_sphere_ar import flow_path
 
 __all__ = ["SphereARTransformer", "SphereARTransformerOutput", "DiffusionHead"]
@@ -189,6 +189,11 @@ class SphereARPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock", "HeadResBlock"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, with the CPU weights in aligned memory (``layers.align_tensors_``)."""
+        return align_loaded(super().from_pretrained(*args, **kwargs))
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

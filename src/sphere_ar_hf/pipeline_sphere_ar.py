@@ -33,6 +33,14 @@ class SphereARPipeline(DiffusionPipeline):
     ``generator=torch.Generator().manual_seed(s)`` reproduces the official sampler run after
     ``torch.manual_seed(s)`` (CPU, float32). With a list of generators (one per image) each image uses only
     its own generator, so it does not depend on the rest of the batch.
+
+    Exactness: a float32 product's rounding can depend on its row count (MKL on the CPU takes other kernels for
+    a few rows, and splits them differently across threads), and a random or early-training model amplifies a
+    1e-7 difference in one token to visible changes by the last. So on the CPU the head's time embeddings and
+    adaLN modulations are computed per step with the official shapes (``batched_head_modulation=None``, the
+    default): converted official weights then give the official images bit for bit at any batch size (same
+    thread count). Elsewhere (CUDA), or with ``pipe.batched_head_modulation = True``, the modulations of many
+    steps are computed in one product per token (fewer, larger products: faster; equal to ~1e-7).
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -48,6 +56,8 @@ class SphereARPipeline(DiffusionPipeline):
         self.id2label = id2label
         self._velocity_fn: Callable | None = None
         self._head_weights_t: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # None: exact head products on the CPU, batched over steps elsewhere (see the class docstring)
+        self.batched_head_modulation: bool | None = None
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -117,16 +127,31 @@ class SphereARPipeline(DiffusionPipeline):
         elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
 
+    def embed_times(self, rows: int, device: torch.device) -> torch.Tensor:
+        """The head's time embeddings of every scheduler step, once per call (the same times for every token).
+
+        Exact mode: ``(steps, rows, dim)``, each step's embedding computed for ``rows`` rows as the official sampler
+        does (a product's rounding can depend on its row count). Batched mode: ``(steps, 1, dim)``.
+        """
+        head, times = self.transformer.head, self.scheduler.timesteps.to(device)
+        if not self._batched_head(device):
+            return torch.stack([head.embed_time(t.expand(rows)) for t in times])
+        return head.embed_time(times).unsqueeze(1)
+
+    def _batched_head(self, device: torch.device) -> bool:
+        return self.batched_head_modulation if self.batched_head_modulation is not None else device.type != "cpu"
+
     def sample_token(self, cond: torch.Tensor, t_emb: torch.Tensor, guidance: float, generator) -> torch.Tensor:
         """Integrate the head's flow for one token of every row of ``cond`` and project onto the sphere.
 
-        ``cond`` (rows, hidden) are head conditions laid out ``[conditional; unconditional]`` when guiding.
-        With ``guidance > 1`` one state per image is integrated with guided velocities and shared by both
-        halves; otherwise every row gets its own state (as in the official sampler).
+        ``cond`` (rows, hidden) are head conditions laid out ``[conditional; unconditional]`` when guiding;
+        ``t_emb``: :meth:`embed_times`. With ``guidance > 1`` one state per image is integrated with guided
+        velocities and shared by both halves; otherwise every row gets its own state (as in the official sampler).
 
         Work that does not depend on the state is hoisted out of the step loop: the condition embedding once
-        per token, and the adaLN modulations of all steps (which depend only on time and condition) in a few
-        batched products per token; each step then runs only the state-dependent MLP.
+        per token, the time embeddings once per call. The adaLN modulations (which depend only on time and
+        condition) are computed per step for the token's rows, with the official shapes (exact mode), or for many
+        steps in a few batched products per token (batched mode); each step then runs the state-dependent MLP.
         """
         head, scheduler = self.transformer.head, self.scheduler
         velocity = self._velocity_fn or head.velocity_from_modulation
@@ -138,15 +163,17 @@ class SphereARPipeline(DiffusionPipeline):
         c_emb = head.embed_condition(cond)  # once per token
         x = draw_noise((n, self.transformer.config.latent_dim), generator, cond.device, torch.float32)
         num_steps = len(scheduler)
-        # modulations of `chunk` steps at a time: ~MODULATION_BYTES of activations at most
-        row_bytes = rows * head.modulation_width * c_emb.element_size()
-        chunk = max(1, min(num_steps, self.MODULATION_BYTES // row_bytes))
+        if t_emb.shape[1] == rows:  # exact mode: one step's modulations at a time, the official products
+            chunk = 1
+        else:  # modulations of `chunk` steps at a time: ~MODULATION_BYTES of activations at most
+            row_bytes = rows * head.modulation_width * c_emb.element_size()
+            chunk = max(1, min(num_steps, self.MODULATION_BYTES // row_bytes))
         repeat = 2 if guided else 1
         weights_t = getattr(self, "_head_weights_t", None)  # set by __call__ for many rows on the CPU
         for k in range(num_steps):
             j = k % chunk
             if j == 0:
-                mods = head.modulation(t_emb[k:k + chunk, None], c_emb)
+                mods = head.modulation(t_emb[k:k + chunk], c_emb)
             v = velocity(x, [m[j] for m in mods], repeat, weights_t)
             if guided:
                 v = apply_guidance(v.float(), guidance)
@@ -192,7 +219,7 @@ class SphereARPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         num_tokens = tf.config.num_image_tokens
         cache = tf.allocate_kv_cache(cond.shape[0], device=device)
-        t_emb = tf.head.embed_time(self.scheduler.timesteps)  # once per call: the same times for every token
+        t_emb = self.embed_times(cond.shape[0], device)
         z = tf.prefill(cond, cache)
         tokens = []
         # many head rows on the CPU: the head's block weights in (in, out) layout for this call (~1.4x faster

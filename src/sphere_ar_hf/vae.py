@@ -14,7 +14,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
-from .layers import Rope2D, TransformerBlock, run_blocks, swiglu_hidden_size
+from .layers import Rope2D, TransformerBlock, align_loaded, run_blocks, swiglu_hidden_size
 from .power_spherical import PowerSphericalDistribution, l2_normalize, project_to_sphere
 
 __all__ = ["SphereVAE", "SphereVAEEncoderOutput", "DecoderOutput"]
@@ -95,6 +95,11 @@ class SphereVAE(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock", "DownBlock", "UpBlock"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``ModelMixin.from_pretrained``, with the CPU weights in aligned memory (see ``layers.align_tensors_``)."""
+        return align_loaded(super().from_pretrained(*args, **kwargs))
 
     @register_to_config
     def __init__(
