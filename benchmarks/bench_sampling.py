@@ -20,10 +20,12 @@ and the images of the first run (same seed) are compared. The official code is o
 the flash_attn stand-in in /work/shared/tools/official_stub, and torch.compile disabled through
 TORCHDYNAMO_DISABLE=1, since its decorators cannot compile here).
 
-With 16 or more head rows (batch >= 8 with guidance) and >= 15 steps our sampler does the same float32 operations
-as the official one and the images agree to the last bit (MKL gives a row the same result in any product of >= 16
-rows). With fewer rows (or steps) the official per-step products of < 16 rows round differently from our batched
-ones; a random SphereAR-B amplifies such 1e-7 differences about 3x per token, so these differ visibly at the end.
+On the CPU the pipeline issues the head's products with the official shapes by default (``--head-modulation
+auto``: per step, per projection, a product of the token's rows), so the sampled tokens agree with the official
+ones to the last bit at every batch size (the decoded images to ~1e-6). ``--head-modulation batched`` times the
+opt-in batched modulations (many steps in one product: fewer, larger products; equal up to float rounding, which
+a random SphereAR-B amplifies visibly over the tokens).
+
 Each line also gives the process CPU time of its fastest run: on a busy shared machine wall times swing widely
 (other processes take the cores; with several threads each op waits for the slowest one), while the CPU time of a
 single-threaded run (--threads 1) stays comparable between runs.

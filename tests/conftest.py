@@ -41,6 +41,20 @@ def sphere_tokens(batch: int, tokens: int, dim: int = 16, seed: int = 0) -> torc
     return torch.nn.functional.normalize(x, dim=-1) * dim**0.5
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch (OpenMP) and BLAS thread for a module: tiny models run faster on one, two spin-wait badly on a
+    busy shared 2-core machine (10x+ slower), and subprocesses started with one thread compute the same numerics.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency (test extra)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     assert (FIXTURE_DIR / "expected.safetensors").is_file(), f"missing shared fixture {FIXTURE_DIR}"

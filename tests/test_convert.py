@@ -41,13 +41,7 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than several (and is not slowed down by a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -48,17 +48,7 @@ def bench():
     return _load("bench_lora", ROOT / "benchmarks" / "bench_lora.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP / BLAS threads on a shared 2-core machine spin-wait badly (the classifier's fit: 1.5 s with one
-    BLAS thread, 14-40 s with two); one is robust."""
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_module_names(model: torch.nn.Module) -> set[str]:

@@ -52,13 +52,7 @@ TIMEOUT = 600
 # fixtures and helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: fast on a busy 2-core machine, and the same numerics as the subprocesses."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -45,13 +45,7 @@ TINY_ARGS = ["--latent_dim", "16", "--patch_size", "16", "--z_channels", "64", "
              "--lpips_random_backbone", "--report_to", "tensorboard"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine spin-wait badly (10x+ slower); one is robust."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
+from .cli import _positive_int
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -315,16 +317,6 @@ def load_default_pipeline(dtype: str = "float32") -> SphereARPipeline:
     from .pretrained import bundled_model_path
 
     return load_pipeline(str(bundled_model_path("digits")), dtype)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _port(text: str) -> int:

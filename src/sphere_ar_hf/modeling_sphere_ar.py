@@ -111,17 +111,23 @@ class DiffusionHead(nn.Module):
         """Columns of all adaLN outputs together (see :meth:`modulation`)."""
         return sum(m.out_features for m in self.adaln) + self.final_adaln.out_features
 
-    def modulation(self, t_emb: torch.Tensor, c_emb: torch.Tensor) -> list[torch.Tensor]:
+    def modulation(self, t_emb: torch.Tensor, c_emb: torch.Tensor, per_step: bool = False) -> list[torch.Tensor]:
         """Every adaLN projection of ``silu(t_emb + c_emb)`` (broadcast together), ``1`` already added to each scale.
 
         Returns one tensor ``(..., 3 * dim)`` (scale + 1, shift, gate) per shared adaLN and one ``(..., 2 * dim)``
         (scale + 1, shift) for the final layer. It does not depend on the state ``x``, so the sampler computes it
-        for many steps and all rows in one batched product per projection (``t_emb`` (steps, 1, dim),
-        ``c_emb`` (rows, dim)) instead of once per step.
+        for many steps at once (``t_emb`` (steps, 1 or rows, dim), ``c_emb`` (rows, dim)): in one product per
+        projection, or with ``per_step`` in one product of ``rows`` rows per step and projection, the official
+        shapes (a product's rounding can depend on its row count), issued back to back so that each projection's
+        weight stays in cache.
         """
         y = F.silu(t_emb + c_emb)
         dim = self.final_linear.in_features
-        mods = [m(y) for m in self.adaln] + [self.final_adaln(y)]
+        layers = [*self.adaln, self.final_adaln]
+        if per_step:
+            mods = [torch.stack([m(y_k) for y_k in y]) for m in layers]
+        else:
+            mods = [m(y) for m in layers]
         for m in mods:
             m[..., :dim] += 1  # the same float32 ``1 + scale`` as the unfused form
         return mods

@@ -163,17 +163,16 @@ class SphereARPipeline(DiffusionPipeline):
         c_emb = head.embed_condition(cond)  # once per token
         x = draw_noise((n, self.transformer.config.latent_dim), generator, cond.device, torch.float32)
         num_steps = len(scheduler)
-        if t_emb.shape[1] == rows:  # exact mode: one step's modulations at a time, the official products
-            chunk = 1
-        else:  # modulations of `chunk` steps at a time: ~MODULATION_BYTES of activations at most
-            row_bytes = rows * head.modulation_width * c_emb.element_size()
-            chunk = max(1, min(num_steps, self.MODULATION_BYTES // row_bytes))
+        exact = t_emb.shape[1] == rows  # exact mode: per-step products of the official shapes
+        # modulations of `chunk` steps at a time: ~MODULATION_BYTES of activations at most
+        row_bytes = rows * head.modulation_width * c_emb.element_size()
+        chunk = max(1, min(num_steps, self.MODULATION_BYTES // row_bytes))
         repeat = 2 if guided else 1
         weights_t = getattr(self, "_head_weights_t", None)  # set by __call__ for many rows on the CPU
         for k in range(num_steps):
             j = k % chunk
             if j == 0:
-                mods = head.modulation(t_emb[k:k + chunk], c_emb)
+                mods = head.modulation(t_emb[k:k + chunk], c_emb, per_step=exact)
             v = velocity(x, [m[j] for m in mods], repeat, weights_t)
             if guided:
                 v = apply_guidance(v.float(), guidance)
