@@ -156,3 +156,22 @@ def test_sampler_is_bit_identical_to_the_official_arithmetic(converted_pipeline:
     ours = pipe(labels, guidance_scale=4.5, num_inference_steps=3, generator=torch.Generator().manual_seed(5),
                 output_type="latent").images
     assert torch.equal(ours, _official_style_sample(pipe, labels, 4.5, 3, seed=5))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 2, 6, 16, 32])
+def test_rounding_probe_tells_the_truth(converted_pipeline: SphereARPipeline, rows: int) -> None:
+    """The pipeline batches the modulations over steps only where the head's probe says that changes no bit: the
+    probe must agree with what real modulations do (random inputs expose any other summation order)."""
+    head = converted_pipeline.transformer.head
+    g = torch.Generator().manual_seed(rows)
+    t_emb = torch.randn(7, rows, head.final_linear.in_features, generator=g)
+    c_emb = torch.randn(rows, head.final_linear.in_features, generator=g)
+    batched, per_step = head.modulation(t_emb, c_emb), head.modulation(t_emb, c_emb, per_step=True)
+    same = all(torch.equal(a, b) for a, b in zip(batched, per_step))
+    assert same == head.batched_modulation_is_exact(rows, 7)
+    weights_t = head.transposed_weights()
+    u = torch.randn(rows, head.final_linear.in_features, generator=g)
+    block = head.res_blocks[0]
+    assert torch.equal(block.w1(u), torch.addmm(block.w1.bias, u, weights_t[0][0])) or \
+        not head.transposed_weights_are_exact(rows, weights_t)

@@ -142,6 +142,29 @@ class DiffusionHead(nn.Module):
             return None
         return [(b.w1.weight.t().contiguous(), b.w2.weight.t().contiguous()) for b in self.res_blocks]
 
+    @torch.no_grad()
+    def batched_modulation_is_exact(self, rows: int, steps: int) -> bool:
+        """Whether :meth:`modulation` of ``steps`` steps in one product per projection gives, bit for bit, what one
+        product of ``rows`` rows per step gives, here (the BLAS kernels, thread count, dtype and device decide).
+        Probed on random inputs from a fixed private generator: a different summation order shows up at once."""
+        weight = self.final_adaln.weight
+        g = torch.Generator().manual_seed(0)
+        y = torch.randn(steps, rows, self.final_linear.in_features, generator=g).to(weight.device, weight.dtype)
+        return all(torch.equal(m(y), torch.stack([m(y_k) for y_k in y])) for m in [*self.adaln, self.final_adaln])
+
+    @torch.no_grad()
+    def transposed_weights_are_exact(self, rows: int, weights_t: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Whether products of ``rows`` rows with :meth:`transposed_weights` equal the blocks' own, bit for bit."""
+        g = torch.Generator().manual_seed(0)
+        for block, (w1t, w2t) in zip(self.res_blocks, weights_t):
+            w = block.w1.weight
+            u = torch.randn(rows, w1t.shape[0], generator=g).to(w.device, w.dtype)
+            a = torch.randn(rows, w2t.shape[0], generator=g).to(w.device, w.dtype)
+            if not (torch.equal(block.w1(u), torch.addmm(block.w1.bias, u, w1t))
+                    and torch.equal(block.w2(a), torch.addmm(block.w2.bias, a, w2t))):
+                return False
+        return True
+
     def velocity_from_modulation(self, x: torch.Tensor, mods: Sequence[torch.Tensor], repeat: int = 1,
                                  weights_t: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Velocity at ``x`` (n, latent_dim) given one step's rows of :meth:`modulation` (each (n * repeat, width)).

@@ -36,11 +36,13 @@ class SphereARPipeline(DiffusionPipeline):
 
     Exactness: a float32 product's rounding can depend on its row count (MKL on the CPU takes other kernels for
     a few rows, and splits them differently across threads), and a random or early-training model amplifies a
-    1e-7 difference in one token to visible changes by the last. So on the CPU the head's time embeddings and
-    adaLN modulations are computed per step with the official shapes (``batched_head_modulation=None``, the
-    default): converted official weights then give the official images bit for bit at any batch size (same
-    thread count). Elsewhere (CUDA), or with ``pipe.batched_head_modulation = True``, the modulations of many
-    steps are computed in one product per token (fewer, larger products: faster; equal to ~1e-7).
+    1e-7 difference in one token to visible changes by the last. So on the CPU the sampler computes nothing that
+    could round differently from the official per-step evaluation: the time embeddings for the token's rows, and
+    the adaLN modulations of many steps in one product per token only where a probe on this machine (this thread
+    count, dtype and weights) shows that this changes no bit, otherwise per step with the official shapes. Converted
+    official weights then give the official images bit for bit at any batch size (same thread count).
+    ``pipe.batched_head_modulation``: ``None`` (default) as just described on the CPU, batched elsewhere (CUDA);
+    ``True``: batched everywhere (faster for a few rows; equal to ~1e-7); ``False``: per step everywhere.
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -55,8 +57,10 @@ class SphereARPipeline(DiffusionPipeline):
         self.register_to_config(id2label=id2label or None)
         self.id2label = id2label
         self._velocity_fn: Callable | None = None
-        self._head_weights_t: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        # None: exact head products on the CPU, batched over steps elsewhere (see the class docstring)
+        self._head_weights_t: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # this call's plan (__call__)
+        self._per_step_modulation = False
+        self._rounding_probes: dict[tuple, bool] = {}
+        # None: on the CPU batched only where that changes no bit, elsewhere batched (see the class docstring)
         self.batched_head_modulation: bool | None = None
 
     # ---- loading ----------------------------------------------------------------------------------------------
@@ -130,16 +134,46 @@ class SphereARPipeline(DiffusionPipeline):
     def embed_times(self, rows: int, device: torch.device) -> torch.Tensor:
         """The head's time embeddings of every scheduler step, once per call (the same times for every token).
 
-        Exact mode: ``(steps, rows, dim)``, each step's embedding computed for ``rows`` rows as the official sampler
-        does (a product's rounding can depend on its row count). Batched mode: ``(steps, 1, dim)``.
+        On the CPU ``(steps, rows, dim)``: each step's embedding computed for ``rows`` rows, as the official sampler
+        does (a product's rounding can depend on its row count); elsewhere ``(steps, 1, dim)``.
         """
         head, times = self.transformer.head, self.scheduler.timesteps.to(device)
-        if not self._batched_head(device):
+        if device.type == "cpu":
             return torch.stack([head.embed_time(t.expand(rows)) for t in times])
         return head.embed_time(times).unsqueeze(1)
 
-    def _batched_head(self, device: torch.device) -> bool:
-        return self.batched_head_modulation if self.batched_head_modulation is not None else device.type != "cpu"
+    def modulation_chunk(self, rows: int) -> int:
+        """Steps whose adaLN modulations :meth:`sample_token` computes at a time: ~``MODULATION_BYTES`` at most."""
+        head = self.transformer.head
+        row_bytes = rows * head.modulation_width * head.final_adaln.weight.element_size()
+        return max(1, min(len(self.scheduler), self.MODULATION_BYTES // row_bytes))
+
+    def _probe(self, kind: str, rows: int, steps: int, run: Callable[[], bool]) -> bool:
+        """``run()`` once per shape, thread count, dtype, device and set of weights (cached)."""
+        weight = self.transformer.head.final_adaln.weight
+        key = (kind, rows, steps, torch.get_num_threads(), weight.dtype, weight.device, weight.data_ptr())
+        if key not in self._rounding_probes:
+            self._rounding_probes[key] = run()
+        return self._rounding_probes[key]
+
+    def plan_head(self, rows: int, device: torch.device) -> None:
+        """Choose how this call's head products are issued (see the class docstring): batched or per-step adaLN
+        modulations, and, for many rows on the CPU, the block weights in (in, out) layout (~1.4x faster products
+        at 64 rows, a transient copy) where that changes no bit (or when batching is forced)."""
+        head, mode = self.transformer.head, self.batched_head_modulation
+        self._head_weights_t = None
+        if device.type != "cpu":
+            self._per_step_modulation = mode is False
+            return
+        if mode is None:
+            num_steps, chunk = len(self.scheduler), self.modulation_chunk(rows)
+            mode = all(self._probe("modulation", rows, s, lambda s=s: head.batched_modulation_is_exact(rows, s))
+                       for s in {chunk, num_steps % chunk} - {0})
+        self._per_step_modulation = not mode
+        if rows >= self.TRANSPOSED_HEAD_MIN_ROWS and (weights_t := head.transposed_weights()) is not None:
+            if self.batched_head_modulation or self._probe(
+                    "transposed", rows, 0, lambda: head.transposed_weights_are_exact(rows, weights_t)):
+                self._head_weights_t = weights_t
 
     def sample_token(self, cond: torch.Tensor, t_emb: torch.Tensor, guidance: float, generator) -> torch.Tensor:
         """Integrate the head's flow for one token of every row of ``cond`` and project onto the sphere.
@@ -149,9 +183,9 @@ class SphereARPipeline(DiffusionPipeline):
         velocities and shared by both halves; otherwise every row gets its own state (as in the official sampler).
 
         Work that does not depend on the state is hoisted out of the step loop: the condition embedding once
-        per token, the time embeddings once per call. The adaLN modulations (which depend only on time and
-        condition) are computed per step for the token's rows, with the official shapes (exact mode), or for many
-        steps in a few batched products per token (batched mode); each step then runs the state-dependent MLP.
+        per token, the time embeddings once per call, the adaLN modulations (which depend only on time and
+        condition) for many steps at a time, in batched products or in per-step products of the official shapes
+        (:meth:`plan_head`); each step then runs only the state-dependent MLP.
         """
         head, scheduler = self.transformer.head, self.scheduler
         velocity = self._velocity_fn or head.velocity_from_modulation
@@ -163,16 +197,12 @@ class SphereARPipeline(DiffusionPipeline):
         c_emb = head.embed_condition(cond)  # once per token
         x = draw_noise((n, self.transformer.config.latent_dim), generator, cond.device, torch.float32)
         num_steps = len(scheduler)
-        exact = t_emb.shape[1] == rows  # exact mode: per-step products of the official shapes
-        # modulations of `chunk` steps at a time: ~MODULATION_BYTES of activations at most
-        row_bytes = rows * head.modulation_width * c_emb.element_size()
-        chunk = max(1, min(num_steps, self.MODULATION_BYTES // row_bytes))
+        chunk, per_step, weights_t = self.modulation_chunk(rows), self._per_step_modulation, self._head_weights_t
         repeat = 2 if guided else 1
-        weights_t = getattr(self, "_head_weights_t", None)  # set by __call__ for many rows on the CPU
         for k in range(num_steps):
             j = k % chunk
             if j == 0:
-                mods = head.modulation(t_emb[k:k + chunk], c_emb, per_step=exact)
+                mods = head.modulation(t_emb[k:k + chunk], c_emb, per_step=per_step)
             v = velocity(x, [m[j] for m in mods], repeat, weights_t)
             if guided:
                 v = apply_guidance(v.float(), guidance)
@@ -221,10 +251,7 @@ class SphereARPipeline(DiffusionPipeline):
         t_emb = self.embed_times(cond.shape[0], device)
         z = tf.prefill(cond, cache)
         tokens = []
-        # many head rows on the CPU: the head's block weights in (in, out) layout for this call (~1.4x faster
-        # products at 64 rows; a transient copy of the head's block weights)
-        if cond.device.type == "cpu" and cond.shape[0] >= self.TRANSPOSED_HEAD_MIN_ROWS:
-            self._head_weights_t = tf.head.transposed_weights()
+        self.plan_head(cond.shape[0], device)
         try:
             with self.progress_bar(total=num_tokens) as bar:
                 for i in range(num_tokens):
@@ -235,7 +262,7 @@ class SphereARPipeline(DiffusionPipeline):
                         z = tf.decode_step(token, i, cache)
                     bar.update()
         finally:
-            self._head_weights_t = None
+            self._head_weights_t, self._per_step_modulation = None, False
         latents = torch.stack(tokens, dim=1)
         if output_type == "latent":
             images = latents
