@@ -149,9 +149,11 @@ class SphereARPipeline(DiffusionPipeline):
         return max(1, min(len(self.scheduler), self.MODULATION_BYTES // row_bytes))
 
     def _probe(self, kind: str, rows: int, steps: int, run: Callable[[], bool]) -> bool:
-        """``run()`` once per shape, thread count, dtype, device and set of weights (cached)."""
-        weight = self.transformer.head.final_adaln.weight
-        key = (kind, rows, steps, torch.get_num_threads(), weight.dtype, weight.device, weight.data_ptr())
+        """``run()`` once per shape, thread count, dtype, device, weights and adapter wrapping (cached)."""
+        head = self.transformer.head
+        weight, layers = head.final_adaln.weight, (*head.adaln, head.final_adaln, *head.res_blocks)
+        key = (kind, rows, steps, torch.get_num_threads(), weight.dtype, weight.device, weight.data_ptr(),
+               tuple(type(m) for b in layers for m in ((b.w1, b.w2) if hasattr(b, "w1") else (b,))))
         if key not in self._rounding_probes:
             self._rounding_probes[key] = run()
         return self._rounding_probes[key]
