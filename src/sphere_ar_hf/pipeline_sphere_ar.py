@@ -42,7 +42,7 @@ class SphereARPipeline(DiffusionPipeline):
     count, dtype and weights) shows that this changes no bit, otherwise per step with the official shapes. Converted
     official weights then give the official images bit for bit at any batch size (same thread count).
     ``pipe.batched_head_modulation``: ``None`` (default) as just described on the CPU, batched elsewhere (CUDA);
-    ``True``: batched everywhere (faster for a few rows; equal to ~1e-7); ``False``: per step everywhere.
+    ``True``: batched everywhere (fewer, larger products; equal to ~1e-7); ``False``: per step everywhere.
     """
 
     model_cpu_offload_seq = "transformer->vae"
