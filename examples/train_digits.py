@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ema_decay", type=float, default=0.995)
     g.add_argument("--ar_workers", type=int, default=1,
                    help="DataLoader workers drawing posterior samples next to the training process")
-    g.add_argument("--guidance_scale", type=float, default=3.0, help="the recommended guidance written to the config")
+    g.add_argument("--guidance_scale", type=float, default=2.0,
+                   help="the recommended guidance written to the config (2: see benchmarks/eval_digits.py)")
     return p.parse_args(argv)
 
 
