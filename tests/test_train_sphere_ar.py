@@ -22,18 +22,20 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARTransformer, SphereVAE
+from sphere_ar_hf.training.checkpoints import (
+    CHECKPOINT_MARKER,
+    is_complete_checkpoint,
+    mark_checkpoint_complete,
+    resolve_resume_checkpoint,
+)
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.ema import EMA_WEIGHTS_NAME, ParameterEMA
 from sphere_ar_hf.training.trainer import (
-    CHECKPOINT_COMPLETE_NAME,
     ModelArguments,
     SphereARTrainer,
     SphereARTrainingArguments,
     collate_training_batch,
-    is_complete_checkpoint,
-    mark_checkpoint_complete,
     official_learning_rate,
-    resolve_resume_checkpoint,
     train_sphere_ar,
 )
 
@@ -378,7 +380,7 @@ def test_resolver_skips_checkpoints_a_crash_left_half_written(tmp_path):
     truncated = _fake_checkpoint(tmp_path, 15)
     (truncated / "model.safetensors").write_bytes(b"x" * 10)  # a file shorter than recorded
     corrupt = _fake_checkpoint(tmp_path, 20)
-    (corrupt / CHECKPOINT_COMPLETE_NAME).write_text('{"global_step": 20, "fil')  # torn marker
+    (corrupt / CHECKPOINT_MARKER).write_text('{"global_step": 20, "fil')  # torn marker
     (tmp_path / "checkpoint-25").mkdir()  # an empty folder
     assert is_complete_checkpoint(good) and not is_complete_checkpoint(truncated)
     assert resolve_resume_checkpoint(tmp_path, "latest") == str(good)
@@ -388,7 +390,7 @@ def test_resolver_skips_checkpoints_a_crash_left_half_written(tmp_path):
         resolve_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-10"))
     with pytest.raises(ValueError, match="no such folder"):
         resolve_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-99"))
-    assert json.loads((good / CHECKPOINT_COMPLETE_NAME).read_text())["files"]["model.safetensors"] == 100
+    assert json.loads((good / CHECKPOINT_MARKER).read_text())["files"]["model.safetensors"] == 100
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> None:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from sphere_ar_hf import SphereVAE
+from sphere_ar_hf.training.checkpoints import CHECKPOINT_MARKER, mark_checkpoint_complete, resolve_resume_checkpoint
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.losses import (
     PatchGANDiscriminator,
@@ -28,10 +29,8 @@ from sphere_ar_hf.training.losses import (
     vanilla_d_loss,
 )
 from sphere_ar_hf.training.vae_trainer import (
-    CHECKPOINT_MARKER,
     VAEModelArguments,
     VAETrainingArguments,
-    find_latest_checkpoint,
     lr_at_step,
     official_param_groups,
     save_checkpoint_atomically,
@@ -250,7 +249,7 @@ def test_lr_schedule_and_weight_decay_groups():
 def _complete(path: Path, step: int) -> Path:
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(b"x")
-    (path / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))
+    mark_checkpoint_complete(path, step)
     return path
 
 
@@ -272,18 +271,18 @@ class FakeAccelerator:
 
 
 def test_latest_never_picks_a_half_written_checkpoint(tmp_path):
-    assert find_latest_checkpoint(tmp_path / "missing") is None
+    assert resolve_resume_checkpoint(tmp_path / "missing", "latest") is None
     good = _complete(tmp_path / "checkpoint-20", 20)
     _complete(tmp_path / "checkpoint-3", 3)
     (tmp_path / "checkpoint-30").mkdir()  # e.g. copied by hand, never completed
     (tmp_path / "checkpoint-30" / "model.safetensors").write_bytes(b"partial")
-    assert find_latest_checkpoint(tmp_path) == good
+    assert resolve_resume_checkpoint(tmp_path, "latest") == str(good)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint_atomically(FakeAccelerator(fail=True), tmp_path, 40)
     assert not (tmp_path / "checkpoint-40").exists() and (tmp_path / ".checkpoint-40.tmp").exists()
-    assert find_latest_checkpoint(tmp_path) == good
+    assert resolve_resume_checkpoint(tmp_path, "latest") == str(good)
     final = save_checkpoint_atomically(FakeAccelerator(fail=False), tmp_path, 40, total_limit=2)
-    assert final == tmp_path / "checkpoint-40" and find_latest_checkpoint(tmp_path) == final
+    assert final == tmp_path / "checkpoint-40" and resolve_resume_checkpoint(tmp_path, "latest") == str(final)
     assert sorted(p.name for p in final.iterdir()) == [CHECKPOINT_MARKER, "model.safetensors", "optimizer.bin"]
     assert not (tmp_path / ".checkpoint-40.tmp").exists()
     assert not (tmp_path / "checkpoint-3").exists() and good.exists()  # total_limit keeps the newest 2
@@ -347,7 +346,7 @@ def test_resume_equals_uninterrupted_run(example, image_dataset, tmp_path):
     (broken / "model.safetensors").write_bytes(b"truncated")
     vae_dir = example.main(["--output_dir", str(split), "--max_train_steps", "6", "--checkpointing_steps", "100",
                             "--resume_from_checkpoint", "latest", *common])
-    assert json.loads((split / "checkpoint-6" / CHECKPOINT_MARKER).read_text())["step"] == 6
+    assert json.loads((split / "checkpoint-6" / CHECKPOINT_MARKER).read_text())["global_step"] == 6
 
     for name in ("vae", "discriminator", "checkpoint-6"):
         a, b = _weights(full / name), _weights(split / name)

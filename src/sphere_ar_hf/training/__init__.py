@@ -1,5 +1,6 @@
 """Training utilities: data loading and augmentation, the latent cache, EMA, the AR Trainer, the S-VAE trainer."""
 
+from .checkpoints import resolve_resume_checkpoint
 from .data import (
     DataArguments,
     ImageDataset,
@@ -17,7 +18,6 @@ from .trainer import (
     ModelArguments,
     SphereARTrainer,
     SphereARTrainingArguments,
-    resolve_resume_checkpoint,
     train_sphere_ar,
 )
 from .vae_trainer import VAEModelArguments, VAETrainingArguments, train_vae

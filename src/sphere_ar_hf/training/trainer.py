@@ -15,11 +15,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,28 +34,23 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from ..configuration_sphere_ar import PRESETS, SphereARConfig
 from ..modeling_sphere_ar import SphereARTransformer
 from ..vae import SphereVAE
+from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
 from .ema import EMACallback, _unwrap
 
 __all__ = [
-    "CHECKPOINT_COMPLETE_NAME",
     "ModelArguments",
     "OfficialLRLambda",
     "SphereARTrainer",
     "SphereARTrainingArguments",
     "build_sphere_ar_config",
     "collate_training_batch",
-    "is_complete_checkpoint",
-    "list_checkpoints",
     "official_learning_rate",
-    "resolve_resume_checkpoint",
     "train_sphere_ar",
 ]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
 GENERATOR_STATE_NAME = "loss_generator_{}.safetensors"
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,85 +193,6 @@ def build_sphere_ar_config(model_args: ModelArguments, vae: SphereVAE, num_class
             base.pop(key, None)
         return SphereARConfig(**{**base, **tokens, **extra})
     return SphereARConfig.from_preset(model_args.model, **tokens, **extra)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Every ``checkpoint-<step>`` folder in ``output_dir`` as ``(step, path)``, newest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))]
-    return sorted(found, key=lambda sp: sp[0], reverse=True)
-
-
-def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
-    """True when ``folder`` has its completion marker and every file the marker lists, at the recorded size."""
-    folder = Path(folder)
-    marker = folder / CHECKPOINT_COMPLETE_NAME
-    try:
-        files = json.loads(marker.read_text())["files"]
-        return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def mark_checkpoint_complete(folder: str | os.PathLike, step: int) -> None:
-    """fsync every file of ``folder``, then write the completion marker (temporary name, then rename)."""
-    folder = Path(folder)
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != CHECKPOINT_COMPLETE_NAME:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            files[str(path.relative_to(folder))] = path.stat().st_size
-    tmp = folder / f".{CHECKPOINT_COMPLETE_NAME}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"global_step": int(step), "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / CHECKPOINT_COMPLETE_NAME)
-    _fsync_path(folder)
-
-
-def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume: str | bool | None) -> str | None:
-    """Turn ``--resume_from_checkpoint`` into a checkpoint folder (or None: start from scratch).
-
-    ``"latest"`` (or ``True``): the newest *complete* checkpoint in ``output_dir``, None when there is none, so a
-    preemptible job can always pass it. A path must be a complete checkpoint: one a crash left half-written is
-    refused with a ValueError that says so.
-    """
-    word = resume.strip().lower() if isinstance(resume, str) else None
-    if resume is None or resume is False or word in ("", "none", "false"):
-        return None
-    if resume is True or word in ("latest", "last", "true"):
-        for _, folder in list_checkpoints(output_dir):
-            if is_complete_checkpoint(folder):
-                return str(folder)
-            logger.warning("skipping %s: incomplete (the run stopped while writing it)", folder)
-        logger.info("no complete checkpoint in %s: training starts from scratch", output_dir)
-        return None
-    folder = Path(resume)
-    if not folder.is_dir():
-        raise ValueError(f"--resume_from_checkpoint {resume}: no such folder (pass a checkpoint folder or 'latest')")
-    if not is_complete_checkpoint(folder):
-        raise ValueError(f"--resume_from_checkpoint {resume}: incomplete checkpoint (no valid "
-                         f"{CHECKPOINT_COMPLETE_NAME}; the run stopped while writing it); pass 'latest' to use the "
-                         "newest complete one")
-    return str(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -36,11 +35,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..convert import write_atomically
 from ..vae import SphereVAE
+from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
 from .data import DataArguments, build_image_dataset, collate_images
 from .losses import DISC_LOSSES, GEN_LOSSES, REC_LOSSES, PatchGANDiscriminator, SphereVAELoss
 
 __all__ = [
-    "CHECKPOINT_MARKER",
     "PairedDiscriminator",
     "ResumableDistributedSampler",
     "TrainState",
@@ -49,9 +48,7 @@ __all__ = [
     "VAEWithPosterior",
     "build_discriminator",
     "build_vae",
-    "find_latest_checkpoint",
     "init_official_vae_weights",
-    "is_complete_checkpoint",
     "lr_at_step",
     "official_param_groups",
     "posterior_generator",
@@ -62,8 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_MARKER = "checkpoint_complete.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,39 +358,11 @@ class TrainState:
             setattr(self, key, int(value))
 
 
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a checkpoint folder whose save finished (it holds the completion marker)."""
-    return (Path(path) / CHECKPOINT_MARKER).is_file()
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete ``checkpoint-<step>`` folder with the highest step; incomplete ones are skipped with a warning."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found: list[tuple[int, Path]] = []
-    for entry in root.iterdir():
-        match = _CHECKPOINT_RE.match(entry.name)
-        if match and entry.is_dir():
-            if is_complete_checkpoint(entry):
-                found.append((int(match.group(1)), entry))
-            else:
-                logger.warning("ignoring incomplete checkpoint %s (no %s)", entry, CHECKPOINT_MARKER)
-    return max(found)[1] if found else None
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def save_checkpoint_atomically(accelerator: Any, output_dir: str | os.PathLike, step: int,
                                extra: dict[str, Any] | None = None, total_limit: int | None = None) -> Path:
     """``accelerator.save_state`` into ``.checkpoint-<step>.tmp``, add the completion marker, then rename to
     ``checkpoint-<step>``. Call on every process. A run killed before the rename leaves only the hidden
-    temporary folder, which :func:`find_latest_checkpoint` ignores (and the next save replaces)."""
+    temporary folder, which ``resolve_resume_checkpoint`` ignores (and the next save replaces)."""
     root = Path(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -404,9 +371,7 @@ def save_checkpoint_atomically(accelerator: Any, output_dir: str | os.PathLike, 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {"step": step, **(extra or {})}
-        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2, default=str))
-        _fsync_tree(tmp)
+        mark_checkpoint_complete(tmp, step, extra)
         if final.exists():
             old = root / f".checkpoint-{step}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -416,9 +381,8 @@ def save_checkpoint_atomically(accelerator: Any, output_dir: str | os.PathLike, 
         else:
             os.replace(tmp, final)
         if total_limit is not None and total_limit > 0:
-            complete = sorted((int(m.group(1)), p) for p in root.iterdir()
-                              if (m := _CHECKPOINT_RE.match(p.name)) and is_complete_checkpoint(p))
-            for _, old_path in complete[:-total_limit]:
+            complete = [p for _, p in list_checkpoints(root) if is_complete_checkpoint(p)]
+            for old_path in complete[total_limit:]:
                 shutil.rmtree(old_path, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -582,24 +546,18 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
                        gradient_accumulation_steps=accum)
     accelerator.register_for_checkpointing(state)
     last_saved = -1
-    resume = args.resume_from_checkpoint
-    if resume:
-        path = find_latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-        if path is None:
-            logger.info("no complete checkpoint in %s: starting a new run", output_dir)
-        else:
-            if not is_complete_checkpoint(path):
-                raise ValueError(f"{path} is not a complete checkpoint (no {CHECKPOINT_MARKER})")
-            accelerator.load_state(str(path))
-            saved = (state.global_batch_size, state.num_processes, state.gradient_accumulation_steps)
-            if saved != (args.global_batch_size, world, accum):
-                logger.warning("checkpoint geometry (global batch, processes, accumulation) %s differs from %s: the "
-                               "data order after resuming differs from an uninterrupted run", saved,
-                               (args.global_batch_size, world, accum))
-                state.global_batch_size, state.num_processes, state.gradient_accumulation_steps = (
-                    args.global_batch_size, world, accum)
-            logger.info("resumed from %s at step %d (epoch %d)", path, state.global_step, state.epoch)
-            last_saved = state.global_step
+    path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    if path is not None:
+        accelerator.load_state(path)
+        saved = (state.global_batch_size, state.num_processes, state.gradient_accumulation_steps)
+        if saved != (args.global_batch_size, world, accum):
+            logger.warning("checkpoint geometry (global batch, processes, accumulation) %s differs from %s: the "
+                           "data order after resuming differs from an uninterrupted run", saved,
+                           (args.global_batch_size, world, accum))
+            state.global_batch_size, state.num_processes, state.gradient_accumulation_steps = (
+                args.global_batch_size, world, accum)
+        logger.info("resumed from %s at step %d (epoch %d)", path, state.global_step, state.epoch)
+        last_saved = state.global_step
 
     if report_to:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(model_args, args, data_args))

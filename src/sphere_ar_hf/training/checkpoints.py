@@ -1,0 +1,93 @@
+"""Crash-safe training checkpoints, shared by both trainers: a completion marker written last, and the resolver of
+``--resume_from_checkpoint`` that never picks a checkpoint a crash left half-written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CHECKPOINT_MARKER", "is_complete_checkpoint", "list_checkpoints", "mark_checkpoint_complete",
+           "resolve_resume_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_MARKER = "checkpoint_complete.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR, and the S-VAE trainer's
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every ``checkpoint-<step>`` folder in ``output_dir`` as ``(step, path)``, newest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))]
+    return sorted(found, key=lambda sp: sp[0], reverse=True)
+
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` has its completion marker and every file the marker lists, at the recorded size."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / CHECKPOINT_MARKER).read_text())["files"]
+        return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def mark_checkpoint_complete(folder: str | os.PathLike, step: int, extra: dict[str, Any] | None = None) -> None:
+    """fsync every file of ``folder``, then write the completion marker (``global_step``, every file's size and
+    ``extra``) under a temporary name and rename it."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != CHECKPOINT_MARKER:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            files[str(path.relative_to(folder))] = path.stat().st_size
+    tmp = folder / f".{CHECKPOINT_MARKER}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"global_step": int(step), **(extra or {}), "files": files}, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / CHECKPOINT_MARKER)
+    _fsync_path(folder)
+
+
+def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume: str | bool | None) -> str | None:
+    """Turn ``--resume_from_checkpoint`` into a checkpoint folder (or None: start from scratch).
+
+    ``"latest"`` (or ``True``): the newest *complete* checkpoint in ``output_dir``, None when there is none, so a
+    preemptible job can always pass it. A path must be a complete checkpoint: one a crash left half-written is
+    refused with a ValueError that says so.
+    """
+    word = resume.strip().lower() if isinstance(resume, str) else None
+    if resume is None or resume is False or word in ("", "none", "false"):
+        return None
+    if resume is True or word in ("latest", "last", "true"):
+        for _, folder in list_checkpoints(output_dir):
+            if is_complete_checkpoint(folder):
+                return str(folder)
+            logger.warning("skipping %s: incomplete (the run stopped while writing it)", folder)
+        logger.info("no complete checkpoint in %s: training starts from scratch", output_dir)
+        return None
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {resume}: no such folder (pass a checkpoint folder or 'latest')")
+    if not is_complete_checkpoint(folder):
+        raise ValueError(f"--resume_from_checkpoint {resume}: incomplete checkpoint (no valid {CHECKPOINT_MARKER}; "
+                         "the run stopped while writing it); pass 'latest' to use the newest complete one")
+    return str(folder)
