@@ -26,13 +26,14 @@ __all__ = [
     "DIGITS_ID2LABEL",
     "DIGITS_IMAGE_SIZE",
     "DigitClassifier",
+    "DigitFeatures",
     "DigitSplits",
     "SampleReport",
     "bundled_digits_path",
     "evaluate_samples",
-    "frechet_distance",
     "generate_digits",
     "load_digit_splits",
+    "reference_images",
     "to_gray",
     "upscale_digits",
     "write_digits_dataset",
@@ -75,10 +76,25 @@ def upscale_digits(images: np.ndarray, size: int = DIGITS_IMAGE_SIZE) -> np.ndar
     return x[:, 0].clamp(-1, 1).numpy()
 
 
+def to_uint8_rgb(gray: np.ndarray) -> np.ndarray:
+    """(N, H, W) gray in [-1, 1] -> uint8 (N, H, W, 3), as a generated image is stored (``evaluation.to_uint8``)."""
+    pixels = np.floor((np.asarray(gray, dtype=np.float32) + 1.0) / 2.0 * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    return np.repeat(pixels[..., None], 3, axis=-1)
+
+
+def reference_images(size: int = DIGITS_IMAGE_SIZE, split: str = "test") -> np.ndarray:
+    """The real digits of the held-out ``"test"`` (or the ``"train"``) split at ``size`` px, uint8 (N, H, W, 3): the
+    reference of ``sphere-ar evaluate --features digits``."""
+    splits = load_digit_splits()
+    images = {"test": splits.test_images, "train": splits.train_images}[split]
+    return to_uint8_rgb(upscale_digits(images, size))
+
+
 def to_gray(images: Any, size: int = DIGITS_IMAGE_SIZE) -> np.ndarray:
     """Images -> (N, size, size) float32 gray in [-1, 1] (the classifier's input).
 
-    Accepts PIL images (a list), NHWC arrays in [0, 1] (``output_type="np"``), NCHW tensors in [0, 1]
+    Accepts PIL images (a list), NHWC arrays in [0, 1] (``output_type="np"``) or uint8 (an ADM ``.npz``), NCHW tensors
+    in [0, 1]
     (``output_type="pt"``), or (N, H, W) gray arrays already in [-1, 1]. Other sizes are resized (area / bilinear).
     """
     if isinstance(images, (list, tuple)):
@@ -87,7 +103,8 @@ def to_gray(images: Any, size: int = DIGITS_IMAGE_SIZE) -> np.ndarray:
     elif isinstance(images, torch.Tensor):
         x = images.detach().float().cpu().mean(1, keepdim=True) * 2 - 1
     else:
-        arr = np.asarray(images, dtype=np.float32)
+        arr = np.asarray(images)
+        arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
         if arr.ndim == 3:  # already gray in [-1, 1]
             x = torch.from_numpy(arr)[:, None]
         else:
@@ -170,17 +187,21 @@ class DigitClassifier:
         return h
 
 
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples), as in FID:
-    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``, computed with symmetric eigendecompositions."""
-    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.linalg.eigvalsh(root_a @ s_b @ root_a)
-    trace_cross = float(np.sqrt(np.clip(cross, 0, None)).sum())
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2.0 * trace_cross)
+class DigitFeatures:
+    """``extractor(images)`` -> ``{"features", "probabilities", "predictions"}`` of a :class:`DigitClassifier` for
+    uint8 images (N, H, W, 3): the feature space of ``sphere-ar evaluate --features digits`` and
+    ``benchmarks/eval_digits.py``. Without ``classifier``, one is trained on the real train split at ``size``."""
+
+    def __init__(self, size: int = DIGITS_IMAGE_SIZE, classifier: DigitClassifier | None = None):
+        self.classifier = classifier or DigitClassifier.fit_real(load_digit_splits(), size=size)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        gray = to_gray(images, self.classifier.size)
+        clf = self.classifier
+        with clf._limits():
+            probabilities = clf.mlp.predict_proba(clf._flat(gray))
+        return {"features": clf.features(gray), "probabilities": probabilities,
+                "predictions": clf.mlp.classes_[probabilities.argmax(axis=1)]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,5 +253,7 @@ def evaluate_samples(classifier: DigitClassifier, images: Any, labels: np.ndarra
     per_class = {int(c): float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
     fd = float("nan")
     if reference_features is not None:
-        fd = frechet_distance(classifier.features(gray), reference_features)
+        from .evaluation.metrics import feature_statistics, frechet_distance
+
+        fd = frechet_distance(*feature_statistics(classifier.features(gray)), *feature_statistics(reference_features))
     return SampleReport(float(np.mean(pred == labels)), per_class, fd, len(labels))

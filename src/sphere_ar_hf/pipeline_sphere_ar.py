@@ -197,7 +197,15 @@ class SphereARPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != n:
             generator = generator * (n // len(generator))  # unguided rows of both halves: each image's own
         c_emb = head.embed_condition(cond)  # once per token
-        x = draw_noise((n, self.transformer.config.latent_dim), generator, cond.device, torch.float32)
+        dim, stochastic = self.transformer.config.latent_dim, scheduler.stochastic
+        if isinstance(generator, list):
+            # each image draws all of this token's noise from its own generator in one call (the initial state, then
+            # each SDE step's): one draw per image and token instead of one per image and step
+            noise = torch.stack([torch.randn(1 + scheduler.num_noise_draws, dim, generator=g, device=g.device)
+                                 for g in generator]).to(cond.device)
+            x, step_noise = noise[:, 0], iter(noise.unbind(1)[1:])
+        else:  # the official order: the initial state, then one draw per SDE step
+            x, step_noise = draw_noise((n, dim), generator, cond.device, torch.float32), None
         num_steps = len(scheduler)
         chunk, per_step, weights_t = self.modulation_chunk(rows), self._per_step_modulation, self._head_weights_t
         repeat = 2 if guided else 1
@@ -208,7 +216,8 @@ class SphereARPipeline(DiffusionPipeline):
             v = velocity(x, [m[j] for m in mods], repeat, weights_t)
             if guided:
                 v = apply_guidance(v.float(), guidance)
-            x = scheduler.step(v, k, x, generator=generator, return_dict=False)[0]
+            eps = next(step_noise) if step_noise is not None and stochastic[k] else None
+            x = scheduler.step(v, k, x, generator=generator, noise=eps, return_dict=False)[0]
         x = self.vae.normalize(x)  # back onto the sphere, also after CFG: fed back and decoded
         return torch.cat([x, x]) if guided else x
 

@@ -14,7 +14,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["SphereARScheduler", "SphereARSchedulerOutput", "flow_path", "apply_guidance", "draw_noise"]
+__all__ = ["SAMPLERS", "SphereARScheduler", "SphereARSchedulerOutput", "flow_path", "apply_guidance", "draw_noise"]
+
+SAMPLERS = ("euler_maruyama", "euler", "heun")
 
 
 def flow_path(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,62 +51,105 @@ class SphereARSchedulerOutput(BaseOutput):
 class SphereARScheduler(SchedulerMixin, ConfigMixin):
     """Per-token sampler for the flow-matching head.
 
-    ``sampler="euler_maruyama"`` (official): ``num_inference_steps`` SDE steps over [0, 1 - last_step_size], each
-    ``x += (v + (1 - t) * score) dt + sqrt(2 (1 - t) dt) * noise`` with the score derived from the velocity, then one
-    deterministic Euler step of ``last_step_size``. ``sampler="euler"``: the ODE, ``num_inference_steps`` Euler steps
-    over [0, 1]. Noise is drawn in the official order: the initial state, then one draw per SDE step.
+    ``timesteps`` are the times at which the head is evaluated, one :meth:`step` call each (``len(scheduler)`` head
+    evaluations per token); ``step`` returns the point of the next evaluation.
+
+    - ``sampler="euler_maruyama"`` (official): ``num_inference_steps`` SDE steps over [0, 1 - last_step_size], each
+      ``x += (v + (1 - t) * score) dt + sqrt(2 (1 - t) dt) * noise`` with the score derived from the velocity, then
+      one deterministic Euler step of ``last_step_size``: ``num_inference_steps + 1`` evaluations. Noise is drawn in
+      the official order: the initial state, then one draw per SDE step.
+    - ``sampler="euler"``: the ODE, ``num_inference_steps`` Euler steps over [0, 1].
+    - ``sampler="heun"``: the ODE, ``num_inference_steps`` steps over [0, 1] of Heun's second-order method (an Euler
+      predictor, then the trapezoidal corrector with the velocity at its end point), the last step Euler only (the
+      head is never evaluated at t = 1): ``2 * num_inference_steps - 1`` evaluations.
     """
 
     order = 1
 
     @register_to_config
-    def __init__(self, num_inference_steps: int = 100, last_step_size: float = 0.04, sampler: str = "euler_maruyama"):
-        if sampler not in ("euler_maruyama", "euler"):
-            raise ValueError(f"sampler must be 'euler_maruyama' or 'euler', got {sampler!r}")
+    def __init__(self, num_inference_steps: int = 100, last_step_size: float = 0.04, sampler: str = "euler_maruyama",
+                 time_shift: float = 1.0):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0.0 <= last_step_size < 1.0:
             raise ValueError(f"last_step_size must be in [0, 1), got {last_step_size}")
+        if not time_shift > 0:
+            raise ValueError(f"time_shift must be > 0, got {time_shift}")
         self.set_timesteps(num_inference_steps)
 
+    def _grid(self, n: int) -> torch.Tensor:
+        """``n + 1`` float32 times from 0 to 1; ``time_shift`` s > 1 moves them towards t = 0 (the noise end):
+        ``t' = t / (t + s (1 - t))``."""
+        t = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+        s = self.config.time_shift
+        return (t / (t + s * (1.0 - t))).float() if s != 1.0 else t.float()
+
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Build the times at which the head is evaluated and the step sizes (float32, as the official code)."""
+        """Build the evaluation times and each step's sizes (float32 arithmetic, as the official sampler)."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        self.num_inference_steps = num_inference_steps
-        if self.config.sampler == "euler_maruyama":
-            dt = (1.0 - self.config.last_step_size) / num_inference_steps
+        self.num_inference_steps = n = num_inference_steps
+        sampler = self.config.sampler
+        if sampler == "euler_maruyama":
+            dt = (1.0 - self.config.last_step_size) / n
             t, times = torch.zeros((), dtype=torch.float32), []
-            for _ in range(num_inference_steps):  # accumulate in float32 like the official sampler
+            for _ in range(n):  # accumulate in float32 like the official sampler
                 times.append(t.clone())
                 t = t + dt
             times.append(torch.tensor(1.0 - self.config.last_step_size, dtype=torch.float32))
-            self.step_sizes = [dt] * num_inference_steps + [self.config.last_step_size]
-            self.stochastic = [True] * num_inference_steps + [False]
+            self.step_sizes = [dt] * n + [self.config.last_step_size]
+            self._kinds = ["sde"] * n + ["euler"]
         else:
-            dt = 1.0 / num_inference_steps
-            times = [torch.tensor(i * dt, dtype=torch.float32) for i in range(num_inference_steps)]
-            self.step_sizes = [dt] * num_inference_steps
-            self.stochastic = [False] * num_inference_steps
+            grid = self._grid(n)
+            h = (grid[1:] - grid[:-1]).tolist()
+            if sampler == "euler":
+                times, self.step_sizes, self._kinds = list(grid[:-1]), h, ["euler"] * n
+            else:  # heun: predictor at t_k, corrector at t_{k+1}; the last step Euler only
+                times, self.step_sizes, self._kinds = [], [], []
+                for k in range(n - 1):
+                    times += [grid[k], grid[k + 1]]
+                    self.step_sizes += [h[k], h[k]]
+                    self._kinds += ["predict", "correct"]
+                times.append(grid[n - 1])
+                self.step_sizes.append(h[n - 1])
+                self._kinds.append("euler")
         self.timesteps = torch.stack(times).to(device)
+        self.stochastic = [kind == "sde" for kind in self._kinds]  # per evaluation: does its step draw noise
+        self.num_noise_draws = sum(self.stochastic)  # per token, after the initial state
         self._t = [float(x) for x in times]
         # the SDE step's scalars, computed with float32 ops exactly as the official sampler does (it keeps t in a
         # float32 tensor): the score's variance (1 - t)^2 + t (1 - t) and the noise scale sqrt(2 (1 - t) dt)
         self._var = [float((1 - t) ** 2 - t * -1 * (1 - t)) for t in times]
         self._noise_scale = [float((2.0 * (1.0 - t) * dt) ** 0.5) for t, dt in zip(times, self.step_sizes)]
+        self._heun_start: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor,
-             generator: torch.Generator | list[torch.Generator] | None = None,
+             generator: torch.Generator | list[torch.Generator] | None = None, noise: torch.Tensor | None = None,
              return_dict: bool = True) -> SphereARSchedulerOutput | tuple:
-        """Advance ``sample`` by one step given the (already guided) velocity at ``timesteps[step_index]``."""
+        """Advance from the evaluation ``step_index`` at ``sample`` given the (already guided) velocity there.
+
+        Returns the point of the next evaluation (after the last one: the sampled token). A stochastic step takes
+        ``noise`` if given, else draws it from ``generator``.
+        """
         v = velocity.float()
         x = sample.float()
         dt = self.step_sizes[step_index]
-        if self.stochastic[step_index]:
+        kind = self._kinds[step_index]
+        if kind == "sde":
             t = self._t[step_index]
             # x + (v + (1 - t) * (t * v - x) / var) * dt + noise_scale * noise, in the official order of float32
             # operations (the same rounding), in place on fresh buffers
             out = (v * t).sub_(x).div_(self._var[step_index]).mul_(1.0 - t).add_(v).mul_(dt).add_(x)
-            noise = draw_noise(x.shape, generator, x.device, x.dtype)
-            x = out.add_(noise.mul_(self._noise_scale[step_index]))
+            if noise is None:
+                noise = draw_noise(x.shape, generator, x.device, x.dtype)
+            x = out.add_(noise.to(x) * self._noise_scale[step_index])
+        elif kind == "predict":
+            self._heun_start = (x, v)
+            x = x + v * dt
+        elif kind == "correct":
+            x0, v0 = self._heun_start
+            self._heun_start = None
+            x = x0 + (v0 + v) * (0.5 * dt)
         else:
             x = x + v * dt
         return SphereARSchedulerOutput(prev_sample=x) if return_dict else (x,)

@@ -1,0 +1,247 @@
+"""Sampling for evaluation: many images, reproducible per image, sharded, distributed and resumable.
+
+Image ``n`` of a run with seed ``S`` depends only on ``(S, n)``, its label and the settings, never on the number
+of processes, the batch size or its batch-mates:
+
+- its noise comes from its own ``torch.Generator`` seeded with :func:`image_seeds` (a SplitMix64 hash of ``S``
+  and ``n``: seeds of ``(S, n + 1)`` and ``(S + 1, n)`` do not collide), which the pipeline draws from for this
+  image alone;
+- its label is ``n % num_classes`` (``labels="balanced"``) or a hash of ``(S, n)`` modulo ``num_classes``
+  (``"uniform"``, the official sampler's uniformly random labels, without its global RNG);
+- every batch is padded to a multiple of :data:`ROW_QUANTUM` images. A float32 matrix product on the CPU can
+  round a row differently depending on how many rows it has (MKL takes other kernels, and splits the work
+  differently across threads, for a few rows); with the row count a multiple of 16 (8 images, both halves of
+  classifier-free guidance) each row gets the same bits whatever the other rows and the thread count (measured
+  here for 1 to 48 images per batch and 1 and 2 threads, on the digits model and on SphereAR-B). On GPUs the
+  libraries choose kernels per shape, so images made with different batch sizes can differ in the last bits.
+
+A run writes ``DIR/sampling.json`` (the settings), then shards ``DIR/shards/{start}-{end}.npz`` of
+``shard_size`` consecutive images, each written to a temporary name and renamed once complete, so that a crash
+or ``kill -9`` loses at most the shards in progress and ``resume=True`` redoes only those. Shard ``j`` belongs to
+rank ``j % world_size``. At the end rank 0 streams the shards into ``DIR/samples.npz`` (ADM layout: ``arr_0``
+uint8 ``(N, H, W, 3)``, ``arr_1`` labels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .image_sets import write_npz
+
+__all__ = ["LABEL_MODES", "ROW_QUANTUM", "SamplingSettings", "image_labels", "image_seeds", "run_sampling",
+           "sample_images", "to_uint8"]
+
+LABEL_MODES = ("uniform", "balanced")
+ROW_QUANTUM = 8  # images per batch are padded to a multiple of this (see the module docstring)
+_NOISE_STREAM, _LABEL_STREAM = 0, 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (a bijection of uint64), elementwise with wrapping arithmetic."""
+    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _hash(seed: int, stream: int, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    n = np.asarray(indices, dtype=np.int64)
+    if n.size and n.min() < 0:
+        raise ValueError("image indices must be >= 0")
+    with np.errstate(over="ignore"):
+        key = _splitmix64(_splitmix64(np.array([seed], dtype=np.uint64)) + np.uint64(stream))
+        return _splitmix64(key + n.astype(np.uint64))
+
+
+def image_seeds(seed: int, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+    """The generator seed (uint64) of each image index of a run with ``seed``."""
+    return _hash(seed, _NOISE_STREAM, indices)
+
+
+def image_labels(seed: int, indices: np.ndarray | Sequence[int], num_classes: int, mode: str = "uniform"
+                 ) -> np.ndarray:
+    """The class label (int64) of each image index: ``"balanced"``: ``n % num_classes``; ``"uniform"``:
+    uniformly random from a hash of ``(seed, n)``."""
+    if mode not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, got {mode!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    n = np.asarray(indices, dtype=np.int64)
+    if mode == "balanced":
+        return n % num_classes
+    return (_hash(seed, _LABEL_STREAM, n) % np.uint64(num_classes)).astype(np.int64)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """NCHW images in [0, 1] -> uint8 NHWC, rounded (the official sampler's ``127.5 x + 128`` truncated)."""
+    return images.mul(255).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_images(pipe, labels: np.ndarray | Sequence[int], seeds: np.ndarray | Sequence[int], batch_size: int = 32,
+                  progress: Callable[[int], Any] | None = None, **call_kwargs) -> np.ndarray:
+    """Images (uint8 NHWC) for ``labels`` with one generator per image seeded from ``seeds``, ``batch_size`` at a
+    time, each batch padded to a multiple of :data:`ROW_QUANTUM` (the padding is computed and dropped).
+    ``call_kwargs`` go to the pipeline (``guidance_scale``, ``cfg_schedule``, ``num_inference_steps``)."""
+    labels, seeds = np.asarray(labels, dtype=np.int64), np.asarray(seeds, dtype=np.uint64)
+    if labels.shape != seeds.shape or labels.ndim != 1:
+        raise ValueError(f"labels and seeds must be 1-d of one length, got {labels.shape} and {seeds.shape}")
+    out = []
+    for i in range(0, len(labels), batch_size):
+        batch, batch_seeds = labels[i:i + batch_size].tolist(), seeds[i:i + batch_size].tolist()
+        pad = -len(batch) % ROW_QUANTUM
+        generators = [torch.Generator().manual_seed(int(s)) for s in batch_seeds + [0] * pad]
+        images = pipe(batch + batch[-1:] * pad, generator=generators, output_type="pt", **call_kwargs).images
+        out.append(to_uint8(images[:len(batch)]))
+        if progress is not None:
+            progress(len(batch))
+    return np.concatenate(out)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything an image depends on (written to ``DIR/sampling.json``; a resumed run must match it)."""
+
+    model: str
+    num_images: int
+    seed: int
+    labels: str
+    guidance_scale: float
+    cfg_schedule: str
+    sampler: str
+    time_shift: float
+    num_inference_steps: int
+    dtype: str
+    shard_size: int
+    num_classes: int
+    image_size: int
+
+    def differences(self, other: dict) -> list[str]:
+        mine = asdict(self)
+        return [f"{k}: {other.get(k)!r} there, {v!r} now" for k, v in mine.items() if other.get(k) != v]
+
+
+def _shard_path(output_dir: Path, start: int, end: int) -> Path:
+    return output_dir / "shards" / f"{start:08d}-{end:08d}.npz"
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_pngs(output_dir: Path, start: int, images: np.ndarray) -> None:
+    from PIL import Image
+
+    folder = output_dir / "images"
+    for n, image in enumerate(images, start):
+        path = folder / f"{n:06d}.png"
+        tmp = folder / f".{n:06d}.png.{secrets.token_hex(4)}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                Image.fromarray(image).save(f, format="PNG")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _prepare(output_dir: Path, settings: SamplingSettings, resume: bool) -> None:
+    """Checks every rank makes (read-only but for a probe file), so that all fail alike instead of hanging."""
+    try:
+        (output_dir / "shards").mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-probe-{secrets.token_hex(4)}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"{output_dir}: cannot write samples there ({e.strerror})") from None
+    record = output_dir / "sampling.json"
+    if record.is_file():
+        if not resume:
+            raise ValueError(f"{output_dir} already holds a sampling run ({record.name}): pass --resume to "
+                             "continue it, or choose another folder")
+        diffs = settings.differences(json.loads(record.read_text()))
+        if diffs:
+            raise ValueError(f"{output_dir}: --resume with other settings than the run there: " + "; ".join(diffs))
+    elif (output_dir / "samples.npz").exists() or any((output_dir / "shards").iterdir()):
+        raise ValueError(f"{output_dir} holds samples without {record.name}: choose an empty folder")
+
+
+def run_sampling(pipe, output_dir: str | os.PathLike, settings: SamplingSettings, batch_size: int = 32,
+                 resume: bool = False, png: bool = False, rank: int = 0, world_size: int = 1,
+                 barrier: Callable[[], None] = lambda: None, show_progress: bool = True) -> Path:
+    """Sample ``settings.num_images`` images into ``output_dir`` (see the module docstring); returns the path of
+    ``samples.npz``. ``pipe`` must already carry the settings' sampler, dtype and device. With several processes
+    each calls this with its ``rank``, and ``barrier`` synchronises them (e.g. ``torch.distributed.barrier``)."""
+    from tqdm.auto import tqdm
+
+    output_dir = Path(output_dir)
+    _prepare(output_dir, settings, resume)
+    barrier()
+    if rank == 0 and not (output_dir / "sampling.json").is_file():
+        tmp = output_dir / f".sampling.json.{secrets.token_hex(4)}.tmp"
+        tmp.write_text(json.dumps(asdict(settings), indent=1))
+        os.replace(tmp, output_dir / "sampling.json")
+    if png:
+        (output_dir / "images").mkdir(exist_ok=True)
+    barrier()
+
+    n, size = settings.num_images, settings.shard_size
+    shards = [(s, min(s + size, n)) for s in range(0, n, size)]
+    mine = shards[rank::world_size]
+    todo = [(s, e) for s, e in mine if not _shard_path(output_dir, s, e).is_file()]
+    call = dict(guidance_scale=settings.guidance_scale, cfg_schedule=settings.cfg_schedule,
+                num_inference_steps=settings.num_inference_steps)
+    done_before = sum(e - s for s, e in mine) - sum(e - s for s, e in todo)
+    bar = tqdm(total=sum(e - s for s, e in mine), initial=done_before, unit="img", desc=f"rank {rank} sampling",
+               disable=not show_progress or rank != 0, dynamic_ncols=True)
+    def log(message: str) -> None:
+        (bar.write if show_progress and rank == 0 else print)(message, file=sys.stderr)
+
+    if done_before:
+        log(f"rank {rank}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
+    for j, (start, end) in enumerate(todo):
+        t0 = time.perf_counter()
+        indices = np.arange(start, end)
+        labels = image_labels(settings.seed, indices, settings.num_classes, settings.labels)
+        images = sample_images(pipe, labels, image_seeds(settings.seed, indices), batch_size, progress=bar.update,
+                               **call)
+        if png:
+            _save_pngs(output_dir, start, images)
+        _atomic_savez(_shard_path(output_dir, start, end), images=images, labels=labels)
+        seconds = time.perf_counter() - t0
+        log(f"rank {rank}: shard {j + 1}/{len(todo)} (images {start}-{end - 1}) in {seconds:.1f} s, "
+            f"{(end - start) / seconds:.2f} images/s")
+    bar.close()
+    barrier()
+    final = output_dir / "samples.npz"
+    if rank == 0:
+        missing = [f"{s}-{e - 1}" for s, e in shards if not _shard_path(output_dir, s, e).is_file()]
+        if missing:
+            raise RuntimeError(f"{output_dir}: shards missing after sampling: {', '.join(missing[:5])}")
+
+        def parts():
+            for s, e in shards:
+                with np.load(_shard_path(output_dir, s, e)) as shard:
+                    yield shard["images"], shard["labels"]
+
+        write_npz(final, parts(), n, (settings.image_size, settings.image_size, 3))
+    barrier()
+    return final
