@@ -32,9 +32,11 @@ setup(
         "train": ["datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10", "scikit-learn>=1.3",
                   "peft>=0.17"],
         "demo": ["gradio>=6.31,<7"],
+        # evaluation: torch-fidelity's TF-ported InceptionV3 (brings scipy and torchvision); matplotlib for plots
+        "eval": ["torch-fidelity>=0.3", "scikit-learn>=1.3"],
         "test": ["pytest>=8", "ruff>=0.6", "datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10",
                  "scikit-learn>=1.3", "peft>=0.17", "gradio>=6.31,<7", "gradio_client>=2.0", "playwright>=1.50",
-                 "httpx"],
+                 "httpx", "torch-fidelity>=0.3"],
     },
     entry_points={"console_scripts": ["sphere-ar=sphere_ar_hf.cli:main"]},
     classifiers=[

@@ -18,6 +18,11 @@ The default setting is the model's recommended guidance (``transformer.config.gu
 (the pipeline's and the CLI's default). Targets there: accuracy >= 95%, Fréchet distance <= 2x the baseline.
 Writes a grid of generated digits (one row per class) to ``--grid`` (default docs/digits_grid.png).
 Numbers are measurements, not assertions (tests/test_digits.py checks a small sample).
+
+The images are those of ``sphere-ar sample --labels balanced --num-images N --seed S`` (one generator per image,
+stored as uint8), measured by ``sphere_ar_hf.evaluation.evaluate_digits`` against the held-out real digits stored
+the same way: the numbers of ``sphere-ar evaluate samples.npz --features digits`` (tests/test_evaluation.py checks
+that the two agree).
 """
 
 from __future__ import annotations
@@ -37,14 +42,15 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from sphere_ar_hf import SphereARPipeline  # noqa: E402
-from sphere_ar_hf.digits import (  # noqa: E402
-    DigitClassifier,
-    bundled_digits_path,
-    evaluate_samples,
+from sphere_ar_hf.digits import DigitFeatures, bundled_digits_path, load_digit_splits, reference_images  # noqa: E402
+from sphere_ar_hf.evaluation import (  # noqa: E402
+    ImageSet,
+    evaluate_digits,
+    feature_statistics,
     frechet_distance,
-    generate_digits,
-    load_digit_splits,
-    upscale_digits,
+    image_labels,
+    image_seeds,
+    sample_images,
 )
 
 GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.5, 6.0, 8.0)
@@ -73,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, cols: int, scale: int = 4) -> None:
-    """One row per class: the first ``cols`` images of each class, each upscaled ``scale`` x (nearest)."""
+    """One row per class: the first ``cols`` uint8 images of each class, each upscaled ``scale`` x (nearest)."""
     from PIL import Image
 
     from sphere_ar_hf.cli import make_grid, save_image_atomically
@@ -81,7 +87,7 @@ def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, cols: int, sc
     tiles = []
     for c in np.unique(labels):
         for im in images[labels == c][:cols]:
-            pil = Image.fromarray(np.rint(im * 255).clip(0, 255).astype(np.uint8))
+            pil = Image.fromarray(im)
             tiles.append(pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image_atomically(make_grid(tiles, cols, padding=2, background=(64, 64, 64)), path)
@@ -94,7 +100,8 @@ class Baselines:
 
     def __init__(self, train_features: np.ndarray, test_features: np.ndarray, seed: int = 0):
         self.train, self.test, self.seed = train_features, test_features, seed
-        self.full = frechet_distance(train_features, test_features)
+        self.test_stats = feature_statistics(test_features)
+        self.full = frechet_distance(*feature_statistics(train_features), *self.test_stats)
         self._by_n: dict[int, float] = {}
 
     def same_n(self, n: int) -> float:
@@ -102,15 +109,29 @@ class Baselines:
             return self.full
         if n not in self._by_n:
             pick = np.random.default_rng(self.seed).choice(len(self.train), n, replace=False)
-            self._by_n[n] = frechet_distance(self.train[pick], self.test)
+            self._by_n[n] = frechet_distance(*feature_statistics(self.train[pick]), *self.test_stats)
         return self._by_n[n]
 
 
-def row(name: str, report, baselines: Baselines, seconds: float) -> dict:
-    return {"setting": name, "accuracy": report.accuracy, "fd": report.frechet_distance,
-            "fd_ratio": report.frechet_distance / baselines.full,
-            "baseline_same_n": baselines.same_n(report.num_images), "seconds_per_image": seconds / report.num_images,
-            "num_images": report.num_images, "per_class_accuracy": report.per_class_accuracy}
+def generate(pipe, num_images: int, seed: int, batch_size: int, guidance: float, steps: int):
+    """What ``sphere-ar sample --labels balanced --num-images N --seed S`` samples: uint8 images and labels."""
+    indices = np.arange(num_images)
+    labels = image_labels(seed, indices, pipe.transformer.config.num_classes, "balanced")
+    t0 = time.perf_counter()
+    images = sample_images(pipe, labels, image_seeds(seed, indices), batch_size, guidance_scale=guidance,
+                           num_inference_steps=steps)
+    return images, labels, time.perf_counter() - t0
+
+
+def measure(name: str, pipe, extractor, baselines: Baselines, num_images: int, args, guidance: float,
+            steps: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    images, labels, seconds = generate(pipe, num_images, args.seed, args.batch_size, guidance, steps)
+    m = evaluate_digits(ImageSet.from_arrays(images, labels), extractor=extractor, with_precision_recall=False)
+    row = {"setting": name, "accuracy": m["accuracy"], "fd": m["frechet_distance"],
+           "fd_ratio": m["frechet_distance"] / baselines.full, "baseline_same_n": baselines.same_n(num_images),
+           "seconds_per_image": seconds / num_images, "num_images": num_images,
+           "per_class_accuracy": m["per_class_accuracy"]}
+    return row, images, labels
 
 
 def print_table(title: str, rows: list[dict]) -> None:
@@ -132,12 +153,12 @@ def main(argv: list[str] | None = None) -> dict:
     guidance = float(pipe.transformer.config.guidance_scale)
 
     t0 = time.perf_counter()
-    splits = load_digit_splits()
-    clf = DigitClassifier.fit_real(splits, size=size)
-    train_x, test_x = upscale_digits(splits.train_images, size), upscale_digits(splits.test_images, size)
-    test_features = clf.features(test_x)
-    real_acc = clf.accuracy(test_x, splits.test_labels)
-    baselines = Baselines(clf.features(train_x), test_features, args.seed)
+    extractor = DigitFeatures(size)
+    test_x, train_x = reference_images(size, "test"), reference_images(size, "train")
+    test_out = extractor(test_x)
+    real_acc = evaluate_digits(ImageSet.from_arrays(test_x, load_digit_splits().test_labels), extractor=extractor,
+                               with_precision_recall=False)["accuracy"]
+    baselines = Baselines(extractor(train_x)["features"], test_out["features"], args.seed)
     baseline = baselines.full
     print(f"model {model}: {size} px, recommended guidance {guidance:g}")
     print(f"classifier (MLP on {size} px gray, real train split, {time.perf_counter() - t0:.1f} s): "
@@ -146,30 +167,24 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"model": model, "image_size": size, "recommended_guidance": guidance,
                      "classifier_test_accuracy": real_acc, "baseline_fd": baseline}
 
-    images, labels, seconds = generate_digits(pipe, args.n_per_class, guidance, args.default_steps, args.seed,
-                                              args.batch_size)
-    report = evaluate_samples(clf, images, labels, test_features)
-    default = row(f"guidance {guidance:g}, {args.default_steps} steps", report, baselines, seconds)
+    n = 10 * args.n_per_class
+    default, images, labels = measure(f"guidance {guidance:g}, {args.default_steps} steps", pipe, extractor,
+                                      baselines, n, args, guidance, args.default_steps)
     results["default"] = default
     print_table(f"default setting ({args.n_per_class} per class)", [default])
-    print("\nper class: " + ", ".join(f"{c}: {100 * a:.0f}%" for c, a in report.per_class_accuracy.items()))
-    ok = report.accuracy >= 0.95 and report.frechet_distance <= 2 * baseline
+    print("\nper class: " + ", ".join(f"{c}: {100 * a:.0f}%" for c, a in default["per_class_accuracy"].items()))
+    ok = default["accuracy"] >= 0.95 and default["fd"] <= 2 * baseline
     print(f"targets (accuracy >= 95%, FD <= 2x baseline = {2 * baseline:.2f}): {'met' if ok else 'NOT met'}")
     if args.grid:
         write_grid(images, labels, Path(args.grid), args.grid_cols)
         print(f"grid written to {args.grid}")
 
     if not args.no_sweep:
-        sweeps = {"guidance": [], "steps": []}
-        for g in args.guidance_scales:
-            imgs, labs, secs = generate_digits(pipe, args.sweep_n_per_class, g, args.default_steps, args.seed,
-                                               args.batch_size)
-            rep = evaluate_samples(clf, imgs, labs, test_features)
-            sweeps["guidance"].append(row(f"guidance {g:g}, {args.default_steps} steps", rep, baselines, secs))
-        for s in args.steps:
-            imgs, labs, secs = generate_digits(pipe, args.sweep_n_per_class, guidance, s, args.seed, args.batch_size)
-            rep = evaluate_samples(clf, imgs, labs, test_features)
-            sweeps["steps"].append(row(f"guidance {guidance:g}, {s} steps", rep, baselines, secs))
+        n = 10 * args.sweep_n_per_class
+        sweeps = {"guidance": [measure(f"guidance {g:g}, {args.default_steps} steps", pipe, extractor, baselines, n,
+                                       args, g, args.default_steps)[0] for g in args.guidance_scales],
+                  "steps": [measure(f"guidance {guidance:g}, {s} steps", pipe, extractor, baselines, n, args,
+                                    guidance, s)[0] for s in args.steps]}
         print_table(f"guidance sweep ({args.sweep_n_per_class} per class)", sweeps["guidance"])
         print_table(f"steps sweep ({args.sweep_n_per_class} per class)", sweeps["steps"])
         results["sweeps"] = sweeps

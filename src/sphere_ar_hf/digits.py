@@ -28,9 +28,7 @@ __all__ = [
     "DigitClassifier",
     "DigitFeatures",
     "DigitSplits",
-    "SampleReport",
     "bundled_digits_path",
-    "evaluate_samples",
     "generate_digits",
     "load_digit_splits",
     "reference_images",
@@ -230,30 +228,3 @@ def generate_digits(pipe: Any, n_per_class: int, guidance_scale: float | None = 
         out.append(pipe(labels[i:i + batch_size].tolist(), guidance_scale=guidance_scale,
                         num_inference_steps=num_inference_steps, generator=generator, output_type="np").images)
     return np.concatenate(out), labels, time.perf_counter() - start
-
-
-@dataclass
-class SampleReport:
-    """Accuracy of the classifier on generated images (overall and per class) and their Fréchet distance to the
-    held-out real images."""
-
-    accuracy: float
-    per_class_accuracy: dict[int, float]
-    frechet_distance: float
-    num_images: int
-
-
-def evaluate_samples(classifier: DigitClassifier, images: Any, labels: np.ndarray,
-                     reference_features: np.ndarray | None = None) -> SampleReport:
-    """Classify ``images`` (any :func:`to_gray` input) against their ``labels``; with ``reference_features``
-    (e.g. ``classifier.features`` of the real test split) also the Fréchet distance."""
-    labels = np.asarray(labels)
-    gray = to_gray(images, classifier.size)
-    pred = classifier.predict(gray)
-    per_class = {int(c): float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
-    fd = float("nan")
-    if reference_features is not None:
-        from .evaluation.metrics import feature_statistics, frechet_distance
-
-        fd = frechet_distance(*feature_statistics(classifier.features(gray)), *feature_statistics(reference_features))
-    return SampleReport(float(np.mean(pred == labels)), per_class, fd, len(labels))

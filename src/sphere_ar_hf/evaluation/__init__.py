@@ -4,7 +4,7 @@ recall (``sphere-ar evaluate``), without TensorFlow.
 The metric functions need NumPy and torch only; Inception features need torch-fidelity (``[eval]`` extra).
 """
 
-from .evaluate import FEATURE_SPACES, evaluate, extract_features
+from .evaluate import FEATURE_SPACES, evaluate, evaluate_digits, extract_features
 from .image_sets import ImageSet, write_npz
 from .metrics import feature_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
 from .sampling import (
@@ -25,6 +25,7 @@ __all__ = [
     "ROW_QUANTUM",
     "SamplingSettings",
     "evaluate",
+    "evaluate_digits",
     "extract_features",
     "feature_statistics",
     "frechet_distance",

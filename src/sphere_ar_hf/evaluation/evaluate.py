@@ -21,7 +21,7 @@ import torch
 from .image_sets import ImageSet
 from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 
-__all__ = ["FEATURE_SPACES", "evaluate", "extract_features"]
+__all__ = ["FEATURE_SPACES", "evaluate", "evaluate_digits", "extract_features"]
 
 FEATURE_SPACES = ("inception", "digits")
 
@@ -65,7 +65,7 @@ def evaluate(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | ImageSe
         raise ValueError(f"features must be one of {FEATURE_SPACES}, got {features!r}")
     gen = _image_set(gen)
     if features == "digits":
-        return _evaluate_digits(gen, ref, batch_size, k, with_precision_recall)
+        return evaluate_digits(gen, ref, batch_size=batch_size, k=k, with_precision_recall=with_precision_recall)
     if ref is None:
         raise ValueError("REF is required with Inception features (e.g. VIRTUAL_imagenet256_labeled.npz)")
     ref = _image_set(ref)
@@ -106,10 +106,14 @@ def evaluate(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | ImageSe
     return out
 
 
-def _evaluate_digits(gen: ImageSet, ref: str | os.PathLike | ImageSet | None, batch_size: int, k: int,
-                     with_precision_recall: bool) -> dict[str, Any]:
+def evaluate_digits(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | ImageSet | None = None,
+                    extractor: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None, batch_size: int = 64,
+                    k: int = 3, with_precision_recall: bool = True) -> dict[str, Any]:
+    """``evaluate(features="digits")``: metrics in the feature space of ``extractor`` (default: a
+    :class:`~sphere_ar_hf.digits.DigitFeatures` trained at GEN's size); REF defaults to the held-out real digits."""
     from ..digits import DigitFeatures, reference_images
 
+    gen = _image_set(gen)
     if not gen.num_images:
         raise ValueError(f"GEN {gen.path}: no images")
     size = gen.image_shape[0]
@@ -121,7 +125,7 @@ def _evaluate_digits(gen: ImageSet, ref: str | os.PathLike | ImageSet | None, ba
         ref_images, ref_name = ref.images(), str(ref.path)
     else:
         ref_images, ref_name = reference_images(size), "digits: the held-out real test split"
-    extractor = DigitFeatures(size)
+    extractor = extractor or DigitFeatures(size)
     g = extract_features(gen, extractor, batch_size)
     r = extractor(ref_images)
     out: dict[str, Any] = {"features": "digits", "gen": str(gen.path), "ref": ref_name,
@@ -129,7 +133,9 @@ def _evaluate_digits(gen: ImageSet, ref: str | os.PathLike | ImageSet | None, ba
     out["frechet_distance"] = frechet_distance(*_statistics(g["features"], f"GEN {gen.path}"),
                                                *_statistics(r["features"], f"REF {ref_name}"))
     if gen.labels is not None:
-        out["accuracy"] = float(np.mean(g["predictions"] == gen.labels))
+        correct = g["predictions"] == gen.labels
+        out["accuracy"] = float(np.mean(correct))
+        out["per_class_accuracy"] = {int(c): float(np.mean(correct[gen.labels == c])) for c in np.unique(gen.labels)}
     if with_precision_recall:
         out["precision"], out["recall"] = precision_recall(r["features"], g["features"], k)
     return out

@@ -45,12 +45,27 @@ class ImageSet:
         self.labels: np.ndarray | None = None
         self.statistics: dict[str, np.ndarray] = {}
         self._files: list[Path] | None = None
+        self._array: np.ndarray | None = None
         if self.path.is_dir():
             self._open_folder()
         elif self.path.is_file():
             self._open_npz()
         else:
             raise FileNotFoundError(f"{self.path}: no such file or folder")
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels: np.ndarray | None = None, name: str = "<arrays>") -> ImageSet:
+        """An in-memory set: uint8 images ``(N, H, W, 3)`` and optional labels."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} of shape {images.shape}")
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"got {len(labels)} labels for {len(images)} images")
+        self = cls.__new__(cls)
+        self.path, self.statistics, self._files, self._array = Path(name), {}, None, images
+        self.labels = None if labels is None else np.asarray(labels).reshape(-1)
+        self.num_images, self.image_shape = len(images), (tuple(images.shape[1:]) if len(images) else None)
+        return self
 
     def __repr__(self) -> str:
         return f"ImageSet({str(self.path)!r}, num_images={self.num_images}, image_shape={self.image_shape})"
@@ -100,6 +115,9 @@ class ImageSet:
     # ---- reading ---------------------------------------------------------------------------------------------
     def batches(self, batch_size: int = 64) -> Iterator[np.ndarray]:
         """The images in order, ``batch_size`` at a time (uint8 ``(n, H, W, 3)``)."""
+        if self._array is not None:
+            yield from (self._array[i:i + batch_size] for i in range(0, self.num_images, batch_size))
+            return
         if self._files is not None:
             from PIL import Image
 

@@ -98,7 +98,7 @@ class InceptionFeatures:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} of shape {images.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.array(images, copy=not images.flags.writeable)).to(self.device).permute(0, 3, 1, 2)
         pool, logits = self.network(x)
         return {"pool": pool.cpu().numpy(), "spatial": self._spatial.float().cpu().numpy(),
                 "probabilities": torch.softmax(logits.double(), dim=1).cpu().numpy()}

@@ -40,9 +40,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     The trace of the matrix square root is taken from symmetric eigendecompositions (float64): ``sigma1^1/2`` from
     ``eigh(sigma1)`` and then the eigenvalues of the symmetric PSD matrix ``sigma1^1/2 sigma2 sigma1^1/2``, whose
     square roots sum to ``tr((sigma1 sigma2)^1/2)``. Eigenvalues that rounding makes slightly negative are clipped to
-    zero. This is exact for singular and near-singular covariances (fewer samples than dimensions, constant
-    features), where ``scipy.linalg.sqrtm`` of the non-symmetric product, used by the ADM evaluator, can return
-    non-finite or complex values and needs its fallback of adding 1e-6 to both diagonals.
+    zero, so singular and near-singular covariances (fewer samples than dimensions, constant features) need no
+    special case: the ADM evaluator takes ``scipy.linalg.sqrtm`` of the non-symmetric product instead, which can
+    return non-finite or complex values there, and then retries with 1e-6 added to both diagonals. Where both work
+    they agree to ~1e-9 relative (tested, also for rank-deficient covariances against the closed form).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))

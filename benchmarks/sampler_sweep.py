@@ -1,0 +1,186 @@
+"""Quality against head evaluations per token, per sampler, on the embedded digits model.
+
+    python benchmarks/sampler_sweep.py run --points euler_maruyama:100 heun:12 --seeds 0 1 2 --results sweep.jsonl
+    python benchmarks/sampler_sweep.py report --results sweep.jsonl --plot docs/sampler_sweep.png
+
+``run``: for each point (``SAMPLER:STEPS`` or ``SAMPLER:STEPS:TIME_SHIFT``) and seed, ``sphere-ar sample`` writes
+``--num-images`` images (balanced labels) and ``sphere-ar evaluate --features digits`` (the evaluation API) measures
+them against the held-out real digits; one JSON line per (point, seed) is appended to ``--results``, and points
+already there are skipped, so several ``run`` processes can share the work and a killed one can be restarted.
+``report``: the table (mean and standard deviation over the seeds) as Markdown, and a plot of the Fréchet distance
+against head evaluations per token. Numbers are measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+from sphere_ar_hf import SphereARScheduler, bundled_model_path  # noqa: E402
+from sphere_ar_hf.cli import main as cli  # noqa: E402
+from sphere_ar_hf.evaluation import evaluate  # noqa: E402
+
+DEFAULT_POINTS = ["euler_maruyama:100", "euler_maruyama:50", "euler_maruyama:25", "euler_maruyama:10",
+                  "euler:10", "euler:25", "euler:50", "heun:5", "heun:8", "heun:12"]
+
+
+def parse_point(text: str) -> tuple[str, int, float]:
+    parts = text.split(":")
+    return parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 1.0
+
+
+def model_with_shift(model: Path, shift: float, work: Path) -> Path:
+    """A copy of the pipeline folder whose scheduler has ``time_shift`` (weights linked, not copied)."""
+    if shift == 1.0:
+        return model
+    out = work / f"model-shift-{shift:g}"
+    if not out.exists():
+        shutil.copytree(model, out, copy_function=lambda s, d: Path(d).symlink_to(Path(s).resolve()))
+        cfg = out / "scheduler" / "scheduler_config.json"
+        data = json.loads(cfg.read_text())
+        cfg.unlink()
+        cfg.write_text(json.dumps({**data, "time_shift": shift}, indent=1))
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = Path(args.results)
+    done = set()
+    if results.exists():
+        done = {(r["point"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())}
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="sampler-sweep-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model or bundled_model_path("digits"))
+    for point in args.points:
+        sampler, steps, shift = parse_point(point)
+        for seed in args.seeds:
+            if (point, seed) in done:
+                continue
+            out = work / f"{point.replace(':', '-')}-seed{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            rc = cli(["sample", "--model", str(model_with_shift(model, shift, work)), "--num-images",
+                      str(args.num_images), "--output-dir", str(out), "--labels", "balanced", "--seed", str(seed),
+                      "--sampler", sampler, "--steps", str(steps), "--batch-size", str(args.batch_size),
+                      "--shard-size", str(args.num_images), "--device", "cpu"])
+            if rc:
+                raise SystemExit(f"sphere-ar sample failed for {point} seed {seed}")
+            seconds = time.perf_counter() - t0
+            metrics = evaluate(out / "samples.npz", features="digits")
+            evals = len(SphereARScheduler(sampler=sampler, num_inference_steps=steps, time_shift=shift))
+            row = {"point": point, "sampler": sampler, "steps": steps, "time_shift": shift, "seed": seed,
+                   "head_evaluations": evals, "num_images": args.num_images, "seconds": seconds,
+                   **{k: metrics[k] for k in ("frechet_distance", "accuracy", "precision", "recall")}}
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
+    points: dict[str, list[dict]] = {}
+    for r in rows:
+        points.setdefault(r["point"], []).append(r)
+    summary = []
+    for point, rs in points.items():
+        def stat(key, rs=rs):
+            v = np.array([r[key] for r in rs], dtype=np.float64)
+            return v.mean(), v.std(ddof=1) if len(v) > 1 else float("nan")
+
+        summary.append({"point": point, "sampler": rs[0]["sampler"], "steps": rs[0]["steps"],
+                        "time_shift": rs[0]["time_shift"], "evals": rs[0]["head_evaluations"], "seeds": len(rs),
+                        "images": rs[0]["num_images"], "fd": stat("frechet_distance"), "acc": stat("accuracy"),
+                        "precision": stat("precision"), "recall": stat("recall"),
+                        "ms": 1000 * np.mean([r["seconds"] / r["num_images"] for r in rs])})
+    summary.sort(key=lambda s: (s["sampler"], s["time_shift"], -s["evals"]))
+    ref = next((s for s in summary if s["point"] == args.reference), None)
+    print("| sampler | steps | head evaluations / token | Fréchet distance | accuracy | precision | recall | "
+          "ms / image | seeds x images |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for s in summary:
+        name = s["sampler"] + (f" (time shift {s['time_shift']:g})" if s["time_shift"] != 1.0 else "")
+        print(f"| {name} | {s['steps']} | {s['evals']} | {s['fd'][0]:.3f} ± {s['fd'][1]:.3f} | "
+              f"{100 * s['acc'][0]:.2f} ± {100 * s['acc'][1]:.2f}% | {s['precision'][0]:.3f} | "
+              f"{s['recall'][0]:.3f} | {s['ms']:.1f} | {s['seeds']} x {s['images']} |")
+    if ref is not None:
+        hi = ref["fd"][0] + ref["fd"][1]
+        equal = [s for s in summary if s["fd"][0] <= hi]
+        best = min(equal, key=lambda s: s["evals"])
+        print(f"\nreference {args.reference}: Fréchet distance {ref['fd'][0]:.3f} ± {ref['fd'][1]:.3f} "
+              f"({ref['evals']} head evaluations per token); within its spread or better (<= {hi:.3f}): "
+              + ", ".join(f"{s['point']} ({s['evals']})" for s in sorted(equal, key=lambda s: s["evals"])))
+        print(f"fewest head evaluations at equal quality: {best['point']}, {best['evals']} per token: "
+              f"{ref['evals'] / best['evals']:.1f}x fewer than {args.reference}")
+    if args.plot:
+        plot(summary, Path(args.plot), ref)
+
+
+def plot(summary: list[dict], path: Path, ref: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    groups: dict[str, list[dict]] = {}
+    for s in summary:
+        label = s["sampler"] + (f", time shift {s['time_shift']:g}" if s["time_shift"] != 1.0 else "")
+        groups.setdefault(label, []).append(s)
+    for label, ss in groups.items():
+        ss = sorted(ss, key=lambda s: s["evals"])
+        ax.errorbar([s["evals"] for s in ss], [s["fd"][0] for s in ss], yerr=[s["fd"][1] for s in ss], marker="o",
+                    capsize=3, label=label)
+    if ref is not None:
+        ax.axhspan(ref["fd"][0] - ref["fd"][1], ref["fd"][0] + ref["fd"][1], color="gray", alpha=0.2,
+                   label=f"{ref['point']} ± 1 std")
+    ax.set_xscale("log")
+    ax.set_xlabel("head evaluations per token")
+    ax.set_ylabel("Fréchet distance (digits features)")
+    ax.set_title("Embedded digits model: quality vs sampler cost (mean ± std over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"plot written to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="SAMPLER:STEPS[:TIME_SHIFT] ...")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--num-images", type=int, default=5000)
+    run.add_argument("--batch-size", type=int, default=500)
+    run.add_argument("--threads", type=int, default=1, help="torch threads (run one process per core)")
+    run.add_argument("--model", default=None, help="pipeline folder (default: the embedded digits model)")
+    run.add_argument("--work-dir", default=None, help="where samples are written (and removed after evaluation)")
+    run.add_argument("--results", required=True, help="JSON-lines file the results are appended to")
+    rep = sub.add_parser("report", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rep.add_argument("--results", required=True)
+    rep.add_argument("--reference", default="euler_maruyama:100", help="the point whose spread defines 'equal'")
+    rep.add_argument("--plot", default=None, help="PNG path for the plot (needs matplotlib)")
+    args = p.parse_args(argv)
+    cmd_run(args) if args.command == "run" else cmd_report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""``sphere-ar sample``: per-image seeds and labels, the same samples.npz for any number of processes and batch
+size, atomic shards with kill -9 / --resume, and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sphere_ar_hf.cli import main as cli
+from sphere_ar_hf.evaluation import ImageSet, image_labels, image_seeds
+
+TIMEOUT = 600
+SAMPLE = ["--num-images", "40", "--labels", "uniform", "--seed", "5", "--steps", "6", "--shard-size", "12",
+          "--device", "cpu"]
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sample_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sphere_ar_hf.cli", "sample", *SAMPLE, "--output-dir", str(out), *extra]
+
+
+# ----------------------------------------------------------------------------- seeds and labels
+
+
+def test_image_seeds_are_distinct_and_do_not_collide_across_seeds() -> None:
+    n = np.arange(2000)
+    table = np.stack([image_seeds(s, n) for s in range(20)])
+    assert len(np.unique(table)) == table.size  # no two (seed, index) pairs share a generator seed
+    assert not np.intersect1d(image_seeds(0, n + 1), image_seeds(1, n)).size
+    np.testing.assert_array_equal(image_seeds(7, [5, 6]), image_seeds(7, np.arange(10))[5:7])  # per index
+    with pytest.raises(ValueError, match="seed"):
+        image_seeds(-1, n)
+
+
+def test_image_labels_balanced_and_uniform() -> None:
+    n = np.arange(100_000)
+    np.testing.assert_array_equal(image_labels(0, n[:25], 10, "balanced"), n[:25] % 10)
+    uniform = image_labels(3, n, 1000, "uniform")
+    counts = np.bincount(uniform, minlength=1000)
+    assert uniform.min() >= 0 and uniform.max() < 1000 and counts.min() > 50 and counts.max() < 150  # ~100 each
+    np.testing.assert_array_equal(image_labels(3, n[10:20], 1000), uniform[10:20])
+    assert (image_labels(4, n[:1000], 1000) != uniform[:1000]).mean() > 0.9
+    with pytest.raises(ValueError, match="labels must be one of"):
+        image_labels(0, n, 10, "random")
+
+
+# ----------------------------------------------------------------------------- processes, batch sizes
+
+
+def test_two_processes_write_the_same_file_as_one_with_another_batch_size(tmp_path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = subprocess.run(_sample_cmd(one, "--batch-size", "16"), env=_env(2), capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                          str(_free_port()), "-m", "sphere_ar_hf.cli", "sample", *SAMPLE, "--output-dir", str(two),
+                          "--batch-size", "5"], env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout and "rank 1: shard" in res.stderr
+    assert _sha(one / "samples.npz") == _sha(two / "samples.npz")
+    samples = ImageSet(one / "samples.npz")
+    assert samples.num_images == 40 and samples.image_shape == (16, 16, 3)
+    np.testing.assert_array_equal(samples.labels, image_labels(5, np.arange(40), 10, "uniform"))
+    images = samples.images()
+    assert len({images[i].tobytes() for i in range(40)}) == 40  # every image its own
+    settings = json.loads((one / "sampling.json").read_text())
+    assert settings["num_images"] == 40 and settings["sampler"] == "euler_maruyama" and settings["seed"] == 5
+
+
+def test_kill9_then_resume_gives_the_same_file_without_redoing_shards(tmp_path) -> None:
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert cli(["sample", *SAMPLE, "--output-dir", str(reference), "--batch-size", "8"]) == 0
+    args = ["--num-images", "64", "--steps", "50", "--shard-size", "8"]  # 8 shards: slow enough to interrupt
+    cmd = _sample_cmd(killed, "--batch-size", "8", *args)
+    proc = subprocess.Popen(cmd, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = killed / "shards"
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (shards.is_dir() and any(p.suffix == ".npz" for p in shards.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a shard was written"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    done = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.npz")}
+    assert 1 <= len(done) < 8 and not (killed / "samples.npz").exists()
+    # without --resume the folder is refused; with it, only the missing shards are sampled
+    assert cli(["sample", *SAMPLE, "--output-dir", str(killed), *args]) == 2
+    res = subprocess.run(cmd + ["--resume"], env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{len(done)} of 8 shards already done" in res.stderr
+    assert all((shards / name).stat().st_mtime_ns == mtime for name, mtime in done.items())
+    assert not [p for p in killed.rglob("*") if p.name.endswith(".tmp")]
+    uninterrupted = tmp_path / "uninterrupted"
+    assert cli(["sample", *SAMPLE, "--output-dir", str(uninterrupted), "--batch-size", "16", *args]) == 0
+    assert _sha(killed / "samples.npz") == _sha(uninterrupted / "samples.npz")
+    assert _sha(reference / "samples.npz") != _sha(killed / "samples.npz")  # the settings matter
+
+
+def test_png_images_equal_the_npz(tmp_path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "png"
+    assert cli(["sample", *SAMPLE, "--output-dir", str(out), "--num-images", "10", "--png"]) == 0
+    images = ImageSet(out / "samples.npz").images()
+    for n in range(10):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / f"{n:06d}.png")), images[n])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_sample_errors(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        (["--output-dir", str(blocker / "sub")], "cannot write samples there"),
+        (["--output-dir", str(tmp_path / "a"), "--num-images", "0"], "positive integer"),
+        (["--output-dir", str(tmp_path / "a"), "--labels", "random"], "invalid choice"),
+        (["--output-dir", str(tmp_path / "a"), "--sampler", "ddim"], "invalid choice"),
+        (["--output-dir", str(tmp_path / "a"), "--model", str(tmp_path / "nowhere")], "no such folder"),
+    ]
+    for extra, needle in cases:
+        code = cli(["sample", *SAMPLE, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err, (extra, err)
+    run = tmp_path / "run"
+    assert cli(["sample", *SAMPLE, "--output-dir", str(run), "--num-images", "8"]) == 0
+    capsys.readouterr()
+    for extra, needle in ((["--num-images", "16"], "num_images: 8 there, 16 now"),
+                          (["--num-images", "8", "--labels", "balanced"], "labels: 'uniform' there, 'balanced' now"),
+                          (["--num-images", "8", "--steps", "7"], "num_inference_steps: 6 there, 7 now")):
+        code = cli(["sample", *SAMPLE, "--output-dir", str(run), "--resume", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error:") and needle in err, err
+    assert cli(["sample", *SAMPLE, "--output-dir", str(run), "--num-images", "8"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    # resuming a finished run rewrites the same file
+    before = _sha(run / "samples.npz")
+    assert cli(["sample", *SAMPLE, "--output-dir", str(run), "--num-images", "8", "--resume"]) == 0
+    assert _sha(run / "samples.npz") == before

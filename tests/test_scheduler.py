@@ -1,0 +1,89 @@
+"""SphereARScheduler: evaluation counts and times per sampler, the order of accuracy of the ODE samplers, the time
+grid, explicit noise, configuration round trips (the official Euler–Maruyama sampler's bits are checked against the
+official code in test_parity.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sphere_ar_hf import SphereARScheduler
+
+
+@pytest.mark.parametrize(("sampler", "steps", "evals"), [("euler_maruyama", 100, 101), ("euler_maruyama", 10, 11),
+                                                         ("euler", 25, 25), ("heun", 5, 9), ("heun", 1, 1)])
+def test_head_evaluations_per_token(sampler: str, steps: int, evals: int) -> None:
+    s = SphereARScheduler(sampler=sampler, num_inference_steps=steps)
+    assert len(s) == len(s.timesteps) == evals
+    t = s.timesteps
+    assert t[0] == 0 and (t >= 0).all() and (t < 1).all() and (t[1:] >= t[:-1]).all()
+    assert s.num_noise_draws == (steps if sampler == "euler_maruyama" else 0)
+    assert float(t[-1]) + s.step_sizes[-1] == pytest.approx(1.0, abs=1e-6)  # the last step ends at the data
+
+
+def _integrate(scheduler: SphereARScheduler, velocity, x: torch.Tensor) -> torch.Tensor:
+    for k, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(velocity(x, float(t)), k, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize(("sampler", "order"), [("euler", 1), ("heun", 2)])
+def test_ode_samplers_converge_at_their_order(sampler: str, order: int) -> None:
+    """dx/dt = -(1 + t) x, so x(1) = x(0) exp(-1.5); halving the step divides the error by 2 ** order."""
+    x0 = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    exact = x0 * math.exp(-1.5)
+    errors = []
+    for n in (8, 16, 32):
+        s = SphereARScheduler(sampler=sampler, num_inference_steps=n)
+        errors.append(float((_integrate(s, lambda x, t: -(1 + t) * x, x0) - exact).abs().max()))
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert all(abs(math.log2(r) - order) < 0.25 for r in ratios), (errors, ratios)
+
+
+def test_time_shift_moves_the_grid() -> None:
+    base = SphereARScheduler(sampler="heun", num_inference_steps=6)
+    towards_data = SphereARScheduler(sampler="heun", num_inference_steps=6, time_shift=0.5)
+    towards_noise = SphereARScheduler(sampler="heun", num_inference_steps=6, time_shift=2.0)
+    assert towards_noise.timesteps[2] < base.timesteps[2] < towards_data.timesteps[2]
+    assert len(towards_data) == len(base) and towards_data.timesteps[0] == 0
+
+
+def test_explicit_noise_equals_drawn_noise() -> None:
+    s = SphereARScheduler(num_inference_steps=4)
+    x, v = torch.randn(3, 16), torch.randn(3, 16)
+    drawn = s.step(v, 1, x, generator=torch.Generator().manual_seed(7)).prev_sample
+    noise = torch.randn(3, 16, generator=torch.Generator().manual_seed(7))
+    given = s.step(v, 1, x, noise=noise).prev_sample
+    assert torch.equal(drawn, given) and not torch.equal(noise, torch.zeros_like(noise))
+    assert torch.equal(s.step(v, 4, x).prev_sample, x + v * s.step_sizes[4])  # the last step is deterministic
+
+
+def test_config_round_trip_and_validation(tmp_path) -> None:
+    s = SphereARScheduler(sampler="heun", num_inference_steps=7, time_shift=0.5)
+    s.save_pretrained(tmp_path)
+    loaded = SphereARScheduler.from_pretrained(tmp_path)
+    assert loaded.config.sampler == "heun" and loaded.config.time_shift == 0.5 and len(loaded) == 13
+    assert torch.equal(loaded.timesteps, s.timesteps)
+    official = SphereARScheduler.from_config(loaded.config, sampler="euler_maruyama", time_shift=1.0)
+    assert len(official) == 8
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        SphereARScheduler(sampler="ddim")
+    with pytest.raises(ValueError, match="time_shift"):
+        SphereARScheduler(sampler="heun", time_shift=0.0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        s.set_timesteps(0)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_pipeline_samples_on_the_sphere_with_every_sampler(make_pipeline, sampler: str) -> None:
+    pipe = make_pipeline()
+    pipe.scheduler = SphereARScheduler.from_config(pipe.scheduler.config, sampler=sampler)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    tokens = pipe([1, 2], num_inference_steps=3, generator=gens, output_type="latent").images
+    assert torch.isfinite(tokens).all()
+    assert torch.allclose(tokens.norm(dim=-1), torch.full(tokens.shape[:2], 4.0), atol=1e-4)
+    again = pipe([1, 2], num_inference_steps=3, generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                 output_type="latent").images
+    assert torch.equal(tokens, again)
