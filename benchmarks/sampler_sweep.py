@@ -41,20 +41,6 @@ def parse_point(text: str) -> tuple[str, int, float]:
     return parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 1.0
 
 
-def model_with_shift(model: Path, shift: float, work: Path) -> Path:
-    """A copy of the pipeline folder whose scheduler has ``time_shift`` (weights linked, not copied)."""
-    if shift == 1.0:
-        return model
-    out = work / f"model-shift-{shift:g}"
-    if not out.exists():
-        shutil.copytree(model, out, copy_function=lambda s, d: Path(d).symlink_to(Path(s).resolve()))
-        cfg = out / "scheduler" / "scheduler_config.json"
-        data = json.loads(cfg.read_text())
-        cfg.unlink()
-        cfg.write_text(json.dumps({**data, "time_shift": shift}, indent=1))
-    return out
-
-
 def cmd_run(args: argparse.Namespace) -> None:
     import torch
 
@@ -74,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             out = work / f"{point.replace(':', '-')}-seed{seed}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
-            rc = cli(["sample", "--model", str(model_with_shift(model, shift, work)), "--num-images",
+            rc = cli(["sample", "--model", str(model), "--time-shift", str(shift), "--num-images",
                       str(args.num_images), "--output-dir", str(out), "--labels", "balanced", "--seed", str(seed),
                       "--sampler", sampler, "--steps", str(steps), "--batch-size", str(args.batch_size),
                       "--shard-size", str(args.num_images), "--device", "cpu"])
