@@ -134,6 +134,11 @@ OPTIONS = {
                 "--overwrite"],
     "generate": ["--model", "--class-labels", "--guidance-scale", "--cfg-schedule", "--steps", "--seed",
                  "--batch-size", "--device", "--dtype", "--output", "--output-dir", "--grid-cols"],
+    "sample": ["--model", "--num-images", "--output-dir", "--labels", "--batch-size", "--seed", "--guidance-scale",
+               "--cfg-schedule", "--steps", "--sampler", "--time-shift", "--shard-size", "--png", "--resume",
+               "--device", "--dtype"],
+    "evaluate": ["--features", "--inception-weights", "--batch-size", "--device", "--k", "--split-size",
+                 "--no-precision-recall", "--json"],
 }
 
 
