@@ -9,12 +9,13 @@ The ADM layout (OpenAI's guided-diffusion evaluator, used for the paper's number
 from __future__ import annotations
 
 import os
-import secrets
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from ..utils import atomic_write
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "write_npz"]
 
@@ -154,27 +155,22 @@ def write_npz(path: str | os.PathLike, parts: Iterable[tuple[np.ndarray, np.ndar
     part in memory at a time, to a temporary file renamed into place once complete (uncompressed, like
     ``np.savez``; fixed timestamps, so the same images give the same bytes)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     labels = []
     written = 0
-    try:
-        with zipfile.ZipFile(tmp, "x", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open(zipfile.ZipInfo("arr_0.npy", _ZIP_DATE), "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(
-                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                        "shape": (num_images, *image_shape)})
-                for images, part_labels in parts:
-                    if images.dtype != np.uint8 or images.shape[1:] != tuple(image_shape):
-                        raise ValueError(f"write_npz: expected uint8 images of shape (n, {image_shape}), got "
-                                         f"{images.dtype} {images.shape}")
-                    f.write(np.ascontiguousarray(images).tobytes())
-                    labels.append(np.asarray(part_labels, dtype=np.int64))
-                    written += len(images)
-            if written != num_images:
-                raise ValueError(f"write_npz: got {written} images, expected {num_images}")
-            with zf.open(zipfile.ZipInfo("arr_1.npy", _ZIP_DATE), "w") as f:
-                np.lib.format.write_array(f, np.concatenate(labels) if labels else np.zeros(0, np.int64))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as out, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open(zipfile.ZipInfo("arr_0.npy", _ZIP_DATE), "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                    "shape": (num_images, *image_shape)})
+            for images, part_labels in parts:
+                if images.dtype != np.uint8 or images.shape[1:] != tuple(image_shape):
+                    raise ValueError(f"write_npz: expected uint8 images of shape (n, {image_shape}), got "
+                                     f"{images.dtype} {images.shape}")
+                f.write(np.ascontiguousarray(images).tobytes())
+                labels.append(np.asarray(part_labels, dtype=np.int64))
+                written += len(images)
+        if written != num_images:
+            raise ValueError(f"write_npz: got {written} images, expected {num_images}")
+        with zf.open(zipfile.ZipInfo("arr_1.npy", _ZIP_DATE), "w") as f:
+            np.lib.format.write_array(f, np.concatenate(labels) if labels else np.zeros(0, np.int64))
     return path

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..utils import atomic_write
 from .image_sets import write_npz
 
 __all__ = ["LABEL_MODES", "ROW_QUANTUM", "SamplingSettings", "image_labels", "image_seeds", "run_sampling",
@@ -138,29 +139,12 @@ def _shard_path(output_dir: Path, start: int, end: int) -> Path:
     return output_dir / "shards" / f"{start:08d}-{end:08d}.npz"
 
 
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_pngs(output_dir: Path, start: int, images: np.ndarray) -> None:
     from PIL import Image
 
-    folder = output_dir / "images"
     for n, image in enumerate(images, start):
-        path = folder / f"{n:06d}.png"
-        tmp = folder / f".{n:06d}.png.{secrets.token_hex(4)}.tmp"
-        try:
-            with open(tmp, "xb") as f:
-                Image.fromarray(image).save(f, format="PNG")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(output_dir / "images" / f"{n:06d}.png") as f:
+            Image.fromarray(image).save(f, format="PNG")
 
 
 def _prepare(output_dir: Path, settings: SamplingSettings, resume: bool) -> None:
@@ -196,9 +180,8 @@ def run_sampling(pipe, output_dir: str | os.PathLike, settings: SamplingSettings
     _prepare(output_dir, settings, resume)
     barrier()
     if rank == 0 and not (output_dir / "sampling.json").is_file():
-        tmp = output_dir / f".sampling.json.{secrets.token_hex(4)}.tmp"
-        tmp.write_text(json.dumps(asdict(settings), indent=1))
-        os.replace(tmp, output_dir / "sampling.json")
+        with atomic_write(output_dir / "sampling.json", "w") as f:
+            json.dump(asdict(settings), f, indent=1)
     if png:
         (output_dir / "images").mkdir(exist_ok=True)
     barrier()
@@ -225,7 +208,8 @@ def run_sampling(pipe, output_dir: str | os.PathLike, settings: SamplingSettings
                                **call)
         if png:
             _save_pngs(output_dir, start, images)
-        _atomic_savez(_shard_path(output_dir, start, end), images=images, labels=labels)
+        with atomic_write(_shard_path(output_dir, start, end)) as f:
+            np.savez(f, images=images, labels=labels)
         seconds = time.perf_counter() - t0
         log(f"rank {rank}: shard {j + 1}/{len(todo)} (images {start}-{end - 1}) in {seconds:.1f} s, "
             f"{(end - start) / seconds:.2f} images/s")
