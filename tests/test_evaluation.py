@@ -267,6 +267,7 @@ def test_evaluate_with_inception_features(random_inception_weights, tmp_path, ca
     result = json.loads(out)
     assert {"fid", "sfid", "inception_score", "precision", "recall"} <= set(result)
     assert result["num_gen"] == 6 and result["num_ref"] == 7 and result["statistics"]["REF"] == "computed"
+    assert any("singular covariance" in note for note in result["notes"])
     # the same numbers from the features, through the public functions
     net = InceptionFeatures(random_inception_weights)
     g, r = net(_images(6, seed=1)), net(_images(7, seed=2))
@@ -302,6 +303,7 @@ def test_evaluate_json_gives_the_closed_form_distance_of_gaussians(tmp_path, cap
     assert json.loads(out)["fid"] == pytest.approx(expected, rel=1e-9)
     code, out, _ = _run_cli(["evaluate", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")], capsys)
     assert code == 0 and f"FID: {expected:.6g}" in out and "sFID" not in out and "Precision" not in out
+    assert "note: precision / recall need the images of both sets" in out
 
 
 def test_evaluate_errors(tmp_path, capsys) -> None:

@@ -367,6 +367,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key, name in METRIC_NAMES.items():
         if key in result:
             print(f"{name}: {result[key]:.6g}")
+    for note in result.get("notes", []):
+        print(f"note: {note}")
     return 0
 
 

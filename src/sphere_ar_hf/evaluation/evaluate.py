@@ -95,6 +95,11 @@ def evaluate(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | ImageSe
             elif name in feats:
                 stats[name, key] = _statistics(feats[name][key], f"{name} {s.path}")
     out["statistics"] = {name: "stored" if "mu" in s.statistics else "computed" for name, s in sets.items()}
+    notes = [f"{name}: {len(f['pool'])} images for {f['pool'].shape[1]} features, a singular covariance (FID is "
+             "biased upwards at small N; ADM uses 50,000 vs 10,000)" for name, f in feats.items()
+             if len(f["pool"]) <= f["pool"].shape[1]]
+    if with_precision_recall and not (gen.num_images and ref.num_images):
+        notes.append("precision / recall need the images of both sets: skipped")
     out["fid"] = frechet_distance(*stats["GEN", "pool"], *stats["REF", "pool"])
     if ("GEN", "spatial") in stats and ("REF", "spatial") in stats:
         out["sfid"] = frechet_distance(*stats["GEN", "spatial"], *stats["REF", "spatial"])
@@ -103,6 +108,8 @@ def evaluate(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | ImageSe
     if with_precision_recall and "GEN" in feats and "REF" in feats:
         out["precision"], out["recall"] = precision_recall(feats["REF"]["pool"], feats["GEN"]["pool"], k,
                                                            device=device)
+    if notes:
+        out["notes"] = notes
     return out
 
 
