@@ -5,7 +5,8 @@
     python benchmarks/bench_lora.py --model path/to/pipeline --json results.json
 
 The train split of scikit-learn's digits (the split the base model was trained on, same preprocessing as
-``sphere_ar_hf.digits``: 16 px bilinear upscale) is restyled and written as a ``save_to_disk`` dataset; a LoRA
+``sphere_ar_hf.evaluation.digits``: 16 px bilinear upscale) is restyled and written as a ``save_to_disk`` dataset;
+a LoRA
 adapter (rank 8 on the trunk's ``wqkv``/``wo``/``w1``/``w2``) is trained on it with ``examples/train_lora.py``'s
 code (images encoded on the fly by the pipeline's frozen S-VAE). Printed:
 
@@ -49,7 +50,7 @@ if str(SRC) not in sys.path:
 from transformers import TrainerCallback  # noqa: E402
 
 from sphere_ar_hf import SphereARPipeline  # noqa: E402
-from sphere_ar_hf.digits import (  # noqa: E402
+from sphere_ar_hf.evaluation.digits import (  # noqa: E402
     DIGITS_ID2LABEL,
     DIGITS_IMAGE_SIZE,
     DigitClassifier,
@@ -69,7 +70,7 @@ STYLES = ("heavy", "bold", "dim", "red")
 def restyle_digits(images: np.ndarray, style: str, size: int = DIGITS_IMAGE_SIZE) -> np.ndarray:
     """Digits (N, 8, 8) in 0..16 -> restyled RGB images (N, size, size, 3) float32 in [0, 1].
 
-    The gray image is ``sphere_ar_hf.digits.upscale_digits`` mapped to [0, 1] (0 is the black background).
+    The gray image is ``sphere_ar_hf.evaluation.digits.upscale_digits`` mapped to [0, 1] (0 is the black background).
     """
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")

@@ -4,8 +4,8 @@
     python benchmarks/eval_digits.py --n-per-class 200 --sweep-n-per-class 50 --json results.json
     python benchmarks/eval_digits.py --model path/to/pipeline --no-sweep
 
-A small MLP classifier (``sphere_ar_hf.digits.DigitClassifier``) is trained on the real train split (the split
-the model was trained on) at the generated images' resolution; its accuracy on the held-out real test split is
+A small MLP classifier (``sphere_ar_hf.evaluation.digits.DigitClassifier``) is trained on the real train split (the
+split the model was trained on) at the generated images' resolution; its accuracy on the held-out real test split is
 reported. Then, for generated images (``--n-per-class`` per class):
 
 * (a) the classifier's accuracy on them, per class and overall (does the image show the requested digit?);
@@ -42,7 +42,6 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from sphere_ar_hf import SphereARPipeline  # noqa: E402
-from sphere_ar_hf.digits import DigitFeatures, bundled_digits_path, load_digit_splits, reference_images  # noqa: E402
 from sphere_ar_hf.evaluation import (  # noqa: E402
     ImageSet,
     evaluate_digits,
@@ -52,6 +51,7 @@ from sphere_ar_hf.evaluation import (  # noqa: E402
     image_seeds,
     sample_images,
 )
+from sphere_ar_hf.evaluation.digits import DigitFeatures, bundled_digits_path, load_digit_splits, reference_images  # noqa: E402
 
 GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.5, 6.0, 8.0)
 STEPS_SWEEP = (5, 10, 25, 50, 100)

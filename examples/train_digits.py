@@ -5,7 +5,7 @@
 The whole recipe runs the project's own training code (``train_vae``, ``cache_latents``, ``train_sphere_ar``) on a
 ``save_to_disk`` dataset of the train split, written into ``--work_dir`` (default: a temporary folder):
 
-1. data: ``sphere_ar_hf.digits.load_digit_splits`` holds out a stratified, seeded 20% test split that no step
+1. data: ``sphere_ar_hf.evaluation.digits.load_digit_splits`` holds out a stratified, seeded 20% test split that no step
    sees; the 1,437 train digits are upscaled to 16 px RGB in [-1, 1] (no flips, no crops: digits are not
    mirror-symmetric);
 2. S-VAE: 16 px, patch 8 (CNN 16-32-64-64, 2-block ViTs) -> 2x2 = 4 tokens of ``latent_dim`` 16 on the radius-4
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from sphere_ar_hf.digits import DIGITS_IMAGE_SIZE, load_digit_splits, write_digits_dataset
+from sphere_ar_hf.evaluation.digits import DIGITS_IMAGE_SIZE, load_digit_splits, write_digits_dataset
 
 logger = logging.getLogger("train_digits")
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from sphere_ar_hf import SphereARPipeline
-from sphere_ar_hf.digits import (
+from sphere_ar_hf.evaluation import feature_statistics, frechet_distance
+from sphere_ar_hf.evaluation.digits import (
     DIGITS_ID2LABEL,
     DigitClassifier,
     generate_digits,
     load_digit_splits,
     upscale_digits,
 )
-from sphere_ar_hf.evaluation import feature_statistics, frechet_distance
 from sphere_ar_hf.pretrained import BUNDLED_MODELS, bundled_model_path
 
 MAX_BYTES = 15 * 2**20

@@ -236,7 +236,7 @@ MIN_ACCURACY = 0.75
 
 
 def test_digits_fine_tune_shows_the_style_and_keeps_the_digits(example, bench, tmp_path):
-    from sphere_ar_hf.digits import DigitClassifier, generate_digits, load_digit_splits
+    from sphere_ar_hf.evaluation.digits import DigitClassifier, generate_digits, load_digit_splits
 
     model = bundled_model_path("digits")
     splits = load_digit_splits()

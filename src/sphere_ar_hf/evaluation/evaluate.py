@@ -4,9 +4,9 @@
   :mod:`.inception`): FID (pool features), sFID (spatial features), Inception Score (of GEN), precision and recall
   (k = 3). A REF that stores ``mu`` / ``sigma`` (and ``mu_s`` / ``sigma_s``), as ADM reference batches do, uses
   those for FID (sFID); its images are still needed for precision and recall.
-- ``features="digits"``: the bundled digits model's yardstick (:class:`sphere_ar_hf.digits.DigitFeatures`): the
-  Fréchet distance in the digit classifier's feature space, the classifier's accuracy on GEN's labels (when GEN
-  has them), precision and recall there. REF defaults to the held-out real digits.
+- ``features="digits"``: the bundled digits model's yardstick (:class:`.digits.DigitFeatures`): the Fréchet
+  distance in the digit classifier's feature space, the classifier's accuracy on GEN's labels (when GEN has them),
+  precision and recall there. REF defaults to the held-out real digits.
 """
 
 from __future__ import annotations
@@ -117,8 +117,9 @@ def evaluate_digits(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | 
                     extractor: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None, batch_size: int = 64,
                     k: int = 3, with_precision_recall: bool = True) -> dict[str, Any]:
     """``evaluate(features="digits")``: metrics in the feature space of ``extractor`` (default: a
-    :class:`~sphere_ar_hf.digits.DigitFeatures` trained at GEN's size); REF defaults to the held-out real digits."""
-    from ..digits import DigitFeatures, reference_images
+    :class:`~sphere_ar_hf.evaluation.digits.DigitFeatures` trained at GEN's size); REF defaults to the held-out real
+    digits."""
+    from .digits import DigitFeatures, reference_images
 
     gen = _image_set(gen)
     if not gen.num_images:

@@ -208,7 +208,7 @@ class DigitFeatures:
 
 def bundled_digits_path() -> Path:
     """The folder of the bundled digits pipeline (package data)."""
-    from .pretrained import bundled_model_path
+    from ..pretrained import bundled_model_path
 
     return bundled_model_path("digits")
 
