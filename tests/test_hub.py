@@ -117,7 +117,7 @@ def test_imagenet_card(pipeline_dir, tiny_pipeline, card, name, fid):
     facts = hub.pipeline_facts(pipeline_dir)
     assert (facts["transformer_params"], facts["vae_params"]) == (n_tf, n_vae)
     assert facts["num_labels"] == facts["num_classes"] == 10 and facts["image_size"] == 32
-    assert f"{hub._millions(n_tf)} parameters" in body
+    assert f"{hub.format_millions(n_tf)} parameters" in body
     assert "guidance_scale=4.5," in body and "generates 32×32 images of the 10 ImageNet-1k classes" in body
 
 

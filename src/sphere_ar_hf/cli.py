@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .convert import ConversionError
+from .scheduling_sphere_ar import CFG_SCHEDULES
+from .utils import HelpFormatter, format_millions
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,7 +35,6 @@ __all__ = ["CLIError", "DEFAULT_MODEL", "build_parser", "main", "make_grid", "sa
 # the embedded digits model (package data): `sphere-ar generate` works offline with no --model
 DEFAULT_MODEL: str | None = str(Path(__file__).parent / "pretrained" / "digits")
 DTYPES = ("float32", "bfloat16", "float16")
-CFG_SCHEDULES = ("linear", "constant")
 
 
 class CLIError(Exception):
@@ -148,10 +149,6 @@ def _quiet_libraries() -> Iterator[None]:
 
 
 # ---- convert --------------------------------------------------------------------------------------------------
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_official_checkpoint
 
@@ -165,8 +162,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     n_tf = sum(p.numel() for p in tf.parameters())
     n_vae = sum(p.numel() for p in vae.parameters())
     names = "ImageNet class names" if pipe.id2label else "no class names"
-    print(f"wrote {args.output}: transformer {_millions(n_tf)} parameters ({info.get('weights', '?')} weights; "
-          f"width {c.hidden_size}, {c.num_hidden_layers} layers), S-VAE {_millions(n_vae)} parameters; "
+    print(f"wrote {args.output}: transformer {format_millions(n_tf)} parameters ({info.get('weights', '?')} weights; "
+          f"width {c.hidden_size}, {c.num_hidden_layers} layers), S-VAE {format_millions(n_vae)} parameters; "
           f"{c.image_size}x{c.image_size} images, {c.num_image_tokens} tokens of dim {c.latent_dim}, "
           f"{c.num_classes} classes ({names})")
     return 0
@@ -373,17 +370,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # ---- parser ---------------------------------------------------------------------------------------------------
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends ``(default: X)`` to an option's help unless it has no default or already talks about it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if no_default or action.required or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -392,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    fmt = _HelpFormatter
+    fmt = HelpFormatter
     conv = sub.add_parser(
         "convert", formatter_class=fmt, help="convert an official SphereAR checkpoint into a pipeline folder",
         description="Convert an official SphereAR checkpoint (e.g. SphereAR_B.pt) into a pipeline folder "

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from .cli import _positive_int
+from .scheduling_sphere_ar import CFG_SCHEDULES
+from .utils import HelpFormatter
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DemoRunner", "build_demo", "build_parser", "class_choices", "create_demo", "load_default_pipeline", "main"]
 
-CFG_SCHEDULES = ("linear", "constant")
 MAX_SEED = 2**32 - 1
 MAX_LABEL_CHARS = 200  # a class name longer than this is refused before the (fuzzy) name lookup
 IMAGENET_DEFAULT_CLASSES = (207, 360, 388, 88)  # golden retriever, otter, giant panda, macaw
@@ -326,19 +327,9 @@ def _port(text: str) -> int:
     return value
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends ``(default: X)`` to an option's help unless it has no default or already talks about it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sphere-ar-demo", formatter_class=_HelpFormatter,
+        prog="sphere-ar-demo", formatter_class=HelpFormatter,
         description="The SphereAR Gradio demo: pick classes, set guidance / schedule / steps / seed, generate.")
     parser.add_argument("--model", default=None, metavar="DIR_OR_REPO",
                         help="pipeline folder (from `sphere-ar convert`) or Hugging Face Hub repository id "

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .utils import format_millions
+
 if TYPE_CHECKING:
     from huggingface_hub import HfApi, ModelCard, SpaceCard
 
@@ -394,10 +396,6 @@ def _count_parameters(folder: Path) -> int:
     return sum(_safetensors_numel(p) for p in files)
 
 
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
-
-
 def pipeline_facts(folder: str | os.PathLike) -> dict[str, Any]:
     """What a model card says about a pipeline folder, read from its configs and weight headers."""
     folder = Path(folder)
@@ -429,9 +427,9 @@ def pipeline_facts(folder: str | os.PathLike) -> dict[str, Any]:
         "transformer_params": n_tf,
         "vae_params": n_vae,
         "total_params": n_tf + n_vae,
-        "transformer_params_str": _millions(n_tf),
-        "vae_params_str": _millions(n_vae),
-        "total_params_str": _millions(n_tf + n_vae),
+        "transformer_params_str": format_millions(n_tf),
+        "vae_params_str": format_millions(n_vae),
+        "total_params_str": format_millions(n_tf + n_vae),
     }
 
 

@@ -11,13 +11,12 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 
 from .labels import build_label_index, resolve_label_ids
 from .modeling_sphere_ar import SphereARTransformer
-from .scheduling_sphere_ar import SphereARScheduler, apply_guidance, draw_noise
+from .scheduling_sphere_ar import CFG_SCHEDULES, SphereARScheduler, apply_guidance, draw_noise
 from .vae import SphereVAE
 
 __all__ = ["SphereARPipeline"]
 
 LabelInput = int | str | Sequence[int | str] | np.ndarray | torch.Tensor
-CFG_SCHEDULES = ("linear", "constant")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
