@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import re
-import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from .convert import ConversionError
 from .scheduling_sphere_ar import CFG_SCHEDULES
-from .utils import HelpFormatter, format_millions
+from .utils import HelpFormatter, atomic_write, format_millions
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -119,14 +118,8 @@ def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write ``image`` to ``path`` via a temporary file in the same folder and an atomic rename."""
     path = Path(path)
     fmt = _image_format(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format=fmt)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as f:
+        image.save(f, format=fmt)
     return path
 
 

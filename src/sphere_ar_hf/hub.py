@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .utils import format_millions
+from .utils import atomic_write, format_millions
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi, ModelCard, SpaceCard
@@ -284,9 +284,8 @@ def _read_json(path: Path) -> dict:
 
 def _write_text(path: Path, text: str) -> None:
     """Write via a temporary file and a rename (a new file: hard-linked originals stay untouched)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _write_json(path: Path, data: Mapping) -> None:

@@ -14,14 +14,19 @@ __all__ = ["HelpFormatter", "atomic_write", "format_millions"]
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False,
+                 encoding: str | None = None) -> Iterator[IO]:
     """Write ``path`` all or nothing: yields a new temporary file beside it, renamed over ``path`` when the block
-    ends without an exception, removed otherwise (a crash leaves at most a hidden ``.tmp`` file)."""
+    ends without an exception, removed otherwise (a crash leaves at most a hidden ``.tmp`` file). ``fsync``: the
+    data reaches the disk before the rename (for files whose presence marks something complete)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, mode.replace("w", "x")) as f:
+        with open(tmp, mode.replace("w", "x"), encoding=encoding) as f:
             yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_write
+
 __all__ = ["CHECKPOINT_MARKER", "is_complete_checkpoint", "list_checkpoints", "mark_checkpoint_complete",
            "resolve_resume_checkpoint"]
 
@@ -58,12 +60,8 @@ def mark_checkpoint_complete(folder: str | os.PathLike, step: int, extra: dict[s
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             files[str(path.relative_to(folder))] = path.stat().st_size
-    tmp = folder / f".{CHECKPOINT_MARKER}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(folder / CHECKPOINT_MARKER, "w", fsync=True) as f:
         json.dump({"global_step": int(step), **(extra or {}), "files": files}, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / CHECKPOINT_MARKER)
     _fsync_path(folder)
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..utils import atomic_write
 
 __all__ = ["EMA_WEIGHTS_NAME", "EMACallback", "ParameterEMA"]
 
@@ -97,13 +99,9 @@ class ParameterEMA:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``state_dict()`` as safetensors (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         meta = {"decay": repr(self.decay), "num_updates": str(self.num_updates)}
-        save_file(self.state_dict(), str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_write(path, fsync=True) as f:
+            f.write(save(self.state_dict(), metadata=meta))
 
     def load(self, path: str | os.PathLike) -> None:
         """Load a file written by :meth:`save`."""

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..convert import write_atomically
+from ..utils import atomic_write
 from ..vae import SphereVAE
 from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
 from .data import DataArguments, build_image_dataset, collate_images
@@ -411,9 +412,8 @@ def save_preview(vae: SphereVAE, images: torch.Tensor, path: str | os.PathLike,
     grid = make_grid(both.cpu(), nrow=images.shape[0], padding=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_image(grid, tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        save_image(grid, f, format="PNG")
     return grid
 
 
