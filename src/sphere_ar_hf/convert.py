@@ -13,8 +13,6 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +23,10 @@ from .configuration_sphere_ar import PRESETS, SphereARConfig
 from .labels import imagenet_id2label
 from .modeling_sphere_ar import SphereARTransformer
 from .scheduling_sphere_ar import SphereARScheduler
+from .utils import check_output_folder, write_folder_atomically
 from .vae import SphereVAE
 
-__all__ = ["ConversionError", "convert_official_checkpoint", "load_official_checkpoint", "write_atomically"]
+__all__ = ["ConversionError", "convert_official_checkpoint", "load_official_checkpoint"]
 
 
 class ConversionError(ValueError):
@@ -311,45 +310,6 @@ def _map(sd: dict[str, torch.Tensor], rules, what: str, prefix: str = "",
     return out, names
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"{output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConversionError(f"{output} exists and is not empty (pass --overwrite to replace it)")
-
-
-def write_atomically(output: str | os.PathLike, write, overwrite: bool = False) -> Path:
-    """Call ``write(tmp_dir)`` and move the folder into place only once it is complete.
-
-    The temporary folder sits beside ``output`` (same file system, so the final rename is atomic) and is removed
-    on any failure or interruption; an existing ``output`` (with ``overwrite``) is only removed once the new one
-    is complete, and put back if the swap fails.
-    """
-    output = Path(output)
-    _check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        write(tmp)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-            try:
-                os.replace(tmp, output)
-            except BaseException:
-                os.replace(old / output.name, output)
-                raise
-            finally:
-                if not (old / output.name).exists() or output.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return output
-
-
 @contextlib.contextmanager
 def _about(path) -> Iterator[None]:
     """Prefix ``path`` to the message of a ConversionError raised inside (unless it names it already)."""
@@ -386,7 +346,7 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, output: str | os.
     from .pipeline_sphere_ar import SphereARPipeline
 
     if output is not None:
-        _check_output(Path(output), overwrite)  # fail before the slow part
+        check_output_folder(output, overwrite)  # fail before the slow part
     sd, args, source = _state_dict(load_official_checkpoint(checkpoint), checkpoint, "ema" if use_ema else "model")
     vae_sd = {k[4:]: v for k, v in sd.items() if k.startswith("vae.")}
     ar_sd = {k: v for k, v in sd.items() if not k.startswith("vae.")}
@@ -430,5 +390,6 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, output: str | os.
     if info is not None:
         info.update(weights=source, vae_weights=vae_source)
     if output is not None:
-        write_atomically(output, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), overwrite=overwrite)
+        write_folder_atomically(output, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
+                                overwrite=overwrite)
     return pipe

@@ -532,7 +532,7 @@ def build_space_folder(output: str | os.PathLike, *, license: str | None, models
     """Write a Space folder to ``output`` (atomically): ``hub_cards/space/``'s files (``app.py``, ...) and its
     rendered ``README.md`` (:func:`render_space_card`). Upload it with ``HfApi().upload_folder(...,
     repo_type="space")``."""
-    from .convert import write_atomically
+    from .utils import write_folder_atomically
 
     card = render_space_card(license=license, models=models, title=title, license_name=license_name,
                              license_link=license_link, template_dir=template_dir)
@@ -542,7 +542,7 @@ def build_space_folder(output: str | os.PathLike, *, license: str | None, models
         _copy_folder(space, tmp, link=False)  # everything but dotfiles, caches and the README template
         _write_text(tmp / "README.md", str(card))
 
-    return write_atomically(Path(output).expanduser(), fill, overwrite=overwrite)
+    return write_folder_atomically(Path(output).expanduser(), fill, overwrite=overwrite)
 
 
 def _render_jinja(path: Path, **variables: Any) -> str:
@@ -612,7 +612,7 @@ def build_push_folder(pipeline: str | os.PathLike, output: str | os.PathLike, *,
     It holds the pipeline's files, the rendered ``README.md`` and, with ``remote_code``, the remote code
     (:func:`write_remote_code`). An existing non-empty ``output`` needs ``overwrite``.
     """
-    from .convert import write_atomically
+    from .utils import write_folder_atomically
 
     src = _check_pipeline(pipeline)
     out = Path(output).expanduser()
@@ -623,7 +623,7 @@ def build_push_folder(pipeline: str | os.PathLike, output: str | os.PathLike, *,
         _fill_folder(src, tmp, repo_id=repo_id, license=license, card=card, remote_code=remote_code,
                      license_name=license_name, license_link=license_link, template_dir=template_dir, link=False)
 
-    return write_atomically(out, fill, overwrite=overwrite)
+    return write_folder_atomically(out, fill, overwrite=overwrite)
 
 
 def _hf_api() -> HfApi:

@@ -179,7 +179,7 @@ def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True
               base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter (``adapter_model.safetensors``, ``adapter_config.json``) of ``target`` (a PeftModel, or a
     pipeline / transformer with an adapter loaded) to ``output_dir`` atomically."""
-    from .convert import write_atomically
+    from .utils import write_folder_atomically
 
     peft = _peft()
     peft_model = target if isinstance(target, peft.PeftModel) else get_lora_model(target)
@@ -195,7 +195,7 @@ def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True
         if missing:
             raise RuntimeError(f"PEFT did not write {missing}")
 
-    return write_atomically(output_dir, write, overwrite=overwrite)
+    return write_folder_atomically(output_dir, write, overwrite=overwrite)
 
 
 def load_lora(target: Any, adapter: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,

@@ -6,11 +6,13 @@ import argparse
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["HelpFormatter", "atomic_write", "format_millions"]
+__all__ = ["HelpFormatter", "atomic_write", "check_output_folder", "format_millions", "write_folder_atomically"]
 
 
 @contextlib.contextmanager
@@ -47,3 +49,45 @@ class HelpFormatter(argparse.HelpFormatter):
         if no_default or action.required or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
+
+
+def check_output_folder(output: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise unless ``output`` can become a new folder: absent, empty, or (with ``overwrite``) a folder."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"{output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+
+
+def write_folder_atomically(output: str | os.PathLike, write: Callable[[Path], object],
+                            overwrite: bool = False) -> Path:
+    """Call ``write(tmp_dir)`` and move the folder into place only once it is complete.
+
+    The temporary folder sits beside ``output`` (same file system, so the final rename is atomic) and is removed
+    on any failure or interruption; an existing ``output`` (with ``overwrite``) is only removed once the new one
+    is complete, and put back if the swap fails. Without ``overwrite`` a non-empty ``output`` is an error.
+    """
+    output = Path(output)
+    check_output_folder(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        write(tmp)
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, old / output.name)
+            try:
+                os.replace(tmp, output)
+            except BaseException:
+                os.replace(old / output.name, output)
+                raise
+            finally:
+                if not (old / output.name).exists() or output.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return output

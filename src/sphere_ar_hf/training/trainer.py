@@ -428,12 +428,12 @@ class SphereARTrainer(Trainer):
 
     def save_pipeline(self, output_dir: str | os.PathLike, id2label: dict[int, str] | None = None) -> Path:
         """Write the pipeline folder atomically (temporary folder, then rename) on the main process."""
-        from ..convert import write_atomically
+        from ..utils import write_folder_atomically
 
         output_dir = Path(output_dir)
         if self.args.should_save:
             pipe = self.build_pipeline(id2label)
-            write_atomically(output_dir, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True),
+            write_folder_atomically(output_dir, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True),
                              overwrite=True)
             logger.info("wrote the pipeline to %s", output_dir)
         self.accelerator.wait_for_everyone()

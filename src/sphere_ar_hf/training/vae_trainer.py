@@ -33,8 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..convert import write_atomically
-from ..utils import atomic_write
+from ..utils import atomic_write, write_folder_atomically
 from ..vae import SphereVAE
 from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
 from .data import DataArguments, build_image_dataset, collate_images
@@ -612,8 +611,8 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
     vae_dir = output_dir / "vae"
     if accelerator.is_main_process:
         final_vae = accelerator.unwrap_model(model).vae
-        write_atomically(vae_dir, final_vae.save_pretrained, overwrite=True)
-        write_atomically(output_dir / "discriminator", disc_inner.save_pretrained, overwrite=True)
+        write_folder_atomically(vae_dir, final_vae.save_pretrained, overwrite=True)
+        write_folder_atomically(output_dir / "discriminator", disc_inner.save_pretrained, overwrite=True)
         logger.info("saved the S-VAE to %s", vae_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
