@@ -30,12 +30,12 @@ from sphere_ar_hf.training.checkpoints import (
 )
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.ema import EMA_WEIGHTS_NAME, ParameterEMA
+from sphere_ar_hf.training.schedules import official_learning_rate
 from sphere_ar_hf.training.trainer import (
     ModelArguments,
     SphereARTrainer,
     SphereARTrainingArguments,
     collate_training_batch,
-    official_learning_rate,
     train_sphere_ar,
 )
 

@@ -28,10 +28,10 @@ from sphere_ar_hf.training.losses import (
     non_saturating_gen_loss,
     vanilla_d_loss,
 )
+from sphere_ar_hf.training.schedules import official_learning_rate as lr_at
 from sphere_ar_hf.training.vae_trainer import (
     VAEModelArguments,
     VAETrainingArguments,
-    lr_at_step,
     official_param_groups,
     save_checkpoint_atomically,
 )
@@ -233,10 +233,12 @@ def test_patchgan_matches_official_layout():
 
 
 def test_lr_schedule_and_weight_decay_groups():
-    assert [lr_at_step(s, 100, 1e-4) for s in (0, 50, 99)] == [1e-4] * 3  # the S-VAE recipe: constant
-    assert lr_at_step(5, 100, 1e-4, warmup_steps=10) == pytest.approx(5e-5)
-    assert lr_at_step(20, 100, 1e-4, decay_start=20, min_lr=1e-5) == pytest.approx(1e-4)
-    assert lr_at_step(100, 100, 1e-4, decay_start=20, min_lr=1e-5) == pytest.approx(1e-5)
+    assert [lr_at(s, 100, 1e-4) for s in (0, 50, 99)] == [1e-4] * 3  # the S-VAE recipe: constant
+    assert lr_at(5, 100, 1e-4, warmup_steps=10) == pytest.approx(5e-5)
+    assert lr_at(20, 100, 1e-4, decay_start=20, min_lr=1e-5) == pytest.approx(1e-4)
+    assert lr_at(100, 100, 1e-4, decay_start=20, min_lr=1e-5) == pytest.approx(1e-5)
+    # past its end the schedule stays at min_lr (an unclamped cosine would rise again)
+    assert [lr_at(s, 100, 1e-4, decay_start=20, min_lr=1e-5) for s in (101, 150, 180)] == [1e-5] * 3
     groups = official_param_groups(PatchGANDiscriminator(base_channels=8), 0.05)
     assert groups[0]["weight_decay"] == 0.05 and all(p.dim() >= 2 for p in groups[0]["params"])
     assert groups[1]["weight_decay"] == 0.0 and all(p.dim() < 2 for p in groups[1]["params"])

@@ -36,54 +36,20 @@ from ..modeling_sphere_ar import SphereARTransformer
 from ..vae import SphereVAE
 from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
 from .ema import EMACallback, _unwrap
+from .schedules import OfficialLRLambda
 
 __all__ = [
     "ModelArguments",
-    "OfficialLRLambda",
     "SphereARTrainer",
     "SphereARTrainingArguments",
     "build_sphere_ar_config",
     "collate_training_batch",
-    "official_learning_rate",
     "train_sphere_ar",
 ]
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_STATE_NAME = "loss_generator_{}.safetensors"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# learning rate
-
-
-def official_learning_rate(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int,
-                           decay_start: int) -> float:
-    """The official ``adjust_learning_rate`` for optimizer step ``step`` (0-based).
-
-    Linear warm-up ``lr * step / warmup_steps`` for ``step < warmup_steps``; cosine decay from ``lr`` to
-    ``min_lr`` over ``[decay_start, total_steps]`` when ``0 < decay_start < total_steps``; ``lr`` otherwise.
-    """
-    if step < warmup_steps and warmup_steps > 0:
-        return lr * step / warmup_steps
-    if 0 < decay_start < total_steps and step >= decay_start:
-        progress = (step - decay_start) / max(total_steps - decay_start, 1e-8)
-        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return lr
-
-
-class OfficialLRLambda:
-    """``LambdaLR`` factor ``official_learning_rate(step) / lr`` (a callable object, so it is checkpointed)."""
-
-    def __init__(self, total_steps: int, lr: float, min_lr: float, warmup_steps: int, decay_start: int):
-        self.total_steps, self.lr, self.min_lr = int(total_steps), float(lr), float(min_lr)
-        self.warmup_steps, self.decay_start = int(warmup_steps), int(decay_start)
-
-    def __call__(self, step: int) -> float:
-        if self.lr == 0:
-            return 0.0
-        return official_learning_rate(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps,
-                                      self.decay_start) / self.lr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -38,6 +37,7 @@ from ..vae import SphereVAE
 from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
 from .data import DataArguments, build_image_dataset, collate_images
 from .losses import DISC_LOSSES, GEN_LOSSES, REC_LOSSES, PatchGANDiscriminator, SphereVAELoss
+from .schedules import official_learning_rate
 
 __all__ = [
     "PairedDiscriminator",
@@ -49,7 +49,6 @@ __all__ = [
     "build_discriminator",
     "build_vae",
     "init_official_vae_weights",
-    "lr_at_step",
     "official_param_groups",
     "posterior_generator",
     "save_checkpoint_atomically",
@@ -296,18 +295,6 @@ def official_param_groups(model: nn.Module, weight_decay: float) -> list[dict[st
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def lr_at_step(step: int, total_steps: int, lr: float, warmup_steps: int = 0, decay_start: int = -1,
-               min_lr: float = 1e-5) -> float:
-    """The official schedule at 0-based ``step``: linear warmup from 0, constant, then (if ``decay_start > 0``)
-    a cosine from ``lr`` at ``decay_start`` to ``min_lr`` at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return lr * step / warmup_steps
-    if 0 < decay_start <= step and decay_start < total_steps:
-        progress = (step - decay_start) / max(total_steps - decay_start, 1e-8)
-        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return lr
 
 
 def posterior_generator(seed: int, step: int, micro_batch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -625,8 +612,8 @@ def _train_step(accelerator: Any, model: nn.Module, paired: nn.Module, disc_inne
     """One official optimizer step (VAE, then discriminator) over ``len(micro)`` accumulated micro-batches."""
     device, accum = accelerator.device, len(micro)
     step = state.global_step + 1  # 1-based, as the official ``global_step`` of the adversarial weight
-    lr = lr_at_step(state.global_step, max_steps, args.learning_rate, args.lr_warmup_steps, args.lr_decay_start,
-                    args.min_lr)
+    lr = official_learning_rate(state.global_step, max_steps, args.learning_rate, args.min_lr, args.lr_warmup_steps,
+                                args.lr_decay_start)
     for opt in (opt_g, opt_d):
         for group in opt.param_groups:
             group["lr"] = lr
