@@ -315,8 +315,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         pipe.set_progress_bar_config(disable=True)
         tf = pipe.transformer.config
         guidance = args.guidance_scale if args.guidance_scale is not None else float(tf.guidance_scale)
+        # a local folder by its absolute path: resuming from another working directory is the same run
+        model_id = str(Path(model).resolve()) if Path(model).exists() else model
         settings = SamplingSettings(
-            model=model, num_images=args.num_images, seed=args.seed, labels=args.labels, guidance_scale=guidance,
+            model=model_id, num_images=args.num_images, seed=args.seed, labels=args.labels, guidance_scale=guidance,
             cfg_schedule=args.cfg_schedule, sampler=pipe.scheduler.config.sampler,
             time_shift=float(pipe.scheduler.config.time_shift), num_inference_steps=args.steps,
             dtype=args.dtype, shard_size=args.shard_size, num_classes=tf.num_classes,
