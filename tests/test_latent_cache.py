@@ -140,6 +140,58 @@ def test_cache_guards(data: Path, vae: SphereVAE, cache: Path, tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "hf"]
 
 
+def test_a_failed_overwrite_keeps_the_old_cache_and_leaves_no_debris(data: Path, vae: SphereVAE, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from sphere_ar_hf.training import latent_cache
+
+    out = tmp_path / "latents"
+    cache_latents(vae, _data_args(data, tmp_path, max_train_samples=3), out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("encoder crashed")
+
+    monkeypatch.setattr(latent_cache, "encode_posteriors", broken)
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        cache_latents(vae, _data_args(data, tmp_path, max_train_samples=5), out, overwrite=True)
+    assert len(datasets.load_from_disk(str(out))) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "latents"]
+
+
+def test_folder_swap_puts_the_old_folder_back_when_the_rename_fails(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """utils.stage_folder / swap_folder_into_place, the two steps of every folder write (also distributed)."""
+    from sphere_ar_hf import utils
+
+    out = tmp_path / "folder"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    staged = utils.stage_folder(out, shared=True)
+    assert staged == utils.shared_staging_path(out) and staged.name == ".folder.tmp-shared"
+    (staged / "a.txt").write_text("new")
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(Path(dst))
+        if Path(dst) == out and Path(src) == staged:
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        utils.swap_folder_into_place(staged, out)
+    monkeypatch.setattr(utils.os, "replace", real_replace)
+    assert (out / "a.txt").read_text() == "old" and len(calls) == 3  # aside, the failed swap, back
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".folder.tmp-shared", "folder"]  # only what it was given
+    utils.swap_folder_into_place(staged, out)
+    assert (out / "a.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+    # a writer killed mid-way leaves hidden folders; the next run removes them
+    (tmp_path / ".folder.tmp-abc").mkdir()
+    (tmp_path / ".folder.old-def").mkdir()
+    (tmp_path / ".other.tmp-x").mkdir()
+    utils.remove_staged_folders(tmp_path, "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-x", "folder"]
+
+
 def test_two_processes_equal_one(cache: Path, data: Path, vae_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "latents-2proc"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -238,6 +238,41 @@ def test_vae_round_trip(make_tokens, make_vae, tmp_path) -> None:
 # ----------------------------------------------------------------------------- VAE
 
 
+def test_a_new_vae_has_the_official_init(tmp_path) -> None:
+    """Official ``initialize_weights`` (a new model, not the trainer): linears N(0, 0.02) with zero biases, the
+    register tokens (an official nn.Embedding) N(0, 0.02), then PyTorch's default init again for quant_proj,
+    post_quant_proj and the encoder output; convolutions keep theirs. from_pretrained draws nothing."""
+    torch.manual_seed(0)
+    vae = SphereVAE(latent_dim=16, image_size=32, patch_size=16, z_channels=128, cnn_channels=(32, 32, 32, 32, 128),
+                    encoder_layers=2, decoder_layers=2)
+    reset = {"quant_proj", "post_quant_proj", "encoder_out"}
+    linears = {n: m for n, m in vae.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert reset < set(linears) and len(linears) > 10
+    for name, m in linears.items():
+        bound = 1 / math.sqrt(m.in_features)
+        if name in reset:  # kaiming-uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std = bound / sqrt(3)
+            assert m.weight.abs().max() <= bound and abs(m.weight.std().item() - bound / math.sqrt(3)) < 0.2 * bound
+            assert m.bias is None or (m.bias.abs().max() <= bound and m.bias.abs().max() > 0)
+        else:
+            assert abs(m.weight.std().item() - 0.02) < 0.002, name
+            assert abs(m.weight.mean().item()) < 0.002, name
+            assert m.bias is None or not m.bias.any(), name
+    tokens = torch.cat([vae.encoder_vit.register_tokens, vae.decoder_vit.register_tokens])
+    assert abs(tokens.std().item() - 0.02) < 0.004
+    conv = vae.down_blocks[0].conv1  # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert conv.weight.abs().max() <= 1 / math.sqrt(conv.weight[0].numel())
+    assert conv.weight.std() > 0.5 / math.sqrt(3 * conv.weight[0].numel())
+    # deterministic under the global seed; loading builds without initialising (no draw) and restores every tensor
+    torch.manual_seed(0)
+    again = SphereVAE(**vae.config)
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values()))
+    vae.save_pretrained(tmp_path)
+    rng = torch.get_rng_state()
+    loaded = SphereVAE.from_pretrained(tmp_path)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), loaded.state_dict().values()))
+
+
 @torch.no_grad()
 def test_vae_shapes(make_vae) -> None:
     vae = make_vae()

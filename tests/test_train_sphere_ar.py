@@ -30,6 +30,7 @@ from sphere_ar_hf.training.checkpoints import (
 )
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.ema import EMA_WEIGHTS_NAME, ParameterEMA
+from sphere_ar_hf.training.optimization import official_param_groups
 from sphere_ar_hf.training.schedules import official_learning_rate
 from sphere_ar_hf.training.trainer import (
     ModelArguments,
@@ -168,6 +169,13 @@ def test_help_lists_every_option(capsys):
         assert word in text
 
 
+def _official_no_decay(named: dict[str, torch.Tensor], rename=lambda n: n) -> set[str]:
+    """The official ``create_optimizer``'s rule on our names: no decay when ``param.dim() < 2`` or the official
+    name contains a ``non_decay_keys()`` entry ("proj_in", "cls_embedding"; our class_embedding)."""
+    official = {n: rename(n).replace("class_embedding.", "cls_embedding.") for n in named}
+    return {n for n, p in named.items() if p.dim() < 2 or "proj_in" in official[n] or "cls_embedding" in official[n]}
+
+
 def test_optimizer_groups_no_decay_on_the_official_params(tmp_path):
     model = tiny_model()
     trainer = SphereARTrainer(model=model, args=tiny_args(tmp_path, weight_decay=0.05),
@@ -177,14 +185,50 @@ def test_optimizer_groups_no_decay_on_the_official_params(tmp_path):
     groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
     assert set(groups) == {0.05, 0.0}
     no_decay = groups[0.0]
-    assert no_decay == set(model.non_decay_parameter_names())
+    assert no_decay == _official_no_decay(dict(model.named_parameters()))
     assert {"proj_in.weight", "proj_in.bias", "class_embedding.weight"} <= no_decay
     assert "head_pos_embedding.weight" in groups[0.05]  # 2-d, not in the official no-decay keys
-    assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in groups[0.05])
-    assert all(p.ndim < 2 for n, p in model.named_parameters()
-               if n in no_decay and not n.startswith(("proj_in.", "class_embedding.")))
     assert groups[0.05] | no_decay == {n for n, _ in model.named_parameters()}
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["lr"] == 1e-3
+    # one rule for every trainer: the S-VAE trainer's groups of the same model are the same sets
+    vae_groups = official_param_groups(model, 0.05)
+    assert [{names[id(p)] for p in g["params"]} for g in vae_groups] == [groups[0.05], no_decay]
+
+
+def test_lora_decays_only_the_lora_matrices(tmp_path):
+    from sphere_ar_hf.lora import LoraTrainer, add_lora, build_lora_config
+
+    peft_model = add_lora(tiny_model(), build_lora_config(rank=2, lora_head=True, class_rows=[1, 3]))
+    trainer = LoraTrainer(model=peft_model, args=tiny_args(tmp_path, weight_decay=0.1),
+                          train_dataset=LatentsDataset())
+    opt = trainer.create_optimizer()
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if ".lora_A." in n or ".lora_B." in n}
+    assert lora and groups[0.1] == lora and groups[0.0] == trainable - lora
+    assert groups[0.0] and all("class_embedding" in n for n in groups[0.0])  # the trained class rows
+    # the official rule, applied to the wrapped model's names, agrees
+    base = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert groups[0.0] == _official_no_decay(base)
+
+
+def test_the_trainer_overrides_no_private_trainer_method():
+    from transformers import Trainer
+
+    from sphere_ar_hf.lora import LoraTrainer
+
+    for cls in (SphereARTrainer, LoraTrainer):
+        private = [n for klass in cls.__mro__[:cls.__mro__.index(Trainer)] for n in vars(klass)
+                   if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n)]
+        assert private == [], (cls.__name__, private)
+
+
+def test_push_to_hub_pushes_the_pipeline_not_checkpoints(tmp_path):
+    assert tiny_args(tmp_path).hub_strategy == "end"
+    args = tiny_args(tmp_path, push_to_hub=True, hub_model_id="me/x", hub_strategy="every_save")
+    with pytest.raises(ValueError, match="hub_strategy='end'"):
+        SphereARTrainer(model=tiny_model(), args=args, train_dataset=LatentsDataset())
 
 
 def test_lr_schedule_is_the_official_formula(tmp_path):
@@ -391,6 +435,41 @@ def test_resolver_skips_checkpoints_a_crash_left_half_written(tmp_path):
     with pytest.raises(ValueError, match="no such folder"):
         resolve_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-99"))
     assert json.loads((good / CHECKPOINT_MARKER).read_text())["files"]["model.safetensors"] == 100
+
+
+def test_checkpoints_are_marked_rotated_and_never_written_into(tmp_path):
+    """Every checkpoint gets its marker (with the loss generator's state in it); save_total_limit keeps the
+    newest complete ones, counted after the marker; a folder an earlier run left at a step is replaced."""
+    out = tmp_path / "out"
+    stale = out / "checkpoint-3"
+    stale.mkdir(parents=True)
+    (stale / "left_by_a_killed_run.bin").write_bytes(b"x")
+    _fake_checkpoint(out, 1)  # a complete checkpoint of an earlier run: replaced at step 1, then rotated away
+    _fake_checkpoint(out, 9, complete=False)  # incomplete: deleted by the rotation
+    args = tiny_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1, save_total_limit=2, ema_decay=0.9)
+    trainer = SphereARTrainer(model=tiny_model(), args=args, train_dataset=LatentsDataset())
+    assert trainer.save_total_limit == 2 and trainer.args.save_total_limit is None and args.save_total_limit == 2
+    seen = []
+    trainer.on_checkpoint_written = lambda folder: seen.append((folder.name, is_complete_checkpoint(folder)))
+    trainer.train()
+    assert seen == [(f"checkpoint-{i}", False) for i in (1, 2, 3, 4)]  # the hook runs before the marker
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3",
+                                                                                          "checkpoint-4"]
+    for step in (3, 4):
+        folder = out / f"checkpoint-{step}"
+        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
+        assert is_complete_checkpoint(folder) and marker["global_step"] == step
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+                EMA_WEIGHTS_NAME, "loss_generator_0.safetensors"} <= set(marker["files"])
+    assert not (out / "checkpoint-3" / "left_by_a_killed_run.bin").exists()
+    saved = load_file(str(out / "checkpoint-4" / "loss_generator_0.safetensors"))["state"]
+    assert torch.equal(saved, trainer.generator.get_state())
+    # resuming restores the loss generator: the state right after step 3, not a fresh seed
+    resumed = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path, max_steps=4, ema_decay=0.9),
+                              train_dataset=LatentsDataset())
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    assert torch.equal(resumed.generator.get_state(), trainer.generator.get_state())
+    assert max_abs_diff(dict(resumed.model.named_parameters()), dict(trainer.model.named_parameters())) <= 1e-6
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> None:

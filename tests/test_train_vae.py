@@ -28,11 +28,13 @@ from sphere_ar_hf.training.losses import (
     non_saturating_gen_loss,
     vanilla_d_loss,
 )
+from sphere_ar_hf.training.optimization import official_param_groups
 from sphere_ar_hf.training.schedules import official_learning_rate as lr_at
 from sphere_ar_hf.training.vae_trainer import (
     VAEModelArguments,
     VAETrainingArguments,
-    official_param_groups,
+    VAEWithPosterior,
+    build_vae,
     save_checkpoint_atomically,
 )
 
@@ -42,6 +44,8 @@ TINY_ARGS = ["--latent_dim", "16", "--patch_size", "16", "--z_channels", "64", "
              "64", "--encoder_layers", "1", "--decoder_layers", "1", "--disc_channels", "16", "--resolution", "32",
              "--num_classes", "4", "--mixed_precision", "no", "--dataloader_num_workers", "0",
              "--lpips_random_backbone", "--report_to", "tensorboard"]
+TINY_VAE = dict(latent_dim=16, image_size=32, patch_size=16, z_channels=64, cnn_channels=(32, 32, 32, 32, 64),
+                encoder_layers=1, decoder_layers=1)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,6 +236,18 @@ def test_patchgan_matches_official_layout():
     assert torch.equal(state["main.3.bias"], torch.zeros(128))
 
 
+def test_build_vae_is_a_bare_sphere_vae():
+    """The official initialisation is SphereVAE's own: the trainer builds the VAE and adds nothing."""
+    args = VAEModelArguments(latent_dim=16, patch_size=16, z_channels=64, cnn_channels=[32, 32, 32, 32, 64],
+                             encoder_layers=1, decoder_layers=1)
+    torch.manual_seed(0)
+    built = build_vae(args, 32).state_dict()
+    torch.manual_seed(0)
+    bare = SphereVAE(**TINY_VAE).state_dict()
+    assert built.keys() == bare.keys() and all(torch.equal(built[k], bare[k]) for k in built)
+    assert built["encoder_vit.register_tokens"].abs().max() > 0  # not the zeros of the layer definition
+
+
 def test_lr_schedule_and_weight_decay_groups():
     assert [lr_at(s, 100, 1e-4) for s in (0, 50, 99)] == [1e-4] * 3  # the S-VAE recipe: constant
     assert lr_at(5, 100, 1e-4, warmup_steps=10) == pytest.approx(5e-5)
@@ -239,9 +255,17 @@ def test_lr_schedule_and_weight_decay_groups():
     assert lr_at(100, 100, 1e-4, decay_start=20, min_lr=1e-5) == pytest.approx(1e-5)
     # past its end the schedule stays at min_lr (an unclamped cosine would rise again)
     assert [lr_at(s, 100, 1e-4, decay_start=20, min_lr=1e-5) for s in (101, 150, 180)] == [1e-5] * 3
-    groups = official_param_groups(PatchGANDiscriminator(base_channels=8), 0.05)
-    assert groups[0]["weight_decay"] == 0.05 and all(p.dim() >= 2 for p in groups[0]["params"])
-    assert groups[1]["weight_decay"] == 0.0 and all(p.dim() < 2 for p in groups[1]["params"])
+    # the official create_optimizer on the S-VAE and the PatchGAN: decay exactly the >= 2-d trainable tensors
+    # (neither declares non_decay_keys; the VAE's register tokens are 2-d, as the official nn.Embedding)
+    vae = VAEWithPosterior(SphereVAE(**TINY_VAE))
+    vae.vae.decoder_norm_out.weight.requires_grad_(False)  # frozen parameters are in no group
+    for model in (PatchGANDiscriminator(base_channels=8), vae):
+        groups = official_param_groups(model, 0.05)
+        assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert [id(p) for p in groups[0]["params"]] == [id(p) for p in trainable if p.dim() >= 2]
+        assert [id(p) for p in groups[1]["params"]] == [id(p) for p in trainable if p.dim() < 2]
+    assert any(p is vae.vae.encoder_vit.register_tokens for p in official_param_groups(vae, 0.05)[0]["params"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,13 +305,21 @@ def test_latest_never_picks_a_half_written_checkpoint(tmp_path):
     assert resolve_resume_checkpoint(tmp_path, "latest") == str(good)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint_atomically(FakeAccelerator(fail=True), tmp_path, 40)
-    assert not (tmp_path / "checkpoint-40").exists() and (tmp_path / ".checkpoint-40.tmp").exists()
+    assert not (tmp_path / "checkpoint-40").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the error left no staging folder
     assert resolve_resume_checkpoint(tmp_path, "latest") == str(good)
+    # a staging folder that a killed run left is replaced, not written into
+    (tmp_path / ".checkpoint-40.tmp-shared").mkdir()
+    (tmp_path / ".checkpoint-40.tmp-shared" / "stale.bin").write_bytes(b"old")
     final = save_checkpoint_atomically(FakeAccelerator(fail=False), tmp_path, 40, total_limit=2)
     assert final == tmp_path / "checkpoint-40" and resolve_resume_checkpoint(tmp_path, "latest") == str(final)
     assert sorted(p.name for p in final.iterdir()) == [CHECKPOINT_MARKER, "model.safetensors", "optimizer.bin"]
-    assert not (tmp_path / ".checkpoint-40.tmp").exists()
     assert not (tmp_path / "checkpoint-3").exists() and good.exists()  # total_limit keeps the newest 2
+    # saving the same step again swaps the new folder in and leaves nothing beside it
+    (final / "optimizer.bin").write_bytes(b"previous")
+    assert save_checkpoint_atomically(FakeAccelerator(fail=False), tmp_path, 40) == final
+    assert (final / "optimizer.bin").read_bytes() == b"y"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 # ---------------------------------------------------------------------------------------------------------------

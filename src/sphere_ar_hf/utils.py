@@ -12,7 +12,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["HelpFormatter", "atomic_write", "check_output_folder", "format_millions", "write_folder_atomically"]
+__all__ = [
+    "HelpFormatter",
+    "atomic_write",
+    "check_output_folder",
+    "format_millions",
+    "remove_staged_folders",
+    "shared_staging_path",
+    "stage_folder",
+    "swap_folder_into_place",
+    "write_folder_atomically",
+]
 
 
 @contextlib.contextmanager
@@ -60,34 +70,84 @@ def check_output_folder(output: str | os.PathLike, overwrite: bool = False) -> N
         raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
 
 
+def shared_staging_path(output: str | os.PathLike) -> Path:
+    """Where ``stage_folder(output, shared=True)`` stages: ``.<name>.tmp-shared`` beside ``output`` (the other
+    processes of a distributed writer get the path from here)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.tmp-shared"
+
+
+def stage_folder(output: str | os.PathLike, shared: bool = False) -> Path:
+    """A new, empty staging folder beside ``output`` (same file system, so :func:`swap_folder_into_place` is a
+    rename), hidden as ``.<name>.tmp-<suffix>``.
+
+    ``shared=False``: a unique random suffix. ``shared=True``: the fixed name ``.<name>.tmp-shared``, so that
+    processes of a distributed run can all write into it (one process calls this, the others wait at a barrier);
+    whatever an earlier, killed run left there is removed first.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not shared:
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    staged = shared_staging_path(output)
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir()
+    return staged
+
+
+def swap_folder_into_place(staged: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Move the complete folder ``staged`` to ``output`` (a rename: ``staged`` must be on the same file system).
+
+    An existing ``output`` is first moved aside (``.<name>.old-*``), deleted once the new folder is in place, and
+    put back if the rename fails; nothing is left beside ``output`` either way.
+    """
+    staged, output = Path(staged), Path(output)
+    if not output.exists():
+        os.replace(staged, output)
+        return output
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+    try:
+        os.replace(output, old / output.name)
+        try:
+            os.replace(staged, output)
+        except BaseException:
+            os.replace(old / output.name, output)
+            raise
+    finally:
+        if not (old / output.name).exists() or output.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return output
+
+
+def remove_staged_folders(parent: str | os.PathLike, name_pattern: str = "*") -> None:
+    """Delete what :func:`stage_folder` / :func:`swap_folder_into_place` leave when a process is killed mid-write:
+    ``.<name>.tmp-*`` and ``.<name>.old-*`` folders in ``parent`` whose ``<name>`` matches ``name_pattern``."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for path in parent.glob(f".{name_pattern}.{kind}-*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def write_folder_atomically(output: str | os.PathLike, write: Callable[[Path], object],
                             overwrite: bool = False) -> Path:
     """Call ``write(tmp_dir)`` and move the folder into place only once it is complete.
 
-    The temporary folder sits beside ``output`` (same file system, so the final rename is atomic) and is removed
-    on any failure or interruption; an existing ``output`` (with ``overwrite``) is only removed once the new one
-    is complete, and put back if the swap fails. Without ``overwrite`` a non-empty ``output`` is an error.
+    The temporary folder (:func:`stage_folder`) sits beside ``output`` and is removed on any failure or
+    interruption; an existing ``output`` (with ``overwrite``) is replaced by :func:`swap_folder_into_place`.
+    Without ``overwrite`` a non-empty ``output`` is an error. Writers on several processes use the two steps
+    directly (``stage_folder(output, shared=True)`` on one process, every process writes, one swaps).
     """
     output = Path(output)
     check_output_folder(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    staged = stage_folder(output)
     try:
-        write(tmp)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-            try:
-                os.replace(tmp, output)
-            except BaseException:
-                os.replace(old / output.name, output)
-                raise
-            finally:
-                if not (old / output.name).exists() or output.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        write(staged)
+        swap_folder_into_place(staged, output)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
     return output

@@ -90,7 +90,8 @@ class SphereVAE(ModelMixin, ConfigMixin):
 
     The encoder is a residual CNN (one 2x downsampling per stage) followed by a ViT with register tokens; its
     output gives a Power Spherical posterior per patch (direction ``mu``, concentration ``kappa = softplus + 1``).
-    The decoder mirrors it. Sizes are all in the config; the defaults are the official 75M S-VAE.
+    The decoder mirrors it. Sizes are all in the config; the defaults are the official 75M S-VAE. A new instance
+    has the official initialisation (:meth:`initialize_weights`).
     """
 
     _supports_gradient_checkpointing = True
@@ -146,6 +147,23 @@ class SphereVAE(ModelMixin, ConfigMixin):
         self.up_blocks = nn.ModuleList(UpBlock(a, b) for a, b in zip(rev[:-1], rev[1:]))
         self.decoder_norm_out = nn.GroupNorm(16, rev[-1], eps=1e-6)
         self.decoder_conv_out = nn.Conv2d(rev[-1], in_channels, 3, padding=1, bias=False)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The official S-VAE initialisation (called by ``__init__``): linear weights N(0, 0.02) and zero biases,
+        register tokens N(0, 0.02), then PyTorch's default init again for ``quant_proj``, ``post_quant_proj`` and
+        ``encoder_out``; convolutions and norms keep PyTorch's defaults. Draws from the global RNG (seed it first).
+        ``from_pretrained`` skips it (diffusers disables ``torch.nn.init`` while it builds the model)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for vit in (self.encoder_vit, self.decoder_vit):
+            nn.init.normal_(vit.register_tokens, 0.0, 0.02)
+        for module in (self.quant_proj, self.post_quant_proj, self.encoder_out):
+            module.reset_parameters()
 
     @property
     def latent_radius(self) -> float:

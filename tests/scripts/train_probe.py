@@ -38,6 +38,6 @@ if hang_at:
             Path(os.environ["SPHERE_AR_PROBE_SIGNAL"]).write_text(str(folder))
             time.sleep(600)
 
-    trainer.SphereARTrainer._checkpoint_hook = _hang
+    trainer.SphereARTrainer.on_checkpoint_written = _hang
 
 runpy.run_path(str(EXAMPLE), run_name="__main__")

@@ -119,8 +119,8 @@ class EMACallback(TrainerCallback):
       ``resume_from_checkpoint`` (set by :class:`~sphere_ar_hf.training.trainer.SphereARTrainer`; with a plain
       Trainer, ``args.resume_from_checkpoint`` is used when it is a folder);
     * ``on_step_end``: one EMA update per optimizer step;
-    * ``save(folder)``: writes ``ema.safetensors``; SphereARTrainer calls it while writing a checkpoint, before
-      the checkpoint is marked complete; ``on_save`` covers a plain Trainer (written after the checkpoint);
+    * ``on_save``: writes ``ema.safetensors`` into the checkpoint just saved (with SphereARTrainer: before the
+      checkpoint is marked complete, since the trainer's completion callback comes after this one);
     * ``on_train_end``: copies the averaged weights into the model when ``copy_to_model_on_train_end``.
     """
 
@@ -162,7 +162,7 @@ class EMACallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if args.should_save and folder.is_dir() and not (folder / EMA_WEIGHTS_NAME).exists():
+        if args.should_save and folder.is_dir():
             self.save(folder)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -25,6 +25,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 
 from ..power_spherical import PowerSphericalDistribution, project_to_sphere
+from ..utils import shared_staging_path, stage_folder, swap_folder_into_place
 from ..vae import SphereVAE
 from .data import (
     DataArguments,
@@ -170,7 +171,6 @@ def cache_latents(
     is_main = rank == 0
     device = accelerator.device if accelerator is not None else next(vae.parameters()).device
     output_dir = Path(output_dir)
-    partial = output_dir.parent / f".{output_dir.name}.partial"
 
     def barrier() -> None:
         if accelerator is not None:
@@ -181,63 +181,61 @@ def cache_latents(
     raw = load_image_dataset(data_args)  # validates columns and labels on every process, before any work
     id2label = class_names(raw, data_args.label_column)
     num_classes = data_args.num_classes or len(id2label or {})
-    if is_main:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    barrier()
+    # the shards of every process, then the finished cache, go to one staging folder beside output_dir
+    partial = stage_folder(output_dir, shared=True) if is_main else shared_staging_path(output_dir)
+    try:
+        barrier()
+        vae = vae.to(device).eval().requires_grad_(False)
+        num_tokens, latent_dim = vae.num_tokens, vae.config.latent_dim
+        features = _cache_features(num_tokens, latent_dim, id2label)
+        start, end = _shard_bounds(len(raw), world, rank)
+        shard = _CenterCropDataset(raw.select(range(start, end)), data_args, offset=start)
+        loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+        skipped, written = 0, 0
+        with ArrowWriter(features=features, path=str(partial / f"shard-{rank:05d}.arrow")) as writer:
+            for batch in loader:
+                skipped += batch["num_skipped"]
+                if "pixel_values" not in batch:
+                    continue
+                with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+                    post = encode_posteriors(vae, batch["pixel_values"].to(device))
+                writer.write_batch({**{k: v.numpy() for k, v in post.items()},
+                                    "class_labels": batch["class_labels"], "index": batch["index"]})
+                written += len(batch["index"])
+            writer.finalize()
+        (partial / f"shard-{rank:05d}.json").write_text(json.dumps({"written": written, "skipped": skipped}))
+        logger.info("process %d encoded %d images (%d undecodable skipped)", rank, written, skipped)
+        barrier()
 
-    vae = vae.to(device).eval().requires_grad_(False)
-    num_tokens, latent_dim = vae.num_tokens, vae.config.latent_dim
-    features = _cache_features(num_tokens, latent_dim, id2label)
-    start, end = _shard_bounds(len(raw), world, rank)
-    shard = _CenterCropDataset(raw.select(range(start, end)), data_args, offset=start)
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
-    skipped, written = 0, 0
-    with ArrowWriter(features=features, path=str(partial / f"shard-{rank:05d}.arrow")) as writer:
-        for batch in loader:
-            skipped += batch["num_skipped"]
-            if "pixel_values" not in batch:
-                continue
-            with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-                post = encode_posteriors(vae, batch["pixel_values"].to(device))
-            writer.write_batch({**{k: v.numpy() for k, v in post.items()},
-                                "class_labels": batch["class_labels"], "index": batch["index"]})
-            written += len(batch["index"])
-        writer.finalize()
-    (partial / f"shard-{rank:05d}.json").write_text(json.dumps({"written": written, "skipped": skipped}))
-    logger.info("process %d encoded %d images (%d undecodable skipped)", rank, written, skipped)
-    barrier()
-
-    if is_main:
-        shards = [datasets.Dataset.from_file(str(partial / f"shard-{r:05d}.arrow")) for r in range(world)]
-        stats = [json.loads((partial / f"shard-{r:05d}.json").read_text()) for r in range(world)]
-        cache = datasets.concatenate_datasets(shards)
-        info = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "latent_dim": latent_dim,
-            "num_tokens": num_tokens,
-            "image_size": vae.config.image_size,
-            "num_classes": num_classes,
-            "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
-            "num_examples": len(cache),
-            "num_skipped": sum(s["skipped"] for s in stats),
-            "dtype": "float32",
-            "crop": "center",
-            "vae_config": json.loads(vae.to_json_string()),
-            "source": {k: v for k, v in asdict(data_args).items() if k not in ("latent_cache", "cache_dir")},
-        }
-        cache.info.description = json.dumps(info)
-        staged = partial / "dataset"
-        cache.save_to_disk(str(staged))
-        (staged / CACHE_INFO_FILE).write_text(json.dumps(info, indent=2))
-        del cache, shards
-        if output_dir.exists():  # overwrite: move the old cache aside first, delete it after the swap
-            os.replace(output_dir, partial / "old")
-        os.replace(staged, output_dir)
-        shutil.rmtree(partial, ignore_errors=True)
-        logger.info("wrote a latent cache of %d images to %s (%d undecodable skipped)", info["num_examples"],
-                    output_dir, info["num_skipped"])
+        if is_main:
+            shards = [datasets.Dataset.from_file(str(partial / f"shard-{r:05d}.arrow")) for r in range(world)]
+            stats = [json.loads((partial / f"shard-{r:05d}.json").read_text()) for r in range(world)]
+            cache = datasets.concatenate_datasets(shards)
+            info = {
+                "format_version": CACHE_FORMAT_VERSION,
+                "latent_dim": latent_dim,
+                "num_tokens": num_tokens,
+                "image_size": vae.config.image_size,
+                "num_classes": num_classes,
+                "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
+                "num_examples": len(cache),
+                "num_skipped": sum(s["skipped"] for s in stats),
+                "dtype": "float32",
+                "crop": "center",
+                "vae_config": json.loads(vae.to_json_string()),
+                "source": {k: v for k, v in asdict(data_args).items() if k not in ("latent_cache", "cache_dir")},
+            }
+            cache.info.description = json.dumps(info)
+            staged = partial / "dataset"
+            cache.save_to_disk(str(staged))
+            (staged / CACHE_INFO_FILE).write_text(json.dumps(info, indent=2))
+            del cache, shards
+            swap_folder_into_place(staged, output_dir)  # overwrite: the old cache is deleted only after the swap
+            logger.info("wrote a latent cache of %d images to %s (%d undecodable skipped)", info["num_examples"],
+                        output_dir, info["num_skipped"])
+    finally:
+        if is_main:
+            shutil.rmtree(partial, ignore_errors=True)
     barrier()
     return output_dir
 

@@ -4,17 +4,26 @@
   lr 3e-4, betas (0.9, 0.95), weight decay 0.05, 20k warm-up steps, cosine decay to 1e-5 from step 20k, grad
   clipping 1.0, EMA 0.9999, bf16 on GPU, 400 epochs, per-device batch 64 = global 512 on 8 GPUs, tensorboard).
 * :class:`SphereARTrainer`: takes batches of sphere tokens (``latents``, e.g. from the latent cache) or images
-  (``pixel_values``, encoded on the fly by a frozen SphereVAE with posterior sampling); no weight decay on 1-d
-  parameters, ``proj_in`` and ``class_embedding``; the official learning-rate formula as a ``LambdaLR``; every
-  random draw of the loss from one ``torch.Generator`` per process that is checkpointed; an EMA
-  (:mod:`.ema`); checkpoints that are marked complete only once every file is on disk, so a run killed while
+  (``pixel_values``, encoded on the fly by a frozen SphereVAE with posterior sampling); the official weight-decay
+  rule (:mod:`.optimization`); the official learning-rate formula as a ``LambdaLR``; every random draw of the
+  loss from one ``torch.Generator`` per process that is checkpointed; an EMA (:mod:`.ema`); checkpoints that are
+  marked complete only once every file is on disk (:class:`CheckpointCompletionCallback`), so a run killed while
   saving never leaves a checkpoint that ``--resume_from_checkpoint latest`` would pick up.
 * :func:`train_sphere_ar`: the whole run behind ``examples/train_sphere_ar.py``; it ends by writing a complete
   pipeline folder (EMA weights, the VAE, the scheduler, the dataset's class names) atomically.
+
+Why ``Trainer`` and not one accelerate loop shared with the S-VAE trainer: the AR step is a plain
+``loss.backward()`` step, which is what ``Trainer`` runs, and ``Trainer`` gives this run every
+``TrainingArguments`` flag (``torch_compile``, activation checkpointing, DeepSpeed/FSDP, loggers, evaluation)
+for free. The S-VAE step (two models, two optimizers, the discriminator step on the VAE's reconstructions)
+does not fit ``Trainer``'s one-model loop, so it keeps its own accelerate loop. Everything here goes through
+``Trainer``'s public extension points (overridden public methods, constructor arguments and callbacks), none of
+its underscore methods, so that it survives transformers releases.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -29,16 +38,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 
 from ..configuration_sphere_ar import PRESETS, SphereARConfig
 from ..modeling_sphere_ar import SphereARTransformer
 from ..vae import SphereVAE
 from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
 from .ema import EMACallback, _unwrap
+from .optimization import decay_parameter_names
 from .schedules import OfficialLRLambda
 
 __all__ = [
+    "CheckpointCompletionCallback",
     "ModelArguments",
     "SphereARTrainer",
     "SphereARTrainingArguments",
@@ -112,6 +123,9 @@ class SphereARTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Evaluation returns the loss only (the model has no logits to gather)."})
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "DDP find_unused_parameters (every SphereAR parameter is used)."})
+    hub_strategy: HubStrategy | str = field(
+        default="end",
+        metadata={"help": "Keep 'end': with --push_to_hub the final pipeline is pushed, never a checkpoint."})
     pipeline_output_dir: str | None = field(
         default=None,
         metadata={"help": "Where the final pipeline folder is written (default: <output_dir>/pipeline); with "
@@ -202,8 +216,93 @@ class _DatasetEpochCallback(TrainerCallback):
 # the trainer
 
 
+class CheckpointCompletionCallback(TrainerCallback):
+    """Makes the checkpoints of a :class:`SphereARTrainer` crash-safe, from the Trainer's public ``on_*`` events.
+
+    * before a step that saves (``on_step_end`` / ``on_epoch_end`` with ``should_save``): removes a
+      ``checkpoint-<step>`` folder an earlier, killed run left, so that no file of it survives in the new one;
+    * ``on_train_begin``: restores this process's loss generator from the checkpoint the run resumes from;
+    * ``on_save`` (after the Trainer wrote the checkpoint and earlier callbacks, e.g. the EMA, added theirs):
+      writes this process's loss-generator state, calls :meth:`SphereARTrainer.on_checkpoint_written`, waits for
+      every process, writes the completion marker, then keeps the newest ``save_total_limit`` complete
+      checkpoints (and the best one) and deletes incomplete ones. The trainer must be its last callback.
+    """
+
+    def __init__(self, trainer: SphereARTrainer):
+        self.trainer = trainer
+        self.written: set[int] = set()  # steps whose checkpoint this run wrote
+
+    def _folder(self, state: TrainerState) -> Path:
+        return Path(self.trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+    def _clear_stale(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        may_save = control.should_save or (args.save_strategy == SaveStrategy.BEST and control.should_evaluate)
+        if not may_save or state.global_step in self.written:
+            return
+        folder = self._folder(state)
+        if args.should_save and folder.exists():
+            logger.info("removing %s, left by an earlier run, before writing it again", folder)
+            shutil.rmtree(folder)
+        self.trainer.accelerator.wait_for_everyone()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self._clear_stale(args, state, control)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self._clear_stale(args, state, control)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs) -> None:
+        folder = self.trainer.resumed_from
+        if folder is None:
+            return
+        path = Path(folder) / GENERATOR_STATE_NAME.format(args.process_index)
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                self.trainer.generator.set_state(f.get_tensor("state"))
+        else:
+            logger.warning("%s has no loss-generator state for process %d: the noise stream restarts",
+                           folder, args.process_index)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        folder = self._folder(state)
+        self.written.add(state.global_step)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not args.save_only_model:
+            save_file({"state": self.trainer.generator.get_state().cpu()},
+                      str(folder / GENERATOR_STATE_NAME.format(args.process_index)))
+        self.trainer.on_checkpoint_written(folder)
+        self.trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            mark_checkpoint_complete(folder, state.global_step)
+            self._rotate(folder.parent, state)
+        self.trainer.accelerator.wait_for_everyone()
+
+    def _rotate(self, run_dir: Path, state: TrainerState) -> None:
+        """Keep the newest ``save_total_limit`` complete checkpoints (and the best one); drop incomplete ones."""
+        limit = self.trainer.save_total_limit
+        if not limit or limit <= 0:
+            return
+        best = state.best_model_checkpoint
+        found = [p for _, p in list_checkpoints(run_dir)]
+        complete = [p for p in found if is_complete_checkpoint(p)]
+        for p in complete[limit:] + [p for p in found if p not in complete]:
+            if best is not None and Path(best).resolve() == p.resolve():
+                continue
+            logger.info("deleting checkpoint %s (save_total_limit=%d)", p, limit)
+            shutil.rmtree(p, ignore_errors=True)
+
+
 class SphereARTrainer(Trainer):
     """``Trainer`` for :class:`SphereARTransformer` (see the module docstring).
+
+    Only public ``Trainer`` extension points are used: ``compute_loss`` / ``training_step`` / ``evaluate``,
+    ``get_decay_parameter_names`` and ``create_scheduler``, ``train`` (to resolve ``"latest"``) and callbacks
+    (:class:`~.ema.EMACallback`, the dataset's ``set_epoch``, :class:`CheckpointCompletionCallback`). The
+    trainer rotates checkpoints itself, counting only complete ones, so it keeps ``args.save_total_limit`` as
+    :attr:`save_total_limit` and runs the Trainer on a copy of ``args`` without it. The Hub repository gets the
+    final pipeline (:meth:`push_pipeline_to_hub`): ``push_to_hub`` needs ``hub_strategy="end"`` (the default
+    of :class:`SphereARTrainingArguments`), since a pushed checkpoint would not have its completion marker yet.
 
     Args:
         model: the transformer to train.
@@ -215,22 +314,33 @@ class SphereARTrainer(Trainer):
     def __init__(self, model: SphereARTransformer, args: TrainingArguments, vae: SphereVAE | None = None,
                  train_dataset: Any = None, data_collator: Callable | None = None,
                  callbacks: list[TrainerCallback] | None = None, **kwargs):
+        if args.push_to_hub and args.hub_strategy != HubStrategy.END:
+            raise ValueError(f"push_to_hub with hub_strategy={args.hub_strategy.value!r}: the SphereAR trainer "
+                             "pushes the final pipeline, not checkpoints; set hub_strategy='end'")
+        self.save_total_limit = args.save_total_limit
+        if args.save_total_limit is not None:
+            args = copy.copy(args)  # the Trainer's own rotation would count the checkpoint being written
+            args.save_total_limit = None
         callbacks = list(callbacks or [])
         ema_decay = float(getattr(args, "ema_decay", 0.0) or 0.0)
         self.ema_callback = EMACallback(ema_decay) if ema_decay > 0 else None
         if self.ema_callback is not None:
-            callbacks.append(self.ema_callback)
+            callbacks.append(self.ema_callback)  # before the completion marker: writes ema.safetensors on save
         if train_dataset is not None:
             callbacks.append(_DatasetEpochCallback(train_dataset))
+        callbacks.append(CheckpointCompletionCallback(self))
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          data_collator=data_collator or collate_training_batch, callbacks=callbacks, **kwargs)
-        self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean: the Trainer scales it for GA
+        # The loss is a per-batch mean over tokens and noise draws: the Trainer scales it for gradient
+        # accumulation, and never counts items (batches have no "labels").
+        self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.generator = torch.Generator(device=self.args.device)
         self.generator.manual_seed(self.args.seed * self.args.world_size + self.args.process_index)
         self._eval_generator = torch.Generator(device=self.args.device)
-        self._resumed_from: str | None = None
+        self._official_lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.resumed_from: str | None = None
 
     # ---- loss ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -287,98 +397,39 @@ class SphereARTrainer(Trainer):
         config = _unwrap(self.model).config
         return 6 * _unwrap(self.model).num_parameters() * labels.numel() * config.num_image_tokens
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
-        return None  # the loss is a mean over tokens and noise draws, not a sum over labels
-
     # ---- optimizer and schedule ----------------------------------------------------------------------------
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        """Weight decay on every parameter but the model's ``non_decay_parameter_names()`` (official)."""
-        inner = _unwrap(model)
-        if not hasattr(inner, "non_decay_parameter_names"):
-            return super().get_decay_parameter_names(model)
-        named = dict(inner.named_parameters())
-        no_decay = {id(named[n]) for n in inner.non_decay_parameter_names()}
-        return [n for n, p in model.named_parameters() if id(p) not in no_decay]
+        """The official rule (:func:`~.optimization.decay_parameter_names`): no decay on 1-d parameters and on the
+        modules the model lists in ``_no_weight_decay_modules``; under PEFT that leaves the LoRA matrices."""
+        return decay_parameter_names(model)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
                          ) -> torch.optim.lr_scheduler.LRScheduler:
-        if self.lr_scheduler is None and getattr(self.args, "official_lr_schedule", False):
-            optimizer = optimizer if optimizer is not None else self.optimizer
-            fn = OfficialLRLambda(num_training_steps, self.args.learning_rate, self.args.min_lr,
-                                  self.args.get_warmup_steps(num_training_steps), self.args.decay_start)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-            self._created_lr_scheduler = True
-            return self.lr_scheduler
-        return super().create_scheduler(num_training_steps, optimizer)
+        """The official schedule as a ``LambdaLR`` (rebuilt for every ``train`` call), unless
+        ``official_lr_schedule`` is off or a scheduler was given to the constructor."""
+        if not getattr(self.args, "official_lr_schedule", False) or (
+                self.lr_scheduler is not None and self.lr_scheduler is not self._official_lr_scheduler):
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        fn = OfficialLRLambda(num_training_steps, self.args.learning_rate, self.args.min_lr,
+                              self.args.get_warmup_steps(num_training_steps), self.args.decay_start)
+        self.lr_scheduler = self._official_lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        return self.lr_scheduler
 
     # ---- checkpoints and resume ----------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> Any:
         """``Trainer.train`` with ``resume_from_checkpoint="latest"`` (newest complete checkpoint, or a fresh start)."""
         folder = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
-        self._resumed_from = folder
+        self.resumed_from = folder
         if self.ema_callback is not None:
             self.ema_callback.resume_from_checkpoint = folder
         if folder is not None:
             logger.info("resuming from %s", folder)
         return super().train(resume_from_checkpoint=folder, **kwargs)
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Trainer's checkpoint, plus the EMA and the loss generator, then the completion marker; rotation last."""
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save and folder.exists():  # left by an earlier (killed) run: never write into it
-            shutil.rmtree(folder)
-        self.accelerator.wait_for_everyone()
-        limit = self.args.save_total_limit
-        self.args.save_total_limit = None  # rotate only after this checkpoint is complete
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        folder.mkdir(parents=True, exist_ok=True)
-        if not self.args.save_only_model:
-            save_file({"state": self.generator.get_state().cpu()},
-                      str(folder / GENERATOR_STATE_NAME.format(self.args.process_index)))
-        if self.args.should_save and self.ema_callback is not None:
-            self.ema_callback.save(folder)
-        self._checkpoint_hook(folder)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            mark_checkpoint_complete(folder, self.state.global_step)
-            self._rotate_complete_checkpoints(run_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _checkpoint_hook(self, folder: Path) -> None:
-        """Called after every file of a checkpoint is written and before it is marked complete (tests use it)."""
-
-    def _rotate_complete_checkpoints(self, run_dir: Path) -> None:
-        """Keep the newest ``save_total_limit`` complete checkpoints (and the best one); drop incomplete ones."""
-        limit = self.args.save_total_limit
-        if not limit or limit <= 0:
-            return
-        best = self.state.best_model_checkpoint
-        complete = [p for _, p in list_checkpoints(run_dir) if is_complete_checkpoint(p)]
-        incomplete = [p for _, p in list_checkpoints(run_dir) if p not in complete]
-        for p in complete[limit:] + incomplete:
-            if best is not None and Path(best).resolve() == p.resolve():
-                continue
-            logger.info("deleting checkpoint %s (save_total_limit=%d)", p, limit)
-            shutil.rmtree(p, ignore_errors=True)
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
-        path = Path(checkpoint) / GENERATOR_STATE_NAME.format(self.args.process_index)
-        if path.is_file():
-            with safe_open(str(path), "pt") as f:
-                self.generator.set_state(f.get_tensor("state"))
-        else:
-            logger.warning("%s has no loss-generator state for process %d: the noise stream restarts",
-                           checkpoint, self.args.process_index)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Intermediate Trainer pushes are off: the Hub repo gets the final pipeline (:meth:`push_pipeline_to_hub`)."""
+    def on_checkpoint_written(self, folder: Path) -> None:
+        """Called on every process once its files of a checkpoint are written, before the checkpoint is marked
+        complete: a subclass may add files here (the tests stop a run at this point)."""
 
     # ---- final pipeline ------------------------------------------------------------------------------------
     def build_pipeline(self, id2label: dict[int, str] | None = None, scheduler: Any = None) -> Any:

@@ -32,11 +32,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..utils import atomic_write, write_folder_atomically
+from ..utils import (
+    atomic_write,
+    remove_staged_folders,
+    shared_staging_path,
+    stage_folder,
+    swap_folder_into_place,
+    write_folder_atomically,
+)
 from ..vae import SphereVAE
 from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
 from .data import DataArguments, build_image_dataset, collate_images
 from .losses import DISC_LOSSES, GEN_LOSSES, REC_LOSSES, PatchGANDiscriminator, SphereVAELoss
+from .optimization import official_param_groups
 from .schedules import official_learning_rate
 
 __all__ = [
@@ -48,8 +56,6 @@ __all__ = [
     "VAEWithPosterior",
     "build_discriminator",
     "build_vae",
-    "init_official_vae_weights",
-    "official_param_groups",
     "posterior_generator",
     "save_checkpoint_atomically",
     "save_preview",
@@ -232,26 +238,7 @@ def build_vae(model_args: VAEModelArguments, image_size: int) -> SphereVAE:
     config["image_size"] = image_size
     if "cnn_channels" in config:
         config["cnn_channels"] = tuple(config["cnn_channels"])
-    vae = SphereVAE(**config)
-    init_official_vae_weights(vae)
-    return vae
-
-
-@torch.no_grad()
-def init_official_vae_weights(vae: SphereVAE) -> SphereVAE:
-    """The official initialisation: linear weights N(0, 0.02) and zero biases, register tokens N(0, 0.02), then
-    PyTorch's default init again for ``quant_proj``, ``post_quant_proj`` and ``encoder_out``; convolutions and
-    norms keep PyTorch's defaults. Draws from the global RNG (seed it first)."""
-    for module in vae.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    for vit in (vae.encoder_vit, vae.decoder_vit):
-        nn.init.normal_(vit.register_tokens, 0.0, 0.02)
-    for module in (vae.quant_proj, vae.post_quant_proj, vae.encoder_out):
-        module.reset_parameters()
-    return vae
+    return SphereVAE(**config)  # the official initialisation (SphereVAE.initialize_weights)
 
 
 def build_discriminator(model_args: VAEModelArguments) -> PatchGANDiscriminator:
@@ -288,13 +275,6 @@ class PairedDiscriminator(nn.Module):
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.discriminator(real), self.discriminator(fake)
-
-
-def official_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as the official ``create_optimizer``: decay on tensors with >= 2 dims, none on the rest."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def posterior_generator(seed: int, step: int, micro_batch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -347,30 +327,29 @@ class TrainState:
 
 def save_checkpoint_atomically(accelerator: Any, output_dir: str | os.PathLike, step: int,
                                extra: dict[str, Any] | None = None, total_limit: int | None = None) -> Path:
-    """``accelerator.save_state`` into ``.checkpoint-<step>.tmp``, add the completion marker, then rename to
-    ``checkpoint-<step>``. Call on every process. A run killed before the rename leaves only the hidden
-    temporary folder, which ``resolve_resume_checkpoint`` ignores (and the next save replaces)."""
+    """``accelerator.save_state`` into a staging folder (``utils.stage_folder(..., shared=True)``), add the
+    completion marker, then swap it into place as ``checkpoint-<step>`` (``utils.swap_folder_into_place``) and
+    keep the newest ``total_limit`` complete checkpoints. Call on every process. An error removes the staging
+    folder; a run killed before the swap leaves only a hidden folder that ``resolve_resume_checkpoint`` ignores
+    and the next run removes."""
     root = Path(output_dir)
-    final, tmp = root / f"checkpoint-{step}", root / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        mark_checkpoint_complete(tmp, step, extra)
-        if final.exists():
-            old = root / f".checkpoint-{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        if total_limit is not None and total_limit > 0:
-            complete = [p for _, p in list_checkpoints(root) if is_complete_checkpoint(p)]
-            for old_path in complete[total_limit:]:
-                shutil.rmtree(old_path, ignore_errors=True)
+    final = root / f"checkpoint-{step}"
+    staged = stage_folder(final, shared=True) if accelerator.is_main_process else None
+    try:
+        accelerator.wait_for_everyone()
+        staged = staged or shared_staging_path(final)
+        accelerator.save_state(str(staged))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            mark_checkpoint_complete(staged, step, extra)
+            swap_folder_into_place(staged, final)
+            if total_limit is not None and total_limit > 0:
+                complete = [p for _, p in list_checkpoints(root) if is_complete_checkpoint(p)]
+                for old_path in complete[total_limit:]:
+                    shutil.rmtree(old_path, ignore_errors=True)
+    finally:
+        if accelerator.is_main_process and staged is not None and staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -482,10 +461,9 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
     micro_bs, accum = args.global_batch_size // per_step, args.gradient_accumulation_steps
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        (output_dir / "training_args.json").write_text(json.dumps(
-            {"model": asdict(model_args), "training": asdict(args), "data": asdict(data_args)}, indent=2))
+        remove_staged_folders(output_dir, "checkpoint-*")  # left by a killed run
+        with atomic_write(output_dir / "training_args.json", "w") as f:
+            json.dump({"model": asdict(model_args), "training": asdict(args), "data": asdict(data_args)}, f, indent=2)
 
     # models, losses, optimizers
     set_seed(args.seed)
