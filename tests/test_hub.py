@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, SpaceCard
 
-from sphere_ar_hf import SphereARPipeline, hub
+from sphere_ar_hf import SphereARPipeline, hub, remote_code
 from sphere_ar_hf.configuration_sphere_ar import PRESETS
 
 REPO_ID = "someone/sphere-ar-test"
@@ -222,8 +222,8 @@ def test_dry_run_writes_the_folder_and_uploads_nothing(pipeline_dir, tmp_path, f
     assert "nothing was uploaded" in stdout
     assert fake_hub.calls == []
     files = files_of(out)
-    assert {"README.md", "model_index.json", "pipeline_sphere_ar.py", "transformer/modeling_sphere_ar.py",
-            "vae/modeling_sphere_vae.py", "scheduler/scheduling_sphere_ar.py"} <= set(files)
+    assert {"README.md", "model_index.json", "remote_pipeline.py", "pipeline_sphere_ar.py",
+            "transformer/remote_code.py", "vae/remote_code.py", "scheduler/remote_code.py"} <= set(files)
     assert all(files[k] == v for k, v in before.items() if k.endswith(".safetensors"))
     assert ModelCard.load(out / "README.md").data.license == "mit"
     assert files_of(pipeline_dir) == before  # the source folder is untouched
@@ -338,7 +338,8 @@ def package_pipeline_class() -> type[SphereARPipeline]:
 
 def test_package_loads_pushed_folder_without_its_code(pipeline_dir, tmp_path):
     repo = hub.build_push_folder(pipeline_dir, tmp_path / "repo", repo_id=REPO_ID, license="mit", card="b")
-    (repo / "pipeline_sphere_ar.py").write_text("raise RuntimeError('the remote code must not run')\n")
+    for code in repo.rglob("*.py"):
+        code.write_text("raise RuntimeError('the remote code must not run')\n")
     cls = package_pipeline_class()
     pipe = cls.from_pretrained(repo)
     assert type(pipe.transformer).__module__ == "sphere_ar_hf.modeling_sphere_ar"
@@ -361,7 +362,8 @@ def test_package_loads_pushed_repo_id_from_the_hub_cache(pipeline_dir, tmp_path)
     shutil.copytree(repo, model / "snapshots" / commit)
     (model / "refs").mkdir()
     (model / "refs" / "main").write_text(commit)
-    (model / "snapshots" / commit / "pipeline_sphere_ar.py").write_text("raise RuntimeError('must not run')\n")
+    for code in (model / "snapshots" / commit).rglob("*.py"):
+        code.write_text("raise RuntimeError('must not run')\n")
     pipe = package_pipeline_class().from_pretrained(REPO_ID, cache_dir=cache, local_files_only=True)
     assert type(pipe.transformer).__module__ == "sphere_ar_hf.modeling_sphere_ar"
     assert pipe.id2label[0] == "zero, nil"
@@ -377,8 +379,9 @@ def test_download_pipeline_skips_code(monkeypatch, tmp_path):
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    folder = hub.download_pipeline(REPO_ID, revision="v1", token=False, local_files_only=True, cache_dir=tmp_path,
-                                   custom_pipeline=None, trust_remote_code=False, variant=None)
+    folder = remote_code.download_pipeline(REPO_ID, revision="v1", token=False, local_files_only=True,
+                                           cache_dir=tmp_path, custom_pipeline=None, trust_remote_code=False,
+                                           variant=None)
     assert folder == str(tmp_path)
     (repo_id, kwargs), = calls
     assert repo_id == REPO_ID and kwargs["revision"] == "v1" and kwargs["local_files_only"] is True
