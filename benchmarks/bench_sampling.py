@@ -20,11 +20,12 @@ and the images of the first run (same seed) are compared. The official code is o
 the flash_attn stand-in in /work/shared/tools/official_stub, and torch.compile disabled through
 TORCHDYNAMO_DISABLE=1, since its decorators cannot compile here).
 
-On the CPU the pipeline issues the head's products with the official shapes by default (``--head-modulation
-auto``: per step, per projection, a product of the token's rows), so the sampled tokens agree with the official
-ones to the last bit at every batch size (the decoded images to ~1e-6). ``--head-modulation batched`` times the
-opt-in batched modulations (many steps in one product: fewer, larger products; equal up to float rounding, which
-a random SphereAR-B amplifies visibly over the tokens).
+The pipeline issues the head's products with the official shapes (per step, a product of the token's rows), so
+the sampled tokens agree with the official ones to the last bit at every batch size (the decoded images to ~1e-6).
+
+At the largest batch size the head's arithmetic rate is compared with the fp32 GEMM peak of the same product
+shapes on this machine, measured in the same run (each head linear's ``addmm`` alone, back to back), and with a
+2048^3 GEMM.
 
 Each line also gives the process CPU time of its fastest run: on a busy shared machine wall times swing widely
 (other processes take the cores; with several threads each op waits for the slowest one), while the CPU time of a
@@ -60,8 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--official-batch", type=lambda s: [int(x) for x in s.replace(",", " ").split()], default=[8],
                     help="batch size(s) of the side-by-side comparison, e.g. '8' (default) or '1,8,32'")
     ap.add_argument("--official-stub", default=OFFICIAL_STUB, help="folder with the flash_attn stand-in")
-    ap.add_argument("--head-modulation", default="auto", choices=["auto", "exact", "batched"],
-                    help="the pipeline's batched_head_modulation: auto (exact on CPU), exact, or batched over steps")
     return ap.parse_args(argv)
 
 
@@ -86,11 +85,12 @@ class Timers:
 
     def __init__(self):
         self.total = defaultdict(float)
+        self.calls = defaultdict(int)
         self._undo = []
 
     def wrap(self, obj, name: str, part: str) -> None:
         fn = getattr(obj, name)
-        acc = self.total
+        acc, calls = self.total, self.calls
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
@@ -98,12 +98,14 @@ class Timers:
                 return fn(*args, **kwargs)
             finally:
                 acc[part] += time.perf_counter() - t0
+                calls[name] += 1
 
         obj.__dict__[name] = timed  # an instance attribute shadows the method; removed by remove()
         self._undo.append((obj, name))
 
     def reset(self) -> None:
         self.total.clear()
+        self.calls.clear()
 
     def remove(self) -> None:
         for obj, name in self._undo:
@@ -167,6 +169,47 @@ def build_official(path: str, stub: str, image_size: int, seed: int):
     return model, pipe
 
 
+# ---- the head against the GEMM peak -----------------------------------------------------------------------
+def head_linears(head) -> list[torch.nn.Linear]:
+    """The linears of one head evaluation (:meth:`DiffusionHead.velocity`), in order."""
+    return [head.input_proj, *head.adaln, *(m for blk in head.res_blocks for m in (blk.w1, blk.w2)),
+            head.final_adaln, head.final_linear]
+
+
+def best_seconds(fn, repeats: int = 5, inner: int = 20) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+@torch.inference_mode()
+def head_gemm_share(pipe: SphereARPipeline, rows: int, head_seconds: float, calls: int) -> None:
+    """Print the head's fp32 FLOP rate in the timed run next to the GEMM peak of its own shapes (same machine,
+    same run): the rate of each of its linears' ``addmm`` on ``rows`` rows alone, issued back to back."""
+    linears = head_linears(pipe.transformer.head)
+    flops = sum(2 * rows * m.in_features * m.out_features for m in linears)  # per evaluation (matmuls only)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(rows, m.in_features, generator=g) for m in linears]
+
+    def products() -> None:
+        for m, x in zip(linears, inputs):
+            torch.addmm(m.bias, x, m.weight.t())
+
+    peak = flops / best_seconds(products)
+    big = torch.randn(2048, 2048, generator=g)
+    square = 2 * 2048**3 / best_seconds(lambda: big @ big, repeats=3, inner=3)
+    achieved = flops * calls / head_seconds
+    print(f"head at {rows} rows: {achieved / 1e9:.1f} GFLOP/s over {calls} evaluations (timed run, incl. norms and "
+          f"elementwise ops) = {100 * achieved / peak:.1f}% of the fp32 GEMM peak of its own shapes "
+          f"({peak / 1e9:.1f} GFLOP/s, linears alone), {100 * achieved / square:.1f}% of a 2048^3 GEMM "
+          f"({square / 1e9:.1f} GFLOP/s)", flush=True)
+
+
 # ---- runs --------------------------------------------------------------------------------------------------
 def run_ours(pipe: SphereARPipeline, labels: list[int], a: argparse.Namespace, steps: int, seed: int):
     return pipe(labels, guidance_scale=a.guidance_scale, cfg_schedule=a.cfg_schedule, num_inference_steps=steps,
@@ -184,7 +227,7 @@ class Best:
     """The fastest of several timed runs: wall seconds, process CPU seconds, and the wall-time split."""
 
     def __init__(self):
-        self.wall, self.cpu, self.parts = float("inf"), float("inf"), {}
+        self.wall, self.cpu, self.parts, self.calls = float("inf"), float("inf"), {}, {}
 
     def timed(self, fn, timers: Timers, *args):
         timers.reset()
@@ -192,7 +235,7 @@ class Best:
         out = fn(*args)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         if wall < self.wall:
-            self.wall, self.parts = wall, dict(timers.total)
+            self.wall, self.parts, self.calls = wall, dict(timers.total), dict(timers.calls)
         self.cpu = min(self.cpu, cpu)
         return out
 
@@ -215,7 +258,8 @@ def install_ours(pipe: SphereARPipeline) -> Timers:
     t = Timers()
     t.wrap(pipe.transformer, "prefill", "trunk")
     t.wrap(pipe.transformer, "decode_step", "trunk")
-    t.wrap(pipe, "sample_token", "head")
+    t.wrap(pipe.transformer.head, "embed_condition", "head")
+    t.wrap(pipe.transformer.head, "velocity", "head")
     t.wrap(pipe.vae, "decode", "decoder")
     return t
 
@@ -235,14 +279,13 @@ def main(a: argparse.Namespace) -> None:
     image_size = 256 if a.full else 64
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; SphereAR-B + S-VAE at "
           f"{image_size} px ({(image_size // 16) ** 2} tokens), {a.steps} steps, CFG {a.guidance_scale} "
-          f"{a.cfg_schedule}, best of {a.repeats}, head modulation {a.head_modulation}", flush=True)
+          f"{a.cfg_schedule}, best of {a.repeats}", flush=True)
     model = None
     if a.official:
         model, pipe = build_official(a.official, a.official_stub, image_size, a.seed)
     else:
         pipe = build_ours(image_size, a.seed)
     pipe.set_progress_bar_config(disable=True)
-    pipe.batched_head_modulation = {"auto": None, "exact": False, "batched": True}[a.head_modulation]
     n_tf = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
     n_vae = sum(p.numel() for p in pipe.vae.parameters()) / 1e6
     print(f"parameters: transformer {n_tf:.1f}M, VAE {n_vae:.1f}M", flush=True)
@@ -252,6 +295,9 @@ def main(a: argparse.Namespace) -> None:
         best = time_runs(lambda *x: run_ours(pipe, *x), timers, a, b)
         print(best.line("ours", b), flush=True)
     timers.remove()
+    if a.batch_sizes:
+        b = max(a.batch_sizes)
+        head_gemm_share(pipe, 2 * b if a.guidance_scale > 1 else b, best.parts["head"], best.calls["velocity"])
 
     if model is not None:
         for b in a.official_batch:

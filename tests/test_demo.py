@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest
 import torch
 
@@ -244,9 +245,13 @@ def test_api_generate_returns_images(server, client):
         lo, hi = image.convert("L").getextrema()
         assert hi > lo
 
-    # the same seed and settings give the same images (each image has its own generator)
+    # the same seed and settings give the same image in another request (each image has its own generator), up to
+    # float rounding (a product's rounding can depend on the batch's row count): at most 1/255 in a pixel
     again, _ = _predict(client, ["3"], per_class=1, steps=2, seed=5)
-    assert httpx.get(again[0]["image"]["url"], timeout=TIMEOUT_S).content == response.content
+    with Image.open(BytesIO(httpx.get(again[0]["image"]["url"], timeout=TIMEOUT_S).content)) as a, \
+            Image.open(BytesIO(response.content)) as b:
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 def test_api_refuses_requests_beyond_the_bounds(server, client):
@@ -330,14 +335,14 @@ class _ProgressRecorder:
         return iterable
 
 
-def test_progress_follows_every_token_and_the_pipeline_is_restored(runner):
+def test_progress_follows_every_token(runner):
     pipe = runner.pipeline
     progress = _ProgressRecorder()
     gallery, info = runner.generate(["3"], 2, 2.0, "linear", 2, 0, progress=progress)
     tokens = pipe.transformer.config.num_image_tokens
     token_calls = [p for p, desc in progress.calls if desc == "Sampling tokens"]
     assert token_calls == [(k, tokens) for k in range(tokens + 1)]
-    assert "progress_bar" not in vars(pipe)  # the class's tqdm bar again
+    assert "progress_bar" not in vars(pipe)  # reported through the pipeline's callback, nothing patched
     assert len(gallery) == 2 and gallery[0][0].width == math.ceil(runner.display_size / 32) * 32
     assert "2 images of 32×32 px (shown ×8)" in info
 

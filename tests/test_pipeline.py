@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import PIL.Image
@@ -91,6 +92,36 @@ def test_generator_list_makes_images_independent_of_batch(tiny_pipeline: SphereA
     # and the generators matter
     other = _run(tiny_pipeline, [5], generator=[_gen(3)], **kw)
     assert (other[0] - alone[0]).abs().max() > 1e-2
+
+
+def test_two_threads_share_one_pipeline(make_pipeline) -> None:
+    """A call keeps its state to itself: two threads sampling with one pipeline at once (other step counts, samplers'
+    state, guidance and generator kinds) get, bit for bit, the images each gets alone."""
+    pipe = make_pipeline(seed=3)
+    jobs = [dict(class_labels=[1, 2, 3], guidance_scale=3.0, num_inference_steps=4, generator=lambda: _gen(0)),
+            dict(class_labels=[5, 9], guidance_scale=1.0, num_inference_steps=7,
+                 generator=lambda: [_gen(1), _gen(2)])]
+
+    def run(job: dict) -> torch.Tensor:
+        return pipe(**{**job, "generator": job["generator"]()}, output_type="latent").images
+
+    steps_before = pipe.scheduler.num_inference_steps
+    alone = [run(job) for job in jobs]
+    start, results = threading.Barrier(len(jobs)), [[] for _ in jobs]
+
+    def worker(j: int) -> None:
+        start.wait()
+        for _ in range(3):
+            results[j].append(run(jobs[j]))
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for j, runs in enumerate(results):
+        assert len(runs) == 3 and all(torch.equal(r, alone[j]) for r in runs), f"job {j} changed beside another"
+    assert pipe.scheduler.num_inference_steps == steps_before  # the pipeline's own scheduler is left as it was
 
 
 # ----------------------------------------------------------------------------- guidance

@@ -9,8 +9,9 @@
 Every request is checked on the server, whatever the sliders allow (an API call can send any value): at most
 ``max_images`` images, ``1..max_steps`` sampler steps, a finite guidance scale in the slider's range, a known
 schedule, a seed in ``[0, 2**32)``. A request outside those bounds is refused with a ``gr.Error`` before any work.
-One request samples at a time (a lock around the pipeline; the queue's concurrency limit defaults to 1), and the
-queue holds at most ``max_queue_size`` waiting requests.
+One request samples at a time (the queue's concurrency limit defaults to 1; the pipeline itself keeps no per-call
+state, so a higher limit is safe), and the queue holds at most ``max_queue_size`` waiting requests. Progress comes
+from the pipeline's per-token ``callback_on_step_end``.
 
 Needs ``gradio`` (the ``[demo]`` extra); imported here, so import this module only for the demo.
 """
@@ -18,13 +19,11 @@ Needs ``gradio`` (the ``[demo]`` extra); imported here, so import this module on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,48 +88,6 @@ def _error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-class _TokenProgress:
-    """A stand-in for the pipeline's tqdm bar (``with pipe.progress_bar(total=n) as bar: bar.update()``) that
-    reports to a ``gr.Progress``."""
-
-    def __init__(self, progress: gr.Progress, total: int, desc: str) -> None:
-        self.progress, self.total, self.desc, self.n = progress, total, desc, 0
-        self.progress((0, total), desc=desc, unit="tokens")
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self.progress((self.n, self.total), desc=self.desc, unit="tokens")
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _TokenProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@contextlib.contextmanager
-def report_progress(pipeline: SphereARPipeline, progress: gr.Progress, desc: str) -> Iterator[None]:
-    """While inside, the pipeline's per-token progress bar reports to ``progress`` instead of the terminal.
-
-    ``DiffusionPipeline.progress_bar`` is replaced on the instance (the class's method is untouched) and restored
-    on exit; callers hold the pipeline lock, so no other call sees it.
-    """
-
-    def progress_bar(iterable=None, total=None):
-        if iterable is not None:
-            return progress.tqdm(iterable, desc=desc)
-        return _TokenProgress(progress, total, desc)
-
-    pipeline.progress_bar = progress_bar
-    try:
-        yield
-    finally:
-        del pipeline.progress_bar
-
-
 class DemoRunner:
     """Validates a request against the server's bounds and runs the pipeline (one request at a time)."""
 
@@ -146,7 +103,7 @@ class DemoRunner:
         self.max_guidance = float(max_guidance) if max_guidance is not None else max(
             10.0, math.ceil(2 * self.recommended_guidance))
         self.display_size = display_size
-        self.lock = threading.Lock()
+        pipeline.set_progress_bar_config(disable=True)  # progress goes to the page (callback_on_step_end)
 
     # -- validation: everything an API call can send ---------------------------------------------------------
     @staticmethod
@@ -206,22 +163,28 @@ class DemoRunner:
                  steps: int, seed: int, progress: gr.Progress = gr.Progress()  # noqa: B008 (gradio's idiom)
                  ) -> tuple[list[tuple[Image.Image, str]], str]:
         """Generate ``images_per_class`` images of each class; image k uses a CPU generator seeded ``seed + k``
-        (as ``sphere-ar generate``), so an image depends only on its seed, class and settings."""
+        (as ``sphere-ar generate``), so an image depends only on its seed, class and settings (up to float
+        rounding: at most 1/255 in a few pixels)."""
         import torch
 
         labels, guidance, schedule, steps, seed = self.validate(classes, images_per_class, guidance_scale,
                                                                 cfg_schedule, steps, seed)
-        progress(0, desc="Waiting for the model")
-        with self.lock:
-            start = time.perf_counter()
-            generators = [torch.Generator().manual_seed(seed + k) for k in range(len(labels))]
-            try:
-                with report_progress(self.pipeline, progress, "Sampling tokens"):
-                    images = self.pipeline(labels, guidance_scale=guidance, cfg_schedule=schedule,
-                                           num_inference_steps=steps, generator=generators, output_type="pil").images
-            except (FloatingPointError, ValueError, TypeError) as e:
-                raise _error(" ".join(str(e).split())) from None
-            seconds = time.perf_counter() - start
+        tokens = self.pipeline.transformer.config.num_image_tokens
+
+        def report(pipe: SphereARPipeline, i: int, t: int, kwargs: dict) -> dict:
+            progress((i + 1, tokens), desc="Sampling tokens", unit="tokens")
+            return kwargs
+
+        progress((0, tokens), desc="Sampling tokens", unit="tokens")
+        start = time.perf_counter()
+        generators = [torch.Generator().manual_seed(seed + k) for k in range(len(labels))]
+        try:
+            images = self.pipeline(labels, guidance_scale=guidance, cfg_schedule=schedule, num_inference_steps=steps,
+                                   generator=generators, output_type="pil", callback_on_step_end=report,
+                                   callback_on_step_end_tensor_inputs=()).images
+        except (FloatingPointError, ValueError, TypeError) as e:
+            raise _error(" ".join(str(e).split())) from None
+        seconds = time.perf_counter() - start
         gallery = [(upscale(image, self.display_size), f"{short_label(self.pipeline, c)} · seed {seed + k}")
                    for k, (c, image) in enumerate(zip(labels, images))]
         w, h = images[0].size

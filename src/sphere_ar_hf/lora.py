@@ -12,6 +12,19 @@ are full-name regexes: the head also has modules named ``w1`` / ``w2``, and they
     unload_lora(pipe)                  # the base weights, bit for bit
     merge_lora(pipe)                   # or: fold the adapter into the weights for plain fast inference
 
+Design: **the transformer carries the adapters**, and nothing else holds state. PEFT injects its layers in place
+(``get_peft_model`` / ``PeftModel.from_pretrained``) and marks the model with its public ``peft_config``
+attribute; every function here takes a pipeline, a transformer or a ``PeftModel`` and reads the adapters from
+the transformer's modules (PEFT's ``BaseTunerLayer`` / ``AuxiliaryTrainingWrapper``). So ``pipe.transformer``
+stays a plain SphereARTransformer that samples with the adapter, the ``PeftModel`` that :func:`add_lora` /
+:func:`load_lora` return is an optional view (train it, or use PEFT's own methods on it) that may be dropped,
+and there is no second object whose lifetime a user must manage, no handle hung on the transformer and no
+method patched on it. Unloading and merging use PEFT's public layer methods (``merge``, ``get_base_layer``,
+``unload_and_optionally_merge_module``: what ``PeftModel.merge_and_unload`` / ``unload`` run), saving uses
+``get_peft_model_state_dict``, and an adapter folder is PEFT's own format: ``PeftModel.from_pretrained(
+transformer, folder)`` loads it directly. While adapters are injected, ``SphereARTransformer.save_pretrained``
+refuses to write the base weights with PEFT's keys mixed in (it checks the same ``peft_config`` marker).
+
 Training (:func:`train_lora`, behind ``examples/train_lora.py``) reuses :class:`SphereARTrainer`: images are
 encoded on the fly by the pipeline's frozen VAE (or read from a latent cache), and the adapter is written as
 ``adapter_model.safetensors`` + ``adapter_config.json`` to a folder that appears only once complete.
@@ -65,7 +78,6 @@ HEAD_TARGETS = (r"head\.(time_embed\.linear_[12]|cond_embed|input_proj|res_block
                 r"final_adaln|final_linear)")
 CLASS_EMBEDDING = "class_embedding"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-_HANDLE = "_sphere_ar_lora"  # the PeftModel that owns the adapters injected into a transformer
 
 
 def _peft():
@@ -108,30 +120,14 @@ def build_lora_config(rank: int = 8, alpha: float | None = None, dropout: float 
 
 
 def add_lora(transformer: SphereARTransformer, config: Any, adapter_name: str = "default") -> Any:
-    """Wrap ``transformer`` in a trainable ``PeftModel`` (adapters injected in place; only they require grad)."""
+    """Inject trainable adapters into ``transformer`` (in place; only they require grad) and return the
+    ``PeftModel`` to train (``peft.get_peft_model``)."""
+    if not isinstance(transformer, SphereARTransformer):
+        raise TypeError(f"add_lora expects a SphereARTransformer, got {type(transformer).__name__}")
     if get_lora_model(transformer) is not None:
         raise ValueError("this transformer already has a LoRA adapter: merge_lora or unload_lora it first")
     with _quiet():
-        peft_model = _peft().get_peft_model(transformer, config, adapter_name=adapter_name)
-    _attach(transformer, peft_model)
-    return peft_model
-
-
-def _refuse_save(*args: Any, **kwargs: Any) -> None:
-    raise RuntimeError("this transformer has a LoRA adapter loaded, and its weights would be saved under PEFT's "
-                       "names (a folder that loads with random weights): call merge_lora(pipe) to save the merged "
-                       "model or unload_lora(pipe) to save the base model; save the adapter with save_lora")
-
-
-def _attach(transformer: SphereARTransformer, peft_model: Any) -> None:
-    """Remember the PeftModel (not as a submodule: no cycle in the module tree) and block ``save_pretrained``."""
-    transformer.__dict__[_HANDLE] = peft_model
-    transformer.__dict__["save_pretrained"] = _refuse_save
-
-
-def _detach(transformer: SphereARTransformer) -> None:
-    transformer.__dict__.pop(_HANDLE, None)
-    transformer.__dict__.pop("save_pretrained", None)
+        return _peft().get_peft_model(transformer, config, adapter_name=adapter_name)
 
 
 @contextmanager
@@ -156,18 +152,59 @@ def _transformer_of(target: Any) -> SphereARTransformer:
     return model
 
 
-def get_lora_model(target: Any) -> Any | None:
-    """The ``PeftModel`` holding the adapters injected into ``target``'s transformer, or None."""
-    return _transformer_of(target).__dict__.get(_HANDLE)
+def _adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost PEFT modules of ``model`` (LoRA layers, trainable-token wrappers), by full name."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import AuxiliaryTrainingWrapper
+
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():  # parents come before their children
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and not any(
+                name.startswith(f"{outer}.") for outer, _ in found):
+            found.append((name, module))
+    return found
 
 
-def adapter_parameter_count(target: Any) -> int:
-    """Number of values an adapter stores (LoRA matrices + trained class-embedding rows) for ``target``."""
-    peft = _peft()
-    peft_model = target if isinstance(target, peft.PeftModel) else get_lora_model(target)
-    if peft_model is None:
+def _has_adapters(transformer: SphereARTransformer) -> bool:
+    """PEFT's marker (``peft_config``, set on injection, removed on unload) or PEFT layers in the module tree."""
+    return bool(getattr(transformer, "peft_config", None)) or bool(_adapter_modules(transformer))
+
+
+def get_lora_model(target: Any) -> nn.Module | None:
+    """The model whose modules hold ``target``'s LoRA adapters, or None when it has none.
+
+    That is ``target`` itself when it is a ``PeftModel``, else the pipeline's / the given SphereARTransformer
+    (PEFT injects in place; it keeps no link from the transformer back to a ``PeftModel`` wrapping it). Either can
+    be passed to :func:`save_lora`, :func:`adapter_parameter_count`, :func:`merge_lora` and :func:`unload_lora`.
+    """
+    transformer = _transformer_of(target)
+    if not _has_adapters(transformer):
+        return None
+    return target if isinstance(target, _peft().PeftModel) else transformer
+
+
+def _adapter_name(transformer: SphereARTransformer, adapter_name: str | None) -> str:
+    names = list(getattr(transformer, "peft_config", None) or {})
+    if not names:
         raise ValueError("no LoRA adapter is loaded")
-    state = peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    if adapter_name is None:
+        if len(names) > 1:
+            raise ValueError(f"this transformer holds the adapters {names}: pass adapter_name")
+        return names[0]
+    if adapter_name not in names:
+        raise ValueError(f"no adapter named {adapter_name!r} is loaded (loaded: {names})")
+    return adapter_name
+
+
+def _adapter_state(transformer: SphereARTransformer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's checkpoint names (LoRA matrices, trained class rows)."""
+    return _peft().get_peft_model_state_dict(transformer, adapter_name=adapter_name, save_embedding_layers=False)
+
+
+def adapter_parameter_count(target: Any, adapter_name: str | None = None) -> int:
+    """Number of values an adapter stores (LoRA matrices + trained class-embedding rows) for ``target``."""
+    transformer = _transformer_of(target)
+    state = _adapter_state(transformer, _adapter_name(transformer, adapter_name))
     return sum(t.numel() for t in state.values())
 
 
@@ -176,22 +213,33 @@ def adapter_parameter_count(target: Any) -> int:
 
 
 def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True,
-              base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter (``adapter_model.safetensors``, ``adapter_config.json``) of ``target`` (a PeftModel, or a
-    pipeline / transformer with an adapter loaded) to ``output_dir`` atomically."""
+              base_model_name_or_path: str | None = None, adapter_name: str | None = None) -> Path:
+    """Write the adapter of ``target`` (a pipeline, a transformer or a PeftModel with an adapter) to
+    ``output_dir`` atomically, in PEFT's format: ``adapter_model.safetensors`` (the tensors PEFT's
+    ``save_pretrained`` writes, under its ``base_model.model.`` names) and ``adapter_config.json``, so that
+    ``PeftModel.from_pretrained(transformer, output_dir)`` and :func:`load_lora` both load it.
+
+    ``adapter_name`` picks one adapter when the transformer holds several (default: the only one).
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
     from .utils import write_folder_atomically
 
-    peft = _peft()
-    peft_model = target if isinstance(target, peft.PeftModel) else get_lora_model(target)
-    if peft_model is None:
-        raise ValueError("no LoRA adapter is loaded")
+    transformer = _transformer_of(target)
+    name = _adapter_name(transformer, adapter_name)
+    state = {f"base_model.model.{key}": value.detach().contiguous().cpu()
+             for key, value in _adapter_state(transformer, name).items()}
+    config = copy.deepcopy(transformer.peft_config[name])
+    config.inference_mode = True
     if base_model_name_or_path is not None:
-        for config in peft_model.peft_config.values():
-            config.base_model_name_or_path = str(base_model_name_or_path)
+        config.base_model_name_or_path = str(base_model_name_or_path)
 
     def write(tmp: Path) -> None:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
-        missing = [name for name in ADAPTER_FILES if not (tmp / name).is_file()]
+        save_file(state, str(tmp / ADAPTER_FILES[0]), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        missing = [file for file in ADAPTER_FILES if not (tmp / file).is_file()]
         if missing:
             raise RuntimeError(f"PEFT did not write {missing}")
 
@@ -202,9 +250,10 @@ def load_lora(target: Any, adapter: str | os.PathLike, adapter_name: str = "defa
               **kwargs) -> Any:
     """Inject the adapter at ``adapter`` (a folder or Hub repo id) into ``target`` (a pipeline or a transformer).
 
-    The adapter layers replace the targeted linears *in place*: ``pipe.transformer`` stays the same
-    SphereARTransformer object, so the pipeline works unchanged (``pipe(...)`` now samples with the adapter).
-    Returns the owning ``PeftModel`` (``kwargs`` go to ``PeftModel.from_pretrained``). Undo with
+    The adapter layers replace the targeted linears *in place* (``peft.PeftModel.from_pretrained``):
+    ``pipe.transformer`` stays the same SphereARTransformer object, so the pipeline works unchanged
+    (``pipe(...)`` now samples with the adapter). Returns the ``PeftModel`` wrapping it (``kwargs`` go to
+    ``PeftModel.from_pretrained``; ``is_trainable=True`` to train on), which you may keep or drop. Undo with
     :func:`unload_lora`, or make it permanent with :func:`merge_lora`. While it is loaded,
     ``pipe.save_pretrained`` raises (the weights would be saved under PEFT's names): merge or unload first.
     """
@@ -216,21 +265,29 @@ def load_lora(target: Any, adapter: str | os.PathLike, adapter_name: str = "defa
     if path.exists() and not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} holds no adapter_config.json (not a PEFT adapter folder)")
     with _quiet():
-        peft_model = peft.PeftModel.from_pretrained(transformer, str(adapter), adapter_name=adapter_name,
-                                                    is_trainable=is_trainable, **kwargs)
-    _attach(transformer, peft_model)
-    return peft_model
+        return peft.PeftModel.from_pretrained(transformer, str(adapter), adapter_name=adapter_name,
+                                              is_trainable=is_trainable, **kwargs)
 
 
 def _release(target: Any, merge: bool) -> SphereARTransformer:
+    """Put the base modules back in place of PEFT's (merging the adapters into them first if ``merge``): the
+    public layer methods that ``PeftModel.merge_and_unload`` / ``unload`` run, applied to the transformer."""
+    from peft.utils import AuxiliaryTrainingWrapper
+
     transformer = _transformer_of(target)
-    peft_model = get_lora_model(transformer)
-    if peft_model is None:
+    if not _has_adapters(transformer):
         raise ValueError("no LoRA adapter is loaded")
-    base = peft_model.merge_and_unload() if merge else peft_model.unload()
-    _detach(transformer)
-    if base is not transformer:  # pragma: no cover - PEFT unloads in place
-        raise RuntimeError("PEFT returned a different module than the one it wrapped")
+    for name, module in _adapter_modules(transformer):
+        if isinstance(module, AuxiliaryTrainingWrapper):  # the trained class rows
+            base = module.unload_and_optionally_merge_module(merge=merge, safe_merge=False, adapter_names=None)
+        else:
+            if merge:
+                module.merge()
+            base = module.get_base_layer()
+        parent, _, child = name.rpartition(".")
+        setattr(transformer.get_submodule(parent), child, base)
+    if hasattr(transformer, "peft_config"):
+        del transformer.peft_config  # PEFT's marker goes with its layers, as in its own unload
     if not isinstance(target, nn.Module) and getattr(target, "transformer", transformer) is not transformer:
         target.transformer = transformer  # a pipeline that held the PeftModel itself
     return transformer
@@ -313,10 +370,9 @@ class RelabelingCollator:
 
 
 class LoraTrainer(SphereARTrainer):
-    """:class:`SphereARTrainer` for a PEFT-wrapped transformer: weight decay only on the LoRA matrices."""
-
-    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        return [n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and ".lora_" in n]
+    """:class:`SphereARTrainer` for a PEFT-wrapped transformer. Its weight-decay rule
+    (``training.optimization``) leaves, of the trainable adapter, exactly the LoRA matrices decayed: the class
+    rows live in ``class_embedding``, which is never decayed."""
 
 
 def _load_pipeline(path: str) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +66,9 @@ class DiffusionHead(nn.Module):
     """The per-token velocity MLP: input ``x_t`` (N, latent_dim), time ``t`` (N,), condition ``z`` (N, hidden).
 
     One adaLN projection is shared by each run of ``num_layers / num_adaln`` consecutive blocks. For sampling,
-    the condition and time embeddings are computed separately (:meth:`embed_condition`, :meth:`embed_time`) so
-    that each is computed once per token / once per step, not once per evaluation.
+    the condition and time embeddings are computed separately (:meth:`embed_condition`, :meth:`embed_times`), so
+    that each is computed once per token / once per call, not once per evaluation; :meth:`velocity` then runs the
+    rest, the same computation as in training.
     """
 
     def __init__(self, latent_dim: int, cond_dim: int, dim: int, num_layers: int, num_adaln: int):
@@ -101,99 +101,24 @@ class DiffusionHead(nn.Module):
             nn.init.zeros_(m.bias)
 
     def embed_condition(self, z: torch.Tensor) -> torch.Tensor:
+        """The condition embedding of head conditions ``z`` (N, cond_dim): once per token when sampling."""
         return self.cond_embed(z)
 
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time embedding of times ``t`` (N,)."""
         return self.time_embed(t)
 
-    @property
-    def modulation_width(self) -> int:
-        """Columns of all adaLN outputs together (see :meth:`modulation`)."""
-        return sum(m.out_features for m in self.adaln) + self.final_adaln.out_features
+    def embed_times(self, timesteps: torch.Tensor, rows: int) -> torch.Tensor:
+        """``(steps, rows, dim)``: each sampler time's embedding for ``rows`` rows, once per call when sampling.
 
-    def modulation(self, t_emb: torch.Tensor, c_emb: torch.Tensor, per_step: bool = False) -> list[torch.Tensor]:
-        """Every adaLN projection of ``silu(t_emb + c_emb)`` (broadcast together), ``1`` already added to each scale.
-
-        Returns one tensor ``(..., 3 * dim)`` (scale + 1, shift, gate) per shared adaLN and one ``(..., 2 * dim)``
-        (scale + 1, shift) for the final layer. It does not depend on the state ``x``, so the sampler computes it
-        for many steps at once (``t_emb`` (steps, 1 or rows, dim), ``c_emb`` (rows, dim)): in one product per
-        projection, or with ``per_step`` in one product of ``rows`` rows per step and projection, the official
-        shapes (a product's rounding can depend on its row count), issued back to back so that each projection's
-        weight stays in cache.
+        Computed per step for ``rows`` rows, the shapes of the official sampler (which embeds the time of every row
+        at every step), so the values are the official ones bit for bit.
         """
-        y = F.silu(t_emb + c_emb)
-        dim = self.final_linear.in_features
-        layers = [*self.adaln, self.final_adaln]
-        if per_step:
-            mods = [torch.stack([m(y_k) for y_k in y]) for m in layers]
-        else:
-            mods = [m(y) for m in layers]
-        for m in mods:
-            m[..., :dim] += 1  # the same float32 ``1 + scale`` as the unfused form
-        return mods
-
-    def transposed_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Contiguous ``(w1.weight.T, w2.weight.T)`` of each residual block, for :meth:`velocity_from_modulation`.
-
-        ``None`` when a block's linear is not a plain ``nn.Linear`` (e.g. wrapped by a LoRA adapter): its
-        ``weight`` would then be the base weight alone, and the product must go through the module.
-        """
-        if any(type(m) is not nn.Linear for b in self.res_blocks for m in (b.w1, b.w2)):
-            return None
-        return [(b.w1.weight.t().contiguous(), b.w2.weight.t().contiguous()) for b in self.res_blocks]
-
-    @torch.no_grad()
-    def batched_modulation_is_exact(self, rows: int, steps: int) -> bool:
-        """Whether :meth:`modulation` of ``steps`` steps in one product per projection gives, bit for bit, what one
-        product of ``rows`` rows per step gives, here (the BLAS kernels, thread count, dtype and device decide).
-        Probed on random inputs from a fixed private generator: a different summation order shows up at once."""
-        weight = self.final_adaln.weight
-        g = torch.Generator().manual_seed(0)
-        y = torch.randn(steps, rows, self.final_linear.in_features, generator=g).to(weight.device, weight.dtype)
-        return all(torch.equal(m(y), torch.stack([m(y_k) for y_k in y])) for m in [*self.adaln, self.final_adaln])
-
-    @torch.no_grad()
-    def transposed_weights_are_exact(self, rows: int, weights_t: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Whether products of ``rows`` rows with :meth:`transposed_weights` equal the blocks' own, bit for bit."""
-        g = torch.Generator().manual_seed(0)
-        for block, (w1t, w2t) in zip(self.res_blocks, weights_t):
-            w = block.w1.weight
-            u = torch.randn(rows, w1t.shape[0], generator=g).to(w.device, w.dtype)
-            a = torch.randn(rows, w2t.shape[0], generator=g).to(w.device, w.dtype)
-            if not (torch.equal(block.w1(u), torch.addmm(block.w1.bias, u, w1t))
-                    and torch.equal(block.w2(a), torch.addmm(block.w2.bias, a, w2t))):
-                return False
-        return True
-
-    def velocity_from_modulation(self, x: torch.Tensor, mods: Sequence[torch.Tensor], repeat: int = 1,
-                                 weights_t: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """Velocity at ``x`` (n, latent_dim) given one step's rows of :meth:`modulation` (each (n * repeat, width)).
-
-        ``repeat > 1``: the state is shared by ``repeat`` row blocks (the conditional and unconditional halves of
-        classifier-free guidance). ``weights_t``: :meth:`transposed_weights`; the residual blocks' products then
-        read the weights in (in, out) layout, which MKL multiplies faster for a few dozen rows (same values).
-        The float32 operations are those of the official head, in the same order.
-        """
-        dim = self.final_linear.in_features
-        x = x.to(self.input_proj.weight.dtype)
-        h = self.input_proj(torch.cat([x] * repeat) if repeat > 1 else x)
-        for i, block in enumerate(self.res_blocks):
-            if i % self.adaln_every == 0:
-                mod = mods[i // self.adaln_every]
-                scale1, shift, gate = mod[:, :dim], mod[:, dim:2 * dim], mod[:, 2 * dim:]
-            u = block.norm(h) * scale1 + shift
-            if weights_t is None:
-                a, b = block.w1(u).chunk(2, dim=-1)
-                h = h + block.w2(F.silu(a) * b) * gate
-            else:
-                w1t, w2t = weights_t[i]
-                a, b = torch.addmm(block.w1.bias, u, w1t).chunk(2, dim=-1)
-                h = h + torch.addmm(block.w2.bias, F.silu(a) * b, w2t) * gate
-        mod = mods[-1]
-        return self.final_linear(self.final_norm(h) * mod[:, :dim] + mod[:, dim:])
+        return torch.stack([self.embed_time(t.expand(rows)) for t in timesteps])
 
     def velocity(self, x: torch.Tensor, t_emb: torch.Tensor, c_emb: torch.Tensor) -> torch.Tensor:
-        """Velocity from precomputed time (N or 1, dim) and condition (N, dim) embeddings."""
+        """The head's velocity at ``x`` (N, latent_dim) given time and condition embeddings (N, dim) (training and
+        sampling: the head's one computation, the float32 operations of the official head in the same order)."""
         h = self.input_proj(x.to(self.input_proj.weight.dtype))
         y = F.silu(t_emb + c_emb)
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -208,6 +133,7 @@ class DiffusionHead(nn.Module):
         return self.final_linear(self.final_norm(h) * (1 + scale) + shift)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Velocity at ``x`` (N, latent_dim) for times ``t`` (N,) and head conditions ``z`` (N, cond_dim)."""
         return self.velocity(x, self.embed_time(t), self.embed_condition(z))
 
 
@@ -267,14 +193,23 @@ class SphereARTransformer(SphereARPreTrainedModel):
                            drop_last=True)
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, refused while PEFT adapters are injected (PEFT's public
+        ``peft_config`` marker, set on injection and removed on unload / merge): the weights would be written under
+        PEFT's names (``base_layer``, ``lora_A``) and reload as random weights."""
+        if getattr(self, "peft_config", None):
+            raise RuntimeError(
+                "this transformer carries LoRA adapters, and its weights would be saved under PEFT's names (a folder "
+                "that loads with random weights): merge_lora(pipe) to save the merged model, unload_lora(pipe) to "
+                "save the base model, save_lora(pipe, folder) to save the adapter")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @property
     def null_class_id(self) -> int:
         return self.config.num_classes
 
-    def non_decay_parameter_names(self) -> list[str]:
-        """Parameters trained without weight decay (official): 1-d tensors, the input projection, class embedding."""
-        return [n for n, p in self.named_parameters()
-                if p.ndim < 2 or n.startswith("proj_in.") or n.startswith("class_embedding.")]
+    # submodules trained without weight decay (official ``non_decay_keys``); the rule: training/optimization.py
+    _no_weight_decay_modules = ("proj_in", "class_embedding")
 
     def _class_tokens(self, class_labels: torch.Tensor) -> torch.Tensor:
         return self.class_embedding(class_labels).view(class_labels.shape[0], self.config.num_class_tokens, -1)

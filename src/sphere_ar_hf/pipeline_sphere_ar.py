@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -11,7 +12,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 
 from .labels import build_label_index, resolve_label_ids
 from .modeling_sphere_ar import SphereARTransformer
-from .scheduling_sphere_ar import CFG_SCHEDULES, SphereARScheduler, apply_guidance, draw_noise
+from .scheduling_sphere_ar import CFG_SCHEDULES, SphereARScheduler, apply_guidance
 from .vae import SphereVAE
 
 __all__ = ["SphereARPipeline"]
@@ -33,20 +34,14 @@ class SphereARPipeline(DiffusionPipeline):
     ``torch.manual_seed(s)`` (CPU, float32). With a list of generators (one per image) each image uses only
     its own generator, so it does not depend on the rest of the batch.
 
-    Exactness: a float32 product's rounding can depend on its row count (MKL on the CPU takes other kernels for
-    a few rows, and splits them differently across threads), and a random or early-training model amplifies a
-    1e-7 difference in one token to visible changes by the last. So on the CPU the sampler computes nothing that
-    could round differently from the official per-step evaluation: the time embeddings for the token's rows, and
-    the adaLN modulations of many steps in one product per token only where a probe on this machine (this thread
-    count, dtype and weights) shows that this changes no bit, otherwise per step with the official shapes. Converted
-    official weights then give the official images bit for bit at any batch size (same thread count).
-    ``pipe.batched_head_modulation``: ``None`` (default) as just described on the CPU, batched elsewhere (CUDA);
-    ``True``: batched everywhere (fewer, larger products; equal to ~1e-7); ``False``: per step everywhere.
+    Exactness by construction: every product the sampler issues has the official shapes (the time embeddings of
+    each step for all rows, the head's evaluation for all rows), so converted official weights give the official
+    images bit for bit on the CPU. A call keeps its state (KV cache, scheduler times) to itself: one pipeline can
+    serve several threads at once.
     """
 
     model_cpu_offload_seq = "transformer->vae"
-    MODULATION_BYTES = 64 * 2**20  # sample_token: memory for the precomputed adaLN modulations of a token
-    TRANSPOSED_HEAD_MIN_ROWS = 32  # __call__: from this many head rows (CPU), use DiffusionHead.transposed_weights
+    _callback_tensor_inputs = ["token"]
 
     def __init__(self, transformer: SphereARTransformer, vae: SphereVAE, scheduler: SphereARScheduler,
                  id2label: dict | None = None):
@@ -55,26 +50,21 @@ class SphereARPipeline(DiffusionPipeline):
         id2label = {int(k): v for k, v in (id2label or {}).items()}
         self.register_to_config(id2label=id2label or None)
         self.id2label = id2label
-        self._velocity_fn: Callable | None = None
-        self._head_weights_t: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # this call's plan (__call__)
-        self._per_step_modulation = False
-        self._rounding_probes: dict[tuple, bool] = {}
-        # None: on the CPU batched only where that changes no bit, elsewhere batched (see the class docstring)
-        self.batched_head_modulation: bool | None = None
+        self._velocity_fn: Callable | None = None  # enable_torch_compile
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod
     def load_config(cls, *args, **kwargs):
-        """``ConfigMixin.load_config``; a repository pushed with remote code (``sphere-ar push``) maps to this
-        package's classes, so its bundled code is neither needed nor run."""
-        from .hub import package_model_index
+        """``ConfigMixin.load_config``; the entries of a folder with remote code (``sphere-ar push``) map to this
+        package's classes, so that code is neither needed nor run."""
+        from .remote_code import package_model_index
 
         return package_model_index(super().load_config(*args, **kwargs))
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:
         """Fetch a Hub repository's configs and weights (not its remote code, which this package does not need)."""
-        from .hub import download_pipeline
+        from .remote_code import download_pipeline
 
         return download_pipeline(pretrained_model_name, **kwargs)
 
@@ -94,8 +84,8 @@ class SphereARPipeline(DiffusionPipeline):
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def enable_torch_compile(self, **compile_kwargs) -> None:
-        """Opt in to ``torch.compile`` of the per-step head evaluation (the sampler's hot loop)."""
-        self._velocity_fn = torch.compile(self.transformer.head.velocity_from_modulation, **compile_kwargs)
+        """Opt in to ``torch.compile`` of the head's velocity (the sampler's hot loop)."""
+        self._velocity_fn = torch.compile(self.transformer.head.velocity, **compile_kwargs)
 
     def disable_torch_compile(self) -> None:
         self._velocity_fn = None
@@ -110,7 +100,10 @@ class SphereARPipeline(DiffusionPipeline):
         return 1.0 + (guidance_scale - 1.0) * index / num_tokens
 
     def check_inputs(self, batch_size: int, guidance_scale: float, cfg_schedule: str, num_inference_steps: int,
-                     generator, output_type: str) -> None:
+                     generator, output_type: str, callback_on_step_end_tensor_inputs: Sequence[str] = ()) -> None:
+        if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, "
+                             f"got {list(callback_on_step_end_tensor_inputs)}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
             raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
         if not math.isfinite(guidance_scale):
@@ -130,96 +123,6 @@ class SphereARPipeline(DiffusionPipeline):
         elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
 
-    def embed_times(self, rows: int, device: torch.device) -> torch.Tensor:
-        """The head's time embeddings of every scheduler step, once per call (the same times for every token).
-
-        On the CPU ``(steps, rows, dim)``: each step's embedding computed for ``rows`` rows, as the official sampler
-        does (a product's rounding can depend on its row count); elsewhere ``(steps, 1, dim)``.
-        """
-        head, times = self.transformer.head, self.scheduler.timesteps.to(device)
-        if device.type == "cpu":
-            return torch.stack([head.embed_time(t.expand(rows)) for t in times])
-        return head.embed_time(times).unsqueeze(1)
-
-    def modulation_chunk(self, rows: int) -> int:
-        """Steps whose adaLN modulations :meth:`sample_token` computes at a time: ~``MODULATION_BYTES`` at most."""
-        head = self.transformer.head
-        row_bytes = rows * head.modulation_width * head.final_adaln.weight.element_size()
-        return max(1, min(len(self.scheduler), self.MODULATION_BYTES // row_bytes))
-
-    def _probe(self, kind: str, rows: int, steps: int, run: Callable[[], bool]) -> bool:
-        """``run()`` once per shape, thread count, dtype, device, weights and adapter wrapping (cached)."""
-        head = self.transformer.head
-        weight, layers = head.final_adaln.weight, (*head.adaln, head.final_adaln, *head.res_blocks)
-        key = (kind, rows, steps, torch.get_num_threads(), weight.dtype, weight.device, weight.data_ptr(),
-               tuple(type(m) for b in layers for m in ((b.w1, b.w2) if hasattr(b, "w1") else (b,))))
-        if key not in self._rounding_probes:
-            self._rounding_probes[key] = run()
-        return self._rounding_probes[key]
-
-    def plan_head(self, rows: int, device: torch.device) -> None:
-        """Choose how this call's head products are issued (see the class docstring): batched or per-step adaLN
-        modulations, and, for many rows on the CPU, the block weights in (in, out) layout (~1.4x faster products
-        at 64 rows, a transient copy) where that changes no bit (or when batching is forced)."""
-        head, mode = self.transformer.head, self.batched_head_modulation
-        self._head_weights_t = None
-        if device.type != "cpu":
-            self._per_step_modulation = mode is False
-            return
-        if mode is None:
-            num_steps, chunk = len(self.scheduler), self.modulation_chunk(rows)
-            mode = all(self._probe("modulation", rows, s, lambda s=s: head.batched_modulation_is_exact(rows, s))
-                       for s in {chunk, num_steps % chunk} - {0})
-        self._per_step_modulation = not mode
-        if rows >= self.TRANSPOSED_HEAD_MIN_ROWS and (weights_t := head.transposed_weights()) is not None:
-            if self.batched_head_modulation or self._probe(
-                    "transposed", rows, 0, lambda: head.transposed_weights_are_exact(rows, weights_t)):
-                self._head_weights_t = weights_t
-
-    def sample_token(self, cond: torch.Tensor, t_emb: torch.Tensor, guidance: float, generator) -> torch.Tensor:
-        """Integrate the head's flow for one token of every row of ``cond`` and project onto the sphere.
-
-        ``cond`` (rows, hidden) are head conditions laid out ``[conditional; unconditional]`` when guiding;
-        ``t_emb``: :meth:`embed_times`. With ``guidance > 1`` one state per image is integrated with guided
-        velocities and shared by both halves; otherwise every row gets its own state (as in the official sampler).
-
-        Work that does not depend on the state is hoisted out of the step loop: the condition embedding once
-        per token, the time embeddings once per call, the adaLN modulations (which depend only on time and
-        condition) for many steps at a time, in batched products or in per-step products of the official shapes
-        (:meth:`plan_head`); each step then runs only the state-dependent MLP.
-        """
-        head, scheduler = self.transformer.head, self.scheduler
-        velocity = self._velocity_fn or head.velocity_from_modulation
-        guided = guidance > 1.0
-        rows = cond.shape[0]
-        n = rows // 2 if guided else rows
-        if isinstance(generator, list) and len(generator) != n:
-            generator = generator * (n // len(generator))  # unguided rows of both halves: each image's own
-        c_emb = head.embed_condition(cond)  # once per token
-        dim, stochastic = self.transformer.config.latent_dim, scheduler.stochastic
-        if isinstance(generator, list):
-            # each image draws all of this token's noise from its own generator in one call (the initial state, then
-            # each SDE step's): one draw per image and token instead of one per image and step
-            noise = torch.stack([torch.randn(1 + scheduler.num_noise_draws, dim, generator=g, device=g.device)
-                                 for g in generator]).to(cond.device)
-            x, step_noise = noise[:, 0], iter(noise.unbind(1)[1:])
-        else:  # the official order: the initial state, then one draw per SDE step
-            x, step_noise = draw_noise((n, dim), generator, cond.device, torch.float32), None
-        num_steps = len(scheduler)
-        chunk, per_step, weights_t = self.modulation_chunk(rows), self._per_step_modulation, self._head_weights_t
-        repeat = 2 if guided else 1
-        for k in range(num_steps):
-            j = k % chunk
-            if j == 0:
-                mods = head.modulation(t_emb[k:k + chunk], c_emb, per_step=per_step)
-            v = velocity(x, [m[j] for m in mods], repeat, weights_t)
-            if guided:
-                v = apply_guidance(v.float(), guidance)
-            eps = next(step_noise) if step_noise is not None and stochastic[k] else None
-            x = scheduler.step(v, k, x, generator=generator, noise=eps, return_dict=False)[0]
-        x = self.vae.normalize(x)  # back onto the sphere, also after CFG: fed back and decoded
-        return torch.cat([x, x]) if guided else x
-
     # ---- generation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -231,6 +134,8 @@ class SphereARPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("token",),
     ) -> ImagePipelineOutput | tuple:
         """Generate one image per class label.
 
@@ -243,36 +148,55 @@ class SphereARPipeline(DiffusionPipeline):
             generator: one generator (official noise order) or one per image.
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or ``"latent"``
                 (sphere tokens).
+            callback_on_step_end: called after each token ``i`` as ``callback(pipe, i, i, kwargs)``, ``kwargs``
+                holding ``callback_on_step_end_tensor_inputs`` (``"token"``: the new token of every row,
+                ``(rows, latent_dim)``, on the sphere); a ``"token"`` it returns replaces the token fed back.
         """
         labels = self.get_label_ids(class_labels)
         if guidance_scale is None:
             guidance_scale = float(self.transformer.config.guidance_scale)
-        self.check_inputs(len(labels), guidance_scale, cfg_schedule, num_inference_steps, generator, output_type)
-        tf = self.transformer
+        self.check_inputs(len(labels), guidance_scale, cfg_schedule, num_inference_steps, generator, output_type,
+                          callback_on_step_end_tensor_inputs)
+        tf, head = self.transformer, self.transformer.head
+        velocity = self._velocity_fn or head.velocity
         device = self._execution_device
-        batch = len(labels)
+        batch, num_tokens = len(labels), tf.config.num_image_tokens
         do_cfg = guidance_scale > 1.0
         cond = torch.tensor(labels, device=device, dtype=torch.long)
-        if do_cfg:
+        if do_cfg:  # rows [conditional; unconditional]
             cond = torch.cat([cond, torch.full_like(cond, tf.null_class_id)])
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        num_tokens = tf.config.num_image_tokens
-        cache = tf.allocate_kv_cache(cond.shape[0], device=device)
-        t_emb = self.embed_times(cond.shape[0], device)
+        rows = cond.shape[0]
+        # a token sampled without guidance has one state per row: both rows of an image draw from its generator
+        row_generator = generator + generator if isinstance(generator, list) and do_cfg else generator
+        scheduler = copy.copy(self.scheduler)  # this call's times and step state, not shared with another thread
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        t_emb = head.embed_times(scheduler.timesteps, rows)  # depends only on the step: once per call
+        cache = tf.allocate_kv_cache(rows, device=device)
         z = tf.prefill(cond, cache)
         tokens = []
-        self.plan_head(cond.shape[0], device)
-        try:
-            with self.progress_bar(total=num_tokens) as bar:
-                for i in range(num_tokens):
-                    guidance = self.guidance_at(i, num_tokens, guidance_scale, cfg_schedule)
-                    token = self.sample_token(z, t_emb, guidance, generator)
-                    tokens.append(token[:batch])
-                    if i + 1 < num_tokens:
-                        z = tf.decode_step(token, i, cache)
-                    bar.update()
-        finally:
-            self._head_weights_t, self._per_step_modulation = None, False
+        with self.progress_bar(total=num_tokens) as bar:
+            for i in range(num_tokens):
+                guidance = self.guidance_at(i, num_tokens, guidance_scale, cfg_schedule)
+                guided = guidance > 1.0  # guided: one state per image, shared by its two rows; else one per row
+                c_emb = head.embed_condition(z)  # depends only on the token: once per token
+                gen = generator if guided else row_generator
+                x, noise = scheduler.token_noise((rows // 2 if guided else rows, tf.config.latent_dim), gen, device)
+                for k in range(len(scheduler)):
+                    v = velocity(torch.cat([x, x]) if guided else x, t_emb[k], c_emb)
+                    if guided:
+                        v = apply_guidance(v.float(), guidance)
+                    x = scheduler.step(v, k, x, generator=gen, noise=noise[k], return_dict=False)[0]
+                token = self.vae.normalize(x)  # back onto the sphere, also after CFG: fed back and decoded
+                if guided:
+                    token = torch.cat([token, token])
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, i, {"token": token} if callback_on_step_end_tensor_inputs
+                                                   else {})
+                    token = outputs.pop("token", token)
+                tokens.append(token[:batch])
+                if i + 1 < num_tokens:
+                    z = tf.decode_step(token, i, cache)
+                bar.update()
         latents = torch.stack(tokens, dim=1)
         if output_type == "latent":
             images = latents

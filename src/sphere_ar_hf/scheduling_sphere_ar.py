@@ -136,6 +136,21 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
         self._noise_scale = [float((2.0 * (1.0 - t) * dt) ** 0.5) for t, dt in zip(times, self.step_sizes)]
         self._heun_start: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def token_noise(self, shape: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None,
+                    device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """A token's initial state ``shape`` (n, dim) and the noise for each evaluation's :meth:`step`.
+
+        One generator (or none): the official order; the initial state is drawn now and each SDE step draws its own
+        noise in :meth:`step` (the list holds ``None``). A list of ``n`` generators: each image draws its initial state
+        and all its steps' noise in one call from its own generator, so it does not depend on its batch-mates.
+        """
+        if not isinstance(generator, list):
+            return draw_noise(shape, generator, device, torch.float32), [None] * len(self)
+        noise = torch.stack([torch.randn(1 + self.num_noise_draws, shape[-1], generator=g, device=g.device)
+                             for g in generator]).to(device)
+        draws = iter(noise.unbind(1)[1:])
+        return noise[:, 0], [next(draws) if stochastic else None for stochastic in self.stochastic]
+
     def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None, noise: torch.Tensor | None = None,
              return_dict: bool = True) -> SphereARSchedulerOutput | tuple:
