@@ -259,6 +259,7 @@ def install_ours(pipe: SphereARPipeline) -> Timers:
     t.wrap(pipe.transformer, "prefill", "trunk")
     t.wrap(pipe.transformer, "decode_step", "trunk")
     t.wrap(pipe.transformer.head, "embed_condition", "head")
+    t.wrap(pipe.transformer.head, "step_modulations", "head")
     t.wrap(pipe.transformer.head, "velocity", "head")
     t.wrap(pipe.vae, "decode", "decoder")
     return t

@@ -67,8 +67,9 @@ class DiffusionHead(nn.Module):
 
     One adaLN projection is shared by each run of ``num_layers / num_adaln`` consecutive blocks. For sampling,
     the condition and time embeddings are computed separately (:meth:`embed_condition`, :meth:`embed_times`), so
-    that each is computed once per token / once per call, not once per evaluation; :meth:`velocity` then runs the
-    rest, the same computation as in training.
+    that each is computed once per token / once per call, not once per evaluation, and the adaLN modulations of a
+    token's steps ahead of its step loop (:meth:`step_modulations`); :meth:`velocity` then runs the rest, the same
+    computation as in training.
     """
 
     def __init__(self, latent_dim: int, cond_dim: int, dim: int, num_layers: int, num_adaln: int):
@@ -116,25 +117,45 @@ class DiffusionHead(nn.Module):
         """
         return torch.stack([self.embed_time(t.expand(rows)) for t in timesteps])
 
-    def velocity(self, x: torch.Tensor, t_emb: torch.Tensor, c_emb: torch.Tensor) -> torch.Tensor:
-        """The head's velocity at ``x`` (N, latent_dim) given time and condition embeddings (N, dim) (training and
-        sampling: the head's one computation, the float32 operations of the official head in the same order)."""
-        h = self.input_proj(x.to(self.input_proj.weight.dtype))
+    def modulations(self, t_emb: torch.Tensor, c_emb: torch.Tensor) -> list[torch.Tensor]:
+        """The adaLN projections of ``silu(t_emb + c_emb)`` (N, dim): ``(scale, shift, gate)`` concatenated for each
+        shared adaLN, then ``(scale, shift)`` of the final layer. They do not depend on the state ``x``."""
         y = F.silu(t_emb + c_emb)
+        return [m(y) for m in (*self.adaln, self.final_adaln)]
+
+    @property
+    def modulation_width(self) -> int:
+        """Columns of one row of :meth:`modulations`, all projections together."""
+        return sum(m.out_features for m in (*self.adaln, self.final_adaln))
+
+    def step_modulations(self, t_emb: torch.Tensor, c_emb: torch.Tensor) -> list[list[torch.Tensor]]:
+        """:meth:`modulations` of each step of ``t_emb`` (steps, N, dim) for one token's ``c_emb`` (N, dim).
+
+        Per step the products of the official shapes (N rows each, so the same bits as :meth:`modulations` of that
+        step), issued projection by projection so that each weight is read from memory once for all the steps.
+        """
+        y = [F.silu(t + c_emb) for t in t_emb]
+        per_layer = [[m(y_k) for y_k in y] for m in (*self.adaln, self.final_adaln)]
+        return [list(mods) for mods in zip(*per_layer)]
+
+    def velocity(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+        """The head's velocity at ``x`` (N, latent_dim) given :meth:`modulations` (training and sampling: the head's
+        one computation, the float32 operations of the official head in the same order)."""
+        h = self.input_proj(x.to(self.input_proj.weight.dtype))
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.res_blocks):
             if i % self.adaln_every == 0:
-                scale, shift, gate = self.adaln[i // self.adaln_every](y).chunk(3, dim=-1)
+                scale, shift, gate = mods[i // self.adaln_every].chunk(3, dim=-1)
             if ckpt:
                 h = self._gradient_checkpointing_func(block, h, scale, shift, gate)
             else:
                 h = block(h, scale, shift, gate)
-        scale, shift = self.final_adaln(y).chunk(2, dim=-1)
+        scale, shift = mods[-1].chunk(2, dim=-1)
         return self.final_linear(self.final_norm(h) * (1 + scale) + shift)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Velocity at ``x`` (N, latent_dim) for times ``t`` (N,) and head conditions ``z`` (N, cond_dim)."""
-        return self.velocity(x, self.embed_time(t), self.embed_condition(z))
+        return self.velocity(x, self.modulations(self.embed_time(t), self.embed_condition(z)))
 
 
 class SphereARPreTrainedModel(PreTrainedModel):

@@ -41,6 +41,7 @@ class SphereARPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vae"
+    MODULATION_BYTES = 64 * 2**20  # at most this much of a token's adaLN modulations is computed ahead of its steps
     _callback_tensor_inputs = ["token"]
 
     def __init__(self, transformer: SphereARTransformer, vae: SphereVAE, scheduler: SphereARScheduler,
@@ -171,6 +172,7 @@ class SphereARPipeline(DiffusionPipeline):
         scheduler = copy.copy(self.scheduler)  # this call's times and step state, not shared with another thread
         scheduler.set_timesteps(num_inference_steps, device=device)
         t_emb = head.embed_times(scheduler.timesteps, rows)  # depends only on the step: once per call
+        chunk = max(1, self.MODULATION_BYTES // (rows * head.modulation_width * t_emb.element_size()))
         cache = tf.allocate_kv_cache(rows, device=device)
         z = tf.prefill(cond, cache)
         tokens = []
@@ -182,7 +184,9 @@ class SphereARPipeline(DiffusionPipeline):
                 gen = generator if guided else row_generator
                 x, noise = scheduler.token_noise((rows // 2 if guided else rows, tf.config.latent_dim), gen, device)
                 for k in range(len(scheduler)):
-                    v = velocity(torch.cat([x, x]) if guided else x, t_emb[k], c_emb)
+                    if k % chunk == 0:  # depends only on the token and the step: ahead, a chunk of steps at a time
+                        mods = head.step_modulations(t_emb[k:k + chunk], c_emb)
+                    v = velocity(torch.cat([x, x]) if guided else x, mods[k % chunk])
                     if guided:
                         v = apply_guidance(v.float(), guidance)
                     x = scheduler.step(v, k, x, generator=gen, noise=noise[k], return_dict=False)[0]
