@@ -5,9 +5,9 @@
     PYTHONPATH=src python benchmarks/bench_sampling.py --official /tmp/official   # + the official sampler at batch 8
 
 Prints images/s per batch size and how the time splits between the trunk (``prefill`` + ``decode_step``), the
-diffusion head (the ``sample_token`` loop) and the decoder (``vae.decode``), measured with timers wrapped around
-those calls. Weights are random, but the head's zero-initialised adaLN / output layers (and every other all-zero
-tensor) get small random values, so that no computation is trivial and the outputs stay finite.
+diffusion head (``embed_condition``, ``step_modulations``, ``velocity``) and the decoder (``vae.decode``),
+measured with timers wrapped around those calls. Weights are random, but the head's zero-initialised adaLN /
+output layers (and every other all-zero tensor) get small random values, so that no computation is trivial and the outputs stay finite.
 
 ``--official PATH``: a checkout of github.com/guolinke/SphereAR, e.g. from the local mirror:
 

@@ -61,7 +61,6 @@ def work_per_image(preset: str, image_size: int, guidance: float, steps: int) ->
     pipe = SphereARPipeline(transformer=tf, vae=SphereVAE(image_size=image_size).eval(),
                             scheduler=SphereARScheduler())
     pipe.set_progress_bar_config(disable=True)
-    pipe.batched_head_modulation = True  # no CPU rounding probes (their products would be counted); same work
 
     def run(k: int) -> tuple[int, int]:
         return count(lambda: pipe([1], guidance_scale=guidance, num_inference_steps=k,
