@@ -7,7 +7,8 @@
 Prints images/s per batch size and how the time splits between the trunk (``prefill`` + ``decode_step``), the
 diffusion head (``embed_condition``, ``step_modulations``, ``velocity``) and the decoder (``vae.decode``),
 measured with timers wrapped around those calls. Weights are random, but the head's zero-initialised adaLN /
-output layers (and every other all-zero tensor) get small random values, so that no computation is trivial and the outputs stay finite.
+output layers (and every other all-zero tensor) get small random values, so that no computation is trivial and
+the outputs stay finite.
 
 ``--official PATH``: a checkout of github.com/guolinke/SphereAR, e.g. from the local mirror:
 
