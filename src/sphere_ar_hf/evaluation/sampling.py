@@ -3,9 +3,9 @@
 Image ``n`` of a run with seed ``S`` depends only on ``(S, n)``, its label and the settings, never on the number
 of processes, the batch size or its batch-mates:
 
-- its noise comes from its own ``torch.Generator`` seeded with :func:`image_seeds` (a SplitMix64 hash of ``S``
-  and ``n``: seeds of ``(S, n + 1)`` and ``(S + 1, n)`` do not collide), which the pipeline draws from for this
-  image alone;
+- its noise comes from its own ``torch.Generator`` seeded with :func:`~sphere_ar_hf.seeding.image_seeds` (a
+  SplitMix64 hash of ``S`` and ``n``: seeds of ``(S, n + 1)`` and ``(S + 1, n)`` do not collide), which the
+  pipeline draws from for this image alone;
 - its label is ``n % num_classes`` (``labels="balanced"``) or a hash of ``(S, n)`` modulo ``num_classes``
   (``"uniform"``, the official sampler's uniformly random labels, without its global RNG);
 - every batch is padded to a multiple of :data:`ROW_QUANTUM` images. A float32 matrix product on the CPU can
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..seeding import LABEL_STREAM, image_seeds, stream_hash
 from ..utils import atomic_write
 from .image_sets import write_npz
 
@@ -45,32 +46,6 @@ __all__ = ["LABEL_MODES", "ROW_QUANTUM", "SamplingSettings", "image_labels", "im
 
 LABEL_MODES = ("uniform", "balanced")
 ROW_QUANTUM = 8  # images per batch are padded to a multiple of this (see the module docstring)
-_NOISE_STREAM, _LABEL_STREAM = 0, 1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser (a bijection of uint64), elementwise with wrapping arithmetic."""
-    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _hash(seed: int, stream: int, indices: np.ndarray | Sequence[int]) -> np.ndarray:
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    n = np.asarray(indices, dtype=np.int64)
-    if n.size and n.min() < 0:
-        raise ValueError("image indices must be >= 0")
-    with np.errstate(over="ignore"):
-        key = _splitmix64(_splitmix64(np.array([seed], dtype=np.uint64)) + np.uint64(stream))
-        return _splitmix64(key + n.astype(np.uint64))
-
-
-def image_seeds(seed: int, indices: np.ndarray | Sequence[int]) -> np.ndarray:
-    """The generator seed (uint64) of each image index of a run with ``seed``."""
-    return _hash(seed, _NOISE_STREAM, indices)
 
 
 def image_labels(seed: int, indices: np.ndarray | Sequence[int], num_classes: int, mode: str = "uniform"
@@ -84,7 +59,7 @@ def image_labels(seed: int, indices: np.ndarray | Sequence[int], num_classes: in
     n = np.asarray(indices, dtype=np.int64)
     if mode == "balanced":
         return n % num_classes
-    return (_hash(seed, _LABEL_STREAM, n) % np.uint64(num_classes)).astype(np.int64)
+    return (stream_hash(seed, LABEL_STREAM, n) % np.uint64(num_classes)).astype(np.int64)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
