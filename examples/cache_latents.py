@@ -8,6 +8,7 @@ Then train with --latent_cache imagenet-latents.
 """
 
 from sphere_ar_hf.training.latent_cache import main
+from sphere_ar_hf.utils import run_main
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from sphere_ar_hf.evaluation.digits import DIGITS_IMAGE_SIZE, load_digit_splits, write_digits_dataset
+from sphere_ar_hf.utils import check_output_folder, run_main, write_folder_atomically
 
 logger = logging.getLogger("train_digits")
 
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    # --output_dir may replace only an earlier pipeline folder, never one that holds the work folder
+    check_output_folder(args.output_dir, True, kind="pipeline", inputs=[args.work_dir], option="--output_dir")
     tmp = None
     if args.work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="train_digits-")
@@ -179,9 +182,8 @@ def main(argv: list[str] | None = None) -> Path:
         pipeline = train_ar_stage(args, vae_dir, cache, work / "ar-run", num_train)
         logger.info("SphereAR done after %.0f s (S-VAE %.0f s)", time.time() - t0, t_vae - t0)
         # 5. the pipeline folder
-        from sphere_ar_hf.convert import write_atomically
-
-        write_atomically(args.output_dir, lambda out: _copy_public(pipeline, out), overwrite=True)
+        write_folder_atomically(args.output_dir, lambda out: _copy_public(pipeline, out), overwrite=True,
+                                kind="pipeline", inputs=[work], option="--output_dir")
         (work / "recipe.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
     finally:
         if tmp is not None:
@@ -192,4 +194,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,6 +29,7 @@ from transformers import HfArgumentParser
 
 from sphere_ar_hf.lora import LoraArguments, LoraTrainingArguments, train_lora
 from sphere_ar_hf.training.data import DataArguments
+from sphere_ar_hf.utils import run_main
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[LoraArguments, DataArguments, LoraTrainingArguments]:
@@ -48,4 +49,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,6 +26,7 @@ from transformers import HfArgumentParser
 
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.trainer import ModelArguments, SphereARTrainingArguments, train_sphere_ar
+from sphere_ar_hf.utils import run_main
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SphereARTrainingArguments]:
@@ -45,4 +46,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.vae_trainer import VAEModelArguments, VAETrainingArguments, train_vae
+from sphere_ar_hf.utils import run_main
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[VAEModelArguments, VAETrainingArguments, DataArguments]:
@@ -36,4 +37,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -76,21 +76,29 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def test_seeds_are_per_image_and_reproducible(model, tmp_path) -> None:
-    # image k uses a generator seeded S + k, so the same seed gives the same bytes, and an image does not depend
-    # on its batch (up to float rounding, at most 1/255 in a few pixels)
+    # image k uses a generator seeded from a hash of (S, k): the same seed gives the same bytes, an image does not
+    # depend on its batch (up to float rounding, at most 1/255 in a few pixels), and seeds S and S + 1 share no image
+    # (with S + k they would: seed 6's image 0 was seed 5's image 1)
     common = ("--model", model, *STEPS)
-    for name, argv in {"a": ("--class-labels", "otter", "otter", "goldfish", "--seed", "5", "--batch-size", "3"),
-                       "b": ("--class-labels", "otter", "otter", "goldfish", "--seed", "5", "--batch-size", "3"),
-                       "c": ("--class-labels", "otter", "goldfish", "--seed", "6", "--batch-size", "1")}.items():
-        code, _, err = run("generate", *common, *argv, "--output-dir", tmp_path / name)
+    labels = ("--class-labels", "otter", "otter", "otter")
+    for name, argv in {"a": (*labels, "--seed", "5", "--batch-size", "3"),
+                       "b": (*labels, "--seed", "5", "--batch-size", "3"),
+                       "c": (*labels, "--seed", "5", "--batch-size", "1"),
+                       "d": (*labels, "--seed", "6", "--batch-size", "3")}.items():
+        code, stdout, err = run("generate", *common, *argv, "--output-dir", tmp_path / name)
         assert code == 0, err
-    a, b, c = (tmp_path / "a", tmp_path / "b", tmp_path / "c")
+    assert "seed 6, images 0..2" in stdout  # the summary of the last run, d
+    a, b, c, d = (tmp_path / n for n in "abcd")
     assert {p.name: p.read_bytes() for p in a.iterdir()} == {p.name: p.read_bytes() for p in b.iterdir()}
-    for mine, same_seed in (("000_otter.png", "001_otter.png"), ("001_goldfish.png", "002_goldfish.png")):
-        diff = np.abs(_pixels(c / mine) - _pixels(a / same_seed))
-        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (mine, diff.max(), (diff > 0).mean())
-    # seeds 5 and 6 for the same class: different images
-    assert np.abs(_pixels(a / "000_otter.png") - _pixels(a / "001_otter.png")).mean() > 5
+    names = [f"{k:03d}_otter.png" for k in range(3)]
+    for name in names:
+        diff = np.abs(_pixels(c / name) - _pixels(a / name))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (name, diff.max(), (diff > 0).mean())
+    # every pair of images differs, within seed 5 and across seeds 5 and 6
+    images = [_pixels(folder / name) for folder in (a, d) for name in names]
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert np.abs(images[i] - images[j]).mean() > 5, (i, j)
 
 
 @pytest.mark.parametrize("labels, needles", [
@@ -118,6 +126,9 @@ def test_bad_model_and_options(model, tmp_path) -> None:
     code, _, err = run("generate", "--model", model, "--class-labels", "1", "--output", tmp_path / "g.png",
                        "--device", "nonsense")
     assert code == 2 and "--device" in error_line(err)
+    code, _, err = run("generate", "--model", model, "--class-labels", "1", "--output", tmp_path / "g.png",
+                       "--device", "meta")
+    assert code == 2 and "--device meta: expected cpu, cuda" in error_line(err)
     assert list(tmp_path.iterdir()) == []
     # argparse usage errors: status 2 too
     for argv in (["generate", "--model", str(model), "--class-labels", "1"],  # no output
@@ -155,7 +166,7 @@ def test_help_mentions_every_option(command: str) -> None:
         for option in action.option_strings:
             assert option in stdout
     if command == "generate":
-        assert "seed" in stdout and "+ k" in stdout  # the per-image seeding is documented
+        assert "hash of (S, k)" in " ".join(stdout.split())  # the per-image seed rule is documented
         for choice in ("linear", "constant", "float32", "bfloat16", "float16"):
             assert choice in stdout
 

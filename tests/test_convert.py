@@ -8,7 +8,12 @@ import builtins
 import contextlib
 import io
 import json
+import os
 import pickle
+import resource
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,13 +37,14 @@ def run(*argv: str | Path) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
     assert code == 2, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+    return lines[0]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,14 +148,19 @@ def test_bare_state_dict(converted, ckpt, tmp_path) -> None:
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_overwrite_replaces_an_existing_folder(tmp_path) -> None:
+def test_overwrite_replaces_an_earlier_pipeline_folder_only(converted, tmp_path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    shutil.copytree(converted[0], out)
+    (out / "model_index.json").write_text((out / "model_index.json").read_text().replace("\n", "\n\n"))
     code, _, err = run("convert", "--checkpoint", AR, "--output", out, "--overwrite")
     assert code == 0, err
-    assert not (out / "old.txt").exists() and (out / "model_index.json").is_file()
+    assert (out / "model_index.json").read_bytes() == (converted[0] / "model_index.json").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # a folder with anything else in it (tests/test_output_folders.py has the other cases) is refused
+    (out / "old.txt").write_text("old")
+    code, _, err = run("convert", "--checkpoint", AR, "--output", out, "--overwrite")
+    assert_one_line_error(code, err, "refusing to replace", "not a pipeline folder (it holds old.txt)")
+    assert (out / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ---- every bad input: `error: <one line>`, exit status 2, nothing written -------------------------------------
@@ -191,7 +202,56 @@ BAD_CHECKPOINTS = {
     # official args name the preset: weights that do not fit it (here: far too small) are refused
     "not-the-named-preset": (lambda ck, p: torch.save({"ema": ck["ema"], "args": argparse.Namespace(
         **{**vars(ck["args"]), "model": "SphereAR-B"})}, p), ["args say SphereAR-B", "num_hidden_layers=2"]),
+    # args fields of the wrong type (a tensor in vae_only made `if ...` raise "Boolean value of Tensor ...")
+    "args-tensor-vae-only": (lambda ck, p: torch.save({"ema": ck["ema"], "args": argparse.Namespace(
+        **{**vars(ck["args"]), "vae_only": torch.zeros(3)})}, p), ["args.vae_only holds a Tensor", "true or false"]),
+    "args-tensor-model": (lambda ck, p: torch.save({"ema": ck["ema"], "args": argparse.Namespace(
+        **{**vars(ck["args"]), "model": torch.zeros(2)})}, p), ["args.model holds a Tensor", "model name"]),
+    "args-list-vae-only": (lambda ck, p: torch.save({"ema": ck["ema"], "args": argparse.Namespace(
+        **{**vars(ck["args"]), "vae_only": [1]})}, p), ["args.vae_only holds a list"]),
+    # a stride-0 view: the right shape from 2048 stored numbers (every class row the same) is refused too
+    "stride-0-weight": (lambda ck, p: torch.save(_with_ema(ck, **{"cls_embedding.weight": torch.zeros(2048).as_strided(
+        (1001, 2048), (0, 1))}), p), ["ema/cls_embedding.weight", "claims shape (1001, 2048)", "strides (0, 1)",
+                                      "8.2 kB of stored data", "the file is"]),
 }
+
+
+_CONVERT_IN_A_BOX = """
+import sys
+import sphere_ar_hf.convert
+from sphere_ar_hf.cli import main
+if sys.argv[1] == "no-guard":  # the converter as it was: no tensor-size check
+    sphere_ar_hf.convert._check_tensor_sizes = lambda *args, **kwargs: None
+sys.exit(main(sys.argv[2:]))
+"""
+_ADDRESS_SPACE = 16 * 2**30  # a broken guard fails the test (allocation error) instead of taking the memory
+
+
+def _convert_in_a_box(mode: str, *argv: str | Path) -> subprocess.CompletedProcess:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (_ADDRESS_SPACE, _ADDRESS_SPACE))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", _CONVERT_IN_A_BOX, mode, *map(str, argv)], capture_output=True,
+                          text=True, env=env, preexec_fn=limit, timeout=300)
+
+
+def test_huge_stride_0_claim_is_refused_before_allocating(ckpt, tmp_path) -> None:
+    """A (6.1M, 2048) class embedding from 2048 stored numbers (stride 0): 50 GB claimed by a ~10 MB file. The
+    converter sized the model by it and allocated the 50 GB (the issue's (1e9, 2048) claim: 8 TB); now it refuses."""
+    rows = 6_100_001
+    bad = tmp_path / "huge.pt"
+    torch.save(_with_ema(ckpt, **{"cls_embedding.weight": torch.zeros(2048).as_strided((rows, 2048), (0, 1))}), bad)
+    assert bad.stat().st_size < 20e6
+    out = tmp_path / "out"
+    proc = _convert_in_a_box("guard", "convert", "--checkpoint", bad, "--output", out)
+    assert_one_line_error(proc.returncode, proc.stderr, str(bad), f"claims shape ({rows}, 2048)", "50.0 GB",
+                          "strides (0, 1)", "the file is")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.pt"]
+    # the premise: without the guard, the same file makes the converter try the 50 GB allocation
+    proc = _convert_in_a_box("no-guard", "convert", "--checkpoint", bad, "--output", out)
+    assert proc.returncode != 0 and "allocate" in proc.stderr and str(rows * 2048 * 4) in proc.stderr, \
+        proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
@@ -312,10 +372,11 @@ def test_interrupted_conversion_leaves_nothing(failure, tmp_path, monkeypatch) -
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_overwrite_keeps_the_old_folder(tmp_path, monkeypatch) -> None:
+def test_failed_overwrite_keeps_the_old_folder(converted, tmp_path, monkeypatch) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    shutil.copytree(converted[0], out)
+    index = {**json.loads((out / "model_index.json").read_text()), "_old": True}  # tells the old folder apart
+    (out / "model_index.json").write_text(json.dumps(index))
 
     def fail(self, save_directory, **kwargs):
         raise OSError(28, "No space left on device")
@@ -323,7 +384,8 @@ def test_failed_overwrite_keeps_the_old_folder(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(SphereARPipeline, "save_pretrained", fail)
     code, _, err = run("convert", "--checkpoint", AR, "--output", out, "--overwrite")
     assert_one_line_error(code, err, "No space left on device")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert json.loads((out / "model_index.json").read_text()) == index
 
 
 def test_key_renaming_round_trips(ckpt) -> None:

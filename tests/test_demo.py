@@ -1,5 +1,7 @@
 """The Gradio demo (``sphere_ar_hf.demo`` and the Space's ``hub_cards/space/app.py``): a real browser picks classes
-and generates, the named API endpoint returns images, and requests beyond the server's bounds are refused.
+and generates, the named API endpoint returns images, requests beyond the server's bounds or of the wrong type
+(checked before Gradio could round or coerce them) are refused with a one-line error naming the field, and image k
+of seed S has its own generator from (S, k), so seeds S and S + 1 share no image.
 
 One server (a tiny random pipeline folder passed with ``--model``, on 127.0.0.1 and a free port) serves the module;
 the browser is Debian's Chromium driven by Playwright (no ``playwright install``). Nothing may reach beyond the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import json
 import math
 import os
 import shutil
@@ -24,6 +27,7 @@ import time
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
@@ -41,7 +45,9 @@ from sphere_ar_hf.demo import (  # noqa: E402
     load_default_pipeline,
     main,
     short_label,
+    validate_request,
 )
+from sphere_ar_hf.seeding import image_seeds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "hub_cards" / "space" / "app.py"
@@ -236,8 +242,8 @@ def test_api_generate_returns_images(server, client):
     assert f"/{API_NAME}" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     gallery, info = _predict(client, ["3", short_label(pipe, 7)], per_class=2, steps=2, seed=5)
     assert [item["caption"] for item in gallery] == [
-        f"{short_label(pipe, c)} · seed {s}" for c, s in ((3, 5), (3, 6), (7, 7), (7, 8))]
-    assert "4 images" in info and "2 steps" in info and "seeds 5–8" in info
+        f"{short_label(pipe, c)} · seed 5, image {k}" for k, c in enumerate((3, 3, 7, 7))]
+    assert "4 images" in info and "2 steps" in info and "seed 5 ·" in info
     response = httpx.get(gallery[0]["image"]["url"], timeout=TIMEOUT_S)
     assert response.status_code == 200
     with Image.open(BytesIO(response.content)) as image:
@@ -279,6 +285,61 @@ def test_api_refuses_requests_beyond_the_bounds(server, client):
         _predict(client, **bad["images"])
 
 
+# the raw values an API call sends, each with the whole one-line message it must get back (not Gradio's generic
+# "upstream app raised an exception", and never a silently rounded seed: Gradio's preprocessing is skipped)
+BAD_API_VALUES = [
+    ("seed", 1.5, "seed must be an integer, got 1.5"),
+    ("seed", "abc", "seed must be an integer, got 'abc'"),
+    ("seed", True, "seed must be an integer, got True"),
+    ("seed", -1, "seed must be between 0 and 2**64 - 1, got -1"),
+    ("seed", 2**64, f"seed must be between 0 and 2**64 - 1, got {2**64}"),
+    ("steps", "abc", "steps must be an integer, got 'abc'"),
+    ("steps", 1.5, "steps must be an integer, got 1.5"),
+    ("steps", None, "steps must be an integer, got None"),
+    ("guidance", "abc", "guidance scale must be a number, got 'abc'"),
+    ("guidance", False, "guidance scale must be a number, got False"),
+    ("per_class", "2", "images per class must be an integer, got '2'"),
+    ("schedule", 3, "CFG schedule must be one of linear, constant, got 3"),
+]
+
+
+def test_api_refuses_wrong_types_with_the_fields_message(client):
+    from gradio_client.exceptions import AppError
+
+    for field, value, message in BAD_API_VALUES:
+        request: dict[str, Any] = dict(classes=["3"], steps=1, seed=0)
+        request[field] = value
+        with pytest.raises(AppError) as e:
+            _predict(client, **request)
+        assert str(e.value) == message, field
+    gallery, info = _predict(client, ["3"], steps=1, seed=3.0)  # an integral float is that integer
+    assert gallery[0]["caption"].endswith("seed 3, image 0") and "1 image of" in info
+
+
+@pytest.mark.parametrize(("field", "literal", "message"), [
+    ("seed", "NaN", "seed must be an integer, got nan"),
+    ("seed", "Infinity", "seed must be an integer, got inf"),
+    ("seed", "1e400", "seed must be an integer, got inf"),
+    ("steps", "NaN", "steps must be an integer, got nan"),
+    ("guidance", "NaN", "guidance scale must be a finite number between 1 and"),
+    ("guidance", "-Infinity", "guidance scale must be a finite number between 1 and"),
+])
+def test_http_api_refuses_non_finite_numbers(server, field, literal, message):
+    """NaN and the infinities cannot be sent by gradio_client (strict JSON), but a raw HTTP call can send them."""
+    import httpx
+
+    values = dict(classes='["3"]', per_class="1", guidance="2.0", schedule='"linear"', steps="1", seed="0")
+    values[field] = literal
+    body = '{"data": [' + ", ".join(values.values()) + "]}"
+    url = f"{server.url.rstrip('/')}/gradio_api/call/{API_NAME}"
+    posted = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=TIMEOUT_S)
+    assert posted.status_code == 200, posted.text
+    events = httpx.get(f"{url}/{posted.json()['event_id']}", timeout=TIMEOUT_S).text.splitlines()
+    assert "event: error" in events
+    error = json.loads(events[events.index("event: error") + 1].removeprefix("data: "))["error"]
+    assert error.startswith(message) and "\n" not in error
+
+
 # ---- the handler, without a server ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir):
@@ -289,39 +350,114 @@ def runner(tiny_model_dir):
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("steps", MAX_STEPS + 1, "steps must be between 1 and 8"),
-    ("steps", 10**9, "steps must be between"),
-    ("steps", 2.5, "steps must be an integer"),
-    ("steps", True, "steps must be an integer"),
-    ("steps", None, "steps must be an integer"),
-    ("per_class", MAX_IMAGES + 1, "images per class must be between"),
-    ("per_class", 5, "at most 8 images per request"),  # 2 classes x 5
-    ("seed", MAX_SEED + 1, "seed must be between"),
-    ("seed", "abc", "seed must be an integer"),
-    ("guidance", math.nan, "guidance scale must be between"),
-    ("guidance", math.inf, "guidance scale must be between"),
-    ("guidance", 0.5, "guidance scale must be between"),
-    ("guidance", "4", "guidance scale must be a number"),
-    ("schedule", "cosine", "CFG schedule must be one of"),
-    ("classes", None, "pick at least one class"),
-    ("classes", [str(i % 10) for i in range(MAX_IMAGES + 1)], "at most 8 classes"),
-    ("classes", ["x" * 10_000], "class name too long"),
-    ("classes", ["10"], "out of range"),
-    ("classes", [{"a": 1}], "class labels must be"),
-    ("classes", 3.5, "classes must be a list"),
+    # the seed: an integer in [0, 2**64), nothing rounded or coerced
+    ("seed", 1.5, "seed must be an integer, got 1.5"),
+    ("seed", "abc", "seed must be an integer, got 'abc'"),
+    ("seed", "3", "seed must be an integer, got '3'"),
+    ("seed", math.nan, "seed must be an integer, got nan"),
+    ("seed", math.inf, "seed must be an integer, got inf"),
+    ("seed", -math.inf, "seed must be an integer, got -inf"),
+    ("seed", True, "seed must be an integer, got True"),
+    ("seed", False, "seed must be an integer, got False"),
+    ("seed", None, "seed must be an integer, got None"),
+    ("seed", [1], "seed must be an integer, got [1]"),
+    ("seed", -1, "seed must be between 0 and 2**64 - 1, got -1"),
+    ("seed", MAX_SEED + 1, f"seed must be between 0 and 2**64 - 1, got {2**64}"),
+    ("seed", float(2**64), f"seed must be between 0 and 2**64 - 1, got {2**64}"),
+    pytest.param("seed", 10**5000, "seed must be between 0 and 2**64 - 1, got an integer with more than 4300 digits",
+                 id="seed-10**5000"),
+    # steps: a positive integer within the server's bound
+    ("steps", MAX_STEPS + 1, "steps must be between 1 and 8, got 9"),
+    ("steps", 10**9, "steps must be between 1 and 8, got 1000000000"),
+    ("steps", 0, "steps must be between 1 and 8, got 0"),
+    ("steps", 2.5, "steps must be an integer, got 2.5"),
+    ("steps", "4", "steps must be an integer, got '4'"),
+    ("steps", "abc", "steps must be an integer, got 'abc'"),
+    ("steps", math.nan, "steps must be an integer, got nan"),
+    ("steps", True, "steps must be an integer, got True"),
+    ("steps", None, "steps must be an integer, got None"),
+    ("per_class", MAX_IMAGES + 1, "images per class must be between 1 and 8, got 9"),
+    ("per_class", 1.5, "images per class must be an integer, got 1.5"),
+    ("per_class", 5, "at most 8 images per request on this server, asked for 2 classes x 5 per class = 10"),
+    # guidance: a finite number in [1, max_guidance]
+    ("guidance", math.nan, "guidance scale must be a finite number between 1 and 10, got nan"),
+    ("guidance", math.inf, "guidance scale must be a finite number between 1 and 10, got inf"),
+    ("guidance", 10**400, "guidance scale must be a finite number between 1 and 10, got 1000000000000000000000"),
+    ("guidance", 0.5, "guidance scale must be a finite number between 1 and 10, got 0.5"),
+    ("guidance", 10.5, "guidance scale must be a finite number between 1 and 10, got 10.5"),
+    ("guidance", "4", "guidance scale must be a number, got '4'"),
+    ("guidance", "abc", "guidance scale must be a number, got 'abc'"),
+    ("guidance", True, "guidance scale must be a number, got True"),
+    ("guidance", None, "guidance scale must be a number, got None"),
+    ("schedule", "cosine", "CFG schedule must be one of linear, constant, got 'cosine'"),
+    ("schedule", ["linear"], "CFG schedule must be one of linear, constant, got ['linear']"),
+    ("classes", None, "classes: pick at least one class"),
+    ("classes", [str(i % 10) for i in range(MAX_IMAGES + 1)], "classes: at most 8 classes"),
+    ("classes", ["x" * 10_000], "classes: class name too long"),
+    ("classes", ["10"], "classes: labels[0]: class id 10 is out of range"),
+    ("classes", [{"a": 1}], "classes: each class must be a name or an integer id, got {'a': 1}"),
+    ("classes", ["3", 1.5], "classes: each class must be a name or an integer id, got 1.5"),
+    ("classes", [True], "classes: each class must be a name or an integer id, got True"),
+    ("classes", 3.5, "classes must be a list of class names or ids, got float"),
 ])
 def test_handler_validates_every_field(runner, field, value, message):
+    """``validate_request`` refuses each bad field with one line that names it (the start of the message)."""
     request = dict(classes=["3", "seven"], per_class=1, guidance=2.0, schedule="linear", steps=2, seed=0)
     request[field] = value
-    with pytest.raises(gr.Error, match=message):
-        runner.validate(request["classes"], request["per_class"], request["guidance"], request["schedule"],
-                        request["steps"], request["seed"])
+    with pytest.raises(gr.Error) as e:
+        validate_request(runner.pipeline, request["classes"], request["per_class"], request["guidance"],
+                         request["schedule"], request["steps"], request["seed"], max_images=MAX_IMAGES,
+                         max_steps=MAX_STEPS, max_guidance=runner.max_guidance)
+    assert e.value.message.startswith(message) and "\n" not in e.value.message
+    assert len(e.value.message) < 200
 
 
 def test_handler_accepts_what_the_ui_and_api_send(runner):
-    labels, guidance, schedule, steps, seed = runner.validate(["3", "seven", 1], 2.0, 3, "constant", "4", 7.0)
+    assert runner.max_guidance == 10  # the messages above assume it
+    labels, guidance, schedule, steps, seed = runner.validate(["3", "seven", 1], 2.0, 3, "constant", 4, 7.0)
     assert labels == [3, 3, 7, 7, 1, 1] and (guidance, schedule, steps, seed) == (3.0, "constant", 4, 7)
+    assert type(steps) is int and type(seed) is int and type(guidance) is float
     assert runner.validate("three", 1, 1, "linear", 1, MAX_SEED)[0] == [3]
+    assert MAX_SEED == 2**64 - 1 and runner.validate("3", 1.0, 10, "linear", 8.0, 0)[1:] == (10.0, "linear", 8, 0)
+    assert runner.validate("3", np.int64(1), np.float32(2.5), "linear", np.int32(2), np.uint64(MAX_SEED))[1:] == (
+        2.5, "linear", 2, MAX_SEED)
+
+
+def _images(runner, seed: int, count: int = 4) -> list[np.ndarray]:
+    gallery, info = runner.generate(["3"], count, 2.0, "linear", 1, seed, progress=_ProgressRecorder())
+    assert [caption for _, caption in gallery] == [f"three · seed {seed}, image {k}" for k in range(count)]
+    assert f"seed {seed} ·" in info
+    return [np.asarray(image, dtype=np.float32) for image, _ in gallery]
+
+
+def test_seeds_s_and_s_plus_1_share_no_image(runner):
+    """Image k of seed S has its own generator, from a hash of (S, k): bumping the seed gives new images, not the
+    old ones shifted by one (with ``seed + k`` image k + 1 of seed 0 would be image k of seed 1)."""
+    first, second = _images(runner, 0), _images(runner, 1)
+    for images in (first, second, first + second):  # no two images alike, within a request or across the two
+        for i, a in enumerate(images):
+            for b in images[i + 1:]:
+                assert np.abs(a - b).mean() > 5  # not "equal up to float rounding" (at most 1 in a few pixels)
+    again = _images(runner, 1, count=2)  # image k depends on (S, k) only, not on the request's size
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(again, second))
+
+
+def test_generate_passes_one_generator_per_image_from_the_seeding_rule(runner, monkeypatch):
+    pipe, seen = runner.pipeline, {}
+    real_call = type(pipe).__call__
+
+    def call(self, labels, **kwargs):
+        seen["generator"] = kwargs["generator"]
+        return real_call(self, labels, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", call)
+    runner.generate(["3", "7"], 2, 2.0, "linear", 1, MAX_SEED, progress=_ProgressRecorder())
+    generators = seen["generator"]
+    assert isinstance(generators, list) and len(generators) == 4
+    # each generator's seed (initial_seed survives its draws) is the one image_seeds gives (S, k)
+    expected = [torch.Generator().manual_seed(int(s)) for s in image_seeds(MAX_SEED, range(4))]
+    assert [g.initial_seed() for g in generators] == [g.initial_seed() for g in expected]
+    assert len({g.initial_seed() for g in generators}) == 4
 
 
 class _ProgressRecorder:
@@ -368,7 +504,7 @@ def test_default_model_is_the_bundled_digits_model():
         assert runner.recommended_guidance == pipe.transformer.config.guidance_scale
         gallery, info = runner.generate(["7"], 1, runner.recommended_guidance, "linear", 2, 0,
                                         progress=_ProgressRecorder())
-        assert len(gallery) == 1 and gallery[0][1] == "7 · seed 0"
+        assert len(gallery) == 1 and gallery[0][1] == "7 · seed 0, image 0"
     finally:
         demo.close()
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .convert import ConversionError
 from .scheduling_sphere_ar import CFG_SCHEDULES
+from .seeding import MAX_SEED, image_generators
 from .utils import HelpFormatter, atomic_write, format_millions
 
 if TYPE_CHECKING:
@@ -60,8 +61,8 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"the seed must be in [0, 2**63), got {value}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"the seed must be in [0, 2**64), got {value}")
     return value
 
 
@@ -193,10 +194,14 @@ def _device(name: str | None):
         device = torch.device(name)
     except (RuntimeError, ValueError) as e:
         raise CLIError(f"--device {name!r}: {_one_line(e)}") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise CLIError(f"--device {name}: expected cpu, cuda, cuda:N, mps or xpu (a device that computes)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise CLIError(f"--device {name}: MPS is not available on this machine")
+    if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise CLIError(f"--device {name}: XPU is not available on this machine")
     return device
 
 
@@ -227,8 +232,6 @@ def _label_slug(pipe: SphereARPipeline, class_id: int) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     if args.output is not None:
         _image_format(args.output)  # fail before loading anything
     device = _device(args.device)
@@ -246,14 +249,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for b in range(n_batches):
         start = b * args.batch_size
         batch = ids[start:start + args.batch_size]
-        # one CPU generator per image, seeded seed + index: an image depends only on its seed, class and settings,
-        # not on --batch-size (noise is drawn on the CPU, so the noise does not depend on the device either)
-        generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
+        # one CPU generator per image, seeded from (seed, index): an image depends only on its seed, index, class
+        # and settings, not on --batch-size, and seeds S and S + 1 share no image
+        generators = image_generators(args.seed, range(start, start + len(batch)))
         if n_batches > 1:
             pipe.set_progress_bar_config(desc=f"batch {b + 1}/{n_batches}")
         try:
             out = pipe(batch, guidance_scale=guidance, cfg_schedule=args.cfg_schedule,
                        num_inference_steps=args.steps, generator=generators, output_type="pil")
+        except (ValueError, TypeError) as e:  # a request the pipeline refuses (e.g. too large for the memory)
+            raise CLIError(_one_line(e)) from None
         except FloatingPointError as e:  # e.g. a float16 decoder overflow: a known, explained failure
             print(f"error: {_one_line(e)}", file=sys.stderr)
             return 1
@@ -266,7 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     save_image_atomically(make_grid(images, args.grid_cols), grid_path)
     w, h = images[0].size
     where = f"{len(written)} images and the grid to {args.output_dir}" if written else f"the grid to {grid_path}"
-    print(f"wrote {where} ({len(images)} images of {w}x{h}, seeds {args.seed}..{args.seed + len(images) - 1}, "
+    print(f"wrote {where} ({len(images)} images of {w}x{h}, seed {args.seed}, images 0..{len(images) - 1}, "
           f"guidance {guidance:g} {args.cfg_schedule}, {args.steps} steps)")
     return 0
 
@@ -396,16 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attention heads of the S-VAE's ViTs (default: inferred from its RoPE table, "
                            "else width / 64)")
     conv.add_argument("--overwrite", action="store_true",
-                      help="replace --output if it exists and is not empty (the old folder is removed only once "
-                           "the new one is complete)")
+                      help="replace --output if it exists and is not empty: only an earlier pipeline folder that "
+                           "holds nothing else and not the checkpoint (the old folder is removed only once the new "
+                           "one is complete)")
     conv.set_defaults(func=cmd_convert)
 
     gen = sub.add_parser(
         "generate", formatter_class=fmt, help="generate images of ImageNet classes",
         description="Generate one image per class label and write PNGs. Image k (counting from 0 over all "
-                    "labels) uses its own CPU random generator seeded with --seed + k, so an image depends only on "
-                    "its seed, class and the sampling settings (and the device and dtype), not on --batch-size or "
-                    "the other labels (up to float rounding: at most 1/255 in a few pixels).",
+                    "labels) uses its own CPU random generator seeded from a hash of (--seed, k), so an image "
+                    "depends only on its seed, k, class and the sampling settings (and the device and dtype), not "
+                    "on --batch-size or the other labels (up to float rounding: at most 1/255 in a few pixels), and "
+                    "seeds S and S + 1 share no image.",
         epilog="example: sphere-ar generate --model ./SphereAR-B --class-labels 207 360 'golden retriever' "
                "--output-dir samples/")
     gen.add_argument("--model", default=None, metavar="DIR",
@@ -423,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int, metavar="N", default=100,
                      help="sampler steps per token, as in the official sampler (fewer are faster and rougher)")
     gen.add_argument("--seed", type=_seed, metavar="S", default=0,
-                     help="random seed: image k (from 0) uses a CPU torch.Generator seeded with S + k")
+                     help="random seed: image k (from 0) uses a CPU torch.Generator seeded from a hash of (S, k), "
+                          "so seeds S and S + 1 share no image")
     gen.add_argument("--batch-size", type=_positive_int, metavar="N", default=16,
                      help="images generated at once (memory vs. speed; the images do not depend on it, up to "
                           "float rounding)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import PreTrainedConfig
 
 from .layers import swiglu_hidden_size
@@ -79,6 +81,10 @@ class SphereARConfig(PreTrainedConfig):
         self._validate()
 
     def _validate(self) -> None:
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
+            raise ValueError(f"guidance_scale must be a finite number (the recommended classifier-free guidance "
+                             f"scale), got {g!r}")
         if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 4:
             raise ValueError(f"hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} must "
                              "give an integer head dim divisible by 4 (2D RoPE)")

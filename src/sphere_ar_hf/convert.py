@@ -159,13 +159,59 @@ def load_official_checkpoint(path: str | os.PathLike) -> dict:
     return obj
 
 
+# the official ``args`` fields the converter reads, with the types they must have
+_ARGS_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": ((str,), "a model name such as 'SphereAR-B'"),
+    "vae_only": ((bool,), "true or false"),
+}
+
+
+def _check_args(args: argparse.Namespace, path) -> argparse.Namespace:
+    """``args`` whose fields that the converter reads have the official types (one-line error otherwise)."""
+    for name, (types, expected) in _ARGS_FIELDS.items():
+        value = getattr(args, name, None)
+        if value is not None and not isinstance(value, types):
+            raise ConversionError(f"{path}: args.{name} holds a {type(value).__name__}, expected {expected}")
+    return args
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _check_tensor_sizes(weights: dict[str, torch.Tensor], path, where: str) -> None:
+    """Refuse a tensor that claims more data than the file holds (before anything copies or sizes a model by it).
+
+    ``torch.load`` checks that a tensor's strides stay inside its storage, but a stride of 0 (or overlapping
+    strides) lets a tiny storage claim a huge shape, e.g. (10**9, 2048) from 2048 stored numbers; a model built
+    from such sizes would allocate terabytes. Every tensor must be stored element by element: its numel times its
+    element size fits in its storage, and no dimension longer than 1 has stride 0.
+    """
+    file_size = Path(path).stat().st_size
+    for key, t in weights.items():
+        if t.layout is not torch.strided or t.is_quantized:
+            raise ConversionError(f"{path}: tensor {where}{key} is a {t.layout} {t.dtype} tensor, expected a dense "
+                                  "weight")
+        claimed = t.numel() * t.element_size()
+        stored = t.untyped_storage().nbytes()
+        if claimed > stored or any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+            raise ConversionError(f"{path}: tensor {where}{key} claims shape {tuple(t.shape)} "
+                                  f"({_format_bytes(claimed)}) through strides {tuple(t.stride())} over "
+                                  f"{_format_bytes(stored)} of stored data (the file is {_format_bytes(file_size)}): "
+                                  "refused (a checkpoint stores every element of its weights)")
+
+
 def _state_dict(ckpt: dict, path, prefer: str) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None, str]:
     """The weights of a checkpoint, its ``args`` and where the weights came from (``ema``, ``model``, ``state dict``).
 
     ``prefer``: ``"ema"`` (EMA if present, else ``model``), ``"model"`` (only ``model``: an EMA-only checkpoint is an
-    error) or ``"any"`` (``model`` if present, else ``ema``).
+    error) or ``"any"`` (``model`` if present, else ``ema``). Every weight passes :func:`_check_tensor_sizes`.
     """
-    args = ckpt.get("args") if isinstance(ckpt.get("args"), argparse.Namespace) else None
+    args = _check_args(ckpt["args"], path) if isinstance(ckpt.get("args"), argparse.Namespace) else None
     if "ema" in ckpt or "model" in ckpt:
         order = {"ema": ("ema", "model"), "model": ("model",), "any": ("model", "ema")}[prefer]
         source = next((k for k in order if k in ckpt), None)
@@ -180,6 +226,7 @@ def _state_dict(ckpt: dict, path, prefer: str) -> tuple[dict[str, torch.Tensor],
     if not weights:
         keys = sorted(str(k) for k in ckpt)[:6]
         raise ConversionError(f"{path}: the file holds no weights (no tensors; top-level keys {keys})")
+    _check_tensor_sizes(weights, path, "" if source == "state dict" else f"{source}/")
     out = {}
     for k, v in weights.items():
         for prefix in ("module.", "_orig_mod."):
@@ -338,15 +385,17 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, output: str | os.
     which normally carries the ``vae.*`` weights too; ``vae_checkpoint``: an official ``vae.pt`` whose weights
     replace them. ``use_ema``: the EMA weights when the checkpoint has them (else ``model``); ``False`` requires
     ``model``. Attention heads default to width / 64 (all official models); ``num_heads`` overrides.
-    ``output`` is written atomically as safetensors (an existing non-empty folder needs ``overwrite``).
+    ``output`` is written atomically as safetensors. An existing non-empty folder needs ``overwrite``, and is
+    replaced only if it is a pipeline folder that holds neither checkpoint (``utils.check_output_folder``).
     ``info``, if given, is filled with where the weights came from (``weights``, ``vae_weights``).
 
     Every problem with the inputs raises :class:`ConversionError` with a one-line message.
     """
     from .pipeline_sphere_ar import SphereARPipeline
 
+    inputs = (checkpoint, vae_checkpoint)
     if output is not None:
-        check_output_folder(output, overwrite)  # fail before the slow part
+        check_output_folder(output, overwrite, kind="pipeline", inputs=inputs)  # fail before the slow part
     sd, args, source = _state_dict(load_official_checkpoint(checkpoint), checkpoint, "ema" if use_ema else "model")
     vae_sd = {k[4:]: v for k, v in sd.items() if k.startswith("vae.")}
     ar_sd = {k: v for k, v in sd.items() if not k.startswith("vae.")}
@@ -391,5 +440,5 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, output: str | os.
         info.update(weights=source, vae_weights=vae_source)
     if output is not None:
         write_folder_atomically(output, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True),
-                                overwrite=overwrite)
+                                overwrite=overwrite, kind="pipeline", inputs=inputs)
     return pipe

@@ -8,7 +8,11 @@
 
 Every request is checked on the server, whatever the sliders allow (an API call can send any value): at most
 ``max_images`` images, ``1..max_steps`` sampler steps, a finite guidance scale in the slider's range, a known
-schedule, a seed in ``[0, 2**32)``. A request outside those bounds is refused with a ``gr.Error`` before any work.
+schedule, a seed in ``[0, 2**64)``. The event skips Gradio's preprocessing, so the handler sees the raw values (no
+rounding of a seed of 1.5, no generic error for a string): ``validate_request`` checks their types and bounds and
+refuses a bad request with a one-line ``gr.Error`` naming the field, before any work. Image ``k`` of a request
+with seed ``S`` has its own generator seeded from a hash of ``(S, k)`` (``sphere_ar_hf.seeding``, as the CLI), so
+seeds ``S`` and ``S + 1`` share no image.
 One request samples at a time (the queue's concurrency limit defaults to 1; the pipeline itself keeps no per-call
 state, so a higher limit is safe), and the queue holds at most ``max_queue_size`` waiting requests. Progress comes
 from the pipeline's per-token ``callback_on_step_end``.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import os
 import sys
 import time
@@ -31,6 +36,7 @@ import gradio as gr
 
 from .cli import _positive_int
 from .scheduling_sphere_ar import CFG_SCHEDULES
+from .seeding import MAX_SEED, image_generators
 from .utils import HelpFormatter
 
 if TYPE_CHECKING:
@@ -38,9 +44,9 @@ if TYPE_CHECKING:
 
     from .pipeline_sphere_ar import SphereARPipeline
 
-__all__ = ["DemoRunner", "build_demo", "build_parser", "class_choices", "create_demo", "load_default_pipeline", "main"]
+__all__ = ["MAX_SEED", "DemoRunner", "build_demo", "build_parser", "class_choices", "create_demo",
+           "load_default_pipeline", "main", "validate_request"]
 
-MAX_SEED = 2**32 - 1
 MAX_LABEL_CHARS = 200  # a class name longer than this is refused before the (fuzzy) name lookup
 IMAGENET_DEFAULT_CLASSES = (207, 360, 388, 88)  # golden retriever, otter, giant panda, macaw
 API_NAME = "generate"
@@ -88,6 +94,92 @@ def _error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters (an API call can send a long string or a huge integer)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's 4300-digit limit for str()
+        return "an integer with more than 4300 digits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _integer(value: Any, name: str, low: int, high: int, high_text: str | None = None) -> int:
+    """``value`` as an int in ``[low, high]``: an integer, or an integral float (``3.0``, as JSON may send it).
+
+    Refused, with a one-line ``gr.Error`` naming ``name``: a bool, a string (even ``"3"``), a fractional or
+    non-finite float, ``None``, anything else, and an integer outside the bounds.
+    """
+    if isinstance(value, float) and value.is_integer():  # False for NaN and the infinities
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _error(f"{name} must be an integer, got {_shown(value)}")
+    value = int(value)
+    if not low <= value <= high:
+        raise _error(f"{name} must be between {low} and {high_text or high}, got {_shown(value)}")
+    return value
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    """``value`` as a finite float in ``[low, high]``; a bool, a string or anything but a real number is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _error(f"{name} must be a number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        number = math.inf
+    if not (math.isfinite(number) and low <= number <= high):
+        raise _error(f"{name} must be a finite number between {low:g} and {high:g}, got {_shown(value)}")
+    return number
+
+
+def validate_request(pipeline: SphereARPipeline, classes: Any, images_per_class: Any, guidance_scale: Any,
+                     cfg_schedule: Any, steps: Any, seed: Any, *, max_images: int, max_steps: int,
+                     max_guidance: float) -> tuple[list[int], float, str, int, int]:
+    """Check the raw values of a request (as an API call sends them, before any rounding or coercion).
+
+    Returns ``(class ids, one per image; guidance, schedule, steps, seed)``; a bad field raises a one-line
+    ``gr.Error`` that names it and says what was expected. Integers (images per class, steps, the seed in
+    ``[0, 2**64)``) may come as integral floats (``3.0``) but never as fractional or non-finite floats, bools or
+    strings; the guidance scale is a finite number in ``[1, max_guidance]``.
+    """
+    per_class = _integer(images_per_class, "images per class", 1, max_images)
+    steps = _integer(steps, "steps", 1, max_steps)
+    seed = _integer(seed, "seed", 0, MAX_SEED, "2**64 - 1")
+    guidance = _number(guidance_scale, "guidance scale", 1.0, max_guidance)
+    if not isinstance(cfg_schedule, str) or cfg_schedule not in CFG_SCHEDULES:
+        raise _error(f"CFG schedule must be one of {', '.join(CFG_SCHEDULES)}, got {_shown(cfg_schedule)}")
+    ids = _class_ids(pipeline, classes, max_images)
+    if len(ids) * per_class > max_images:
+        raise _error(f"at most {max_images} images per request on this server, asked for {len(ids)} "
+                     f"classes x {per_class} per class = {len(ids) * per_class}")
+    labels = [class_id for class_id in ids for _ in range(per_class)]
+    return labels, guidance, cfg_schedule, steps, seed
+
+
+def _class_ids(pipeline: SphereARPipeline, classes: Any, max_images: int) -> list[int]:
+    """The class ids of a request's classes (names, synonyms or ids; a single one or a list), or ``gr.Error``."""
+    if classes is None or classes == "":
+        classes = []
+    if isinstance(classes, (str, int)) and not isinstance(classes, bool):
+        classes = [classes]
+    if not isinstance(classes, (list, tuple)):
+        raise _error(f"classes must be a list of class names or ids, got {type(classes).__name__}")
+    if not classes:
+        raise _error("classes: pick at least one class")
+    if len(classes) > max_images:
+        raise _error(f"classes: at most {max_images} classes (and images) per request on this server, "
+                     f"got {len(classes)} classes")
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, (str, numbers.Integral)):
+            raise _error(f"classes: each class must be a name or an integer id, got {_shown(c)}")
+        if isinstance(c, str) and len(c) > MAX_LABEL_CHARS:
+            raise _error(f"classes: class name too long ({len(c)} characters; at most {MAX_LABEL_CHARS})")
+    try:
+        return pipeline.get_label_ids(list(classes))
+    except (ValueError, TypeError) as e:
+        raise _error("classes: " + " ".join(str(e).split())) from None
+
+
 class DemoRunner:
     """Validates a request against the server's bounds and runs the pipeline (one request at a time)."""
 
@@ -105,68 +197,22 @@ class DemoRunner:
         self.display_size = display_size
         pipeline.set_progress_bar_config(disable=True)  # progress goes to the page (callback_on_step_end)
 
-    # -- validation: everything an API call can send ---------------------------------------------------------
-    @staticmethod
-    def _integer(value: Any, name: str, low: int, high: int) -> int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            value = int(value.strip())
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _error(f"{name} must be an integer, got {value!r:.60}")
-        if not low <= value <= high:
-            raise _error(f"{name} must be between {low} and {high} on this server, got {value}")
-        return value
-
-    def _class_ids(self, classes: Any) -> list[int]:
-        if classes is None or classes == "":
-            classes = []
-        if isinstance(classes, (str, int)) and not isinstance(classes, bool):
-            classes = [classes]
-        if not isinstance(classes, (list, tuple)):
-            raise _error(f"classes must be a list of class names or ids, got {type(classes).__name__}")
-        if not classes:
-            raise _error("pick at least one class")
-        if len(classes) > self.max_images:
-            raise _error(f"at most {self.max_images} classes (and images) per request on this server, "
-                           f"got {len(classes)} classes")
-        for c in classes:
-            if isinstance(c, str) and len(c) > MAX_LABEL_CHARS:
-                raise _error(f"class name too long ({len(c)} characters; at most {MAX_LABEL_CHARS})")
-        try:
-            return self.pipeline.get_label_ids(list(classes))
-        except (ValueError, TypeError) as e:
-            raise _error(" ".join(str(e).split())) from None
-
     def validate(self, classes: Any, images_per_class: Any, guidance_scale: Any, cfg_schedule: Any, steps: Any,
                  seed: Any) -> tuple[list[int], float, str, int, int]:
-        """The request as ``(class ids, one per image; guidance, schedule, steps, seed)``, or ``gr.Error``."""
-        per_class = self._integer(images_per_class, "images per class", 1, self.max_images)
-        steps = self._integer(steps, "steps", 1, self.max_steps)
-        seed = self._integer(seed, "seed", 0, MAX_SEED)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-            raise _error(f"guidance scale must be a number, got {guidance_scale!r:.60}")
-        guidance = float(guidance_scale)
-        if not (math.isfinite(guidance) and 1.0 <= guidance <= self.max_guidance):
-            raise _error(f"guidance scale must be between 1 and {self.max_guidance:g}, got {guidance_scale}")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise _error(f"CFG schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r:.60}")
-        ids = self._class_ids(classes)
-        if len(ids) * per_class > self.max_images:
-            raise _error(f"at most {self.max_images} images per request on this server, asked for {len(ids)} "
-                           f"classes x {per_class} per class = {len(ids) * per_class}")
-        labels = [class_id for class_id in ids for _ in range(per_class)]
-        return labels, guidance, cfg_schedule, steps, seed
+        """:func:`validate_request` with this server's bounds."""
+        return validate_request(self.pipeline, classes, images_per_class, guidance_scale, cfg_schedule, steps, seed,
+                                max_images=self.max_images, max_steps=self.max_steps, max_guidance=self.max_guidance)
 
     # -- the event handler ---------------------------------------------------------------------------------
-    def generate(self, classes: list[str] | None, images_per_class: int, guidance_scale: float, cfg_schedule: str,
-                 steps: int, seed: int, progress: gr.Progress = gr.Progress()  # noqa: B008 (gradio's idiom)
+    def generate(self, classes: Any, images_per_class: Any, guidance_scale: Any, cfg_schedule: Any, steps: Any,
+                 seed: Any, progress: gr.Progress = gr.Progress()  # noqa: B008 (gradio's idiom)
                  ) -> tuple[list[tuple[Image.Image, str]], str]:
-        """Generate ``images_per_class`` images of each class; image k uses a CPU generator seeded ``seed + k``
-        (as ``sphere-ar generate``), so an image depends only on its seed, class and settings (up to float
-        rounding: at most 1/255 in a few pixels)."""
-        import torch
+        """Generate ``images_per_class`` images of each class from the raw request values (checked first).
 
+        Image k uses its own CPU generator seeded from a hash of ``(seed, k)`` (``image_generators``, as
+        ``sphere-ar generate``), so an image depends only on its seed, index, class and settings (up to float
+        rounding: at most 1/255 in a few pixels), and seeds S and S + 1 share no image.
+        """
         labels, guidance, schedule, steps, seed = self.validate(classes, images_per_class, guidance_scale,
                                                                 cfg_schedule, steps, seed)
         tokens = self.pipeline.transformer.config.num_image_tokens
@@ -177,7 +223,7 @@ class DemoRunner:
 
         progress((0, tokens), desc="Sampling tokens", unit="tokens")
         start = time.perf_counter()
-        generators = [torch.Generator().manual_seed(seed + k) for k in range(len(labels))]
+        generators = image_generators(seed, len(labels))
         try:
             images = self.pipeline(labels, guidance_scale=guidance, cfg_schedule=schedule, num_inference_steps=steps,
                                    generator=generators, output_type="pil", callback_on_step_end=report,
@@ -185,13 +231,13 @@ class DemoRunner:
         except (FloatingPointError, ValueError, TypeError) as e:
             raise _error(" ".join(str(e).split())) from None
         seconds = time.perf_counter() - start
-        gallery = [(upscale(image, self.display_size), f"{short_label(self.pipeline, c)} · seed {seed + k}")
+        gallery = [(upscale(image, self.display_size), f"{short_label(self.pipeline, c)} · seed {seed}, image {k}")
                    for k, (c, image) in enumerate(zip(labels, images))]
         w, h = images[0].size
         shown = f" (shown ×{gallery[0][0].width // w})" if gallery[0][0].width != w else ""
         count = f"{len(images)} image{'s' * (len(images) != 1)}"
-        info = (f"{count} of {w}×{h} px{shown} · guidance {guidance:g} ({schedule}) · {steps} steps · "
-                f"seeds {seed}–{seed + len(images) - 1} · {seconds:.1f} s")
+        info = (f"{count} of {w}×{h} px{shown} · guidance {guidance:g} ({schedule}) · "
+                f"{steps} step{'s' * (steps != 1)} · seed {seed} · {seconds:.1f} s")
         return gallery, info
 
 
@@ -259,16 +305,20 @@ def build_demo(pipeline: SphereARPipeline, *, model_name: str | None = None, max
                                          "the same for every token")
                 steps_slider = gr.Slider(1, max_steps, value=steps, step=1, label="Steps per token",
                                          elem_id="steps", info="sampler steps for each token (official: 100)")
-                seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
-                                 info="image k uses seed + k")
+                seed = gr.Number(0, precision=None, minimum=0, maximum=MAX_SEED, step=1, label="Seed",
+                                 elem_id="seed", info="an integer in [0, 2**64); image k's noise comes from "
+                                                      "(seed, k), so a new seed gives all new images")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3, min_width=320):
                 columns = 5 if pipeline.transformer.config.image_size < 64 else 4
                 gallery = gr.Gallery(label="Samples", columns=columns, format="png", object_fit="contain",
                                      elem_id="gallery", interactive=False)
                 info = gr.Markdown(label="Details", elem_id="info")
+        # preprocess=False: the handler gets the raw values, so validate_request sees a seed of 1.5 or a string
+        # steps (Gradio's preprocessing would round the one and fail with a generic error on the other)
         button.click(runner.generate, inputs=[classes, images_per_class, guidance, schedule, steps_slider, seed],
-                     outputs=[gallery, info], api_name=API_NAME, concurrency_limit=concurrency_limit)
+                     outputs=[gallery, info], api_name=API_NAME, concurrency_limit=concurrency_limit,
+                     preprocess=False)
     demo.queue(max_size=max_queue_size, default_concurrency_limit=concurrency_limit)
     demo.runner = runner  # for tests and callers that want the validated handler
     return demo

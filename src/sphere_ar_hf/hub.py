@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .remote_code import COMPONENTS, PIPELINE, package_model_index, write_remote_code
-from .utils import atomic_write, format_millions, write_folder_atomically
+from .utils import FolderKind, atomic_write, format_millions, write_folder_atomically
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi, ModelCard, SpaceCard
@@ -192,16 +192,23 @@ def build_space_folder(output: str | os.PathLike, *, license: str | None, models
                        title: str = "SphereAR", overwrite: bool = False, license_name: str | None = None,
                        license_link: str | None = None, template_dir: str | os.PathLike | None = None) -> Path:
     """Write a Space folder to ``output`` (atomically): ``hub_cards/space/``'s files (``app.py``, ...) and its rendered
-    ``README.md`` (:func:`render_space_card`). Upload it with ``HfApi().upload_folder(..., repo_type="space")``."""
+    ``README.md`` (:func:`render_space_card`). Upload it with ``HfApi().upload_folder(..., repo_type="space")``.
+
+    ``overwrite`` replaces only a Space folder (the template's files and nothing else) that holds no template."""
     card = render_space_card(license=license, models=models, title=title, license_name=license_name,
                              license_link=license_link, template_dir=template_dir)
     space = _template_dir(template_dir) / "space"
+    names = sorted({p.name for p in space.iterdir() if not p.name.startswith(".")} | {"README.md"})
+    kind = FolderKind("a Space folder", "app.py" if "app.py" in names else "README.md",
+                      files=tuple(n for n in names if not (space / n).is_dir()),
+                      folders=tuple(n for n in names if (space / n).is_dir()))
 
     def fill(tmp: Path) -> None:
         _copy_folder(space, tmp, link=False, skip_code=False)
         _write_text(tmp / "README.md", str(card))
 
-    return write_folder_atomically(Path(output).expanduser(), fill, overwrite=overwrite)
+    return write_folder_atomically(Path(output).expanduser(), fill, overwrite=overwrite, kind=kind, inputs=[space],
+                                   option="output folder")
 
 
 # ---- push ---------------------------------------------------------------------------------------------------------
@@ -253,14 +260,16 @@ def build_push_folder(pipeline: str | os.PathLike, output: str | os.PathLike, *,
     """Write the folder that :func:`push_pipeline` would upload to ``output`` (atomically; files are copied).
 
     It holds the pipeline's files, the rendered ``README.md`` and, with ``remote_code``, the remote code
-    (:func:`.remote_code.write_remote_code`). An existing non-empty ``output`` needs ``overwrite``.
+    (:func:`.remote_code.write_remote_code`). An existing non-empty ``output`` needs ``overwrite``, and is replaced
+    only if it is a pipeline folder (e.g. an earlier push folder) that does not hold ``pipeline``.
     """
     src, out = _check_pipeline(pipeline), Path(output).expanduser()
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise HubError(f"the output folder {output} must not be (inside) the pipeline folder {pipeline}")
     card_args = dict(repo_id=repo_id, license=license, card=card, remote_code=remote_code, license_name=license_name,
                      license_link=license_link, template_dir=template_dir)
-    return write_folder_atomically(out, lambda tmp: _fill_folder(src, tmp, False, **card_args), overwrite=overwrite)
+    return write_folder_atomically(out, lambda tmp: _fill_folder(src, tmp, False, **card_args), overwrite=overwrite,
+                                   kind="pipeline", inputs=[src, template_dir], option="--dry-run folder")
 
 
 def _hf_api() -> HfApi:

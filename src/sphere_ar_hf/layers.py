@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 __all__ = ["FeedForward", "Attention", "TransformerBlock", "KVCache", "Rope2D", "align_loaded", "align_tensors_",
            "swiglu_hidden_size"]
@@ -136,8 +137,14 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm block: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual."""
+class TransformerBlock(GradientCheckpointingLayer):
+    """Pre-norm block: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual.
+
+    A ``GradientCheckpointingLayer``: with checkpointing enabled (transformers' ``gradient_checkpointing_enable`` or
+    diffusers' ``enable_gradient_checkpointing`` on the model that holds it), in training mode and with gradients
+    on, the block recomputes its activations in the backward pass. Pass the cache positionally (transformers drops
+    a ``cache=`` keyword under checkpointing); the recompute writes the same keys and values again.
+    """
 
     def __init__(self, dim: int, num_heads: int, hidden: int, causal: bool, eps: float = 1e-6):
         super().__init__()
@@ -152,15 +159,15 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def run_blocks(module: nn.Module, blocks: nn.ModuleList, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-    """Run ``blocks`` in order, with activation checkpointing when ``module.gradient_checkpointing`` is on."""
-    checkpointing = getattr(module, "gradient_checkpointing", False) and torch.is_grad_enabled() and cache is None
+def run_blocks(module: nn.Module | None, blocks: nn.ModuleList, x: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None, start: int = 0,
+               hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Run ``blocks`` in order (each checkpoints itself when enabled: :class:`TransformerBlock`); append each
+    block's output to ``hidden_states`` if given. ``module``, the owner of the blocks, is not used."""
     for i, block in enumerate(blocks):
-        if checkpointing:
-            x = module._gradient_checkpointing_func(block, x, rope)
-        else:
-            x = block(x, rope, cache, i, start)
+        x = block(x, rope, cache, i, start)
+        if hidden_states is not None:
+            hidden_states.append(x)
     return x
 
 

@@ -213,13 +213,16 @@ def adapter_parameter_count(target: Any, adapter_name: str | None = None) -> int
 
 
 def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True,
-              base_model_name_or_path: str | None = None, adapter_name: str | None = None) -> Path:
+              base_model_name_or_path: str | None = None, adapter_name: str | None = None,
+              inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Write the adapter of ``target`` (a pipeline, a transformer or a PeftModel with an adapter) to
     ``output_dir`` atomically, in PEFT's format: ``adapter_model.safetensors`` (the tensors PEFT's
     ``save_pretrained`` writes, under its ``base_model.model.`` names) and ``adapter_config.json``, so that
     ``PeftModel.from_pretrained(transformer, output_dir)`` and :func:`load_lora` both load it.
 
-    ``adapter_name`` picks one adapter when the transformer holds several (default: the only one).
+    ``adapter_name`` picks one adapter when the transformer holds several (default: the only one). An existing
+    ``output_dir`` is replaced (``overwrite``) only if it is an adapter folder that holds neither the base model
+    nor any of ``inputs`` (``utils.check_output_folder``).
     """
     import copy
 
@@ -243,7 +246,8 @@ def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True
         if missing:
             raise RuntimeError(f"PEFT did not write {missing}")
 
-    return write_folder_atomically(output_dir, write, overwrite=overwrite)
+    return write_folder_atomically(output_dir, write, overwrite=overwrite, kind="lora",
+                                   inputs=[base_model_name_or_path, *inputs], option="--adapter_output_dir")
 
 
 def load_lora(target: Any, adapter: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
@@ -392,8 +396,12 @@ def train_lora(lora_args: LoraArguments, data_args: Any, training_args: Training
     from transformers import set_seed
 
     from .training.data import build_image_dataset
-    from .training.latent_cache import LatentCacheDataset
+    from .training.latent_cache import LatentCacheDataset, data_inputs
+    from .utils import check_output_folder
 
+    out = Path(lora_args.adapter_output_dir or Path(training_args.output_dir) / "adapter")
+    inputs = [lora_args.pretrained_model, *data_inputs(data_args)]
+    check_output_folder(out, True, kind="lora", inputs=inputs, option="--adapter_output_dir")  # before training
     set_seed(training_args.seed)
     pipe = _load_pipeline(lora_args.pretrained_model)
     transformer, vae = pipe.transformer.float(), pipe.vae.float()
@@ -432,9 +440,8 @@ def train_lora(lora_args: LoraArguments, data_args: Any, training_args: Training
     trainer = LoraTrainer(model=peft_model, args=training_args, vae=vae, train_dataset=dataset,
                           data_collator=collator, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    out = Path(lora_args.adapter_output_dir or Path(training_args.output_dir) / "adapter")
     if training_args.should_save:
-        save_lora(peft_model, out, base_model_name_or_path=lora_args.pretrained_model)
+        save_lora(peft_model, out, base_model_name_or_path=lora_args.pretrained_model, inputs=inputs)
         logger.info("wrote the adapter to %s", out)
     trainer.accelerator.wait_for_everyone()
     return out

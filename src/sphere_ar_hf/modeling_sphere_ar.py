@@ -13,6 +13,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_sphere_ar import SphereARConfig
 from .layers import KVCache, Rope2D, TransformerBlock, align_loaded, run_blocks
+from .loading import load_strictly, resolve_dtype
 from .scheduling_sphere_ar import flow_path
 
 __all__ = ["SphereARTransformer", "SphereARTransformerOutput", "DiffusionHead"]
@@ -168,8 +169,13 @@ class SphereARPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``, with the CPU weights in aligned memory (``layers.align_tensors_``)."""
-        return align_loaded(super().from_pretrained(*args, **kwargs))
+        """``PreTrainedModel.from_pretrained``, strict (a missing, unexpected or mis-shaped weight is a
+        ``ValueError``: :func:`.loading.load_strictly`), with ``dtype`` names such as ``"bf16"`` understood and the
+        CPU weights in aligned memory (``layers.align_tensors_``)."""
+        dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        return align_loaded(load_strictly(cls, super().from_pretrained, args, kwargs, "ignore_mismatched_sizes"))
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -283,10 +289,18 @@ class SphereARTransformer(SphereARPreTrainedModel):
     def allocate_kv_cache(self, batch_size: int, device: torch.device | None = None,
                           dtype: torch.dtype | None = None) -> KVCache:
         """A preallocated cache for one whole sequence (class tokens + L - 1 latent tokens)."""
-        c = self.config
         p = self.proj_in.weight
-        return KVCache(c.num_hidden_layers, batch_size, c.num_attention_heads, len(self.rope),
-                       c.hidden_size // c.num_attention_heads, device or p.device, dtype or p.dtype)
+        return KVCache(*self._kv_cache_dims(batch_size), device or p.device, dtype or p.dtype)
+
+    def kv_cache_bytes(self, batch_size: int, dtype: torch.dtype | None = None) -> int:
+        """The memory :meth:`allocate_kv_cache` takes for ``batch_size`` rows (keys and values)."""
+        elements = math.prod(self._kv_cache_dims(batch_size))
+        return 2 * elements * (dtype or self.proj_in.weight.dtype).itemsize
+
+    def _kv_cache_dims(self, batch_size: int) -> tuple[int, int, int, int, int]:
+        c = self.config
+        return (c.num_hidden_layers, batch_size, c.num_attention_heads, len(self.rope),
+                c.hidden_size // c.num_attention_heads)
 
     def _decode(self, x: torch.Tensor, start: int, cache: KVCache, token_index: int) -> torch.Tensor:
         cos, sin = self.rope.get(x.device)

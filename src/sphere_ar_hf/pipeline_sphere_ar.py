@@ -11,6 +11,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
 from .labels import build_label_index, resolve_label_ids
+from .loading import resolve_dtype
 from .modeling_sphere_ar import SphereARTransformer
 from .scheduling_sphere_ar import CFG_SCHEDULES, SphereARScheduler, apply_guidance
 from .vae import SphereVAE
@@ -19,6 +20,47 @@ __all__ = ["SphereARPipeline"]
 
 LabelInput = int | str | Sequence[int | str] | np.ndarray | torch.Tensor
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _class_names(id2label: object) -> dict[int, str]:
+    """``id2label`` as ``{class id: name}``; anything but a mapping of integer ids to strings is a ``ValueError``."""
+    if id2label is None:
+        return {}
+    expected = 'a mapping of class ids to names, e.g. {"0": "tench, Tinca tinca"}'
+    if not isinstance(id2label, dict):
+        raise ValueError(f"id2label (model_index.json) must be {expected}, got {type(id2label).__name__}")
+    names = {}
+    for key, name in id2label.items():
+        if isinstance(key, bool) or not isinstance(key, (int, str)) or not str(key).strip().isdigit():
+            raise ValueError(f"id2label (model_index.json) must be {expected}: key {key!r} is not a class id")
+        if not isinstance(name, str):
+            raise ValueError(f"id2label (model_index.json) must be {expected}: class {key} is named "
+                             f"{name!r}, not a string")
+        names[int(key)] = name
+    return names
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory plus what torch holds unused; on the CPU the
+    system's available memory (Linux); ``None`` where it is not known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return None
+
+
+def _need_accelerator(method: str, device: torch.device | str | None) -> None:
+    accelerator = getattr(torch, "accelerator", None)
+    if device is None and accelerator is not None and not accelerator.is_available():
+        raise RuntimeError(f"{method}() moves each model to an accelerator (CUDA, XPU, MPS) while it runs, and this "
+                           "machine has none: run on the CPU instead (pipe.to('cpu'))")
 
 
 class SphereARPipeline(DiffusionPipeline):
@@ -47,13 +89,29 @@ class SphereARPipeline(DiffusionPipeline):
     def __init__(self, transformer: SphereARTransformer, vae: SphereVAE, scheduler: SphereARScheduler,
                  id2label: dict | None = None):
         super().__init__()
+        for name, value, cls in (("transformer", transformer, SphereARTransformer), ("vae", vae, SphereVAE),
+                                 ("scheduler", scheduler, SphereARScheduler)):
+            if not isinstance(value, cls):
+                raise TypeError(f"SphereARPipeline's {name} must be a {cls.__name__}, got {type(value).__name__} "
+                                f"(check the {name!r} entry of model_index.json)")
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
-        id2label = {int(k): v for k, v in (id2label or {}).items()}
+        id2label = _class_names(id2label)
         self.register_to_config(id2label=id2label or None)
         self.id2label = id2label
         self._velocity_fn: Callable | None = None  # enable_torch_compile
 
     # ---- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained``, with every component loaded strictly (a missing, unexpected or
+        mis-shaped weight is a ``ValueError``) and ``dtype`` given as a floating ``torch.dtype``, a name
+        (``"bfloat16"``, ``"bf16"``, ``"float16"``, ``"fp16"``, ``"float32"``) or ``"auto"`` (each component in the
+        dtype its weights are stored in); any other dtype is a ``ValueError``."""
+        dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        if dtype is not None:
+            kwargs["dtype"] = {"default": dtype} if dtype == "auto" else dtype
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @classmethod
     def load_config(cls, *args, **kwargs):
         """``ConfigMixin.load_config``; the entries of a folder with remote code (``sphere-ar push``) map to this
@@ -107,8 +165,9 @@ class SphereARPipeline(DiffusionPipeline):
                              f"got {list(callback_on_step_end_tensor_inputs)}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
             raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
+        if not math.isfinite(guidance_scale) or abs(guidance_scale) > torch.finfo(torch.float32).max:
+            raise ValueError(f"guidance_scale must be a finite float32 number (the guided velocity is computed in "
+                             f"float32), got {guidance_scale}")
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -123,6 +182,58 @@ class SphereARPipeline(DiffusionPipeline):
                 raise TypeError("generator must be a torch.Generator or a list of torch.Generator")
         elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+
+    def sampling_bytes(self, batch_size: int, num_inference_steps: int, guided: bool,
+                       output_type: str = "pil") -> int:
+        """About the memory a call allocates beyond the weights: the KV cache, the per-call time embeddings, a
+        token's noise and adaLN modulations, and the decoder's activations (all linear in ``batch_size``)."""
+        tf, head = self.transformer, self.transformer.head
+        rows = batch_size * (2 if guided else 1)
+        evaluations = num_inference_steps + 1  # the steps and the final Euler step
+        el = tf.dtype.itemsize
+        total = tf.kv_cache_bytes(rows)
+        total += evaluations * rows * tf.config.head_hidden_size * el  # time embeddings
+        total += (evaluations + 1) * rows * tf.config.latent_dim * 4  # a token's noise
+        total += min(self.MODULATION_BYTES + rows * head.modulation_width * el,
+                     evaluations * rows * head.modulation_width * el)  # a chunk of a token's modulations
+        total += 2 * batch_size * tf.config.num_image_tokens * tf.config.latent_dim * 4  # tokens, latents
+        if output_type != "latent":
+            size = self.vae.config.image_size
+            total += batch_size * (self.vae.decode_bytes_per_image() + 3 * size * size * 4 * 2)  # + images
+        return total
+
+    def check_memory(self, batch_size: int, num_inference_steps: int, guided: bool, output_type: str,
+                     device: torch.device) -> None:
+        """Refuse a call whose :meth:`sampling_bytes` exceed the free memory of ``device`` (before allocating)."""
+        free = _free_memory(device)
+        need = self.sampling_bytes(batch_size, num_inference_steps, guided, output_type)
+        if free is None or need <= free:
+            return
+        one = self.sampling_bytes(1, num_inference_steps, guided, output_type)
+        fits = min(batch_size - 1, free // one) if one <= free else 0
+        what = f"{batch_size} images with {num_inference_steps} steps per token need"
+        advice = (f"at most {fits} images fit in one call: pass fewer class labels per call (the CLI splits "
+                  "requests with --batch-size)" if fits else "even one image does not fit: use fewer "
+                  "num_inference_steps")
+        raise ValueError(f"{what} about {need / 2**30:.1f} GiB of {device.type} memory (KV cache and activations) "
+                         f"but about {free / 2**30:.1f} GiB is free; {advice}")
+
+    def to(self, *args, **kwargs):
+        """``DiffusionPipeline.to``, without diffusers' warning that float16 cannot run on the CPU: this pipeline
+        does (tested)."""
+        kwargs.setdefault("silence_dtype_warnings", True)
+        return super().to(*args, **kwargs)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """``DiffusionPipeline.enable_model_cpu_offload``; without an accelerator, a one-line error saying what to
+        do instead."""
+        _need_accelerator("enable_model_cpu_offload", device)
+        return super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """``DiffusionPipeline.enable_sequential_cpu_offload``; without an accelerator, a one-line error."""
+        _need_accelerator("enable_sequential_cpu_offload", device)
+        return super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
 
     # ---- generation ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -169,6 +280,7 @@ class SphereARPipeline(DiffusionPipeline):
         rows = cond.shape[0]
         # a token sampled without guidance has one state per row: both rows of an image draw from its generator
         row_generator = generator + generator if isinstance(generator, list) and do_cfg else generator
+        self.check_memory(batch, num_inference_steps, do_cfg, output_type, device)
         scheduler = copy.copy(self.scheduler)  # this call's times and step state, not shared with another thread
         scheduler.set_timesteps(num_inference_steps, device=device)
         t_emb = head.embed_times(scheduler.timesteps, rows)  # depends only on the step: once per call
@@ -202,6 +314,12 @@ class SphereARPipeline(DiffusionPipeline):
                     z = tf.decode_step(token, i, cache)
                 bar.update()
         latents = torch.stack(tokens, dim=1)
+        if not torch.isfinite(latents).all():
+            if do_cfg:
+                raise ValueError(f"guidance_scale={guidance_scale} made the guided velocity non-finite in float32; use "
+                                 f"a moderate scale (this model recommends {tf.config.guidance_scale})")
+            raise FloatingPointError(f"the transformer produced non-finite tokens in {tf.dtype}; run it in float32 "
+                                     "or bfloat16")
         if output_type == "latent":
             images = latents
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -54,7 +55,10 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
     """Per-token sampler for the flow-matching head.
 
     ``timesteps`` are the times at which the head is evaluated, one :meth:`step` call each (``len(scheduler)`` head
-    evaluations per token); ``step`` returns the point of the next evaluation.
+    evaluations per token); ``step`` returns the point of the next evaluation. As with diffusers' schedulers, a pass
+    is a plain loop ``for t in scheduler.timesteps: x = scheduler.step(v(x, t), t, x).prev_sample``: the first step
+    of a pass finds its index from ``t`` (or :meth:`set_begin_index`), each step advances it, and after the last one
+    it resets, so the next token runs the same loop again (SphereAR samples every token over the same times).
 
     - ``sampler="euler_maruyama"`` (official): ``num_inference_steps`` SDE steps over [0, 1 - last_step_size], each
       ``x += (v + (1 - t) * score) dt + sqrt(2 (1 - t) dt) * noise`` with the score derived from the velocity, then
@@ -85,6 +89,22 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"time_shift must be > 0, got {time_shift}")
         self.set_timesteps(num_inference_steps)
 
+    @property
+    def step_index(self) -> int | None:
+        """The index in ``timesteps`` of the next :meth:`step`; ``None`` before a pass's first step."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The index at which each pass starts, if set by :meth:`set_begin_index` (else found from the timestep)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start every pass at ``timesteps[begin_index]`` (until :meth:`set_timesteps` resets it)."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or not 0 <= begin_index < len(self):
+            raise ValueError(f"begin_index must be an integer in [0, {len(self)}), got {begin_index!r}")
+        self._begin_index = begin_index
+
     def _grid(self, n: int) -> torch.Tensor:
         """``n + 1`` float32 times from 0 to 1; ``time_shift`` s > 1 moves them towards t = 0 (the noise end):
         ``t' = t / (t + s (1 - t))``."""
@@ -93,7 +113,8 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
         return (t / (t + s * (1.0 - t))).float() if s != 1.0 else t.float()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Build the evaluation times and each step's sizes (float32 arithmetic, as the official sampler)."""
+        """Build the evaluation times and each step's sizes (float32 arithmetic, as the official sampler); resets
+        the step index and the begin index."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
         self.num_inference_steps = n = num_inference_steps
@@ -135,6 +156,8 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
         self._var = [float((1 - t) ** 2 - t * -1 * (1 - t)) for t in times]
         self._noise_scale = [float((2.0 * (1.0 - t) * dt) ** 0.5) for t, dt in zip(times, self.step_sizes)]
         self._heun_start: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._step_index: int | None = None  # the next step's index within a pass; None: a pass starts
+        self._begin_index: int | None = None
 
     def token_noise(self, shape: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None,
                     device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -151,15 +174,67 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
         draws = iter(noise.unbind(1)[1:])
         return noise[:, 0], [next(draws) if stochastic else None for stochastic in self.stochastic]
 
-    def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor,
+    def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
+        """The index of the first evaluation at time ``timestep`` (a value of ``timesteps``); else a ``ValueError``."""
+        value = self._timestep_value(timestep, sync=True)
+        try:
+            return self._t.index(value)
+        except ValueError:
+            raise ValueError(f"timestep {value!r} is not one of this scheduler's timesteps ({len(self)} evaluation "
+                             f"times from {self._t[0]:g} to {self._t[-1]:g}); pass the values of "
+                             "scheduler.timesteps, after set_timesteps") from None
+
+    @staticmethod
+    def _timestep_value(timestep: float | torch.Tensor, sync: bool) -> float | None:
+        """``timestep`` as a float rounded to float32 (the dtype of ``timesteps``, so ``0.01`` finds
+        ``float32(0.01)`` as ``timesteps == 0.01`` would); ``None`` for a tensor on an accelerator unless ``sync``
+        (reading it waits for the device)."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must be one value of scheduler.timesteps, got a tensor of shape "
+                                 f"{tuple(timestep.shape)}")
+            if timestep.device.type != "cpu" and not sync:
+                return None
+            value = float(timestep)
+            return value if timestep.dtype == torch.float32 else float(np.float32(value))
+        if isinstance(timestep, bool) or not isinstance(timestep, (int, float, np.number)):
+            raise TypeError(f"timestep must be a value of scheduler.timesteps (a float or a 0-d tensor), got "
+                            f"{type(timestep).__name__}")
+        return float(np.float32(timestep))
+
+    def _index(self, timestep: float | torch.Tensor) -> int:
+        """The index of this step: found from ``timestep`` (or the begin index) at a pass's first step, then the
+        running index, checked against ``timestep`` (except for an accelerator tensor: not read, no sync)."""
+        k = self._step_index
+        if k is None:
+            if self._begin_index is None:
+                return self.index_for_timestep(timestep)
+            k = self._begin_index
+        value = self._timestep_value(timestep, sync=False)
+        if value is not None and value != self._t[k]:
+            self.index_for_timestep(value)  # a ValueError if it is no timestep at all
+            raise ValueError(f"timestep {value!r} is not the next evaluation time {self._t[k]!r} (step {k} of "
+                             f"{len(self)}): step through scheduler.timesteps in order, or call set_timesteps to "
+                             "start over")
+        return k
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The identity (diffusers' interface: this sampler does not scale the head's input)."""
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor, *,
              generator: torch.Generator | list[torch.Generator] | None = None, noise: torch.Tensor | None = None,
              return_dict: bool = True) -> SphereARSchedulerOutput | tuple:
-        """Advance from the evaluation ``step_index`` at ``sample`` given the (already guided) velocity there.
+        """Advance from the evaluation at ``timestep`` (a value of ``timesteps``, in order) at ``sample`` given the
+        (already guided) velocity ``model_output`` there.
 
-        Returns the point of the next evaluation (after the last one: the sampled token). A stochastic step takes
-        ``noise`` if given, else draws it from ``generator``.
+        Returns the point of the next evaluation (after the last one: the sampled token, and the index resets for the
+        next pass). A stochastic step takes ``noise`` if given, else draws it from ``generator``. A timestep that is
+        not the next one of ``timesteps`` is a ``ValueError``.
         """
-        v = velocity.float()
+        step_index = self._index(timestep)
+        self._step_index = step_index + 1 if step_index + 1 < len(self) else None
+        v = model_output.float()
         x = sample.float()
         dt = self.step_sizes[step_index]
         kind = self._kinds[step_index]

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
+import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, NoReturn
 
 __all__ = [
+    "FOLDER_KINDS",
+    "USER_ERRORS",
+    "FolderKind",
     "HelpFormatter",
+    "OutputFolderError",
     "atomic_write",
     "check_output_folder",
     "format_millions",
+    "one_line_error",
     "remove_staged_folders",
+    "run_main",
     "shared_staging_path",
     "stage_folder",
     "swap_folder_into_place",
@@ -61,19 +71,110 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def check_output_folder(output: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raise unless ``output`` can become a new folder: absent, empty, or (with ``overwrite``) a folder."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
+class OutputFolderError(FileExistsError):
+    """An output folder that a tool refuses to write or replace; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """A kind of folder a tool of ours writes, so that ``overwrite`` replaces only such a folder.
+
+    ``name``: how messages call it (``"a pipeline folder"``); ``marker``: the file every such folder holds;
+    ``files`` / ``folders``: ``fnmatch`` patterns of the names it may hold at its top level (files, sub-folders);
+    ``components``: its sub-folders are the components named in ``model_index.json`` (a diffusers pipeline).
+    """
+
+    name: str
+    marker: str
+    files: tuple[str, ...] = ()
+    folders: tuple[str, ...] = ()
+    components: bool = False
+
+    def problem(self, folder: str | os.PathLike) -> str | None:
+        """Why ``folder`` is not of this kind (``"it holds ar.pt"``), or None if it is."""
+        folder = Path(folder)
+        if not (folder / self.marker).is_file():
+            return f"it has no {self.marker}"
+        folders = set()
+        if self.components:
+            try:
+                index = json.loads((folder / self.marker).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                return f"its {self.marker} is not readable JSON"
+            if not isinstance(index, dict):
+                return f"its {self.marker} is not a JSON object"
+            folders = {k for k, v in index.items() if isinstance(k, str) and not k.startswith("_")
+                       and isinstance(v, list | tuple) and len(v) == 2}
+        foreign = []
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            if entry.is_dir() and not entry.is_symlink():
+                ok = entry.name in folders or any(fnmatch.fnmatchcase(entry.name, p) for p in self.folders)
+            else:
+                ok = entry.is_file() and any(fnmatch.fnmatchcase(entry.name, p) for p in self.files)
+            if not ok:
+                foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+        if foreign:
+            return f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}"
+        return None
+
+
+_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+FOLDER_KINDS: dict[str, FolderKind] = {
+    # SphereARPipeline.save_pretrained / `sphere-ar convert`, and a push folder (model card, remote code)
+    "pipeline": FolderKind("a pipeline folder", "model_index.json",
+                           files=("model_index.json", "README.md", ".gitattributes", "*.py"), components=True),
+    # ModelMixin / PreTrainedModel.save_pretrained (the trainers' vae/ and discriminator/)
+    "model": FolderKind("a model folder", "config.json", files=("config.json", "README.md", "*.py", *_WEIGHTS)),
+    # lora.save_lora
+    "lora": FolderKind("a LoRA adapter folder", "adapter_config.json",
+                       files=("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")),
+    # training.latent_cache.cache_latents: a datasets save_to_disk folder plus latent_cache.json
+    "latent_cache": FolderKind("a latent cache", "latent_cache.json",
+                               files=("latent_cache.json", "dataset_info.json", "state.json", "data-*.arrow")),
+}
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_output_folder(output: str | os.PathLike, overwrite: bool = False, *, kind: str | FolderKind | None = None,
+                        inputs: Iterable[str | os.PathLike | None] = (), option: str = "--output") -> Path:
+    """Raise unless ``output`` can become a new folder; returns its resolved path.
+
+    ``output`` may be absent or empty. A non-empty folder needs ``overwrite``, and then it is replaced only if it is
+    of ``kind`` (a :data:`FOLDER_KINDS` name or a :class:`FolderKind`; None: any folder) and holds none of
+    ``inputs`` (the files and folders the run reads; names that do not exist, e.g. Hub ids, are skipped): otherwise
+    :class:`OutputFolderError`, a one-line message that names ``option`` (the flag that chose ``output``).
+    """
+    out = _resolved(output)
+    if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not overwrite:
         raise FileExistsError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+    if out.parent == out:
+        raise OutputFolderError(f"refusing to replace {output}: it is the root of the file system")
+    for path in inputs:
+        if path is None or not os.path.exists(path):
+            continue
+        p = _resolved(path)
+        if p == out or out in p.parents:
+            raise OutputFolderError(f"refusing to replace {output}: it holds {path}, an input of this run; choose "
+                                    f"another {option}")
+    kind = FOLDER_KINDS[kind] if isinstance(kind, str) else kind
+    why = kind.problem(out) if kind is not None else None
+    if why is not None:
+        raise OutputFolderError(f"refusing to replace {output}: it is not {kind.name} ({why}); choose another "
+                                f"{option} or remove it yourself")
+    return out
 
 
 def shared_staging_path(output: str | os.PathLike) -> Path:
     """Where ``stage_folder(output, shared=True)`` stages: ``.<name>.tmp-shared`` beside ``output`` (the other
     processes of a distributed writer get the path from here)."""
-    output = Path(output)
+    output = _resolved(output)
     return output.parent / f".{output.name}.tmp-shared"
 
 
@@ -85,7 +186,7 @@ def stage_folder(output: str | os.PathLike, shared: bool = False) -> Path:
     processes of a distributed run can all write into it (one process calls this, the others wait at a barrier);
     whatever an earlier, killed run left there is removed first.
     """
-    output = Path(output)
+    output = _resolved(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if not shared:
         return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -100,12 +201,18 @@ def swap_folder_into_place(staged: str | os.PathLike, output: str | os.PathLike)
     """Move the complete folder ``staged`` to ``output`` (a rename: ``staged`` must be on the same file system).
 
     An existing ``output`` is first moved aside (``.<name>.old-*``), deleted once the new folder is in place, and
-    put back if the rename fails; nothing is left beside ``output`` either way.
+    put back if the rename fails; nothing is left beside ``output`` either way. ``output`` is resolved first, so
+    ``"."`` works; a process whose working directory was (inside) ``output`` is moved into the new folder.
     """
-    staged, output = Path(staged), Path(output)
+    staged, output = Path(staged), _resolved(output)
     if not output.exists():
         os.replace(staged, output)
         return output
+    try:
+        cwd = Path.cwd()
+        in_output = cwd == output or output in cwd.parents
+    except OSError:  # the working directory is gone
+        in_output = False
     old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
     try:
         os.replace(output, old / output.name)
@@ -117,6 +224,8 @@ def swap_folder_into_place(staged: str | os.PathLike, output: str | os.PathLike)
     finally:
         if not (old / output.name).exists() or output.exists():
             shutil.rmtree(old, ignore_errors=True)
+        if in_output and output.is_dir():
+            os.chdir(output)
     return output
 
 
@@ -133,21 +242,56 @@ def remove_staged_folders(parent: str | os.PathLike, name_pattern: str = "*") ->
 
 
 def write_folder_atomically(output: str | os.PathLike, write: Callable[[Path], object],
-                            overwrite: bool = False) -> Path:
-    """Call ``write(tmp_dir)`` and move the folder into place only once it is complete.
+                            overwrite: bool = False, *, kind: str | FolderKind | None = None,
+                            inputs: Iterable[str | os.PathLike | None] = (), option: str = "--output") -> Path:
+    """Call ``write(tmp_dir)`` and move the folder into place only once it is complete; returns ``output``.
 
     The temporary folder (:func:`stage_folder`) sits beside ``output`` and is removed on any failure or
-    interruption; an existing ``output`` (with ``overwrite``) is replaced by :func:`swap_folder_into_place`.
-    Without ``overwrite`` a non-empty ``output`` is an error. Writers on several processes use the two steps
-    directly (``stage_folder(output, shared=True)`` on one process, every process writes, one swaps).
+    interruption; an existing ``output`` is replaced by :func:`swap_folder_into_place` only if
+    :func:`check_output_folder` allows it (``overwrite``, ``kind``, ``inputs``, ``option``). Writers on several
+    processes use the two steps directly (``stage_folder(output, shared=True)`` on one process, every process
+    writes, one swaps).
     """
     output = Path(output)
-    check_output_folder(output, overwrite)
-    staged = stage_folder(output)
+    resolved = check_output_folder(output, overwrite, kind=kind, inputs=inputs, option=option)
+    staged = stage_folder(resolved)
     try:
         write(staged)
-        swap_folder_into_place(staged, output)
+        swap_folder_into_place(staged, resolved)
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
     return output
+
+
+# ---- one-line errors for the example scripts --------------------------------------------------------------------
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileExistsError, NotADirectoryError,
+                                                FileNotFoundError, IsADirectoryError, PermissionError)
+"""What :func:`run_main` reports as ``error: <message>`` (the library's own errors, ``ConversionError``,
+``HubError``, :class:`OutputFolderError`, derive from these)."""
+
+
+def one_line_error(e: BaseException) -> str:
+    """An exception as one line: an ``OSError`` as ``<file>: <reason>``, anything else as its message."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        text = str(e)
+    return " ".join(text.split()) or type(e).__name__
+
+
+def run_main(main: Callable[..., Any], *args: Any, **kwargs: Any) -> NoReturn:
+    """Run a script's ``main(*args, **kwargs)`` and exit: status 0, or, for a user error (:data:`USER_ERRORS`),
+    ``error: <one line>`` on stderr and status 2. Other exceptions (programming errors) keep their traceback, and
+    so does every exception when the environment sets ``SPHERE_AR_TRACEBACK=1``."""
+    try:
+        main(*args, **kwargs)
+    except USER_ERRORS as e:
+        if os.environ.get("SPHERE_AR_TRACEBACK") == "1":
+            raise
+        print(f"error: {one_line_error(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -15,9 +16,21 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .layers import Rope2D, TransformerBlock, align_loaded, run_blocks, swiglu_hidden_size
+from .loading import load_strictly, resolve_dtype, stored_dtype, weights_folder
 from .power_spherical import PowerSphericalDistribution, l2_normalize, project_to_sphere
 
 __all__ = ["SphereVAE", "SphereVAEEncoderOutput", "DecoderOutput"]
+
+
+class _NoEmptyFloat32Warning(logging.Filter):
+    """diffusers' ``ModelMixin.to(dtype)`` warns that modules "should be kept in float32: []" on every cast, even
+    when there are none (as here); drop that empty warning, keep every other."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32Warning())
 
 
 @dataclass
@@ -99,8 +112,15 @@ class SphereVAE(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """``ModelMixin.from_pretrained``, with the CPU weights in aligned memory (see ``layers.align_tensors_``)."""
-        return align_loaded(super().from_pretrained(*args, **kwargs))
+        """``ModelMixin.from_pretrained``, strict (a missing, unexpected or mis-shaped weight is a ``ValueError``:
+        :func:`.loading.load_strictly`), with ``dtype`` names such as ``"bf16"`` and ``"auto"`` (the stored dtype)
+        understood and the CPU weights in aligned memory (see ``layers.align_tensors_``)."""
+        dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        if dtype == "auto":
+            dtype = stored_dtype(weights_folder(args[0] if args else kwargs["pretrained_model_name_or_path"], kwargs))
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        return align_loaded(load_strictly(cls, super().from_pretrained, args, kwargs))
 
     @register_to_config
     def __init__(
@@ -164,6 +184,17 @@ class SphereVAE(ModelMixin, ConfigMixin):
             nn.init.normal_(vit.register_tokens, 0.0, 0.02)
         for module in (self.quant_proj, self.post_quant_proj, self.encoder_out):
             module.reset_parameters()
+
+    def decode_bytes_per_image(self) -> int:
+        """About the peak activation memory :meth:`decode` needs per image: a few maps of its largest upsampling
+        stage (channels x resolution^2) and of its ViT (tokens x width, the attention scores per head)."""
+        c, el = self.config, self.post_quant_proj.weight.dtype.itemsize
+        rev = tuple(c.cnn_channels)[::-1]
+        stages = max(cout * (self.grid_size * 2 ** (j + 1)) ** 2 for j, cout in enumerate(rev[1:]))
+        tokens = self.num_tokens + c.num_register_tokens
+        heads = c.num_attention_heads or max(1, c.z_channels // 64)
+        vit = 8 * tokens * c.z_channels + 2 * tokens**2 * heads
+        return 4 * stages * el + vit * el
 
     @property
     def latent_radius(self) -> float:

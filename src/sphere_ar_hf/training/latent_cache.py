@@ -25,7 +25,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 
 from ..power_spherical import PowerSphericalDistribution, project_to_sphere
-from ..utils import shared_staging_path, stage_folder, swap_folder_into_place
+from ..utils import check_output_folder, shared_staging_path, stage_folder, swap_folder_into_place
 from ..vae import SphereVAE
 from .data import (
     DataArguments,
@@ -43,6 +43,7 @@ __all__ = [
     "CacheArguments",
     "LatentCacheDataset",
     "cache_latents",
+    "data_inputs",
     "encode_posteriors",
     "load_latent_cache_info",
     "load_vae",
@@ -67,6 +68,13 @@ class CacheArguments:
     num_workers: int = field(default=4, metadata={"help": "DataLoader workers decoding images, per process."})
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even if an accelerator is available."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at output_dir."})
+
+
+def data_inputs(data_args: Any) -> list[str]:
+    """The local paths a run reads its data from (``train_data_dir``, ``dataset_path``, ``latent_cache``,
+    ``cache_dir``): the inputs that ``utils.check_output_folder`` keeps an output folder from replacing."""
+    names = ("train_data_dir", "dataset_path", "latent_cache", "cache_dir")
+    return [str(v) for n in names if (v := getattr(data_args, n, None))]
 
 
 def load_vae(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> SphereVAE:
@@ -159,7 +167,8 @@ def cache_latents(
 
     With an ``accelerate.Accelerator`` each process encodes a contiguous shard; the main process concatenates
     the shards and saves the result to a temporary folder, renamed to ``output_dir`` when complete. The folder
-    next to ``output_dir`` that holds the shards must be on a filesystem all processes share.
+    next to ``output_dir`` that holds the shards must be on a filesystem all processes share. ``overwrite``
+    replaces only a latent cache that holds neither the data nor the VAE (``utils.check_output_folder``).
     Returns ``output_dir`` (on every process, after the cache is complete).
     """
     if data_args.streaming:
@@ -178,6 +187,9 @@ def cache_latents(
 
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    vae_path = getattr(vae.config, "_name_or_path", None)
+    check_output_folder(output_dir, overwrite, kind="latent_cache", inputs=[*data_inputs(data_args), vae_path],
+                        option="--output_dir")
     raw = load_image_dataset(data_args)  # validates columns and labels on every process, before any work
     id2label = class_names(raw, data_args.label_column)
     num_classes = data_args.num_classes or len(id2label or {})

@@ -443,15 +443,19 @@ class SphereARTrainer(Trainer):
         return SphereARPipeline(transformer=transformer, vae=self.vae, scheduler=scheduler or SphereARScheduler(),
                                 id2label=id2label)
 
-    def save_pipeline(self, output_dir: str | os.PathLike, id2label: dict[int, str] | None = None) -> Path:
-        """Write the pipeline folder atomically (temporary folder, then rename) on the main process."""
+    def save_pipeline(self, output_dir: str | os.PathLike, id2label: dict[int, str] | None = None,
+                      inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+        """Write the pipeline folder atomically (temporary folder, then rename) on the main process.
+
+        An existing ``output_dir`` is replaced only if it is a pipeline folder that holds none of ``inputs`` (the
+        paths the run read: ``utils.check_output_folder``)."""
         from ..utils import write_folder_atomically
 
         output_dir = Path(output_dir)
         if self.args.should_save:
             pipe = self.build_pipeline(id2label)
             write_folder_atomically(output_dir, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True),
-                             overwrite=True)
+                                    overwrite=True, kind="pipeline", inputs=inputs, option="--pipeline_output_dir")
             logger.info("wrote the pipeline to %s", output_dir)
         self.accelerator.wait_for_everyone()
         return output_dir
@@ -497,9 +501,13 @@ def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: T
     """
     from transformers import set_seed
 
+    from ..utils import check_output_folder
     from .data import build_image_dataset, class_names
-    from .latent_cache import LatentCacheDataset, load_vae
+    from .latent_cache import LatentCacheDataset, data_inputs, load_vae
 
+    out = Path(getattr(training_args, "pipeline_output_dir", None) or Path(training_args.output_dir) / "pipeline")
+    inputs = [model_args.pretrained_vae, model_args.pretrained_model, *data_inputs(data_args)]
+    check_output_folder(out, True, kind="pipeline", inputs=inputs, option="--pipeline_output_dir")  # before training
     set_seed(training_args.seed)
     vae = load_vae(model_args.pretrained_vae).float()
     if data_args.latent_cache:
@@ -529,8 +537,7 @@ def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: T
         dataset = dataset_wrapper(dataset)
     trainer = SphereARTrainer(model=model, args=training_args, vae=vae, train_dataset=dataset, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    out = Path(getattr(training_args, "pipeline_output_dir", None) or Path(training_args.output_dir) / "pipeline")
-    trainer.save_pipeline(out, id2label)
+    trainer.save_pipeline(out, id2label, inputs=inputs)
     if training_args.push_to_hub:
         trainer.push_pipeline_to_hub(out)
     return out

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..utils import (
     atomic_write,
+    check_output_folder,
     remove_staged_folders,
     shared_staging_path,
     stage_folder,
@@ -43,6 +44,7 @@ from ..utils import (
 from ..vae import SphereVAE
 from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
 from .data import DataArguments, build_image_dataset, collate_images
+from .latent_cache import data_inputs
 from .losses import DISC_LOSSES, GEN_LOSSES, REC_LOSSES, PatchGANDiscriminator, SphereVAELoss
 from .optimization import official_param_groups
 from .schedules import official_learning_rate
@@ -459,6 +461,10 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
         raise ValueError(f"global_batch_size {args.global_batch_size} must be divisible by processes "
                          f"({world}) x gradient_accumulation_steps ({args.gradient_accumulation_steps})")
     micro_bs, accum = args.global_batch_size // per_step, args.gradient_accumulation_steps
+    inputs = [model_args.pretrained_vae, *data_inputs(data_args)]
+    finals = {"vae": output_dir / "vae", "discriminator": output_dir / "discriminator"}
+    for final in finals.values():  # the final folders may replace only earlier ones; refuse before training
+        check_output_folder(final, True, kind="model", inputs=inputs, option="--output_dir")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_staged_folders(output_dir, "checkpoint-*")  # left by a killed run
@@ -573,11 +579,13 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
         save_checkpoint_atomically(accelerator, output_dir, state.global_step, extra={"epoch": state.epoch},
                                    total_limit=args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
-    vae_dir = output_dir / "vae"
+    vae_dir = finals["vae"]
     if accelerator.is_main_process:
         final_vae = accelerator.unwrap_model(model).vae
-        write_folder_atomically(vae_dir, final_vae.save_pretrained, overwrite=True)
-        write_folder_atomically(output_dir / "discriminator", disc_inner.save_pretrained, overwrite=True)
+        written = {"vae": final_vae, "discriminator": disc_inner}
+        for name, module in written.items():
+            write_folder_atomically(finals[name], module.save_pretrained, overwrite=True, kind="model", inputs=inputs,
+                                    option="--output_dir")
         logger.info("saved the S-VAE to %s", vae_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,0 +1,166 @@
+"""Strict loading for every component: a folder loads exactly, or it is a one-line ``ValueError``.
+
+Both libraries load a folder whose weights do not match its config (missing, unexpected or mis-shaped weights)
+and fill the gaps with random weights, with at most a warning. Here each model's ``from_pretrained`` asks the
+library for its loading report and refuses any gap, naming the component, the folder and the first few keys; an
+unreadable weights file (truncated safetensors, a pickle that holds more than tensors) is refused the same way.
+Dtypes are resolved here too, for both libraries alike.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+__all__ = ["DTYPE_NAMES", "describe_mismatch", "load_strictly", "resolve_dtype", "stored_dtype", "weights_folder"]
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+_FLOAT_DTYPES = frozenset(DTYPE_NAMES.values())
+_SHOWN = 3  # keys named per kind of mismatch
+
+
+def resolve_dtype(dtype: Any = None, torch_dtype: Any = None) -> torch.dtype | str | None:
+    """The dtype asked for by ``dtype=`` or (deprecated) ``torch_dtype=``: a floating ``torch.dtype``, ``"auto"``
+    (the dtype the weights are stored in) or ``None``; the names of :data:`DTYPE_NAMES` are accepted too."""
+    dtype, torch_dtype = _as_dtype(dtype), _as_dtype(torch_dtype)
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"got both dtype={dtype!r} and torch_dtype={torch_dtype!r}: pass one (dtype)")
+    return dtype if dtype is not None else torch_dtype
+
+
+def _as_dtype(value: Any) -> torch.dtype | str | None:
+    if value is None or value == "auto" or value in _FLOAT_DTYPES:
+        return value
+    if isinstance(value, str):
+        name = value.lower().removeprefix("torch.")
+        if name in DTYPE_NAMES:
+            return DTYPE_NAMES[name]
+    raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, 'auto' or a floating torch.dtype "
+                     f"(torch.float32, torch.bfloat16, torch.float16), got {value!r}")
+
+
+def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The dtype of the first floating tensor of the safetensors weights in ``folder`` (``None`` if none)."""
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                as_torch = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype)
+                if as_torch is not None:
+                    return as_torch
+    return None
+
+
+def weights_folder(path: str | os.PathLike, kwargs: dict[str, Any],
+                   weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
+    """The local folder holding a model's weights: ``path`` (plus ``kwargs["subfolder"]``) if it is a directory,
+    else the Hub cache folder of ``weights_name`` in repo ``path`` (downloaded if needed, as loading would)."""
+    subfolder = kwargs.get("subfolder") or ""
+    local = Path(path) / subfolder
+    if local.is_dir():
+        return local
+    from huggingface_hub import hf_hub_download
+
+    hub_args = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    return Path(hf_hub_download(str(path), weights_name, subfolder=subfolder or None, **hub_args)).parent
+
+
+# diffusers raises (rather than reports) a mis-shaped weight unless it re-initialises the whole model first
+_DIFFUSERS_SHAPE_ERROR = re.compile(r"because (\S+) expected shape torch\.Size\((\[[^\]]*\])\), but got "
+                                    r"torch\.Size\((\[[^\]]*\])\)")
+
+
+def _shape(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", text)]
+
+
+def _first(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def describe_mismatch(info: dict[str, Any], allow_mismatched: bool = False) -> str:
+    """What a loading report (``output_loading_info=True``) says is wrong, or ``""`` when the load was exact."""
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing {_first(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected {_first(info['unexpected_keys'])}")
+    mismatched = [] if allow_mismatched else list(info.get("mismatched_keys") or [])
+    if mismatched:
+        shown = [f"{key} (weights {list(saved)}, config {list(expected)})" for key, saved, expected in
+                 sorted(mismatched)[:_SHOWN]]
+        more = f" (+{len(mismatched) - _SHOWN} more)" if len(mismatched) > _SHOWN else ""
+        problems.append("mis-shaped " + ", ".join(shown) + more)
+    if info.get("error_msgs"):
+        problems.append(str(info["error_msgs"][0]).splitlines()[0])
+    return "; ".join(problems)
+
+
+def _unreadable(error: BaseException) -> BaseException | None:
+    """The root cause when loading failed because a weights file could not be read (else ``None``)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, (SafetensorError, pickle.UnpicklingError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _unreadable_message(cause: BaseException) -> str:
+    if isinstance(cause, pickle.UnpicklingError):
+        lines = [line.strip() for line in str(cause).splitlines() if "Unsupported global" in line or "error:" in line]
+        why = lines[0] if lines else "it holds objects other than tensors"
+        return (f"a pickled weights file that does not load with torch.load(weights_only=True) was refused ({why}); "
+                "only plain tensors are loaded from pickles: save the weights as safetensors")
+    return f"a weights file is damaged or truncated ({str(cause).splitlines()[0]})"
+
+
+def load_strictly(cls: type, load: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                  mismatch_option: str | None = None) -> Any:
+    """Run a library ``from_pretrained`` (``load``) for ``cls`` with its loading report, and raise a one-line
+    ``ValueError`` naming ``cls``, the folder and the first keys if any weight is missing, unexpected or
+    mis-shaped, or if a weights file cannot be read. Returns what the caller asked for (the model, or
+    ``(model, loading_info)`` with ``output_loading_info=True``).
+
+    ``mismatch_option``: the library's keyword that keeps loading past mis-shaped weights, so that they are
+    reported here instead of raised deep inside the library. A caller who passes it as ``True`` themselves opts in
+    to mis-shaped weights being re-initialised (the library's documented use: a new number of classes for
+    fine-tuning); missing and unexpected weights are refused still.
+    """
+    kwargs = dict(kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    allow_mismatched = bool(mismatch_option and kwargs.get(mismatch_option, False))
+    if mismatch_option:
+        kwargs[mismatch_option] = True
+    where = str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "?"))
+    if kwargs.get("subfolder"):
+        where = f"{where}/{kwargs['subfolder']}"
+    try:
+        model, info = load(*args, output_loading_info=True, **kwargs)
+    except Exception as e:  # re-raised below unless it is one of the two known failures
+        cause = _unreadable(e)
+        shape = _DIFFUSERS_SHAPE_ERROR.search(str(e)) if isinstance(e, ValueError) else None
+        if cause is None and shape is None:
+            raise
+        if cause is not None:
+            raise ValueError(f"cannot load {cls.__name__} from {where}: {_unreadable_message(cause)}") from None
+        key, expected, saved = shape.groups()
+        info = {"mismatched_keys": [(key, _shape(saved), _shape(expected))]}
+    problem = describe_mismatch(info, allow_mismatched)
+    if problem:
+        raise ValueError(f"cannot load {cls.__name__} from {where}: its weights do not match its config ({problem}); "
+                         "the folder is incomplete or its config was edited: re-save or re-convert it")
+    return (model, info) if want_info else model

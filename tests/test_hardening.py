@@ -1,0 +1,202 @@
+"""The pipeline's refusals of bad folders and requests: one-line errors naming what was expected, before any
+large allocation; and quiet, true messages on float16 / bfloat16 CPU runs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import sphere_ar_hf.pipeline_sphere_ar as pipeline_module
+from conftest import build_tiny_pipeline
+from sphere_ar_hf import SphereARPipeline
+from test_cli import error_line, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hardening") / "tiny"
+    build_tiny_pipeline().save_pretrained(out)
+    return out
+
+
+def edited(folder: Path, tmp_path: Path, file: str, edit) -> Path:
+    out = tmp_path / "edited"
+    shutil.copytree(folder, out)
+    data = json.loads((out / file).read_text())
+    edit(data)
+    (out / file).write_text(json.dumps(data))
+    return out
+
+
+def refused_by_cli(model: Path, *needles: str) -> None:
+    code, stdout, err = run("generate", "--model", model, "--class-labels", "1", "--steps", "1",
+                            "--output", model.parent / "out.png")
+    line = error_line(err)
+    assert code == 2 and stdout == "" and all(n in line for n in needles), line
+    assert not (model.parent / "out.png").exists()
+
+
+# ---- folders --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("id2label, needle", [
+    (["zero", "one"], "got list"),
+    ("zero one", "got str"),
+    (True, "got bool"),
+    ({"zero": "0"}, "key 'zero' is not a class id"),
+    ({"0": 7}, "class 0 is named 7, not a string"),
+    ({"0": ["a", "b"]}, "not a string"),
+])
+def test_id2label_must_map_ids_to_names(folder, tmp_path, id2label, needle: str) -> None:
+    model = edited(folder, tmp_path, "model_index.json", lambda d: d.__setitem__("id2label", id2label))
+    expected = r"id2label \(model_index.json\) must be a mapping of class ids to names"
+    with pytest.raises(ValueError, match=expected) as e:
+        SphereARPipeline.from_pretrained(model)
+    assert needle in str(e.value)
+    refused_by_cli(model, "id2label", needle)
+
+
+def test_another_scheduler_class_is_refused(folder, tmp_path) -> None:
+    model = edited(folder, tmp_path, "model_index.json",
+                   lambda d: d.__setitem__("scheduler", ["diffusers", "FlowMatchEulerDiscreteScheduler"]))
+    with pytest.raises(TypeError, match="scheduler must be a SphereARScheduler, got FlowMatchEulerDiscreteScheduler "
+                                        "\\(check the 'scheduler' entry of model_index.json\\)"):
+        SphereARPipeline.from_pretrained(model)
+    refused_by_cli(model, "SphereARScheduler", "FlowMatchEulerDiscreteScheduler")
+    pipe = build_tiny_pipeline()
+    with pytest.raises(TypeError, match="scheduler must be a SphereARScheduler"):
+        SphereARPipeline(pipe.transformer, pipe.vae, FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(TypeError, match="transformer must be a SphereARTransformer, got SphereVAE"):
+        SphereARPipeline(pipe.vae, pipe.vae, pipe.scheduler)
+
+
+@pytest.mark.parametrize("guidance", ["abc", math.nan, True, None])
+def test_config_guidance_scale_must_be_a_number(folder, tmp_path, guidance) -> None:
+    model = edited(folder, tmp_path, "transformer/config.json", lambda d: d.__setitem__("guidance_scale", guidance))
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        SphereARPipeline.from_pretrained(model)
+    refused_by_cli(model, "guidance_scale must be a finite number")
+
+
+# ---- guidance ---------------------------------------------------------------------------------------------------
+def test_guidance_that_overflows_is_named(tiny_pipeline) -> None:
+    # finite as a Python float but not in float32: refused before sampling
+    with pytest.raises(ValueError, match="guidance_scale must be a finite float32 number"):
+        tiny_pipeline([0, 1], guidance_scale=1e308, num_inference_steps=2)
+    # a float32 scale whose guided velocity overflows: the error names the guidance, not the decoder
+    with pytest.raises(ValueError, match="guidance_scale=1e\\+37 made the guided velocity non-finite in float32; use "
+                                         "a moderate scale \\(this model recommends 4.5\\)"):
+        tiny_pipeline([0, 1], guidance_scale=1e37, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    # a moderate scale still samples
+    tokens = tiny_pipeline([0, 1], guidance_scale=6.0, num_inference_steps=2, output_type="latent").images
+    assert torch.isfinite(tokens).all()
+
+
+def test_cli_guidance_overflow_is_one_line(folder, tmp_path) -> None:
+    code, _, err = run("generate", "--model", folder, "--class-labels", "1", "--steps", "1", "--guidance-scale",
+                       "1e308", "--output", tmp_path / "g.png")
+    assert code == 2 and "guidance_scale must be a finite float32 number" in error_line(err)
+    assert not (tmp_path / "g.png").exists()
+
+
+# ---- bounds -----------------------------------------------------------------------------------------------------
+def test_kv_cache_estimate_is_the_allocation(tiny_pipeline) -> None:
+    tf = tiny_pipeline.transformer
+    cache = tf.allocate_kv_cache(6)
+    assert tf.kv_cache_bytes(6) == cache.k.nbytes + cache.v.nbytes
+    assert tf.kv_cache_bytes(6, torch.bfloat16) * 2 == tf.kv_cache_bytes(6)
+
+
+def test_a_million_labels_are_refused_before_allocating(tiny_pipeline) -> None:
+    with pytest.raises(ValueError, match="1000000 images with 1 steps per token need about .* GiB of cpu memory "
+                                         ".* at most \\d+ images fit in one call: pass fewer class labels per call "
+                                         "\\(the CLI splits requests with --batch-size\\)"):
+        tiny_pipeline([0] * 10**6, num_inference_steps=1)
+
+
+def test_a_billion_steps_are_refused_before_allocating(tiny_pipeline) -> None:
+    with pytest.raises(ValueError, match="even one image does not fit: use fewer num_inference_steps"):
+        tiny_pipeline([0], num_inference_steps=10**9)
+
+
+def test_batch_bound_follows_the_free_memory(tiny_pipeline, monkeypatch) -> None:
+    pipe = tiny_pipeline
+    three = pipe.sampling_bytes(3, 2, guided=True)
+    assert pipe.sampling_bytes(4, 2, guided=True) > three > pipe.sampling_bytes(3, 2, guided=False)
+    assert pipe.sampling_bytes(3, 2, True, "latent") < three
+    monkeypatch.setattr(pipeline_module, "_free_memory", lambda device: three)
+    assert pipe([0, 1, 2], num_inference_steps=2, output_type="pt").images.shape[0] == 3
+    with pytest.raises(ValueError, match="4 images with 2 steps per token need .* at most 3 images fit in one call"):
+        pipe([0, 1, 2, 3], num_inference_steps=2)
+
+
+def test_cli_refuses_a_batch_that_does_not_fit(folder, tmp_path, monkeypatch) -> None:
+    pipe = SphereARPipeline.from_pretrained(folder)
+    two = pipe.sampling_bytes(2, 1, guided=True)
+    monkeypatch.setattr(pipeline_module, "_free_memory", lambda device: two)
+    argv = ("generate", "--model", folder, "--class-labels", "1", "2", "3", "--steps", "1")
+    code, _, err = run(*argv, "--batch-size", "3", "--output", tmp_path / "a.png")
+    assert code == 2 and "at most 2 images fit in one call" in error_line(err) and "--batch-size" in err
+    code, _, err = run(*argv, "--batch-size", "2", "--output", tmp_path / "b.png")
+    assert code == 0, err
+    assert (tmp_path / "b.png").is_file() and not (tmp_path / "a.png").exists()
+
+
+# ---- quiet, true messages ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def library_warnings() -> Iterator[list[str]]:
+    """Collect the warnings that diffusers and transformers log (their loggers do not propagate to the root)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cpu_run_is_quiet(folder, dtype) -> None:
+    with library_warnings() as messages:
+        pipe = SphereARPipeline.from_pretrained(folder, dtype=dtype)
+        pipe.to("cpu")
+        pipe.to(dtype)
+        pipe.vae.to(dtype)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe([1], num_inference_steps=1, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(images).all()
+    assert not [m for m in messages if "kept in float32: []" in m or "cannot run with `cpu`" in m], messages
+    # other warnings still get through the filter
+    with library_warnings() as messages:
+        logging.getLogger("diffusers.models.modeling_utils").warning("kept in float32: ['decoder']")
+    assert messages == ["kept in float32: ['decoder']"]
+
+
+def test_cpu_offload_without_an_accelerator(tiny_pipeline) -> None:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        pipe = build_tiny_pipeline()
+        pipe.enable_model_cpu_offload()  # works where there is an accelerator
+        assert pipe([0], num_inference_steps=1, output_type="pt").images.shape[0] == 1
+        return
+    for method in ("enable_model_cpu_offload", "enable_sequential_cpu_offload"):
+        with pytest.raises(RuntimeError, match=f"^{method}\\(\\) moves each model to an accelerator .* this machine "
+                                               "has none: run on the CPU instead \\(pipe.to\\('cpu'\\)\\)$"):
+            getattr(tiny_pipeline, method)()
