@@ -192,3 +192,19 @@ def test_generate_without_model_uses_the_embedded_digits_model(tmp_path) -> None
     assert code == 0, err
     with Image.open(out) as im:
         assert im.width >= 2 * 16 and im.height >= 16  # two 16 px digits side by side
+
+
+def test_help_imports_no_heavy_library() -> None:
+    # `sphere-ar --help` and each command's --help start in a fraction of a second: the package's names and the
+    # command line load torch, diffusers and transformers only when a command runs
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\n"
+            "from sphere_ar_hf.cli import main\n"
+            "for argv in ([], ['generate'], ['convert'], ['sample'], ['evaluate'], ['push']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert main([*argv, '--help']) == 0, argv\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -24,8 +24,8 @@ def test_head_evaluations_per_token(sampler: str, steps: int, evals: int) -> Non
 
 
 def _integrate(scheduler: SphereARScheduler, velocity, x: torch.Tensor) -> torch.Tensor:
-    for k, t in enumerate(scheduler.timesteps):
-        x = scheduler.step(velocity(x, float(t)), k, x, return_dict=False)[0]
+    for t in scheduler.timesteps:
+        x = scheduler.step(velocity(x, float(t)), t, x, return_dict=False)[0]
     return x
 
 
@@ -53,11 +53,70 @@ def test_time_shift_moves_the_grid() -> None:
 def test_explicit_noise_equals_drawn_noise() -> None:
     s = SphereARScheduler(num_inference_steps=4)
     x, v = torch.randn(3, 16), torch.randn(3, 16)
-    drawn = s.step(v, 1, x, generator=torch.Generator().manual_seed(7)).prev_sample
+    t = s.timesteps
+    drawn = s.step(v, t[1], x, generator=torch.Generator().manual_seed(7)).prev_sample
     noise = torch.randn(3, 16, generator=torch.Generator().manual_seed(7))
-    given = s.step(v, 1, x, noise=noise).prev_sample
+    s.set_timesteps(4)
+    given = s.step(v, t[1], x, noise=noise).prev_sample
     assert torch.equal(drawn, given) and not torch.equal(noise, torch.zeros_like(noise))
-    assert torch.equal(s.step(v, 4, x).prev_sample, x + v * s.step_sizes[4])  # the last step is deterministic
+    s.set_timesteps(4)
+    last = s.step(v, t[4], x).prev_sample  # a pass may start at any of the timesteps (its first match)
+    assert torch.equal(last, x + v * s.step_sizes[4])  # the last step is deterministic
+    assert s.step_index is None  # after the last step: the next token's pass starts over
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "euler", "heun"])
+def test_step_index_follows_the_timesteps_and_wraps_per_token(sampler: str) -> None:
+    """A diffusers-style loop over ``timesteps``, once per token: the index advances per step and resets after the
+    last one; the second token's pass (same noise) gives the same result as the first."""
+    s = SphereARScheduler(sampler=sampler, num_inference_steps=3)
+    x0, v = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), torch.ones(2, 8)
+    results = []
+    for _token in range(2):
+        x, g = x0, torch.Generator().manual_seed(1)
+        assert s.step_index is None
+        for k, t in enumerate(s.timesteps):
+            x = s.step(v * float(t), t, x, generator=g).prev_sample
+            assert s.step_index == (k + 1 if k + 1 < len(s) else None)
+        results.append(x)
+    assert torch.equal(results[0], results[1])
+    # python floats (rounded to float32, as ``timesteps == value`` compares) are timesteps too
+    s.set_timesteps(3)
+    s.step(v, float(s.timesteps[0]), x0)
+    assert s.step_index == 1
+
+
+def test_step_index_and_begin_index_reset_by_set_timesteps() -> None:
+    s = SphereARScheduler(sampler="euler", num_inference_steps=5)
+    x, v = torch.zeros(1, 4), torch.ones(1, 4)
+    s.step(v, s.timesteps[0], x)
+    s.step(v, s.timesteps[1], x)
+    assert s.step_index == 2
+    s.set_begin_index(3)
+    assert s.begin_index == 3
+    s.set_timesteps(5)
+    assert s.step_index is None and s.begin_index is None
+    s.set_begin_index(2)
+    s.step(v, s.timesteps[2], x)
+    assert s.step_index == 3
+    with pytest.raises(ValueError, match="begin_index"):
+        s.set_begin_index(5)
+
+
+def test_step_rejects_a_timestep_off_the_schedule() -> None:
+    s = SphereARScheduler(num_inference_steps=4)
+    x, v = torch.zeros(1, 4), torch.ones(1, 4)
+    with pytest.raises(ValueError, match="is not one of this scheduler's timesteps"):
+        s.step(v, 0.5, x)  # 0.5 is no time of the grid 0, 0.24, 0.48, 0.72, 0.96
+    with pytest.raises(ValueError, match="is not one of this scheduler's timesteps"):
+        s.step(v, 2, x)  # an evaluation index is no timestep
+    s.step(v, s.timesteps[0], x)
+    with pytest.raises(ValueError, match="is not the next evaluation time"):
+        s.step(v, s.timesteps[3], x)  # out of order
+    with pytest.raises(ValueError, match="one value"):
+        s.step(v, s.timesteps, x)
+    with pytest.raises(TypeError, match="timestep must be"):
+        s.step(v, "0", x)
 
 
 def test_config_round_trip_and_validation(tmp_path) -> None:

@@ -1,22 +1,32 @@
-"""SphereAR (hyperspherical-latent autoregressive image generation) for the Hugging Face ecosystem."""
+"""SphereAR (hyperspherical-latent autoregressive image generation) for the Hugging Face ecosystem.
 
-from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers looks these up to load our components)
-from transformers import AutoConfig, AutoModel, PreTrainedModel  # noqa: F401
+The public names load on first use (as diffusers' and transformers' own do), so that ``sphere-ar --help`` and the
+modules that need no model start without importing torch, diffusers or transformers. Importing the configuration
+or the model registers ``sphere_ar`` with transformers' ``AutoConfig`` / ``AutoModel``.
+"""
 
-from .configuration_sphere_ar import PRESETS, SphereARConfig
-from .convert import convert_official_checkpoint
-from .labels import imagenet_id2label
-from .modeling_sphere_ar import SphereARTransformer, SphereARTransformerOutput
-from .pipeline_sphere_ar import SphereARPipeline
-from .power_spherical import PowerSphericalDistribution, project_to_sphere
-from .pretrained import bundled_model_path
-from .scheduling_sphere_ar import SphereARScheduler
-from .vae import SphereVAE
+from __future__ import annotations
 
-AutoConfig.register("sphere_ar", SphereARConfig, exist_ok=True)
-AutoModel.register(SphereARConfig, SphereARTransformer, exist_ok=True)
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module (in this package) that defines it
+_EXPORTS: dict[str, str] = {
+    "PRESETS": "configuration_sphere_ar",
+    "SphereARConfig": "configuration_sphere_ar",
+    "convert_official_checkpoint": "convert",
+    "imagenet_id2label": "labels",
+    "SphereARTransformer": "modeling_sphere_ar",
+    "SphereARTransformerOutput": "modeling_sphere_ar",
+    "SphereARPipeline": "pipeline_sphere_ar",
+    "PowerSphericalDistribution": "power_spherical",
+    "project_to_sphere": "power_spherical",
+    "bundled_model_path": "pretrained",
+    "SphereARScheduler": "scheduling_sphere_ar",
+    "SphereVAE": "vae",
+}
 
 __all__ = [
     "PRESETS",
@@ -32,3 +42,27 @@ __all__ = [
     "imagenet_id2label",
     "project_to_sphere",
 ]
+
+if TYPE_CHECKING:
+    from .configuration_sphere_ar import PRESETS, SphereARConfig
+    from .convert import convert_official_checkpoint
+    from .labels import imagenet_id2label
+    from .modeling_sphere_ar import SphereARTransformer, SphereARTransformerOutput
+    from .pipeline_sphere_ar import SphereARPipeline
+    from .power_spherical import PowerSphericalDistribution, project_to_sphere
+    from .pretrained import bundled_model_path
+    from .scheduling_sphere_ar import SphereARScheduler
+    from .vae import SphereVAE
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -18,9 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .convert import ConversionError
-from .scheduling_sphere_ar import CFG_SCHEDULES
-from .seeding import MAX_SEED, image_generators
+from .options import CFG_SCHEDULES, DTYPES, FEATURE_SPACES, LABEL_MODES, MAX_SEED, SAMPLERS
 from .utils import HelpFormatter, atomic_write, format_millions
 
 if TYPE_CHECKING:
@@ -34,7 +32,6 @@ __all__ = ["CLIError", "DEFAULT_MODEL", "build_parser", "main", "make_grid", "sa
 # bundled default model (see resolve_model).
 # the embedded digits model (package data): `sphere-ar generate` works offline with no --model
 DEFAULT_MODEL: str | None = str(Path(__file__).parent / "pretrained" / "digits")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CLIError(Exception):
@@ -144,13 +141,16 @@ def _quiet_libraries() -> Iterator[None]:
 
 # ---- convert --------------------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_official_checkpoint
+    from .convert import ConversionError, convert_official_checkpoint
 
     info: dict = {}
-    with _quiet_libraries():
-        pipe = convert_official_checkpoint(args.checkpoint, args.output, vae_checkpoint=args.vae_checkpoint,
-                                           use_ema=not args.no_ema, num_heads=args.num_heads,
-                                           vae_num_heads=args.vae_num_heads, overwrite=args.overwrite, info=info)
+    try:
+        with _quiet_libraries():
+            pipe = convert_official_checkpoint(args.checkpoint, args.output, vae_checkpoint=args.vae_checkpoint,
+                                               use_ema=not args.no_ema, num_heads=args.num_heads,
+                                               vae_num_heads=args.vae_num_heads, overwrite=args.overwrite, info=info)
+    except ConversionError as e:
+        raise CLIError(_one_line(e)) from None
     tf, vae = pipe.transformer, pipe.vae
     c = tf.config
     n_tf = sum(p.numel() for p in tf.parameters())
@@ -232,6 +232,8 @@ def _label_slug(pipe: SphereARPipeline, class_id: int) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .seeding import image_generators
+
     if args.output is not None:
         _image_format(args.output)  # fail before loading anything
     device = _device(args.device)
@@ -460,8 +462,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_sample_parser(sub, fmt) -> None:
-    from .evaluation.sampling import LABEL_MODES
-    from .scheduling_sphere_ar import SAMPLERS
 
     p = sub.add_parser(
         "sample", formatter_class=fmt, help="sample many images for evaluation into an ADM .npz (multi-process)",
@@ -507,7 +507,6 @@ def add_sample_parser(sub, fmt) -> None:
 
 
 def add_evaluate_parser(sub, fmt) -> None:
-    from .evaluation import FEATURE_SPACES
 
     p = sub.add_parser(
         "evaluate", formatter_class=fmt, help="FID / sFID / IS / precision / recall of sampled images",
@@ -547,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
         return args.func(args)
-    except (CLIError, ConversionError, OSError) as e:
+    except (CLIError, OSError) as e:
         if isinstance(e, OSError) and e.strerror:  # without the "[Errno N]" noise
             e = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
         print(f"error: {_one_line(e)}", file=sys.stderr)

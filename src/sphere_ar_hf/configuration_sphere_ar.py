@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 from .layers import swiglu_hidden_size
 
@@ -108,3 +108,6 @@ class SphereARConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **kwargs})
+
+
+AutoConfig.register(SphereARConfig.model_type, SphereARConfig, exist_ok=True)

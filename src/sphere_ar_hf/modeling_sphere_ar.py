@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_sphere_ar import SphereARConfig
@@ -21,10 +22,13 @@ __all__ = ["SphereARTransformer", "SphereARTransformerOutput", "DiffusionHead"]
 
 @dataclass
 class SphereARTransformerOutput(ModelOutput):
-    """``loss``: flow-matching velocity MSE; ``head_condition``: per-token conditions ``(B, L, hidden)``."""
+    """``loss``: flow-matching velocity MSE; ``head_condition``: per-token conditions ``(B, L, hidden)``;
+    ``hidden_states`` (with ``output_hidden_states``): the trunk's input (the normalised class and latent token
+    embeddings) and each block's output, ``num_hidden_layers + 1`` tensors ``(B, num_class_tokens + L - 1, hidden)``."""
 
     loss: torch.Tensor | None = None
     head_condition: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> torch.Tensor:
@@ -47,8 +51,8 @@ class TimestepEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
-class HeadResBlock(nn.Module):
-    """LayerNorm -> adaLN modulation -> SwiGLU (width 1.5x) -> gated residual."""
+class HeadResBlock(GradientCheckpointingLayer):
+    """LayerNorm -> adaLN modulation -> SwiGLU (width 1.5x) -> gated residual (checkpointed when enabled)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -75,7 +79,6 @@ class DiffusionHead(nn.Module):
 
     def __init__(self, latent_dim: int, cond_dim: int, dim: int, num_layers: int, num_adaln: int):
         super().__init__()
-        self.gradient_checkpointing = False
         self.time_embed = TimestepEmbedder(dim)
         self.cond_embed = nn.Linear(cond_dim, dim)
         self.input_proj = nn.Linear(latent_dim, dim)
@@ -143,14 +146,10 @@ class DiffusionHead(nn.Module):
         """The head's velocity at ``x`` (N, latent_dim) given :meth:`modulations` (training and sampling: the head's
         one computation, the float32 operations of the official head in the same order)."""
         h = self.input_proj(x.to(self.input_proj.weight.dtype))
-        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.res_blocks):
             if i % self.adaln_every == 0:
                 scale, shift, gate = mods[i // self.adaln_every].chunk(3, dim=-1)
-            if ckpt:
-                h = self._gradient_checkpointing_func(block, h, scale, shift, gate)
-            else:
-                h = block(h, scale, shift, gate)
+            h = block(h, scale, shift, gate)
         scale, shift = mods[-1].chunk(2, dim=-1)
         return self.final_linear(self.final_norm(h) * (1 + scale) + shift)
 
@@ -250,29 +249,52 @@ class SphereARTransformer(SphereARPreTrainedModel):
         drop = torch.rand(class_labels.shape, generator=generator, device=gdev).to(class_labels.device) < p
         return torch.where(drop, torch.full_like(class_labels, self.null_class_id), class_labels)
 
-    def compute_head_condition(self, latents: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced head conditions ``(B, L, hidden)`` for tokens ``latents`` (B, L, latent_dim)."""
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The class embedding: class id (``num_classes`` is the null class) -> ``num_class_tokens`` input tokens."""
+        return self.class_embedding
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the class embedding (``num_classes + 1`` rows of ``hidden_size * num_class_tokens``)."""
+        c = self.config
+        shape = (c.num_classes + 1, c.hidden_size * c.num_class_tokens)
+        if not isinstance(value, nn.Embedding) or tuple(value.weight.shape) != shape:
+            got = tuple(value.weight.shape) if isinstance(value, nn.Embedding) else type(value).__name__
+            raise ValueError(f"the class embedding must be an nn.Embedding of shape {shape}, got {got}")
+        self.class_embedding = value
+
+    def compute_head_condition(self, latents: torch.Tensor, class_labels: torch.Tensor,
+                               hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Teacher-forced head conditions ``(B, L, hidden)`` for tokens ``latents`` (B, L, latent_dim); the trunk's
+        input and each block's output are appended to ``hidden_states`` if given."""
         x = self.proj_in(latents[:, :-1].to(self.proj_in.weight.dtype))
         x = self.input_norm(torch.cat([self._class_tokens(class_labels), x], dim=1))
-        x = run_blocks(self, self.layers, x, self.rope.get(x.device))
+        if hidden_states is not None:
+            hidden_states.append(x)
+        x = run_blocks(self, self.layers, x, self.rope.get(x.device), hidden_states=hidden_states)
         x = self.norm(x[:, -self.config.num_image_tokens:])
         return x + self.head_pos_embedding.weight
 
     def forward(self, latents: torch.Tensor, class_labels: torch.Tensor, generator: torch.Generator | None = None,
-                return_dict: bool = True, **kwargs) -> SphereARTransformerOutput | tuple:
+                return_dict: bool | None = None, output_hidden_states: bool | None = None,
+                **kwargs) -> SphereARTransformerOutput | tuple:
         """Flow-matching training loss for sphere tokens ``latents`` (B, L, latent_dim) of classes ``class_labels``.
 
         In training mode labels are dropped to the null class with ``class_dropout_prob``. The head batch is
-        repeated ``diff_batch_mul`` times with independent ``t = sigmoid(N(0, 1))`` and noise.
+        repeated ``diff_batch_mul`` times with independent ``t = sigmoid(N(0, 1))`` and noise. ``return_dict`` and
+        ``output_hidden_states`` default to the config's; the tuple holds the output's fields that are set, in
+        order: ``(loss, head_condition[, hidden_states])``.
         """
         c = self.config
+        return_dict = return_dict if return_dict is not None else c.return_dict
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else c.output_hidden_states
         if latents.dim() != 3 or latents.shape[1:] != (c.num_image_tokens, c.latent_dim):
             raise ValueError(f"latents must have shape (batch, {c.num_image_tokens}, {c.latent_dim}), "
                              f"got {tuple(latents.shape)}")
         class_labels = class_labels.to(latents.device).long().view(-1)
         if self.training:
             class_labels = self.drop_labels(class_labels, generator)
-        cond = self.compute_head_condition(latents, class_labels)
+        hidden_states = [] if output_hidden_states else None
+        cond = self.compute_head_condition(latents, class_labels, hidden_states)
         z = cond.reshape(-1, cond.shape[-1]).repeat(c.diff_batch_mul, 1)
         target = latents.reshape(-1, c.latent_dim).float().repeat(c.diff_batch_mul, 1)
         gdev = generator.device if generator is not None else target.device
@@ -281,9 +303,9 @@ class SphereARTransformer(SphereARPreTrainedModel):
         x_t, v_target = flow_path(target, noise, t)
         v = self.head(x_t, t, z).float()
         loss = F.mse_loss(v, v_target)
-        if not return_dict:
-            return (loss, cond)
-        return SphereARTransformerOutput(loss=loss, head_condition=cond)
+        out = SphereARTransformerOutput(loss=loss, head_condition=cond,
+                                        hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+        return out if return_dict else out.to_tuple()
 
     # ---- incremental decoding -------------------------------------------------------------------------------
     def allocate_kv_cache(self, batch_size: int, device: torch.device | None = None,
@@ -316,3 +338,6 @@ class SphereARTransformer(SphereARPreTrainedModel):
         """Feed latent token ``index`` (B, latent_dim), on the sphere; return the condition for token ``index + 1``."""
         x = self.proj_in(token.to(self.proj_in.weight.dtype)).unsqueeze(1)
         return self._decode(x, self.config.num_class_tokens + index, cache, index + 1)
+
+
+AutoModel.register(SphereARConfig, SphereARTransformer, exist_ok=True)

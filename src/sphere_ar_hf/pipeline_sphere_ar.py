@@ -282,8 +282,9 @@ class SphereARPipeline(DiffusionPipeline):
         row_generator = generator + generator if isinstance(generator, list) and do_cfg else generator
         self.check_memory(batch, num_inference_steps, do_cfg, output_type, device)
         scheduler = copy.copy(self.scheduler)  # this call's times and step state, not shared with another thread
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        t_emb = head.embed_times(scheduler.timesteps, rows)  # depends only on the step: once per call
+        # the times stay on the CPU, so that step() checks each one without waiting for the device
+        scheduler.set_timesteps(num_inference_steps)
+        t_emb = head.embed_times(scheduler.timesteps.to(device), rows)  # depends only on the step: once per call
         chunk = max(1, self.MODULATION_BYTES // (rows * head.modulation_width * t_emb.element_size()))
         cache = tf.allocate_kv_cache(rows, device=device)
         z = tf.prefill(cond, cache)
@@ -295,13 +296,13 @@ class SphereARPipeline(DiffusionPipeline):
                 c_emb = head.embed_condition(z)  # depends only on the token: once per token
                 gen = generator if guided else row_generator
                 x, noise = scheduler.token_noise((rows // 2 if guided else rows, tf.config.latent_dim), gen, device)
-                for k in range(len(scheduler)):
+                for k, t in enumerate(scheduler.timesteps):  # one pass per token; the step index then resets
                     if k % chunk == 0:  # depends only on the token and the step: ahead, a chunk of steps at a time
                         mods = head.step_modulations(t_emb[k:k + chunk], c_emb)
                     v = velocity(torch.cat([x, x]) if guided else x, mods[k % chunk])
                     if guided:
                         v = apply_guidance(v.float(), guidance)
-                    x = scheduler.step(v, k, x, generator=gen, noise=noise[k], return_dict=False)[0]
+                    x = scheduler.step(v, t, x, generator=gen, noise=noise[k], return_dict=False)[0]
                 token = self.vae.normalize(x)  # back onto the sphere, also after CFG: fed back and decoded
                 if guided:
                     token = torch.cat([token, token])

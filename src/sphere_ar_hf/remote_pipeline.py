@@ -11,7 +11,9 @@ import os
 from .configuration_sphere_ar import SphereARConfig
 from .labels import resolve_label_ids  # noqa: F401  (imported for diffusers, see above)
 from .layers import TransformerBlock  # noqa: F401
+from .loading import resolve_dtype  # noqa: F401
 from .modeling_sphere_ar import SphereARTransformer
+from .options import CFG_SCHEDULES  # noqa: F401
 from .pipeline_sphere_ar import SphereARPipeline as _SphereARPipeline
 from .power_spherical import project_to_sphere  # noqa: F401
 from .remote_code import write_remote_code

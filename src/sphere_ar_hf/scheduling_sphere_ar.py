@@ -15,11 +15,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .options import CFG_SCHEDULES, SAMPLERS
+
 __all__ = ["CFG_SCHEDULES", "SAMPLERS", "SphereARScheduler", "SphereARSchedulerOutput", "flow_path", "apply_guidance",
            "draw_noise"]
 
-SAMPLERS = ("euler_maruyama", "euler", "heun")
-CFG_SCHEDULES = ("linear", "constant")  # the guidance scale over the tokens: rising from 1 (official), or constant
 
 
 def flow_path(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

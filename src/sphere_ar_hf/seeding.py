@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .options import MAX_SEED
+
 __all__ = ["MAX_SEED", "image_generators", "image_seeds", "stream_hash"]
 
-MAX_SEED = 2**64 - 1
 NOISE_STREAM, LABEL_STREAM = 0, 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 

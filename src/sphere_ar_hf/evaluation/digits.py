@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 DIGITS_IMAGE_SIZE = 16
-DIGITS_ID2LABEL = {i: str(i) for i in range(10)}
+_DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGITS_ID2LABEL = {i: f"{name}, {i}" for i, name in enumerate(_DIGIT_NAMES)}  # "seven" and "7" both name 7
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..options import FEATURE_SPACES
 from .image_sets import ImageSet
 from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 
 __all__ = ["FEATURE_SPACES", "evaluate", "evaluate_digits", "extract_features"]
 
-FEATURE_SPACES = ("inception", "digits")
 
 
 def _image_set(source: str | os.PathLike | ImageSet) -> ImageSet:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..options import LABEL_MODES
 from ..seeding import LABEL_STREAM, image_seeds, stream_hash
 from ..utils import atomic_write
 from .image_sets import write_npz
@@ -44,7 +45,6 @@ from .image_sets import write_npz
 __all__ = ["LABEL_MODES", "ROW_QUANTUM", "SamplingSettings", "image_labels", "image_seeds", "run_sampling",
            "sample_images", "to_uint8"]
 
-LABEL_MODES = ("uniform", "balanced")
 ROW_QUANTUM = 8  # images per batch are padded to a multiple of this (see the module docstring)
 
 
