@@ -13,7 +13,9 @@ betas (0.9, 0.95), weight decay 0.05, 20k warm-up steps then cosine decay to 1e-
 Every ``transformers.TrainingArguments`` flag works (``--torch_compile``, ``--activation_checkpointing``,
 ``--save_steps``, ``--push_to_hub --hub_model_id``, ...); ``--help`` lists them all. Checkpoints are marked
 complete only once fully written; ``--resume_from_checkpoint latest`` resumes from the newest complete one (or
-starts fresh). The run ends by writing a pipeline folder with the EMA weights to ``<output_dir>/pipeline``.
+starts fresh); the newest 3 are kept (``--save_total_limit``, ``--keep_checkpoints_every N``). The classes and
+their names come from the dataset (``--num_classes`` must match it). TensorBoard logs go to ``<output_dir>/logs``.
+The run ends by writing a pipeline folder with the EMA weights to ``<output_dir>/pipeline``.
 A single JSON file with all the arguments may be given instead of flags.
 """
 

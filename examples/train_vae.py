@@ -6,7 +6,9 @@ The defaults are the official recipe (75M S-VAE, 256px, 100 epochs, global batch
         --dataset_name ILSVRC/imagenet-1k --output_dir runs/svae
     # or: torchrun --nproc_per_node 8 examples/train_vae.py --dataset_name ILSVRC/imagenet-1k --output_dir runs/svae
 
-Resume an interrupted run with ``--resume_from_checkpoint latest`` (same output_dir). Options may also come
+Resume an interrupted run with ``--resume_from_checkpoint latest`` (same output_dir); the newest 3 checkpoints are
+kept (``--checkpoints_total_limit``, ``--keep_checkpoints_every N``); TensorBoard logs go to ``<output_dir>/logs``.
+LPIPS needs torchvision's VGG16 weights (downloaded once; offline: ``--perceptual_weight 0``). Options may also come
 from a single JSON file: ``examples/train_vae.py args.json``. See ``--help`` for every option.
 """
 

@@ -44,7 +44,7 @@ def model(tmp_path_factory) -> Path:
 def test_output_dir_writes_each_image_and_a_grid(model, tmp_path) -> None:
     out = tmp_path / "samples"
     code, stdout, err = run("generate", "--model", model, "--class-labels", "207", "otter", "Goldfish", *STEPS,
-                            "--batch-size", "2", "--output-dir", out)
+                            "--batch-size", "2", "--scale", "1", "--output-dir", out)
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
     assert names == ["000_golden-retriever.png", "001_otter.png", "002_goldfish.png", "grid.png"]
@@ -65,9 +65,16 @@ def test_output_writes_only_the_grid(model, tmp_path) -> None:
                             "--guidance-scale", "1", "--cfg-schedule", "constant", "--output", target)
     assert code == 0, err
     assert sorted(p.name for p in target.parent.iterdir()) == ["grid.png"]  # nothing else, no temporary files
-    with Image.open(target) as grid:
-        assert grid.size == (2 * 64 + 2, 64)
-    assert str(target) in stdout
+    with Image.open(target) as grid:  # 64 px images, enlarged 2x by default (at least 128 px)
+        assert grid.size == (2 * 128 + 2, 128)
+    assert str(target) in stdout and "(2 images of 128x128" in stdout and "2 steps)" in stdout
+    code, stdout, err = run("generate", "--model", model, "--class-labels", "207", "--steps", "1", "--scale", "3",
+                            "--output", target)
+    assert code == 0, err
+    with Image.open(target) as grid:  # nearest neighbour: 3 x 3 blocks of one colour
+        assert grid.size == (192, 192)
+        assert all(grid.getpixel((x, y)) == grid.getpixel((3, 3)) for x in range(3, 6) for y in range(3, 6))
+    assert "(1 image of 192x192" in stdout and "1 step)" in stdout
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -122,7 +129,9 @@ def test_bad_model_and_options(model, tmp_path) -> None:
     code, _, err = run("generate", "--model", tmp_path, "--class-labels", "1", "--output", tmp_path / "g.png")
     assert code == 2 and "model_index.json" in error_line(err)
     code, _, err = run("generate", "--model", model, "--class-labels", "1", "--output", tmp_path / "g.xyz")
-    assert code == 2 and "extension" in error_line(err)
+    assert code == 2 and "generate writes PNG images: name the file .png, not '.xyz'" in error_line(err)
+    code, _, err = run("generate", "--model", model, "--class-labels", "1", "--output", tmp_path / "g.jpg")
+    assert code == 2 and "not '.jpg'" in error_line(err)
     code, _, err = run("generate", "--model", model, "--class-labels", "1", "--output", tmp_path / "g.png",
                        "--device", "nonsense")
     assert code == 2 and "--device" in error_line(err)

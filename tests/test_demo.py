@@ -500,11 +500,12 @@ def test_default_model_is_the_bundled_digits_model():
     demo = build_demo(pipe)
     try:
         runner = demo.runner
-        assert [name for name, _ in class_choices(pipe)] == [str(i) for i in range(10)]
+        names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+        assert [name for name, _ in class_choices(pipe)] == [f"{i}: {n}, {i}" for i, n in enumerate(names)]
         assert runner.recommended_guidance == pipe.transformer.config.guidance_scale
         gallery, info = runner.generate(["7"], 1, runner.recommended_guidance, "linear", 2, 0,
                                         progress=_ProgressRecorder())
-        assert len(gallery) == 1 and gallery[0][1] == "7 · seed 0, image 0"
+        assert len(gallery) == 1 and gallery[0][1] == "seven · seed 0, image 0"
     finally:
         demo.close()
 

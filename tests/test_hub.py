@@ -16,6 +16,8 @@ from huggingface_hub import ModelCard, SpaceCard
 
 from sphere_ar_hf import SphereARPipeline, hub, remote_code
 from sphere_ar_hf.configuration_sphere_ar import PRESETS
+from sphere_ar_hf.labels import imagenet_id2label
+from sphere_ar_hf.pretrained import bundled_model_path
 
 REPO_ID = "someone/sphere-ar-test"
 ARXIV = "https://arxiv.org/abs/2509.24335"
@@ -29,16 +31,34 @@ def pipeline_dir(tmp_path_factory, tiny_pipeline) -> Path:
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory, tiny_pipeline) -> Path:
-    """The tiny pipeline dressed as the digits model: classes "0".."9", its own recommended guidance."""
+def digits_dir(tmp_path_factory) -> Path:
+    """A copy of the bundled digits model (its weights identify it) with another recommended guidance."""
     path = tmp_path_factory.mktemp("hub") / "digits"
-    tiny_pipeline.save_pretrained(path, safe_serialization=True)
-    index = json.loads((path / "model_index.json").read_text())
-    index["id2label"] = {str(i): str(i) for i in range(10)}
-    (path / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(bundled_model_path("digits"), path)
     config = json.loads((path / "transformer" / "config.json").read_text())
     config["guidance_scale"] = 2.5
     (path / "transformer" / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def edit_config(folder: Path, component: str | None = None, **values) -> None:
+    """Set entries of a pipeline folder's model_index.json (component None) or a component's config.json."""
+    path = folder / "model_index.json" if component is None else folder / component / "config.json"
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory, tiny_pipeline) -> Path:
+    """The tiny pipeline's weights under a converted SphereAR-B's configs (1000 ImageNet-1k classes, B's width and
+    depth): what the cards read. Its weights do not load into those configs; the cards never load them."""
+    path = tmp_path_factory.mktemp("hub") / "imagenet"
+    tiny_pipeline.save_pretrained(path, safe_serialization=True)
+    preset = PRESETS["SphereAR-B"]
+    edit_config(path, id2label={str(k): v for k, v in imagenet_id2label().items()})
+    edit_config(path, "transformer", num_classes=1000, hidden_size=preset["hidden_size"],
+                num_hidden_layers=preset["num_hidden_layers"])
     return path
 
 
@@ -83,15 +103,23 @@ class FakeHubApi:
 @pytest.fixture
 def fake_hub(monkeypatch) -> FakeHubApi:
     api = FakeHubApi()
-    monkeypatch.setattr(hub, "_hf_api", lambda: api)
+    monkeypatch.setattr(hub, "_hf_api", lambda token=None: api)
     return api
 
 
 # ---- model cards ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("card, name, fid", [("b", "SphereAR-B", "1.92"), ("l", "SphereAR-L", "1.54"),
                                              ("h", "SphereAR-H", "1.34")])
-def test_imagenet_card(pipeline_dir, tiny_pipeline, card, name, fid):
-    text = str(hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="cc-by-nc-4.0", card=card))
+def test_imagenet_card(pipeline_dir, imagenet_dir, tiny_pipeline, tmp_path, card, name, fid):
+    folder = imagenet_dir
+    if card != "b":
+        folder = tmp_path / card
+        shutil.copytree(imagenet_dir, folder)
+        preset = PRESETS[name]
+        edit_config(folder, "transformer", hidden_size=preset["hidden_size"],
+                    num_hidden_layers=preset["num_hidden_layers"])
+    assert hub.detect_card(hub.pipeline_facts(folder)) == card
+    text = str(hub.render_model_card(folder, repo_id=REPO_ID, license="cc-by-nc-4.0"))  # card="auto"
     parsed = ModelCard(text)  # what the Hub parses
     data = parsed.data.to_dict()
     assert data["library_name"] == "diffusers"
@@ -118,7 +146,7 @@ def test_imagenet_card(pipeline_dir, tiny_pipeline, card, name, fid):
     assert (facts["transformer_params"], facts["vae_params"]) == (n_tf, n_vae)
     assert facts["num_labels"] == facts["num_classes"] == 10 and facts["image_size"] == 32
     assert f"{hub.format_millions(n_tf)} parameters" in body
-    assert "guidance_scale=4.5," in body and "generates 32×32 images of the 10 ImageNet-1k classes" in body
+    assert "guidance_scale=4.5," in body and "generates 32×32 images of the 1000 ImageNet-1k classes" in body
 
 
 def test_digits_card(digits_dir):
@@ -135,13 +163,14 @@ def test_digits_card(digits_dir):
     assert "@article{ke2025hyperspherical" in parsed.text
 
 
-def test_card_without_remote_code(pipeline_dir):
-    card = hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="mit", card="b", remote_code=False)
+@pytest.mark.parametrize("card", ["b", "generic"])
+def test_card_without_remote_code(imagenet_dir, card):
+    card = hub.render_model_card(imagenet_dir, repo_id=REPO_ID, license="mit", card=card, remote_code=False)
     assert "trust_remote_code" not in card.text and "custom_code" not in card.data.tags
 
 
 def test_card_other_license(pipeline_dir):
-    card = hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="other", card="h",
+    card = hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="other",
                                  license_name="sphere-ar-weights", license_link="https://example.org/license")
     data = ModelCard(str(card)).data.to_dict()
     assert (data["license"], data["license_name"], data["license_link"]) == (
@@ -153,37 +182,47 @@ def test_card_other_license(pipeline_dir):
     ("MIT License", "not a Hub license id"), ("other", "needs a license name and a link")])
 def test_card_license_is_required(pipeline_dir, license, match):
     with pytest.raises(hub.HubError, match=match):
-        hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license=license, card="b")
+        hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license=license)
 
 
 def test_card_license_id_is_normalized(pipeline_dir):
-    assert hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="Apache-2.0", card="b").data.license == \
+    assert hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="Apache-2.0").data.license == \
         "apache-2.0"
 
 
 def test_card_bad_inputs(pipeline_dir, tmp_path):
     with pytest.raises(hub.HubError, match="owner/name"):
-        hub.render_model_card(pipeline_dir, repo_id="no-owner", license="mit", card="b")
+        hub.render_model_card(pipeline_dir, repo_id="no-owner", license="mit")
     with pytest.raises(hub.HubError, match="unknown card"):
         hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="mit", card="xl")
-    with pytest.raises(hub.HubError, match="pass card= / --card"):  # the tiny model is none of the four
-        hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="mit")
+    for card in ("b", "l", "h", "digits"):  # the tiny model is none of these: an explicit card is refused
+        with pytest.raises(hub.HubError, match=f"--card {card} describes .* leave out --card"):
+            hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="mit", card=card)
     with pytest.raises(hub.HubError, match="no model_index.json"):
-        hub.render_model_card(tmp_path, repo_id=REPO_ID, license="mit", card="b")
+        hub.render_model_card(tmp_path, repo_id=REPO_ID, license="mit")
     with pytest.raises(hub.HubError, match="card templates"):
-        hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="mit", card="b", template_dir=tmp_path / "x")
+        hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="mit", template_dir=tmp_path / "x")
 
 
 def test_detect_card_official_sizes():
-    def facts(preset: dict | None = None, classes: int = 1000, labels: dict | None = None) -> dict:
+    def facts(preset: dict | None = None, classes: int = 1000, imagenet: bool = True, **extra) -> dict:
         preset = preset or {"hidden_size": 64, "num_hidden_layers": 2}
-        return {"num_classes": classes, "id2label": labels or {}, "hidden_size": preset["hidden_size"],
-                "num_hidden_layers": preset["num_hidden_layers"]}
+        labels = imagenet_id2label() if imagenet and classes == 1000 else {}
+        return {"num_classes": classes, "id2label": labels, "imagenet_labels": bool(labels), "training": None,
+                "bundled": False, "hidden_size": preset["hidden_size"],
+                "num_hidden_layers": preset["num_hidden_layers"], **extra}
 
     assert [hub.detect_card(facts(PRESETS[f"SphereAR-{v}"])) for v in "BLH"] == ["b", "l", "h"]
-    assert hub.detect_card(facts(classes=10, labels={i: str(i) for i in range(10)})) == "digits"
-    with pytest.raises(hub.HubError, match="--card"):
-        hub.detect_card(facts(PRESETS["SphereAR-B"], classes=10))
+    assert hub.detect_card(facts(classes=10, bundled=True)) == "digits"
+    # ten classes named "0".."9" are not enough to be the bundled model: its weights are
+    assert hub.detect_card(facts(classes=10, id2label={i: str(i) for i in range(10)})) == "generic"
+    assert hub.detect_card(facts(PRESETS["SphereAR-B"], classes=10)) == "generic"
+    assert hub.detect_card(facts(PRESETS["SphereAR-B"], imagenet=False)) == "generic"  # not ImageNet's names
+    trained = facts(PRESETS["SphereAR-B"], training={"dataset": "ILSVRC/imagenet-1k", "global_step": 10})
+    assert hub.detect_card(trained) == "generic"  # trained by our scripts, not the official checkpoint
+    assert "trained by sphere-ar-hf" in hub.card_problem(trained, "b")
+    assert hub.card_problem(facts(PRESETS["SphereAR-B"], imagenet=False), "b") is None  # explicit: no names is ok
+    assert hub.card_problem(facts(PRESETS["SphereAR-L"]), "b").startswith("has 1000 classes, width 1024")
 
 
 def test_space_card():
@@ -216,7 +255,7 @@ def test_space_folder(tmp_path):
 def test_dry_run_writes_the_folder_and_uploads_nothing(pipeline_dir, tmp_path, fake_hub):
     before = files_of(pipeline_dir)
     out = tmp_path / "out"
-    code, stdout, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit", "--card", "b",
+    code, stdout, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit",
                              "--dry-run", out)
     assert code == 0, err
     assert "nothing was uploaded" in stdout
@@ -229,10 +268,10 @@ def test_dry_run_writes_the_folder_and_uploads_nothing(pipeline_dir, tmp_path, f
     assert files_of(pipeline_dir) == before  # the source folder is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left behind
     # an existing folder is replaced only with --overwrite
-    code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit", "--card", "b",
+    code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit",
                         "--dry-run", out)
     assert code == 2 and err.startswith("error: ") and "--overwrite" in err
-    code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "apache-2.0", "--card", "b",
+    code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "apache-2.0",
                         "--dry-run", out, "--overwrite")
     assert code == 0, err
     assert ModelCard.load(out / "README.md").data.license == "apache-2.0"
@@ -240,10 +279,10 @@ def test_dry_run_writes_the_folder_and_uploads_nothing(pipeline_dir, tmp_path, f
 
 def test_push_folder_of_a_pushed_folder(pipeline_dir, tmp_path):
     """Pushing a pushed folder again gives the same files; without remote code, the plain pipeline folder."""
-    first = hub.build_push_folder(pipeline_dir, tmp_path / "first", repo_id=REPO_ID, license="mit", card="b")
-    again = hub.build_push_folder(first, tmp_path / "again", repo_id=REPO_ID, license="mit", card="b")
+    first = hub.build_push_folder(pipeline_dir, tmp_path / "first", repo_id=REPO_ID, license="mit")
+    again = hub.build_push_folder(first, tmp_path / "again", repo_id=REPO_ID, license="mit")
     assert files_of(again) == files_of(first)
-    plain = hub.build_push_folder(first, tmp_path / "plain", repo_id=REPO_ID, license="mit", card="b",
+    plain = hub.build_push_folder(first, tmp_path / "plain", repo_id=REPO_ID, license="mit",
                                   remote_code=False)
     expected = files_of(pipeline_dir)
     files = files_of(plain)
@@ -256,7 +295,7 @@ def test_push_folder_of_a_pushed_folder(pipeline_dir, tmp_path):
 
 @pytest.mark.parametrize("private", [False, True])
 def test_push_uploads_exactly_the_dry_run_folder(pipeline_dir, tmp_path, fake_hub, private):
-    args = ["--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit", "--card", "b"]
+    args = ["--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit"]
     assert push(*args, "--dry-run", tmp_path / "dry")[0] == 0
     before = set(pipeline_dir.parent.iterdir())
     code, stdout, err = push(*args, *(["--private"] if private else []))
@@ -274,18 +313,18 @@ def test_push_uploads_exactly_the_dry_run_folder(pipeline_dir, tmp_path, fake_hu
 
 def test_push_library_function(pipeline_dir):
     api = FakeHubApi()
-    url = hub.push_pipeline(pipeline_dir, REPO_ID, license="mit", card="b", private=True, api=api,
+    url = hub.push_pipeline(pipeline_dir, REPO_ID, license="mit", private=True, api=api,
                             commit_message="first upload")
     assert url == f"https://huggingface.co/{REPO_ID}"
     assert api.calls[1][1]["commit_message"] == "first upload" and api.calls[0][1]["private"] is True
     with pytest.raises(hub.HubError, match="a license is required"):
-        hub.push_pipeline(pipeline_dir, REPO_ID, license=None, card="b", api=api)
+        hub.push_pipeline(pipeline_dir, REPO_ID, license=None, api=api)
     assert len(api.calls) == 2
 
 
 def test_push_without_license_is_a_clear_error(pipeline_dir, tmp_path, fake_hub):
     for extra in ([], ["--dry-run", tmp_path / "out"]):
-        code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--card", "b", *extra)
+        code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, *extra)
         assert code == 2
         assert err.startswith("error: --license is required") and "never guessed" in err
     assert fake_hub.calls == [] and not (tmp_path / "out").exists()
@@ -300,7 +339,7 @@ def test_push_input_errors(pipeline_dir, tmp_path, fake_hub):
         (["--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--dry-run", pipeline_dir / "out"], "must not be"),
     ]
     for argv, message in cases:
-        code, _, err = push(*argv, *([] if "--license" in argv else ["--license", "mit"]), "--card", "b")
+        code, _, err = push(*argv, *([] if "--license" in argv else ["--license", "mit"]))
         assert code == 2 and err.startswith("error: ") and message in err, (argv, err)
         assert len(err.strip().splitlines()) == 1
     assert fake_hub.calls == []
@@ -314,8 +353,8 @@ def test_push_reports_hub_errors(pipeline_dir, monkeypatch):
 
     HfHubHTTPError.__module__ = "huggingface_hub.errors"
     api = FakeHubApi(fail=HfHubHTTPError("401 Unauthorized: invalid token"))
-    monkeypatch.setattr(hub, "_hf_api", lambda: api)
-    code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit", "--card", "b")
+    monkeypatch.setattr(hub, "_hf_api", lambda token=None: api)
+    code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit")
     assert code == 2 and err.strip() == "error: the upload failed: 401 Unauthorized: invalid token"
 
 
@@ -329,6 +368,175 @@ def test_cli_wiring():
     assert args.func is hub.run_push
 
 
+# ---- a model trained with our trainer: the generic card, the trainer's --push_to_hub ---------------------------------
+DIGIT_NAMES = [f"digit_{i}" for i in range(10)]
+PAPER_NUMBERS = ("1.92", "1.54", "1.34", "208M", "479M", "943M")
+
+
+class FakeTrainerHub(FakeHubApi):
+    """Also stands in for ``transformers.trainer.hf_api()`` (the Trainer creates the repository at its start)."""
+
+    def create_repo(self, *args, **kwargs):
+        if args:
+            kwargs["repo_id"] = args[0]
+        super().create_repo(**kwargs)
+        import types
+
+        return types.SimpleNamespace(repo_id=kwargs["repo_id"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, FakeTrainerHub]:
+    """A tiny model trained by ``train_sphere_ar`` on a 10-class image folder (``digit_0`` .. ``digit_9``) with
+    ``--push_to_hub`` to a fake Hub; returns the pipeline folder and the fake's record of the calls."""
+    import numpy as np
+    import transformers.trainer
+    from PIL import Image
+
+    from sphere_ar_hf import SphereARConfig, SphereVAE
+    from sphere_ar_hf.training.data import DataArguments
+    from sphere_ar_hf.training.trainer import ModelArguments, SphereARTrainingArguments, train_sphere_ar
+
+    root = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    SphereVAE(image_size=32, patch_size=16, z_channels=64, cnn_channels=(32, 32, 32, 32, 64), encoder_layers=1,
+              decoder_layers=1).save_pretrained(str(root / "vae"))
+    SphereARConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_hidden_size=64,
+                   head_num_layers=2, head_num_adaln=1, image_size=32, patch_size=16, num_classes=10,
+                   num_class_tokens=4).to_json_file(str(root / "config.json"))
+    for c, name in enumerate(DIGIT_NAMES):
+        (root / "images" / name).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 20 * c, np.uint8)).save(root / "images" / name / "0.png")
+    api = FakeTrainerHub()
+    args = SphereARTrainingArguments(
+        output_dir=str(root / "run"), max_steps=2, per_device_train_batch_size=5, learning_rate=1e-3,
+        warmup_steps=0, decay_start=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True, ema_decay=0.0, push_to_hub=True,
+        hub_model_id="someone/my-digits", hub_license="mit", hub_token="secret")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hub, "_hf_api", lambda token=None: api)
+        mp.setattr(transformers.trainer, "hf_api", lambda: api)
+        out = train_sphere_ar(ModelArguments(pretrained_vae=str(root / "vae"), config_file=str(root / "config.json")),
+                              DataArguments(train_data_dir=str(root / "images"), resolution=32), args)
+    return out, api
+
+
+def test_push_of_a_trained_model_needs_no_card_and_claims_only_its_facts(trained, tmp_path, fake_hub):
+    """The acceptance test of issue 11: a model trained by our trainer gets a generic card from its folder."""
+    folder, _ = trained
+    code, stdout, err = push("--pipeline", folder, "--repo-id", "someone/my-digits", "--license", "mit",
+                             "--dry-run", tmp_path / "out")
+    assert code == 0, err
+    assert "model card: generic" in stdout and fake_hub.calls == []
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    text = str(card)
+    for name in DIGIT_NAMES:  # the classes, by name
+        assert f"| {DIGIT_NAMES.index(name)} | {name} |" in text
+    pipe = SphereARPipeline.from_pretrained(folder)
+    n_tf = sum(p.numel() for p in pipe.transformer.parameters())
+    n_vae = sum(p.numel() for p in pipe.vae.parameters())
+    assert f"{hub.format_millions(n_tf)} parameters ({n_tf:,})" in text  # the real sizes
+    assert f"{hub.format_millions(n_vae)} parameters ({n_vae:,})" in text
+    assert "width 64, 2 causal layers" in text and "32×32" in text and "4 tokens of dimension 16" in text
+    assert '["digit_0", "digit_1"]' in text  # the usage snippet uses its own class names
+    # the trainer's record: the data (a local folder, by its name only), steps, epochs, the date
+    record = pipe.transformer.config.training_info
+    assert record["dataset"] == "images (a local image folder)" and record["global_step"] == 2
+    assert record["num_examples"] == 10 and record["epochs"] == 1.0 and record["init"] == "random"
+    assert "| Dataset | images (a local image folder) |" in text and "| Optimizer steps | 2 |" in text
+    assert f"| Finished (UTC) | {record['date']} |" in text and "| Training examples | 10 |" in text
+    assert str(folder.parent) not in text  # no local paths
+    # and nothing it cannot check
+    for claim in ("ImageNet", "imagenet", "bundled", "FID", "official", *PAPER_NUMBERS):
+        assert claim not in text, claim
+    assert card.data.datasets is None and "imagenet" not in card.data.tags and card.data.license == "mit"
+    # an explicit card that contradicts the folder is a one-line error
+    for wrong in ("b", "digits"):
+        code, _, err = push("--pipeline", folder, "--repo-id", "someone/my-digits", "--license", "mit",
+                            "--card", wrong, "--dry-run", tmp_path / wrong)
+        assert code == 2 and err.startswith(f"error: --card {wrong} describes") and len(err.splitlines()) == 1
+        assert not (tmp_path / wrong).exists()
+
+
+def test_training_record_survives_a_round_trip(trained, tmp_path):
+    folder, _ = trained
+    pipe = SphereARPipeline.from_pretrained(folder)  # strict loading
+    pipe.save_pretrained(tmp_path / "again")
+    assert hub.pipeline_facts(tmp_path / "again")["training"] == hub.pipeline_facts(folder)["training"]
+
+
+def test_trainer_push_to_hub_goes_through_the_publisher(trained, tmp_path):
+    folder, api = trained
+    names = [name for name, _ in api.calls]
+    assert names == ["create_repo", "create_repo", "upload_folder"]  # the Trainer's own create_repo, then ours
+    upload = api.calls[-1][1]
+    assert upload["repo_id"] == "someone/my-digits" and upload["commit_message"] == "End of training"
+    expected = hub.build_push_folder(folder, tmp_path / "dry", repo_id="someone/my-digits", license="mit")
+    assert upload["files"] == files_of(expected)  # the card and the remote code, as `sphere-ar push` has them
+    assert {"README.md", "remote_pipeline.py", "transformer/remote_code.py"} <= set(upload["files"])
+
+
+def test_trainer_push_to_hub_needs_a_license_before_training(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    from sphere_ar_hf import SphereARConfig, SphereARTransformer
+    from sphere_ar_hf.training.trainer import SphereARTrainer, SphereARTrainingArguments
+
+    api = FakeTrainerHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    args = SphereARTrainingArguments(output_dir=str(tmp_path), use_cpu=True, push_to_hub=True, report_to="none",
+                                     hub_model_id="someone/x")
+    model = SphereARTransformer(SphereARConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                               head_hidden_size=64, head_num_layers=1, head_num_adaln=1,
+                                               image_size=32, patch_size=16, num_classes=10, num_class_tokens=4))
+    with pytest.raises(ValueError, match="a license is required"):
+        SphereARTrainer(model=model, args=args)
+    assert api.calls == []  # nothing created
+
+
+def test_generic_card_metrics_and_many_classes(pipeline_dir, tmp_path):
+    metrics = {"features": "inception", "gen": "/home/me/samples", "ref": "/data/VIRTUAL_ref.npz", "num_gen": 5000,
+               "num_ref": 10000, "fid": 12.3456, "inception_score": 45.6, "precision": 0.61, "recall": 0.42}
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit", "--metrics",
+                        tmp_path / "m.json", "--dry-run", tmp_path / "out")
+    assert code == 0, err
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "| FID | 12.35 |" in text and "| Inception Score | 45.6 |" in text and "| Recall | 0.42 |" in text
+    assert "Measured by the uploader" in text and "5000 generated images" in text and "`VIRTUAL_ref.npz`" in text
+    assert "/home/me" not in text and "/data/" not in text
+    assert "no training record" in text  # the tiny fixture was not made by our trainer
+    (tmp_path / "bad.json").write_text(json.dumps({"fid": "low"}))
+    code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit", "--metrics",
+                        tmp_path / "bad.json", "--dry-run", tmp_path / "bad")
+    assert code == 2 and "not a `sphere-ar evaluate --json` result" in err
+    # many classes: a short list and a count, no names at all: a count
+    many = tmp_path / "many"
+    shutil.copytree(pipeline_dir, many)
+    edit_config(many, "transformer", num_classes=500)
+    edit_config(many, id2label={str(i): f"class_{i}" for i in range(500)})
+    text = str(hub.render_model_card(many, repo_id=REPO_ID, license="mit"))
+    assert "| 19 | class_19 |" in text and "class_20 " not in text and "480 more in `model_index.json`" in text
+    edit_config(many, id2label=None)
+    text = str(hub.render_model_card(many, repo_id=REPO_ID, license="mit"))
+    assert "500 (ids 0 to 499; model_index.json names none)" in text and "| Class id |" not in text
+    assert "[0, 1],  # class ids 0-499" in text
+
+
+def test_digits_card_needs_the_bundled_weights(digits_dir, tmp_path):
+    text = str(hub.render_model_card(digits_dir, repo_id=REPO_ID, license="mit"))
+    assert "bundled with sphere-ar-hf" in text
+    retrained = tmp_path / "retrained"  # same configs and labels, other weights: not the bundled model
+    shutil.copytree(digits_dir, retrained)
+    weights = next((retrained / "transformer").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)
+    weights.write_bytes(bytes(data))
+    assert hub.detect_card(hub.pipeline_facts(retrained)) == "generic"
+    text = str(hub.render_model_card(retrained, repo_id=REPO_ID, license="mit"))
+    assert "bundled" not in text and "| 7 | " in text
+
+
 # ---- loading a pushed folder with the installed package --------------------------------------------------------------
 def package_pipeline_class() -> type[SphereARPipeline]:
     """SphereARPipeline, which maps a pushed repository's remote-code entries back to this package."""
@@ -337,7 +545,7 @@ def package_pipeline_class() -> type[SphereARPipeline]:
 
 
 def test_package_loads_pushed_folder_without_its_code(pipeline_dir, tmp_path):
-    repo = hub.build_push_folder(pipeline_dir, tmp_path / "repo", repo_id=REPO_ID, license="mit", card="b")
+    repo = hub.build_push_folder(pipeline_dir, tmp_path / "repo", repo_id=REPO_ID, license="mit")
     for code in repo.rglob("*.py"):
         code.write_text("raise RuntimeError('the remote code must not run')\n")
     cls = package_pipeline_class()
@@ -355,7 +563,7 @@ def test_package_loads_pushed_folder_without_its_code(pipeline_dir, tmp_path):
 
 def test_package_loads_pushed_repo_id_from_the_hub_cache(pipeline_dir, tmp_path):
     """A pushed repository in the local Hub cache (as a download leaves it) loads by repo id, offline."""
-    repo = hub.build_push_folder(pipeline_dir, tmp_path / "repo", repo_id=REPO_ID, license="mit", card="b")
+    repo = hub.build_push_folder(pipeline_dir, tmp_path / "repo", repo_id=REPO_ID, license="mit")
     commit = "0123456789abcdef0123456789abcdef01234567"
     cache = tmp_path / "cache"
     model = cache / f"models--{REPO_ID.replace('/', '--')}"

@@ -128,6 +128,10 @@ def test_cache_guards(data: Path, vae: SphereVAE, cache: Path, tmp_path: Path) -
         cache_latents(vae, _data_args(data, tmp_path), cache)
     with pytest.raises(ValueError, match="image_size 32"):
         cache_latents(vae, _data_args(data, tmp_path, resolution=64), tmp_path / "x")
+    # the class count is the dataset's: one that differs is refused before any encoding
+    with pytest.raises(ValueError, match=r"--num_classes 5 does not match the dataset: .* names 3 classes"):
+        cache_latents(vae, _data_args(data, tmp_path, num_classes=5), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="map-style"):
         cache_latents(vae, _data_args(data, tmp_path, streaming=True), tmp_path / "x")
     with pytest.raises(ValueError, match="label column 'nope'"):
@@ -202,6 +206,10 @@ def test_two_processes_equal_one(cache: Path, data: Path, vae_dirs: tuple[Path, 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "wrote a latent cache of 9 images" in proc.stderr
+    # a startup summary and a progress bar (with ETA), on the main process only
+    assert proc.stderr.count("Latent cache\n") == 1
+    assert "10 images (center crops and their flips), 3 classes" in proc.stderr  # 9 and an undecodable one
+    assert proc.stderr.count("latent cache: 100%") == 1 and "2/2 [" in proc.stderr
     two = datasets.load_from_disk(str(out)).with_format("numpy")[:]
     one = datasets.load_from_disk(str(cache)).with_format("numpy")[:]
     assert two.keys() == one.keys()

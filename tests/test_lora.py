@@ -343,3 +343,127 @@ def test_digits_fine_tune_shows_the_style_and_keeps_the_digits(example, bench, t
     unload_lora(pipe)
     assert_same_weights(pipe.transformer, before)
     assert np.array_equal(generate()[0], base_images)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the adapter's own model card, and pushing it
+
+
+class FakeHub:
+    """Records what a push asks of the Hub (also stands in for ``transformers.trainer.hf_api()``)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, *args, **kwargs):
+        import types
+
+        if args:
+            kwargs["repo_id"] = args[0]
+        self.calls.append(("create_repo", kwargs))
+        return types.SimpleNamespace(repo_id=kwargs["repo_id"])
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        self.calls.append(("upload_folder", {**kwargs, "files": files}))
+
+
+def test_saved_adapter_has_our_card(adapter_dir):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(adapter_dir / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "peft" and "lora" in data["tags"] and "sphere-ar" in data["tags"]
+    assert "base_model" not in data  # "tiny" is no Hub repo id
+    text = card.text
+    assert "| Base model | `tiny` |" in text and "| Rank | 4 |" in text and "| Alpha | 8.0 (scale 2) |" in text
+    assert "| Trained class-embedding rows | 1, 10 |" in text and "feed_forward" in text  # the target regex
+    values = sum(t.numel() for t in adapter_tensors(adapter_dir).values())
+    assert f"| Stored values | {values:,} |" in text
+    assert "Not measured for this adapter." in text and "no training record" in text
+    assert "Model Card for Model ID" not in text  # not PEFT's blank template
+
+
+def test_public_model_name_is_never_an_absolute_path(tmp_path):
+    from sphere_ar_hf.lora import public_model_name
+
+    assert public_model_name("someone/sphere-ar-digits") == "someone/sphere-ar-digits"
+    (tmp_path / "my-base").mkdir()
+    assert public_model_name(tmp_path / "my-base") == "my-base"
+    snapshot = tmp_path / "hub" / "models--someone--sphere-ar-b" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert public_model_name(snapshot) == "someone/sphere-ar-b"
+    assert public_model_name(bundled_model_path("digits")) == "digits"
+
+
+def test_card_records_training_and_the_style_score(make_pipeline, tmp_path):
+    from huggingface_hub import ModelCard
+
+    pipe = make_pipeline()
+    add_lora(pipe.transformer, build_lora_config(rank=2))
+    (tmp_path / "base").mkdir()
+    bench_result = {"style": "heavy", "real_restyled_style": 0.41,
+                    "generated": {"base": {"style": 0.305}, "adapted": {"style": 0.357}}}
+    out = save_lora(pipe, tmp_path / "adapter", base_model_name_or_path=tmp_path / "base",
+                    training_info={"dataset": "digits-heavy (a local dataset folder)", "global_step": 60,
+                                   "epochs": 1.5, "date": "2026-01-02T03:04:05Z"}, style=bench_result)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    text = (out / "README.md").read_text()
+    assert str(tmp_path) not in text and "| Base model | `base` |" in text
+    assert "| Dataset | digits-heavy (a local dataset folder) |" in text and "| Optimizer steps | 60 |" in text
+    assert "| Finished (UTC) | 2026-01-02T03:04:05Z |" in text
+    assert "| base model | 0.305 |" in text and "| with the adapter | 0.357 |" in text and "'heavy'" in text
+    assert ModelCard(text).data.license is None
+    with pytest.raises(ValueError, match="bench_lora.py --json"):
+        save_lora(pipe, tmp_path / "bad", style={"ink": 1})
+
+
+def test_push_lora_uploads_the_adapter_with_its_card(adapter_dir):
+    from huggingface_hub import ModelCard
+
+    from sphere_ar_hf.hub import HubError
+    from sphere_ar_hf.lora import push_lora
+
+    api = FakeHub()
+    with pytest.raises(HubError, match="a license is required"):
+        push_lora(adapter_dir, "someone/lora", license=None, api=api)
+    url = push_lora(adapter_dir, "someone/lora", license="mit", api=api)
+    assert url == "https://huggingface.co/someone/lora"
+    (_, create), (_, upload) = api.calls
+    assert create["repo_id"] == "someone/lora" and upload["repo_id"] == "someone/lora"
+    assert sorted(upload["files"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    card = ModelCard(upload["files"]["README.md"].decode())
+    assert card.data.license == "mit" and 'load_lora(pipe, "someone/lora")' in card.text
+
+
+def test_train_lora_push_to_hub(example, make_pipeline, tmp_path, monkeypatch):
+    """``--push_to_hub`` of the LoRA example pushes the adapter with its card (fake Hub), base named relatively."""
+    import transformers.trainer
+    from huggingface_hub import ModelCard
+
+    from sphere_ar_hf import hub
+
+    api = FakeHub()
+    monkeypatch.setattr(hub, "_hf_api", lambda token=None: api)
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    base_dir = tmp_path / "base"
+    make_pipeline().save_pretrained(str(base_dir))
+    for c in range(2):
+        folder = tmp_path / "images" / f"class_{c}"
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((32, 32, 3), 50 * c + i, np.uint8)).save(folder / f"{i}.png")
+    adapter = Path(example.main([
+        "--pretrained_model", str(base_dir), "--train_data_dir", str(tmp_path / "images"), "--output_dir",
+        str(tmp_path / "run"), "--lora_rank", "2", "--class_ids", "3", "7", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "True",
+        "--push_to_hub", "--hub_model_id", "someone/my-lora", "--hub_license", "apache-2.0"]))
+    assert [name for name, _ in api.calls] == ["create_repo", "create_repo", "upload_folder"]
+    upload = api.calls[-1][1]
+    assert upload["repo_id"] == "someone/my-lora" and "README.md" in upload["files"]
+    card = ModelCard(upload["files"]["README.md"].decode())
+    assert card.data.license == "apache-2.0" and "| Base model | `base` |" in card.text
+    assert "| Optimizer steps | 2 |" in card.text and "images (a local image folder)" in card.text
+    assert str(tmp_path) not in card.text and str(tmp_path).encode() not in upload["files"]["adapter_config.json"]
+    assert (adapter / "README.md").is_file() and (adapter / "training_info.json").is_file()

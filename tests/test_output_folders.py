@@ -232,18 +232,18 @@ def test_push_folder_and_space_folder_follow_the_rule(pipeline_dir, tmp_path) ->
     from sphere_ar_hf import hub
 
     out = tmp_path / "push"
-    hub.build_push_folder(pipeline_dir, out, repo_id="me/tiny", license="mit", card="b")
-    hub.build_push_folder(pipeline_dir, out, repo_id="me/tiny", license="apache-2.0", card="b", overwrite=True)
+    hub.build_push_folder(pipeline_dir, out, repo_id="me/tiny", license="mit")
+    hub.build_push_folder(pipeline_dir, out, repo_id="me/tiny", license="apache-2.0", overwrite=True)
     (out / "mine.txt").write_text("mine")
     with pytest.raises(OutputFolderError, match="it holds mine.txt"):
-        hub.build_push_folder(pipeline_dir, out, repo_id="me/tiny", license="mit", card="b", overwrite=True)
+        hub.build_push_folder(pipeline_dir, out, repo_id="me/tiny", license="mit", overwrite=True)
     # the source pipeline inside the output folder
     outer = tmp_path / "outer"
     shutil.copytree(pipeline_dir, outer)
     src = outer / "transformer" / "src"
     shutil.copytree(pipeline_dir, src)
     with pytest.raises(OutputFolderError, match="input"):
-        hub.build_push_folder(src, outer, repo_id="me/tiny", license="mit", card="b", overwrite=True)
+        hub.build_push_folder(src, outer, repo_id="me/tiny", license="mit", overwrite=True)
     assert (src / "model_index.json").is_file()
     space = tmp_path / "space"
     hub.build_space_folder(space, license="mit")

@@ -130,7 +130,7 @@ def pushed(tmp_path_factory, tiny_pipeline) -> tuple[Path, Path]:
     """A tiny pipeline folder and the folder `sphere-ar push` would upload for it (its dry run)."""
     root = tmp_path_factory.mktemp("remote")
     tiny_pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
-    out = hub.build_push_folder(root / "pipeline", root / "repo", repo_id=REPO_ID, license="mit", card="b")
+    out = hub.build_push_folder(root / "pipeline", root / "repo", repo_id=REPO_ID, license="mit")
     return root / "pipeline", out
 
 

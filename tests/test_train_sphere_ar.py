@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARTransformer, SphereVAE
 from sphere_ar_hf.training.checkpoints import (
@@ -253,8 +254,77 @@ def test_lr_schedule_is_the_official_formula(tmp_path):
     assert official_learning_rate(90, 100, lr, min_lr, 10, -1) == lr
     assert SphereARTrainingArguments(output_dir=str(tmp_path), warmup_steps=0.1, use_cpu=True).get_warmup_steps(
         100) == 10
-    # the schedule object is checkpointed with its settings
+    # the schedule's settings are recorded in its state dict, but loading one restores only the step
     assert sched.state_dict()["lr_lambdas"][0]["decay_start"] == 40
+    # clamped: never above the peak, never past its end (min_lr from total_steps on), never negative
+    for step in (-5, 0, 10, 100, 101, 10**6):
+        assert 0.0 <= official_learning_rate(step, total, lr, min_lr, 10, 40) <= lr
+    assert official_learning_rate(10**6, total, lr, min_lr, 10, 40) == pytest.approx(min_lr)
+
+
+class LRRecorder(TrainerCallback):
+    """The learning rate each optimizer step used, read from the optimizer right after the step."""
+
+    def __init__(self):
+        self.lrs: dict[int, float] = {}
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs[state.global_step + 1] = optimizer.param_groups[0]["lr"]  # global_step counts finished steps
+
+
+def test_resume_with_a_larger_max_steps_follows_the_new_schedule(tmp_path, capsys):
+    """Train 8 steps of an 8-step schedule, resume with max_steps 20: every step after the resume uses the lr of
+    a fresh 20-step schedule (not the checkpointed 8-step one), never above the peak; the Trainer's progress bar
+    and the startup summary show."""
+    lr, min_lr = 1e-3, 1e-5
+    kw = dict(per_device_train_batch_size=8, learning_rate=lr, min_lr=min_lr, warmup_steps=3, decay_start=3,
+              save_strategy="steps", save_steps=4, ema_decay=0.0)
+    first = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path, max_steps=8, **kw),
+                            train_dataset=LatentsDataset())
+    first.train()
+    assert first.optimizer.param_groups[0]["lr"] == pytest.approx(min_lr)  # the end of the 8-step schedule
+    recorder = LRRecorder()
+    resumed = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path, max_steps=20, disable_tqdm=False, **kw),
+                              train_dataset=LatentsDataset(), callbacks=[recorder])
+    capsys.readouterr()
+    resumed.train(resume_from_checkpoint="latest")
+    err = capsys.readouterr().err
+    assert sorted(recorder.lrs) == list(range(9, 21))
+    fresh = {s: official_learning_rate(s - 1, 20, lr, min_lr, 3, 3) for s in range(1, 21)}
+    for step, used in recorder.lrs.items():
+        assert used == pytest.approx(fresh[step], rel=1e-9, abs=1e-12), step
+        assert used <= lr
+    logged = {h["step"]: h["learning_rate"] for h in resumed.state.log_history if "loss" in h}
+    for step, value in logged.items():
+        if step > 8:
+            assert value == pytest.approx(fresh[step], rel=1e-6, abs=1e-12), step
+    # the same as a run that started with max_steps 20
+    recorder_fresh = LRRecorder()
+    SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path / "fresh", max_steps=20, **kw),
+                    train_dataset=LatentsDataset(), callbacks=[recorder_fresh]).train()
+    assert all(recorder.lrs[s] == pytest.approx(recorder_fresh.lrs[s], rel=1e-9, abs=1e-12) for s in recorder.lrs)
+    # the progress bar (with ETA) and the startup summary, printed once
+    assert "20/20 [" in err and err.count("SphereAR training") == 1
+    assert "resuming at step 8" in err and "8 per device x 1 process x 1 accumulation = 8 per step" in err
+    assert f"parameters: {resumed.model.num_parameters():,}" in err and "8 examples, 4 classes" in err
+
+
+def test_default_run_keeps_a_bounded_number_of_checkpoints(tmp_path):
+    """Default save_total_limit 3; --keep_checkpoints_every N keeps every N-th for good; resume uses the newest."""
+    kw = dict(per_device_train_batch_size=8, save_strategy="steps", save_steps=1, ema_decay=0.9)
+    args = tiny_args(tmp_path, max_steps=6, **kw)  # save_total_limit left at its default
+    assert args.save_total_limit == 3 and args.keep_checkpoints_every is None
+    SphereARTrainer(model=tiny_model(), args=args, train_dataset=LatentsDataset()).train()
+    out = tmp_path / "out"
+    names = lambda: sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))  # noqa: E731
+    assert names() == [4, 5, 6]
+    recorder = LRRecorder()
+    resumed = SphereARTrainer(model=tiny_model(), train_dataset=LatentsDataset(), callbacks=[recorder],
+                              args=tiny_args(tmp_path, max_steps=10, keep_checkpoints_every=4, **kw))
+    resumed.train(resume_from_checkpoint="latest")
+    assert sorted(recorder.lrs) == [7, 8, 9, 10]  # resumed from checkpoint-6
+    assert names() == [4, 7, 8, 9, 10]  # the newest 3, and every 4th step
+    assert all(is_complete_checkpoint(out / f"checkpoint-{s}") for s in names())
 
 
 def test_ema_update_equals_the_formula(tmp_path):
@@ -355,20 +425,23 @@ def test_save_pipeline_and_push_to_hub_upload_the_pipeline_folder(tmp_path, monk
         def __init__(self, token=None):
             calls.append(("token", token))
 
-        def create_repo(self, repo_id, private=None, exist_ok=False):
+        def create_repo(self, repo_id, repo_type=None, private=None, exist_ok=False):
             calls.append(("create", repo_id, exist_ok))
 
-        def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+        def upload_folder(self, repo_id, folder_path, **kwargs):
             calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    args = tiny_args(tmp_path, hub_model_id="me/tiny-sphere-ar", hub_token="secret")
+    args = tiny_args(tmp_path, hub_model_id="me/tiny-sphere-ar", hub_token="secret", hub_license="mit")
     trainer = SphereARTrainer(model=tiny_model(), args=args, vae=SphereVAE(**TINY_VAE), train_dataset=LatentsDataset())
     out = trainer.save_pipeline(tmp_path / "pipe", dict(enumerate(CLASS_NAMES)))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     trainer.push_pipeline_to_hub(out)
-    assert calls == [("token", "secret"), ("create", "me/tiny-sphere-ar", True),
-                     ("upload", "me/tiny-sphere-ar", ["model_index.json", "scheduler", "transformer", "vae"])]
+    assert calls[:2] == [("token", "secret"), ("create", "me/tiny-sphere-ar", True)]
+    (_, repo, files), = calls[2:]
+    # the publisher's folder: the pipeline, a model card and the remote code
+    assert repo == "me/tiny-sphere-ar" and "README.md" in files and "remote_pipeline.py" in files
+    assert {"model_index.json", "scheduler", "transformer", "vae"} <= set(files)
     assert SphereARPipeline.from_pretrained(str(out)).id2label[2] == "blue"
 
 
@@ -489,7 +562,9 @@ def test_kill9_while_checkpointing_then_resume_latest_equals_uninterrupted(asset
     # reference: the same example script, uninterrupted (in this process)
     load_example().main(example_cli(assets, tmp_path / "ref", **flags, report_to="tensorboard"))
     ref = tmp_path / "ref"
-    assert list((ref / "runs").rglob("events.out.tfevents*")), "no tensorboard events"
+    # TensorBoard logs go to <output_dir>/logs, as the S-VAE trainer's
+    assert list((ref / "logs").glob("events.out.tfevents*")), "no tensorboard events in <output_dir>/logs"
+    assert not (ref / "runs").exists()
 
     # run 2: killed with SIGKILL while writing checkpoint-20 (every file written, completion marker not yet)
     out, signal_file, log = tmp_path / "run", tmp_path / "hanging", tmp_path / "killed.log"
@@ -531,6 +606,40 @@ def test_kill9_while_checkpointing_then_resume_latest_equals_uninterrupted(asset
 
 # ---------------------------------------------------------------------------------------------------------------
 # data routes and two processes
+
+
+def test_classes_come_from_the_dataset_and_a_mismatch_is_refused(assets, tmp_path, capsys):
+    """The README's "Your own images" route: an imagefolder and no --num_classes gives a model with the folders'
+    classes and names; an explicit --num_classes that differs is a one-line error before training."""
+    folder = tmp_path / "train"
+    for c, name in enumerate(["cat", "dog"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((32, 32, 3), 60 + 100 * c + i, np.uint8)).save(folder / name / f"{i}.png")
+    model_args = ModelArguments(pretrained_vae=str(assets["vae"]), config_file=str(assets["config"]))
+    out = train_sphere_ar(model_args, DataArguments(train_data_dir=str(folder), resolution=32),
+                          tiny_args(tmp_path, max_steps=1, ema_decay=0.0))
+    pipe = SphereARPipeline.from_pretrained(str(out))
+    assert pipe.transformer.config.num_classes == 2 and pipe.id2label == {0: "cat", 1: "dog"}
+
+    from sphere_ar_hf.utils import run_main
+
+    argv = example_cli(assets, tmp_path / "wrong", num_classes=1000, max_steps=1)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(load_example().main, argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --num_classes 1000 does not match the dataset: label column 'label' names 4 classes "
+                      "(red, green, blue, grey); drop --num_classes to use the dataset's"]
+    assert not (tmp_path / "wrong").exists()  # refused before training
+    # the same from a latent cache (whose class count is the dataset's, 4)
+    from sphere_ar_hf.training.latent_cache import cache_latents, load_vae
+
+    cache_latents(load_vae(assets["vae"]), DataArguments(dataset_path=str(assets["data"]), resolution=32),
+                  tmp_path / "cache", batch_size=8, disable_tqdm=True)
+    with pytest.raises(ValueError, match="--num_classes 3 does not match the latent cache .* 4 classes"):
+        train_sphere_ar(model_args, DataArguments(latent_cache=str(tmp_path / "cache"), num_classes=3),
+                        tiny_args(tmp_path, max_steps=1))
 
 
 def test_training_from_a_latent_cache(assets, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -218,6 +219,54 @@ def test_lpips_runs_offline_with_random_backbone(lpips_random, monkeypatch):
     assert lpips_random(x, x).item() == 0.0
 
 
+def test_lpips_without_vgg_weights_is_a_one_line_error(monkeypatch, tmp_path):
+    """No VGG16 weights cached and none downloadable (the download is made to fail; nothing touches the
+    network): a one-line error naming both ways out and where the weights go; offline it fails at once."""
+    import urllib.error
+
+    import torchvision.models._api as tv_api
+
+    from sphere_ar_hf.training.losses import VGG16_FILE, VGGWeightsUnavailableError, vgg16_weights_path
+
+    def refused(*args, **kwargs):
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", refused)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refused)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / VGG16_FILE
+    assert vgg16_weights_path() == expected
+    with pytest.raises(VGGWeightsUnavailableError) as info:
+        PerceptualLoss()
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, FileNotFoundError)  # run_main: "error: ..." and exit 2
+    for needle in ("--lpips_random_backbone", "--perceptual_weight 0", str(expected), "Connection refused",
+                   "https://download.pytorch.org/models/vgg16-397923af.pth"):
+        assert needle in message, needle
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(VGGWeightsUnavailableError, match="HF_HUB_OFFLINE"):
+        PerceptualLoss()
+
+
+def test_example_reports_missing_vgg_weights_in_one_line(example, image_dataset, tmp_path, monkeypatch, capsys):
+    from sphere_ar_hf.utils import run_main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--output_dir", str(tmp_path / "run"), "--dataset_path", str(image_dataset),
+            *[a for a in TINY_ARGS if a != "--lpips_random_backbone"], "--max_train_steps", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(example.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0] and "Traceback" not in err
+    assert "--lpips_random_backbone" in errors[0] and "--perceptual_weight 0" in errors[0]
+
+
 def test_patchgan_matches_official_layout():
     disc = PatchGANDiscriminator()
     state = disc.state_dict()
@@ -358,6 +407,40 @@ def test_training_reduces_reconstruction_loss(example, image_dataset, tmp_path):
     first, last = np.mean(rec[:3]), np.mean(rec[-5:])
     assert last < 0.6 * first, (first, last, rec)
     assert (run / "previews" / "step_0000030.png").is_file()
+
+
+def test_resume_with_more_steps_follows_the_new_schedule_and_keeps_few_checkpoints(example, image_dataset, tmp_path,
+                                                                                    capsys, caplog):
+    """4 steps of a 4-step schedule, then resume with --max_train_steps 8: steps 5..8 log the lr of a fresh 8-step
+    schedule, never above the peak. Checkpoints every step: the default limit keeps the newest 3. The run shows
+    a progress bar with ETA and a startup summary, and gives no num_classes warning."""
+    lr, min_lr = 1e-3, 1e-5
+    common = [*[a for a in TINY_ARGS if a not in ("--num_classes", "4")], "--dataset_path", str(image_dataset),
+              "--max_train_samples", "16", "--global_batch_size", "4", "--perceptual_weight", "0",
+              "--learning_rate", str(lr), "--min_lr", str(min_lr), "--lr_warmup_steps", "2", "--lr_decay_start", "2",
+              "--logging_steps", "1", "--checkpointing_steps", "1", "--validation_steps", "1000",
+              "--num_validation_images", "0"]
+    assert "--num_classes" not in common
+    run = tmp_path / "run"
+    example.main(["--output_dir", str(run), "--max_train_steps", "4", *common])
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    capsys.readouterr()
+    _reset_accelerate()
+    with caplog.at_level(logging.INFO):
+        example.main(["--output_dir", str(run), "--max_train_steps", "8", "--resume_from_checkpoint", "latest",
+                      *common])
+    err = capsys.readouterr().err
+    lrs = scalars(run, "train/lr")
+    assert len(lrs) == 8
+    for step in range(5, 9):
+        assert lrs[step - 1] == pytest.approx(lr_at(step - 1, 8, lr, min_lr, 2, 2), rel=1e-6), step
+    assert max(lrs) <= lr * (1 + 1e-6)  # tensorboard stores float32
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7", "checkpoint-8"]
+    assert err.count("S-VAE training") == 1 and "resuming at step 4" in err
+    assert "4 per device x 1 process x 1 accumulation = 4 per step" in err and "16 images at 32px" in err
+    assert "8/8 [" in err and "S-VAE:" in err  # tqdm: steps done / total [elapsed<remaining]
+    assert not [r for r in caplog.records if "num_classes" in r.getMessage() and r.levelno >= logging.WARNING]
+    assert str(run / "logs") in err and list((run / "logs").rglob("events.out.tfevents.*"))
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

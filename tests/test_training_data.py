@@ -246,8 +246,10 @@ def test_out_of_range_labels_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"label column 'label'.*\[0, 7\].*\[0, 3\)"):
         load_image_dataset(_args(tmp_path, dataset_path=str(tmp_path / "bad"), num_classes=3))
     load_image_dataset(_args(tmp_path, dataset_path=str(tmp_path / "bad"), num_classes=8))  # fine
-    with pytest.raises(ValueError, match="ClassLabel"):  # nothing to infer num_classes from
-        load_image_dataset(_args(tmp_path, dataset_path=str(tmp_path / "bad"), num_classes=None))
+    with pytest.raises(ValueError, match="no ClassLabel.*--num_classes"):  # a model needs a class count
+        load_image_dataset(_args(tmp_path, dataset_path=str(tmp_path / "bad")), strict_num_classes=True)
+    # the S-VAE, which ignores labels, takes them without a count (only negative ones are refused)
+    assert len(load_image_dataset(_args(tmp_path, dataset_path=str(tmp_path / "bad")))) == 8
 
     negative = make_hf_dataset(labels=[0, 1, -1, 0, 1, 2, 2, 0])  # e.g. ImageNet's unlabeled test split
     negative.save_to_disk(str(tmp_path / "neg"))
@@ -265,6 +267,26 @@ def test_out_of_range_labels_raise(tmp_path: Path) -> None:
                                        shuffle_buffer_size=0), seed=0)
     with pytest.raises(ValueError, match=r"example 6 has label 7.*\[0, 3\)"):
         list(stream)
+
+
+def test_num_classes_and_names_come_from_the_dataset(folder: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """By default the class count is the ClassLabel's (an imagefolder's folder names); a --num_classes that
+    differs is an error where a model is trained on the labels, and silent (no warning) where it is not."""
+    assert DataArguments().num_classes is None  # the default: the dataset's
+    for kw in ({"train_data_dir": str(folder)}, {"train_data_dir": str(folder), "num_classes": 0}):
+        args = _args(tmp_path, **kw)
+        ds = build_image_dataset(args, strict_num_classes=True)
+        assert D.resolve_num_classes(args, ds) == 3 and class_names(ds.dataset) == dict(enumerate(CLASSES))
+    assert D.resolve_num_classes(_args(tmp_path, train_data_dir=str(folder), num_classes=3),
+                                 load_image_dataset(_args(tmp_path, train_data_dir=str(folder)))) == 3
+    wrong = _args(tmp_path, train_data_dir=str(folder), num_classes=1000)
+    with pytest.raises(ValueError, match=r"^--num_classes 1000 does not match the dataset: label column 'label' "
+                                         r"names 3 classes \(cat, dog, fish\); drop --num_classes"):
+        build_image_dataset(wrong, strict_num_classes=True)
+    with caplog.at_level(logging.WARNING):  # the S-VAE / LoRA path: a bound, no warning
+        assert len(build_image_dataset(wrong)) == 8
+    assert not [r for r in caplog.records if "num_classes" in r.getMessage()]
 
 
 # --------------------------------------------------------------------------------------------------- augmentation

@@ -104,12 +104,19 @@ def make_grid(images: Sequence[Image.Image], ncols: int | None = None, padding: 
 
 
 def _image_format(path: Path) -> str:
-    from PIL import Image
+    """``"PNG"``: the one format ``generate`` writes; any other extension is refused, so a name never lies."""
+    if path.suffix.lower() != ".png":
+        raise CLIError(f"{path}: generate writes PNG images: name the file .png, not {path.suffix or 'no extension'!r}")
+    return "PNG"
 
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise CLIError(f"{path}: unknown image file extension {path.suffix!r} (use .png)")
-    return fmt
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _default_scale(size: int) -> int:
+    """Enough nearest-neighbour upscaling to make a small image readable: at least 128 px, integer factor."""
+    return max(1, -(-128 // size))
 
 
 def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> Path:
@@ -232,6 +239,8 @@ def _label_slug(pipe: SphereARPipeline, class_id: int) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from .seeding import image_generators
 
     if args.output is not None:
@@ -265,6 +274,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"error: {_one_line(e)}", file=sys.stderr)
             return 1
         for i, (class_id, image) in enumerate(zip(batch, out.images)):
+            scale = args.scale or _default_scale(max(image.size))
+            if scale > 1:
+                image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
             images.append(image)
             if args.output_dir is not None:
                 name = f"{start + i:03d}_{_label_slug(pipe, class_id)}.png"
@@ -272,9 +284,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     grid_path = args.output if args.output is not None else args.output_dir / "grid.png"
     save_image_atomically(make_grid(images, args.grid_cols), grid_path)
     w, h = images[0].size
-    where = f"{len(written)} images and the grid to {args.output_dir}" if written else f"the grid to {grid_path}"
-    print(f"wrote {where} ({len(images)} images of {w}x{h}, seed {args.seed}, images 0..{len(images) - 1}, "
-          f"guidance {guidance:g} {args.cfg_schedule}, {args.steps} steps)")
+    where = f"{_plural(len(written), 'image')} and the grid to {args.output_dir}" if written else \
+        f"the grid to {grid_path}"
+    print(f"wrote {where} ({_plural(len(images), 'image')} of {w}x{h}, seed {args.seed}, images 0..{len(images) - 1},"
+          f" guidance {guidance:g} {args.cfg_schedule}, {_plural(args.steps, 'step')})")
     return 0
 
 
@@ -442,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32",
                      help="weights and compute dtype (bfloat16 is faster on GPUs; float16 may overflow in the "
                           "decoder)")
+    gen.add_argument("--scale", type=_positive_int, metavar="N", default=None,
+                     help="enlarge each image N times (nearest neighbour; 1 keeps the model's size; default: the "
+                          "smallest factor that makes it at least 128 px, e.g. 8 for the 16 px digits, 1 at 256 px)")
     gen.add_argument("--grid-cols", type=_positive_int, metavar="N", default=None,
                      help="columns of the grid image (default: ceil(sqrt(number of images)))")
     out = gen.add_mutually_exclusive_group(required=True)

@@ -8,6 +8,7 @@ default, the remote code of :mod:`.remote_code`: this package's module files, co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -26,14 +27,15 @@ from .utils import FolderKind, atomic_write, format_millions, write_folder_atomi
 if TYPE_CHECKING:
     from huggingface_hub import HfApi, ModelCard, SpaceCard
 
-__all__ = ["CARDS", "HubError", "add_push_parser", "build_push_folder", "build_space_folder", "detect_card",
-           "pipeline_facts", "push_pipeline", "render_model_card", "render_space_card", "run_push"]
+__all__ = ["CARDS", "TRAINING_INFO_KEY", "HubError", "add_push_parser", "build_push_folder", "build_space_folder",
+           "card_problem", "detect_card", "load_metrics", "pipeline_facts", "push_pipeline", "render_model_card",
+           "render_space_card", "run_push"]
 
 HUB_CARDS_DIR = Path(__file__).resolve().parents[2] / "hub_cards"  # the source checkout's templates
 ARXIV_ID = "2509.24335"
 OFFICIAL_REPO = "guolinke/SphereAR"
 GRADIO_SDK_VERSION = "6.31.0"
-CARDS = ("b", "l", "h", "digits")
+CARDS = ("b", "l", "h", "digits", "generic")
 _LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -59,9 +61,20 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # ---- model cards --------------------------------------------------------------------------------------------------
+TRAINING_INFO_KEY = "training_info"
+"""The key of ``transformer/config.json`` under which our trainers record how the weights were trained (a JSON
+object: dataset, steps, epochs, date, ...); a transformers config keeps unknown keys, so the record survives
+``save_pretrained`` / ``from_pretrained`` round trips and strict loading."""
+MAX_LISTED_CLASSES = 20
+_METRICS = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision",
+            "recall": "Recall", "frechet_distance": "Fréchet distance (digits-classifier features)",
+            "accuracy": "Accuracy (digits classifier)"}
+_CARD_NAMES = {"b": "SphereAR-B", "l": "SphereAR-L", "h": "SphereAR-H", "digits": "SphereAR digits"}
+
+
 def _count_parameters(folder: Path) -> int:
     """Parameters in a folder's safetensors files (no variants such as x.fp16.y), from their headers alone."""
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name.count(".") == 1)
+    files = _weight_files(folder)
     if not files:
         raise HubError(f"{folder}: no safetensors weights")
     total = 0
@@ -75,8 +88,48 @@ def _count_parameters(folder: Path) -> int:
     return total
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.safetensors") if p.name.count(".") == 1)
+
+
+def _same_weights(folder: Path, reference: Path) -> bool:
+    """Whether two pipeline folders hold the same transformer and VAE weight files (sizes first, then sha256)."""
+    for component in ("transformer", "vae"):
+        ours, theirs = _weight_files(folder / component), _weight_files(reference / component)
+        if [p.name for p in ours] != [p.name for p in theirs] or any(
+                a.stat().st_size != b.stat().st_size for a, b in zip(ours, theirs)):
+            return False
+        for a, b in zip(ours, theirs):
+            if a.resolve() != b.resolve() and _sha256(a) != _sha256(b):
+                return False
+    return True
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_bundled_digits(folder: Path) -> bool:
+    """Whether ``folder`` holds the bundled digits model's weights (``sphere_ar_hf/pretrained/digits``)."""
+    from .pretrained import bundled_model_path
+
+    try:
+        return _same_weights(folder, bundled_model_path("digits"))
+    except (OSError, ValueError):
+        return False
+
+
 def pipeline_facts(folder: str | os.PathLike) -> dict[str, Any]:
-    """What a model card says about a pipeline folder, read from its configs and weight headers."""
+    """What a model card says about a pipeline folder, read from its configs and weight headers.
+
+    Besides the sizes: ``training`` (the trainers' record in ``transformer/config.json``, or None), ``bundled``
+    (the weights are the bundled digits model's) and ``imagenet_labels`` (``id2label`` is ImageNet-1k's)."""
+    from .labels import imagenet_id2label
+
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise HubError(f"{folder}: no model_index.json, so not a pipeline folder (write one with `sphere-ar "
@@ -85,32 +138,121 @@ def pipeline_facts(folder: str | os.PathLike) -> dict[str, Any]:
     if index.get("_class_name") != PIPELINE:
         raise HubError(f"{folder}: holds a {index.get('_class_name')!r}, not a {PIPELINE}")
     tf = _read_json(folder / "transformer" / "config.json")
+    vae = _read_json(p) if (p := folder / "vae" / "config.json").is_file() else {}
     scheduler = _read_json(p) if (p := folder / "scheduler" / "scheduler_config.json").is_file() else {}
     id2label = {int(k): str(v) for k, v in (index.get("id2label") or {}).items()}
     n_tf, n_vae = _count_parameters(folder / "transformer"), _count_parameters(folder / "vae")
+    training = tf.get(TRAINING_INFO_KEY)
     return {
         "num_classes": int(tf["num_classes"]), "num_labels": len(id2label), "id2label": id2label,
-        "image_size": int(tf["image_size"]), "num_tokens": (tf["image_size"] // tf["patch_size"]) ** 2,
+        "image_size": int(tf["image_size"]), "patch_size": int(tf["patch_size"]),
+        "num_tokens": (tf["image_size"] // tf["patch_size"]) ** 2,
         "latent_dim": int(tf["latent_dim"]), "hidden_size": int(tf["hidden_size"]),
-        "num_hidden_layers": int(tf["num_hidden_layers"]), "guidance_scale": float(tf["guidance_scale"]),
+        "num_hidden_layers": int(tf["num_hidden_layers"]), "num_attention_heads": tf.get("num_attention_heads"),
+        "head_hidden_size": tf.get("head_hidden_size"), "head_num_layers": tf.get("head_num_layers"),
+        "guidance_scale": float(tf["guidance_scale"]),
+        "vae_encoder_layers": vae.get("encoder_layers"), "vae_decoder_layers": vae.get("decoder_layers"),
+        "vae_cnn_channels": vae.get("cnn_channels"), "vae_z_channels": vae.get("z_channels"),
         "num_inference_steps": int(scheduler.get("num_inference_steps", 100)), "transformer_params": n_tf,
         "vae_params": n_vae, "transformer_params_str": format_millions(n_tf), "vae_params_str": format_millions(n_vae),
+        "training": training if isinstance(training, dict) else None,
+        "bundled": _is_bundled_digits(folder),
+        "imagenet_labels": int(tf["num_classes"]) == 1000 and id2label == imagenet_id2label(),
     }
 
 
-def detect_card(facts: Mapping[str, Any]) -> str:
-    """``"b"`` / ``"l"`` / ``"h"`` for the official ImageNet sizes, ``"digits"`` for 10 classes named "0".."9"."""
+def card_problem(facts: Mapping[str, Any], card: str, explicit: bool = True) -> str | None:
+    """Why ``card`` would say something untrue of the model that ``facts`` (:func:`pipeline_facts`) describe, or
+    None if it fits. ``explicit=False`` (auto): the ImageNet cards also need ImageNet-1k's class names."""
     from .configuration_sphere_ar import PRESETS
 
-    if facts["num_classes"] == 10 and [facts["id2label"].get(i) for i in range(10)] == [str(i) for i in range(10)]:
-        return "digits"
-    if facts["num_classes"] == 1000:
-        for name, p in PRESETS.items():
-            if (p["hidden_size"], p["num_hidden_layers"]) == (facts["hidden_size"], facts["num_hidden_layers"]):
-                return name[-1].lower()
-    raise HubError(f"cannot tell which model card fits this model ({facts['num_classes']} classes, width "
-                   f"{facts['hidden_size']}, {facts['num_hidden_layers']} layers): pass card= / --card "
-                   f"{'|'.join(CARDS)}")
+    if card == "generic":
+        return None
+    if card == "digits":
+        return None if facts.get("bundled") else "does not hold the bundled digits model's weights"
+    preset = PRESETS[_CARD_NAMES[card]]
+    size = (facts["num_classes"], facts["hidden_size"], facts["num_hidden_layers"])
+    if size != (1000, preset["hidden_size"], preset["num_hidden_layers"]):
+        return (f"has {facts['num_classes']} classes, width {facts['hidden_size']} and {facts['num_hidden_layers']} "
+                f"layers, not {_CARD_NAMES[card]}'s 1000, {preset['hidden_size']} and {preset['num_hidden_layers']}")
+    if facts.get("training"):
+        return "was trained by sphere-ar-hf's trainers (transformer/config.json records it), not converted"
+    if not facts.get("imagenet_labels") and (facts.get("id2label") or not explicit):
+        return "does not name ImageNet-1k's classes in model_index.json"
+    return None
+
+
+def detect_card(facts: Mapping[str, Any]) -> str:
+    """The card that fits: ``"b"`` / ``"l"`` / ``"h"`` for converted official weights (1000 ImageNet-1k classes,
+    an official size, no training record), ``"digits"`` for the bundled digits model's weights, else
+    ``"generic"`` (a card made of the folder's own facts)."""
+    for card in ("b", "l", "h", "digits"):
+        if card_problem(facts, card, explicit=False) is None:
+            return card
+    return "generic"
+
+
+def load_metrics(metrics: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A ``sphere-ar evaluate --json`` result (a file or its parsed object), checked; None stays None."""
+    if metrics is None:
+        return None
+    data = dict(metrics) if isinstance(metrics, Mapping) else _read_json(Path(metrics).expanduser())
+    values = {k: data[k] for k in _METRICS if k in data}
+    if data.get("features") not in ("inception", "digits") or not values or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()):
+        raise HubError(f"{metrics if not isinstance(metrics, Mapping) else 'metrics'}: not a `sphere-ar evaluate "
+                       "--json` result (expected \"features\" and finite metrics such as \"fid\")")
+    return data
+
+
+def _metrics_markdown(metrics: Mapping[str, Any] | None) -> str:
+    """The evaluation section's table (empty without metrics); paths are shown by their last part only."""
+    if not metrics:
+        return ""
+    features = {"inception": "InceptionV3 features (OpenAI's evaluation suite's network)",
+                "digits": "the features of a small digits classifier"}[metrics["features"]]
+    ref = Path(str(metrics.get("ref", "?"))).name or str(metrics.get("ref"))
+    rows = "\n".join(f"| {name} | {metrics[key]:.4g} |" for key, name in _METRICS.items() if key in metrics)
+    return (f"Measured by the uploader with `sphere-ar evaluate` ({features}): {metrics.get('num_gen', '?')} "
+            f"generated images against {metrics.get('num_ref', '?')} reference images (`{ref}`). Not re-measured "
+            f"when this card was made.\n\n| Metric | Value |\n| --- | :---: |\n{rows}\n")
+
+
+def _class_rows(facts: Mapping[str, Any]) -> tuple[str, list[tuple[int, str]], int]:
+    """(summary, the listed (id, name) rows, how many named classes are not listed)."""
+    n, names = facts["num_classes"], facts["id2label"]
+    if not names:
+        return f"{n} (ids 0 to {n - 1}; model_index.json names none)", [], 0
+    listed = [(i, names[i]) for i in sorted(names)[:MAX_LISTED_CLASSES]]
+    return f"{n}, named in `model_index.json`", listed, len(names) - len(listed)
+
+
+def _example_labels(facts: Mapping[str, Any]) -> list[str | int]:
+    """Two class labels for the usage snippet: names (their first synonym) when the model has them, else ids."""
+    ids = list(range(min(2, facts["num_classes"])))
+    names = facts["id2label"]
+    return [names[i].split(",")[0].strip() if names.get(i) else i for i in ids]
+
+
+def _training_rows(training: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """The training record as (what, value) rows, in a fixed order; unknown keys are left out."""
+    if not training:
+        return []
+    fields = [("dataset", "Dataset"), ("split", "Split"), ("num_examples", "Training examples"),
+              ("num_classes", "Classes in the data"), ("global_step", "Optimizer steps"), ("epochs", "Epochs"),
+              ("effective_batch_size", "Batch size (effective)"), ("learning_rate", "Peak learning rate"),
+              ("init", "Initialised from"), ("date", "Finished (UTC)"), ("trainer", "Trainer")]
+    rows = []
+    for key, name in fields:
+        value = training.get(key)
+        if value is None or isinstance(value, dict | list):
+            continue
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        rows.append((name, str(value).replace("|", "\\|")))
+    return rows
 
 
 def _check_license(license: str | None, license_name: str | None, license_link: str | None) -> str:
@@ -142,34 +284,57 @@ def _template_dir(template_dir: str | os.PathLike | None) -> Path:
 
 def render_model_card(pipeline: str | os.PathLike, *, repo_id: str, license: str | None, card: str = "auto",
                       remote_code: bool = True, license_name: str | None = None, license_link: str | None = None,
-                      template_dir: str | os.PathLike | None = None) -> ModelCard:
-    """The model card of a pipeline folder, from ``hub_cards/model_card_{imagenet,digits}.md``.
+                      template_dir: str | os.PathLike | None = None,
+                      metrics: str | os.PathLike | Mapping[str, Any] | None = None) -> ModelCard:
+    """The model card of a pipeline folder, from ``hub_cards/model_card_{imagenet,digits,generic}.md``.
 
     ``license``: the license of the weights as their owner states it (a Hub license id; required, never guessed;
-    ``"other"`` needs ``license_name`` and ``license_link``). ``card``: ``"b"``, ``"l"``, ``"h"`` (converted official
-    ImageNet weights), ``"digits"`` (the bundled digits model) or ``"auto"`` (:func:`detect_card`). ``remote_code``:
-    whether the repository carries remote code (the card then shows the ``trust_remote_code=True`` snippet)."""
+    ``"other"`` needs ``license_name`` and ``license_link``). ``card``: ``"auto"`` (:func:`detect_card`: the card
+    that fits), or ``"b"`` / ``"l"`` / ``"h"`` (converted official ImageNet weights), ``"digits"`` (the bundled
+    digits model), ``"generic"`` (any model: only the facts read from the folder); an explicit card that does not
+    fit the folder (:func:`card_problem`) is a :class:`HubError`. ``remote_code``: whether the repository carries
+    remote code (the card then shows the ``trust_remote_code=True`` snippet). ``metrics``: a ``sphere-ar evaluate
+    --json`` result (file or object) shown as the uploader's measurement."""
     from huggingface_hub import ModelCard, ModelCardData
 
     license = _check_license(license, license_name, license_link)
     repo_id = _check_repo_id(repo_id)
     facts = pipeline_facts(pipeline)
-    card = detect_card(facts) if card == "auto" else card
-    if card not in CARDS:
+    measured = load_metrics(metrics)
+    if card != "auto" and card not in CARDS:
         raise HubError(f"unknown card {card!r}; expected one of {', '.join(CARDS)} or auto")
+    if card == "auto":
+        card = detect_card(facts)
+    elif (why := card_problem(facts, card)) is not None:
+        what = "the bundled digits model" if card == "digits" else f"the converted official {_CARD_NAMES[card]} weights"
+        raise HubError(f"--card {card} describes {what}, but this model {why}; leave out --card (or pass --card "
+                       "generic) for a card made of this model's own facts")
     templates = _template_dir(template_dir)
-    imagenet = card != "digits"
-    tags = ["sphere-ar", "autoregressive", "class-conditional", "image-generation", f"arxiv:{ARXIV_ID}",
-            *(["imagenet"] if imagenet else ["digits", "toy-model"]), *(["custom_code"] if remote_code else [])]
     extra = {"license_name": license_name, "license_link": license_link} if license == "other" else {}
+    training = facts["training"] or {}
+    common = dict(repo_id=repo_id, arxiv_id=ARXIV_ID, remote_code=remote_code, license_name=license_name,
+                  license_link=license_link, metrics_table=_metrics_markdown(measured), **facts)
+    base_tags = ["sphere-ar", "autoregressive", "class-conditional", "image-generation", f"arxiv:{ARXIV_ID}"]
+    code_tags = ["custom_code"] if remote_code else []
+    if card == "generic":
+        dataset = training.get("hub_dataset")
+        data = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation",
+                             license=license, tags=[*base_tags, *code_tags],
+                             datasets=[dataset] if isinstance(dataset, str) and _REPO_ID.fullmatch(dataset) else None,
+                             **extra)
+        summary, listed, unlisted = _class_rows(facts)
+        return ModelCard.from_template(
+            data, template_path=str(templates / "model_card_generic.md"), model_name=repo_id.split("/")[-1],
+            classes_summary=summary, listed_classes=listed, unlisted_classes=unlisted,
+            example_labels=json.dumps(_example_labels(facts)), training_rows=_training_rows(facts["training"]),
+            **common)
+    imagenet = card != "digits"
+    tags = [*base_tags, *(["imagenet"] if imagenet else ["digits", "toy-model"]), *code_tags]
     data = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation", license=license,
                          tags=tags, datasets=["ILSVRC/imagenet-1k"] if imagenet else None, **extra)
-    variant = {"b": "SphereAR-B", "l": "SphereAR-L", "h": "SphereAR-H", "digits": "SphereAR digits"}[card]
     template = templates / ("model_card_imagenet.md" if imagenet else "model_card_digits.md")
-    return ModelCard.from_template(
-        data, template_path=str(template), repo_id=repo_id, model_name=variant,
-        checkpoint=f"SphereAR_{card.upper()}.pt", official_repo=OFFICIAL_REPO, arxiv_id=ARXIV_ID,
-        remote_code=remote_code, license_name=license_name, license_link=license_link, **facts)
+    return ModelCard.from_template(data, template_path=str(template), model_name=_CARD_NAMES[card],
+                                   checkpoint=f"SphereAR_{card.upper()}.pt", official_repo=OFFICIAL_REPO, **common)
 
 
 def render_space_card(*, license: str | None, models: Iterable[str] = (), title: str = "SphereAR",
@@ -256,42 +421,50 @@ def _check_pipeline(pipeline: str | os.PathLike) -> Path:
 def build_push_folder(pipeline: str | os.PathLike, output: str | os.PathLike, *, repo_id: str, license: str | None,
                       card: str = "auto", remote_code: bool = True, license_name: str | None = None,
                       license_link: str | None = None, overwrite: bool = False,
-                      template_dir: str | os.PathLike | None = None) -> Path:
+                      template_dir: str | os.PathLike | None = None,
+                      metrics: str | os.PathLike | Mapping[str, Any] | None = None) -> Path:
     """Write the folder that :func:`push_pipeline` would upload to ``output`` (atomically; files are copied).
 
     It holds the pipeline's files, the rendered ``README.md`` and, with ``remote_code``, the remote code
     (:func:`.remote_code.write_remote_code`). An existing non-empty ``output`` needs ``overwrite``, and is replaced
-    only if it is a pipeline folder (e.g. an earlier push folder) that does not hold ``pipeline``.
+    only if it is a pipeline folder (e.g. an earlier push folder) that does not hold ``pipeline``. ``card`` and
+    ``metrics``: as for :func:`render_model_card`.
     """
     src, out = _check_pipeline(pipeline), Path(output).expanduser()
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise HubError(f"the output folder {output} must not be (inside) the pipeline folder {pipeline}")
     card_args = dict(repo_id=repo_id, license=license, card=card, remote_code=remote_code, license_name=license_name,
-                     license_link=license_link, template_dir=template_dir)
+                     license_link=license_link, template_dir=template_dir, metrics=metrics)
+    inputs = [src, template_dir, metrics if not isinstance(metrics, Mapping) else None]
     return write_folder_atomically(out, lambda tmp: _fill_folder(src, tmp, False, **card_args), overwrite=overwrite,
-                                   kind="pipeline", inputs=[src, template_dir], option="--dry-run folder")
+                                   kind="pipeline", inputs=inputs, option="--dry-run folder")
 
 
-def _hf_api() -> HfApi:
+def _hf_api(token: str | None = None) -> HfApi:
     from huggingface_hub import HfApi
 
-    return HfApi()
+    return HfApi(token=token)
 
 
 def push_pipeline(pipeline: str | os.PathLike, repo_id: str, *, license: str | None, private: bool = False,
                   card: str = "auto", remote_code: bool = True, license_name: str | None = None,
                   license_link: str | None = None, commit_message: str | None = None, api: HfApi | None = None,
-                  template_dir: str | os.PathLike | None = None) -> str:
+                  template_dir: str | os.PathLike | None = None,
+                  metrics: str | os.PathLike | Mapping[str, Any] | None = None, revision: str | None = None,
+                  token: str | None = None) -> str:
     """Upload a pipeline folder to the Hub model repository ``repo_id`` (created if needed); returns its URL.
 
     Uploads exactly what :func:`build_push_folder` writes (staged in a temporary folder, hard-linked where
     possible). Files of the repository's component folders that are not in the new folder are deleted in the same
-    commit; other files of the repository are kept.
+    commit; other files of the repository are kept. ``card`` / ``metrics``: as for :func:`render_model_card`;
+    ``revision``: the branch to commit to (default: main); ``token``: for the default client (``api`` unset). The
+    trainers' ``--push_to_hub`` calls this too.
     """
     src = _check_pipeline(pipeline)
     repo_id = _check_repo_id(repo_id)
     _check_license(license, license_name, license_link)
-    api = api if api is not None else _hf_api()
+    metrics = load_metrics(metrics)  # a bad file is an error before anything is staged
+    api = api if api is not None else _hf_api(token)
     try:  # beside the pipeline (same file system: hard links) if we may write there
         staging = tempfile.TemporaryDirectory(prefix=f".{src.name}.push-", dir=src.parent, ignore_cleanup_errors=True)
     except OSError:
@@ -299,11 +472,13 @@ def push_pipeline(pipeline: str | os.PathLike, repo_id: str, *, license: str | N
     with staging as stage_parent:
         stage = Path(stage_parent) / "repo"
         _fill_folder(src, stage, True, repo_id=repo_id, license=license, card=card, remote_code=remote_code,
-                     license_name=license_name, license_link=license_link, template_dir=template_dir)
+                     license_name=license_name, license_link=license_link, template_dir=template_dir,
+                     metrics=metrics)
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(stage),
                           commit_message=commit_message or "Upload SphereAR pipeline (sphere-ar push)",
-                          delete_patterns=[f"{c}/*" for c in COMPONENTS])
+                          delete_patterns=[f"{c}/*" for c in COMPONENTS],
+                          **({"revision": revision} if revision else {}))
     return f"https://huggingface.co/{repo_id}"
 
 
@@ -329,7 +504,11 @@ def add_push_parser(subparsers: Any, formatter_class: type[argparse.HelpFormatte
     add("--license-name", metavar="NAME", default=None, help="name of the license, with --license other")
     add("--license-link", metavar="URL", default=None, help="link to its text, with --license other")
     add("--card", choices=(*CARDS, "auto"), default="auto",
-        help="model card: converted SphereAR-B / -L / -H, the digits model, or auto (from the config)")
+        help="model card: auto (the card that fits: converted official SphereAR-B / -L / -H weights get the ImageNet "
+             "card, the bundled digits model its own, any other model a generic card of the facts in its folder), "
+             "or one of them by name (refused if it contradicts the folder's facts)")
+    add("--metrics", metavar="FILE", type=Path, default=None,
+        help="a `sphere-ar evaluate --json` result to show on the card as the uploader's measurement")
     add("--private", action="store_true",
         help="create the repository as private (an existing repository keeps its visibility)")
     add("--no-remote-code", dest="remote_code", action="store_false",
@@ -349,12 +528,14 @@ def run_push(args: argparse.Namespace, api: HfApi | None = None) -> int:
             raise HubError("--license is required: the license of the weights as their owner states it, as a Hub "
                            "license id (mit, apache-2.0, cc-by-nc-4.0, other, ...); it is never guessed")
         common = dict(license=args.license, card=args.card, remote_code=args.remote_code,
-                      license_name=args.license_name, license_link=args.license_link)
+                      license_name=args.license_name, license_link=args.license_link,
+                      metrics=getattr(args, "metrics", None))
         if args.dry_run is not None:
             out = build_push_folder(args.pipeline, args.dry_run, repo_id=args.repo_id, overwrite=args.overwrite,
                                     **common)
             files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-            print(f"wrote {out} ({len(files)} files: {', '.join(files)}); nothing was uploaded")
+            card = args.card if args.card != "auto" else detect_card(pipeline_facts(out))
+            print(f"wrote {out} ({len(files)} files: {', '.join(files)}; model card: {card}); nothing was uploaded")
             return 0
         url = push_pipeline(args.pipeline, args.repo_id, private=args.private, commit_message=args.commit_message,
                             api=api, **common)

@@ -34,11 +34,14 @@ Needs ``peft`` (the ``[lora]`` extra).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +67,9 @@ __all__ = [
     "get_lora_model",
     "load_lora",
     "merge_lora",
+    "public_model_name",
+    "push_lora",
+    "render_lora_card",
     "save_lora",
     "train_lora",
     "unload_lora",
@@ -78,6 +84,7 @@ HEAD_TARGETS = (r"head\.(time_embed\.linear_[12]|cond_embed|input_proj|res_block
                 r"final_adaln|final_linear)")
 CLASS_EMBEDDING = "class_embedding"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+TRAINING_INFO_FILE = "training_info.json"  # save_lora's record of the run (training facts, a style score)
 
 
 def _peft():
@@ -212,13 +219,32 @@ def adapter_parameter_count(target: Any, adapter_name: str | None = None) -> int
 # saving, loading, merging
 
 
+def public_model_name(name: str | os.PathLike | None) -> str | None:
+    """How a card and ``adapter_config.json`` name a base model: a Hub repo id as it is, a folder of the Hub cache
+    (``models--owner--name/snapshots/...``) as its repo id, any other local folder by its name (never an absolute
+    local path)."""
+    if name is None:
+        return None
+    path = Path(str(name)).expanduser()
+    if not (path.is_absolute() or path.exists()):
+        return str(name)
+    for part in path.resolve().parts[::-1]:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    return path.resolve().name
+
+
 def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True,
               base_model_name_or_path: str | None = None, adapter_name: str | None = None,
-              inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+              inputs: Sequence[str | os.PathLike | None] = (), training_info: Mapping[str, Any] | None = None,
+              style: Mapping[str, Any] | str | os.PathLike | None = None) -> Path:
     """Write the adapter of ``target`` (a pipeline, a transformer or a PeftModel with an adapter) to
     ``output_dir`` atomically, in PEFT's format: ``adapter_model.safetensors`` (the tensors PEFT's
     ``save_pretrained`` writes, under its ``base_model.model.`` names) and ``adapter_config.json``, so that
-    ``PeftModel.from_pretrained(transformer, output_dir)`` and :func:`load_lora` both load it.
+    ``PeftModel.from_pretrained(transformer, output_dir)`` and :func:`load_lora` both load it. Its ``README.md``
+    is our card (:func:`render_lora_card`); ``training_info`` (the trainer's record) and ``style`` (a
+    ``benchmarks/bench_lora.py --json`` result) go to ``training_info.json`` for it. ``base_model_name_or_path``
+    is recorded as :func:`public_model_name` has it.
 
     ``adapter_name`` picks one adapter when the transformer holds several (default: the only one). An existing
     ``output_dir`` is replaced (``overwrite``) only if it is an adapter folder that holds neither the base model
@@ -237,7 +263,11 @@ def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True
     config = copy.deepcopy(transformer.peft_config[name])
     config.inference_mode = True
     if base_model_name_or_path is not None:
-        config.base_model_name_or_path = str(base_model_name_or_path)
+        config.base_model_name_or_path = public_model_name(base_model_name_or_path)
+    elif config.base_model_name_or_path:
+        config.base_model_name_or_path = public_model_name(config.base_model_name_or_path)
+    record = {**({"training": dict(training_info)} if training_info else {}),
+              **({"style": _load_style(style)} if style is not None else {})}
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / ADAPTER_FILES[0]), metadata={"format": "pt"})
@@ -245,9 +275,108 @@ def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True
         missing = [file for file in ADAPTER_FILES if not (tmp / file).is_file()]
         if missing:
             raise RuntimeError(f"PEFT did not write {missing}")
+        if record:
+            (tmp / TRAINING_INFO_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        try:
+            card = render_lora_card(tmp)
+        except FileNotFoundError as e:  # no hub_cards/ (an installed wheel): the adapter is still complete
+            logger.warning("no model card written: %s", e)
+        else:
+            (tmp / "README.md").write_text(str(card), encoding="utf-8")
 
     return write_folder_atomically(output_dir, write, overwrite=overwrite, kind="lora",
                                    inputs=[base_model_name_or_path, *inputs], option="--adapter_output_dir")
+
+
+def _load_style(style: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """The style score of a ``benchmarks/bench_lora.py --json`` result (file or object): the style's name and the
+    score of the base model's, the adapter's and the training data's images."""
+    data = dict(style) if isinstance(style, Mapping) else json.loads(Path(style).read_text(encoding="utf-8"))
+    generated = data.get("generated") or {}
+    out = {"style": data.get("style"), "base": (generated.get("base") or {}).get("style"),
+           "adapted": (generated.get("adapted") or {}).get("style"), "data": data.get("real_restyled_style")}
+    if not isinstance(out["style"], str) or not isinstance(out["adapted"], int | float):
+        raise ValueError(f"{style if not isinstance(style, Mapping) else 'style'}: not a benchmarks/bench_lora.py "
+                         "--json result (expected \"style\" and generated.adapted.style)")
+    return out
+
+
+def _read_adapter_facts(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder}: no adapter_config.json, so not a LoRA adapter folder")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    info = folder / TRAINING_INFO_FILE
+    return config, (json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {})
+
+
+def render_lora_card(adapter_dir: str | os.PathLike, *, repo_id: str | None = None, license: str | None = None,
+                     template_dir: str | os.PathLike | None = None) -> Any:
+    """The model card (``huggingface_hub.ModelCard``) of an adapter folder, from ``hub_cards/model_card_lora.md``:
+    the base model (a repo id or a folder name), rank, alpha, target modules, trained class rows, the stored
+    values, and what ``training_info.json`` records (data, steps, date; the style score if measured).
+    ``repo_id``: where it is pushed (the usage snippet); ``license``: a Hub license id, if stated."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from safetensors import safe_open
+
+    from .hub import _REPO_ID, ARXIV_ID, HUB_CARDS_DIR, _check_license, _training_rows
+
+    folder = Path(adapter_dir)
+    config, info = _read_adapter_facts(folder)
+    templates = Path(template_dir) if template_dir is not None else HUB_CARDS_DIR
+    template = templates / "model_card_lora.md"
+    if not template.is_file():
+        raise FileNotFoundError(f"the card template {template} is missing (it lives in the source checkout's "
+                                "hub_cards/)")
+    license = _check_license(license, None, None) if license is not None else None
+    base = public_model_name(config.get("base_model_name_or_path")) or "unknown"
+    values = 0
+    if (weights := folder / ADAPTER_FILES[0]).is_file():
+        with safe_open(str(weights), "pt") as f:
+            values = sum(int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys())
+    training = info.get("training") or {}
+    dataset = training.get("hub_dataset")
+    data = ModelCardData(library_name="peft", license=license, base_model=base if _REPO_ID.fullmatch(base) else None,
+                         tags=["sphere-ar", "lora", "class-conditional", "image-generation", f"arxiv:{ARXIV_ID}"],
+                         datasets=[dataset] if isinstance(dataset, str) and _REPO_ID.fullmatch(dataset) else None)
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    targets = config.get("target_modules")
+    style = info.get("style") or {}
+    style_rows = [(name, f"{style[key]:.4g}") for key, name in (("base", "base model"), ("adapted", "with the adapter"),
+                                                                ("data", "training data")) if
+                  isinstance(style.get(key), int | float)]
+    rows = (config.get("trainable_token_indices") or {}).get(CLASS_EMBEDDING)
+    return ModelCard.from_template(
+        data, template_path=str(template), model_name=(repo_id or folder.resolve().name).split("/")[-1],
+        base_model=base, adapter_ref=repo_id or folder.resolve().name, rank=rank, alpha=alpha,
+        scale=f"{alpha / rank:g}" if rank and alpha else "?", dropout=config.get("lora_dropout", 0.0),
+        targets=targets if isinstance(targets, str) else ", ".join(sorted(targets or [])),
+        class_rows=", ".join(map(str, rows)) if rows else "", adapter_values=values,
+        training_rows=_training_rows(training), style_rows=style_rows,
+        style_name=f"style {style.get('style')!r}" if style else "", license=license, arxiv_id=ARXIV_ID)
+
+
+def push_lora(adapter_dir: str | os.PathLike, repo_id: str, *, license: str | None, private: bool = False,
+              commit_message: str | None = None, api: Any = None, token: str | None = None,
+              revision: str | None = None) -> str:
+    """Upload an adapter folder to the Hub model repository ``repo_id`` (created if needed) with its card rendered
+    for that repository and ``license`` (required, a Hub license id); returns its URL."""
+    from .hub import _check_license, _check_repo_id, _hf_api
+
+    folder = Path(adapter_dir)
+    _read_adapter_facts(folder)
+    repo_id, license = _check_repo_id(repo_id), _check_license(license, None, None)
+    card = render_lora_card(folder, repo_id=repo_id, license=license)
+    api = api if api is not None else _hf_api(token)
+    with tempfile.TemporaryDirectory(prefix="sphere-ar-lora-push-") as tmp:
+        stage = Path(tmp) / "repo"
+        shutil.copytree(folder, stage, ignore=shutil.ignore_patterns(".*", "README.md"))
+        (stage / "README.md").write_text(str(card), encoding="utf-8")
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(stage),
+                          commit_message=commit_message or "Upload SphereAR LoRA adapter",
+                          **({"revision": revision} if revision else {}))
+    return f"https://huggingface.co/{repo_id}"
 
 
 def load_lora(target: Any, adapter: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
@@ -441,8 +570,19 @@ def train_lora(lora_args: LoraArguments, data_args: Any, training_args: Training
                           data_collator=collator, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if training_args.should_save:
-        save_lora(peft_model, out, base_model_name_or_path=lora_args.pretrained_model, inputs=inputs)
+        from .training.trainer import _public_name, training_data_record
+
+        record = trainer.training_record({**training_data_record(data_args, dataset),
+                                          "init": _public_name(lora_args.pretrained_model)})
+        save_lora(peft_model, out, base_model_name_or_path=lora_args.pretrained_model, inputs=inputs,
+                  training_info=record)
         logger.info("wrote the adapter to %s", out)
+        if training_args.push_to_hub:
+            repo_id = trainer.hub_model_id or training_args.hub_model_id or Path(training_args.output_dir).name
+            url = push_lora(out, repo_id, license=getattr(training_args, "hub_license", None),
+                            private=bool(training_args.hub_private_repo), commit_message="End of training",
+                            token=training_args.hub_token, revision=training_args.hub_revision)
+            logger.info("pushed the adapter to %s", url)
     trainer.accelerator.wait_for_everyone()
     return out
 

@@ -127,7 +127,8 @@ FOLDER_KINDS: dict[str, FolderKind] = {
     "model": FolderKind("a model folder", "config.json", files=("config.json", "README.md", "*.py", *_WEIGHTS)),
     # lora.save_lora
     "lora": FolderKind("a LoRA adapter folder", "adapter_config.json",
-                       files=("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")),
+                       files=("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
+                              "training_info.json")),
     # training.latent_cache.cache_latents: a datasets save_to_disk folder plus latent_cache.json
     "latent_cache": FolderKind("a latent cache", "latent_cache.json",
                                files=("latent_cache.json", "dataset_info.json", "state.json", "data-*.arrow")),

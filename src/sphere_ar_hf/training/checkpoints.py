@@ -7,17 +7,21 @@ import json
 import logging
 import os
 import re
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..utils import atomic_write
 
-__all__ = ["CHECKPOINT_MARKER", "is_complete_checkpoint", "list_checkpoints", "mark_checkpoint_complete",
-           "resolve_resume_checkpoint"]
+__all__ = ["CHECKPOINT_MARKER", "DEFAULT_CHECKPOINT_LIMIT", "checkpoints_to_delete", "is_complete_checkpoint",
+           "list_checkpoints", "mark_checkpoint_complete", "resolve_resume_checkpoint", "rotate_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
+DEFAULT_CHECKPOINT_LIMIT = 3
+"""Both trainers keep the newest 3 complete checkpoints by default (plus every N-th with ``keep_checkpoints_every``)."""
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR, and the S-VAE trainer's
 
 
@@ -63,6 +67,35 @@ def mark_checkpoint_complete(folder: str | os.PathLike, step: int, extra: dict[s
     with atomic_write(folder / CHECKPOINT_MARKER, "w", fsync=True) as f:
         json.dump({"global_step": int(step), **(extra or {}), "files": files}, f, indent=1, default=str)
     _fsync_path(folder)
+
+
+def checkpoints_to_delete(output_dir: str | os.PathLike, limit: int | None, keep_every: int | None = None,
+                          protect: Sequence[str | os.PathLike | None] = ()) -> list[Path]:
+    """The checkpoint folders of ``output_dir`` that a rotation deletes: every incomplete one, and the complete
+    ones beyond the newest ``limit`` (``None`` or ``<= 0``: no limit), except those whose step is a multiple of
+    ``keep_every`` (kept for good, not counted in ``limit``) and the ``protect``-ed paths (e.g. the best one).
+    Only call this right after a checkpoint was marked complete: an incomplete one could be in the making."""
+    if not limit or limit <= 0:
+        return []
+    kept = {Path(p).resolve() for p in protect if p is not None}
+    rotating, incomplete = [], []
+    for step, folder in list_checkpoints(output_dir):
+        if not is_complete_checkpoint(folder):
+            incomplete.append(folder)
+        elif not (keep_every and keep_every > 0 and step % keep_every == 0):
+            rotating.append(folder)
+    return [p for p in rotating[limit:] + incomplete if p.resolve() not in kept]
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, limit: int | None, keep_every: int | None = None,
+                       protect: Sequence[str | os.PathLike | None] = ()) -> list[Path]:
+    """Delete :func:`checkpoints_to_delete` (main process only); returns the deleted folders."""
+    doomed = checkpoints_to_delete(output_dir, limit, keep_every, protect)
+    for folder in doomed:
+        logger.info("deleting checkpoint %s (keeping the newest %d%s)", folder, limit,
+                    f" and every {keep_every}-th step" if keep_every else "")
+        shutil.rmtree(folder, ignore_errors=True)
+    return doomed
 
 
 def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume: str | bool | None) -> str | None:

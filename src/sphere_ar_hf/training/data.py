@@ -39,6 +39,7 @@ __all__ = [
     "decode_image",
     "load_image_dataset",
     "random_crop",
+    "resolve_num_classes",
     "skipped_image_count",
     "to_rgb",
     "transform_image",
@@ -86,9 +87,11 @@ class DataArguments:
     )
     resolution: int = field(default=256, metadata={"help": "Training resolution (square crops)."})
     num_classes: int | None = field(
-        default=1000,
-        metadata={"help": "Number of classes; labels must lie in [0, num_classes). None or 0: read it from the "
-                          "label column's ClassLabel feature."},
+        default=None,
+        metadata={"help": "Number of classes; labels must lie in [0, num_classes). Default (or 0): the dataset's, "
+                          "from the label column's ClassLabel feature (an imagefolder's folder names); the class "
+                          "names go into the pipeline. The AR trainer and the latent cache refuse a value that "
+                          "differs from the dataset's ClassLabel."},
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N examples (debugging, quick runs)."}
@@ -237,26 +240,47 @@ def _select_split(ds: Any, split: str, where: str) -> Any:
     return ds
 
 
-def _label_range_error(args: DataArguments, num_classes: int, lo: Any, hi: Any, where: str) -> ValueError:
+def _label_range_error(args: DataArguments, num_classes: int | None, lo: Any, hi: Any, where: str) -> ValueError:
+    bound = f"[0, num_classes) = [0, {num_classes})" if num_classes is not None else "[0, num_classes)"
     return ValueError(
         f"label column {args.label_column!r}: {where} has labels in [{lo}, {hi}], but class ids must lie in "
-        f"[0, num_classes) = [0, {num_classes}); set --num_classes or fix the labels"
+        f"{bound}; set --num_classes or fix the labels"
     )
 
 
-def _resolve_num_classes(args: DataArguments, features: datasets.Features | None) -> int:
+def _resolve_num_classes(args: DataArguments, features: datasets.Features | None, strict: bool = False
+                         ) -> int | None:
+    """The class count: ``args.num_classes`` if given, else the label column's ClassLabel count, else None
+    (unknown: labels are then only checked to be >= 0).
+
+    ``strict`` (a model is trained on the labels: the AR trainer, the latent cache): a given count must equal
+    the ClassLabel's, and a dataset without one needs an explicit count. Otherwise (the S-VAE, which ignores the
+    labels; LoRA, whose class ids are the base model's) a given count is only an upper bound of the labels.
+    """
     feature = features.get(args.label_column) if features is not None else None
-    if args.num_classes:  # None or 0: infer
+    names = feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
+    if args.num_classes:  # None or 0: from the dataset
         if args.num_classes < 0:
             raise ValueError(f"num_classes must be a positive int, got {args.num_classes}")
-        if isinstance(feature, datasets.ClassLabel) and feature.num_classes != args.num_classes:
-            logger.warning("label column %r has %d ClassLabel names but num_classes=%d", args.label_column,
-                           feature.num_classes, args.num_classes)
+        if strict and names is not None and names != args.num_classes:
+            shown = ", ".join(feature.names[:5]) + (", ..." if names > 5 else "")
+            raise ValueError(f"--num_classes {args.num_classes} does not match the dataset: label column "
+                             f"{args.label_column!r} names {names} classes ({shown}); drop --num_classes to use "
+                             "the dataset's")
         return args.num_classes
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.num_classes
-    raise ValueError(f"num_classes={args.num_classes} (infer) needs a ClassLabel feature in label column "
-                     f"{args.label_column!r} (got {feature!r}); pass num_classes explicitly")
+    if names is not None:
+        return names
+    if strict:
+        raise ValueError(f"cannot tell the number of classes: label column {args.label_column!r} has no ClassLabel "
+                         f"feature (got {feature!r}); pass --num_classes")
+    return None
+
+
+def resolve_num_classes(args: DataArguments, dataset: Any, strict: bool = True) -> int | None:
+    """The class count a run trains with (see ``_resolve_num_classes``) for a loaded dataset (``datasets`` or
+    :class:`ImageDataset` / :class:`IterableImageDataset`)."""
+    dataset = getattr(dataset, "dataset", dataset)
+    return _resolve_num_classes(args, getattr(dataset, "features", None), strict)
 
 
 def _check_columns(args: DataArguments, columns: Sequence[str] | None) -> None:
@@ -268,7 +292,7 @@ def _check_columns(args: DataArguments, columns: Sequence[str] | None) -> None:
                              f"(set --{kind}_column)")
 
 
-def _check_labels_map_style(ds: datasets.Dataset, args: DataArguments, num_classes: int) -> None:
+def _check_labels_map_style(ds: datasets.Dataset, args: DataArguments, num_classes: int | None) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -282,14 +306,14 @@ def _check_labels_map_style(ds: datasets.Dataset, args: DataArguments, num_class
         raise ValueError("the dataset is empty")
     mm = pc.min_max(col)
     lo, hi = mm["min"].as_py(), mm["max"].as_py()
-    if lo < 0 or hi >= num_classes:
+    if lo < 0 or (num_classes is not None and hi >= num_classes):
         raise _label_range_error(args, num_classes, lo, hi, "the dataset")
 
 
 class _StreamLabelCheck:
     """Lazily validates each streamed example's label (a picklable callable for ``IterableDataset.map``)."""
 
-    def __init__(self, label_column: str, image_column: str, num_classes: int):
+    def __init__(self, label_column: str, image_column: str, num_classes: int | None):
         self.label_column, self.image_column, self.num_classes = label_column, image_column, num_classes
 
     def __call__(self, example: dict[str, Any], idx: int) -> dict[str, Any]:
@@ -301,14 +325,19 @@ class _StreamLabelCheck:
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
             raise ValueError(f"label column {self.label_column!r}: streamed example {idx} has label {label!r}; "
                              "class ids must be integers")
-        if not 0 <= label < self.num_classes:
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            bound = f" = [0, {self.num_classes})" if self.num_classes is not None else ""
             raise ValueError(f"label column {self.label_column!r}: streamed example {idx} has label {label}, but "
-                             f"class ids must lie in [0, num_classes) = [0, {self.num_classes})")
+                             f"class ids must lie in [0, num_classes){bound}")
         return example
 
 
-def load_image_dataset(args: DataArguments) -> datasets.Dataset | datasets.IterableDataset:
+def load_image_dataset(args: DataArguments, strict_num_classes: bool = False
+                       ) -> datasets.Dataset | datasets.IterableDataset:
     """Load the raw dataset described by ``args`` and validate its columns and labels.
+
+    ``strict_num_classes``: a given ``args.num_classes`` must equal the dataset's ClassLabel count, and a dataset
+    without one needs it (``_resolve_num_classes``); used where a model is trained on the labels.
 
     Map-style datasets are checked in full here (column presence, integer labels in ``[0, num_classes)``);
     streamed ones have their columns checked when the features are known and each label checked lazily (their
@@ -334,7 +363,7 @@ def load_image_dataset(args: DataArguments) -> datasets.Dataset | datasets.Itera
 
     if isinstance(ds, datasets.IterableDataset):
         _check_columns(args, ds.column_names)
-        num_classes = _resolve_num_classes(args, ds.features)
+        num_classes = _resolve_num_classes(args, ds.features, strict_num_classes)
         if args.max_train_samples is not None:
             ds = ds.take(args.max_train_samples)
         # decode=False before the lazy check: a mapped stream decodes its input with the features of that point
@@ -343,7 +372,7 @@ def load_image_dataset(args: DataArguments) -> datasets.Dataset | datasets.Itera
         return ds.map(check, with_indices=True, features=ds.features)
 
     _check_columns(args, ds.column_names)
-    num_classes = _resolve_num_classes(args, ds.features)
+    num_classes = _resolve_num_classes(args, ds.features, strict_num_classes)
     if args.max_train_samples is not None:
         ds = ds.select(range(min(args.max_train_samples, len(ds))))
     _check_labels_map_style(ds, args, num_classes)
@@ -459,15 +488,15 @@ class IterableImageDataset(_Augmenter, torch.utils.data.IterableDataset):
             yield self.make_item(example, index)
 
 
-def build_image_dataset(args: DataArguments, seed: int = 0, rank: int = 0, world_size: int = 1
-                        ) -> ImageDataset | IterableImageDataset:
-    """Load, validate and wrap the dataset for training.
+def build_image_dataset(args: DataArguments, seed: int = 0, rank: int = 0, world_size: int = 1,
+                        strict_num_classes: bool = False) -> ImageDataset | IterableImageDataset:
+    """Load, validate and wrap the dataset for training (``strict_num_classes``: see :func:`load_image_dataset`).
 
     For a streamed dataset, ``rank``/``world_size`` shard it with ``split_dataset_by_node`` (leave the defaults
     when accelerate dispatches batches from the main process) and ``shuffle_buffer_size`` shuffles it.
     Map-style datasets are sharded and shuffled by the trainer's sampler.
     """
-    raw = load_image_dataset(args)
+    raw = load_image_dataset(args, strict_num_classes)
     if isinstance(raw, datasets.IterableDataset):
         if args.shuffle_buffer_size > 0:
             raw = raw.shuffle(seed=int(seed), buffer_size=args.shuffle_buffer_size)

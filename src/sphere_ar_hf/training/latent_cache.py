@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import datasets
 import numpy as np
 import torch
 from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
 
 from ..power_spherical import PowerSphericalDistribution, project_to_sphere
 from ..utils import check_output_folder, shared_staging_path, stage_folder, swap_folder_into_place
@@ -36,6 +38,7 @@ from .data import (
     decode_image,
     load_image_dataset,
     pixels_to_tensor,
+    resolve_num_classes,
 )
 
 __all__ = [
@@ -67,6 +70,7 @@ class CacheArguments:
     mixed_precision: str = field(default="no", metadata={"help": "Encoder autocast: 'no', 'fp16' or 'bf16'."})
     num_workers: int = field(default=4, metadata={"help": "DataLoader workers decoding images, per process."})
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even if an accelerator is available."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar (main process)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at output_dir."})
 
 
@@ -162,6 +166,7 @@ def cache_latents(
     accelerator: Any | None = None,
     num_workers: int = 0,
     overwrite: bool = False,
+    disable_tqdm: bool = False,
 ) -> Path:
     """Encode the center crops of the dataset of ``data_args`` (and their flips) into a latent cache.
 
@@ -169,6 +174,8 @@ def cache_latents(
     the shards and saves the result to a temporary folder, renamed to ``output_dir`` when complete. The folder
     next to ``output_dir`` that holds the shards must be on a filesystem all processes share. ``overwrite``
     replaces only a latent cache that holds neither the data nor the VAE (``utils.check_output_folder``).
+    The class count and names are the dataset's (a ``num_classes`` that differs from its ClassLabel is refused).
+    The main process prints a summary and shows a progress bar (with ETA) over its shard (``disable_tqdm``).
     Returns ``output_dir`` (on every process, after the cache is complete).
     """
     if data_args.streaming:
@@ -190,9 +197,10 @@ def cache_latents(
     vae_path = getattr(vae.config, "_name_or_path", None)
     check_output_folder(output_dir, overwrite, kind="latent_cache", inputs=[*data_inputs(data_args), vae_path],
                         option="--output_dir")
-    raw = load_image_dataset(data_args)  # validates columns and labels on every process, before any work
+    # validates columns and labels on every process, before any work; the class count is the dataset's
+    raw = load_image_dataset(data_args, strict_num_classes=True)
     id2label = class_names(raw, data_args.label_column)
-    num_classes = data_args.num_classes or len(id2label or {})
+    num_classes = resolve_num_classes(data_args, raw)
     # the shards of every process, then the finished cache, go to one staging folder beside output_dir
     partial = stage_folder(output_dir, shared=True) if is_main else shared_staging_path(output_dir)
     try:
@@ -203,9 +211,14 @@ def cache_latents(
         start, end = _shard_bounds(len(raw), world, rank)
         shard = _CenterCropDataset(raw.select(range(start, end)), data_args, offset=start)
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+        if is_main:
+            print(_startup_summary(vae, len(raw), num_classes, batch_size, world, output_dir), file=sys.stderr,
+                  flush=True)
         skipped, written = 0, 0
+        progress = tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True,
+                        disable=disable_tqdm or not is_main)  # the main process's shard stands for all
         with ArrowWriter(features=features, path=str(partial / f"shard-{rank:05d}.arrow")) as writer:
-            for batch in loader:
+            for batch in progress:
                 skipped += batch["num_skipped"]
                 if "pixel_values" not in batch:
                     continue
@@ -250,6 +263,21 @@ def cache_latents(
             shutil.rmtree(partial, ignore_errors=True)
     barrier()
     return output_dir
+
+
+def _startup_summary(vae: SphereVAE, num_images: int, num_classes: int | None, batch_size: int, world: int,
+                     output_dir: Path) -> str:
+    """A few lines on what ``cache_latents`` encodes."""
+    per_process = math.ceil(num_images / world)
+    return "\n".join([
+        "Latent cache",
+        f"  encoder:    SphereVAE {sum(p.numel() for p in vae.parameters()):,} parameters, {vae.config.image_size}px "
+        f"-> {vae.num_tokens} tokens x {vae.config.latent_dim}",
+        f"  data:       {num_images:,} images (center crops and their flips), {num_classes} classes",
+        f"  batches:    {batch_size} per process x {world} process{'es' if world != 1 else ''}, "
+        f"{math.ceil(per_process / batch_size):,} batches per process",
+        f"  output:     {output_dir}",
+    ])
 
 
 def load_latent_cache_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -319,4 +347,5 @@ def main(argv: list[str] | None = None) -> Path:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     vae = load_vae(cache_args.pretrained_vae)
     return cache_latents(vae, data_args, cache_args.output_dir, batch_size=cache_args.batch_size,
-                         accelerator=accelerator, num_workers=cache_args.num_workers, overwrite=cache_args.overwrite)
+                         accelerator=accelerator, num_workers=cache_args.num_workers, overwrite=cache_args.overwrite,
+                         disable_tqdm=cache_args.disable_tqdm)

@@ -11,9 +11,14 @@ There is no adaptive ("last layer") weight: the official code uses the fixed ``d
 
 from __future__ import annotations
 
+import http.client
+import os
+import urllib.error
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +33,14 @@ __all__ = [
     "PerceptualLoss",
     "SphereVAELoss",
     "VAELossOutput",
+    "VGGWeightsUnavailableError",
     "adversarial_weight",
     "hinge_d_loss",
     "hinge_gen_loss",
     "non_saturating_d_loss",
     "non_saturating_gen_loss",
     "vanilla_d_loss",
+    "vgg16_weights_path",
 ]
 
 
@@ -93,6 +100,31 @@ def adversarial_weight(step: int, disc_start: int, disc_weight: float) -> float:
 # networks
 
 
+VGG16_FILE = "vgg16-397923af.pth"
+VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
+
+
+class VGGWeightsUnavailableError(FileNotFoundError):
+    """LPIPS needs torchvision's VGG16 ImageNet weights, which are neither cached nor downloadable."""
+
+
+def vgg16_weights_path() -> Path:
+    """Where torchvision looks for (and downloads) the VGG16 weights LPIPS uses:
+    ``torch.hub.get_dir()/checkpoints/vgg16-397923af.pth`` (``$TORCH_HOME/hub/...``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _vgg_hint(reason: str) -> str:
+    return (f"LPIPS (the perceptual loss) needs torchvision's VGG16 weights, which could not be downloaded "
+            f"({' '.join(reason.split())}): put {VGG16_URL} at {vgg16_weights_path()}, or pass --perceptual_weight 0 "
+            "(no perceptual loss) or --lpips_random_backbone (testing only: a meaningless loss)")
+
+
 class PerceptualLoss(nn.Module):
     """LPIPS (VGG16, v0.1) through the ``lpips`` package, on images in [-1, 1]; returns the batch mean.
 
@@ -110,17 +142,27 @@ class PerceptualLoss(nn.Module):
         super().__init__()
         import lpips
 
+        if pretrained_backbone and _offline() and not vgg16_weights_path().is_file():
+            raise VGGWeightsUnavailableError(_vgg_hint("not cached, and HF_HUB_OFFLINE is set"))
+        try:
+            self._build(lpips, pretrained_backbone)
+        except (OSError, urllib.error.URLError, http.client.HTTPException, TimeoutError) as err:
+            if not pretrained_backbone or isinstance(err, VGGWeightsUnavailableError):
+                raise
+            raise VGGWeightsUnavailableError(_vgg_hint(f"{type(err).__name__}: {err}")) from err
+        if not use_dropout:
+            for lin in self.lpips.lins:
+                lin.model[0] = nn.Identity()
+        self.lpips.requires_grad_(False)
+        self.train(False)
+
+    def _build(self, lpips: Any, pretrained_backbone: bool) -> None:
         with warnings.catch_warnings():  # lpips still uses torchvision's deprecated ``pretrained=`` argument
             warnings.simplefilter("ignore", UserWarning)
             # always built with dropout: the shipped weights are keyed ``lin<i>.model.1.weight`` (after the dropout)
             # and lpips loads them with strict=False, so ``use_dropout=False`` would silently keep random layers
             self.lpips = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=not pretrained_backbone,
                                      use_dropout=True, verbose=False)
-        if not use_dropout:
-            for lin in self.lpips.lins:
-                lin.model[0] = nn.Identity()
-        self.lpips.requires_grad_(False)
-        self.train(False)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.lpips(input, target).mean()

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +44,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveS
 from ..configuration_sphere_ar import PRESETS, SphereARConfig
 from ..modeling_sphere_ar import SphereARTransformer
 from ..vae import SphereVAE
-from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
+from .checkpoints import (
+    DEFAULT_CHECKPOINT_LIMIT,
+    checkpoints_to_delete,
+    mark_checkpoint_complete,
+    resolve_resume_checkpoint,
+)
 from .ema import EMACallback, _unwrap
 from .optimization import decay_parameter_names
-from .schedules import OfficialLRLambda
+from .schedules import OfficialLRLambda, OfficialLRScheduler
 
 __all__ = [
     "CheckpointCompletionCallback",
@@ -113,6 +119,18 @@ class SphereARTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=100, metadata={"help": "Log every N optimizer steps (official: 100)."})
     save_strategy: SaveStrategy | str = field(
         default="epoch", metadata={"help": "When to checkpoint: 'no', 'epoch' (official) or 'steps' (--save_steps)."})
+    save_total_limit: int | None = field(
+        default=DEFAULT_CHECKPOINT_LIMIT,
+        metadata={"help": "Keep the newest N complete checkpoints (and the best one); <= 0: keep all (a SphereAR-B "
+                          "checkpoint is about 3.3 GB)."})
+    keep_checkpoints_every: int | None = field(
+        default=None,
+        metadata={"help": "Also keep, for good, every checkpoint whose step is a multiple of N (not counted in "
+                          "--save_total_limit)."})
+    logging_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where TensorBoard logs go (default: <output_dir>/logs, as the S-VAE trainer's; the "
+                          "TENSORBOARD_LOGGING_DIR environment variable overrides it)."})
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Loggers to report to (official: tensorboard; 'none' for none)."})
     remove_unused_columns: bool = field(
@@ -130,6 +148,10 @@ class SphereARTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Where the final pipeline folder is written (default: <output_dir>/pipeline); with "
                           "--push_to_hub it is what gets pushed (to --hub_model_id)."})
+    hub_license: str | None = field(
+        default=None,
+        metadata={"help": "With --push_to_hub (required there): the license of the weights as a Hub license id "
+                          "(mit, apache-2.0, cc-by-nc-4.0, ...), for the model card; never guessed."})
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -279,18 +301,29 @@ class CheckpointCompletionCallback(TrainerCallback):
         self.trainer.accelerator.wait_for_everyone()
 
     def _rotate(self, run_dir: Path, state: TrainerState) -> None:
-        """Keep the newest ``save_total_limit`` complete checkpoints (and the best one); drop incomplete ones."""
-        limit = self.trainer.save_total_limit
-        if not limit or limit <= 0:
-            return
-        best = state.best_model_checkpoint
-        found = [p for _, p in list_checkpoints(run_dir)]
-        complete = [p for p in found if is_complete_checkpoint(p)]
-        for p in complete[limit:] + [p for p in found if p not in complete]:
-            if best is not None and Path(best).resolve() == p.resolve():
-                continue
+        """Keep the newest ``save_total_limit`` complete checkpoints, every ``keep_checkpoints_every``-th and the
+        best one; drop incomplete ones (:func:`~.checkpoints.checkpoints_to_delete`)."""
+        limit, every = self.trainer.save_total_limit, self.trainer.keep_checkpoints_every
+        for p in checkpoints_to_delete(run_dir, limit, every, protect=[state.best_model_checkpoint]):
             logger.info("deleting checkpoint %s (save_total_limit=%d)", p, limit)
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _count(n: int, word: str) -> str:
+    """``"1 class"``, ``"4 classes"``, ``"16 examples"``."""
+    return f"{n:,} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+
+class _StartupSummaryCallback(TrainerCallback):
+    """Prints :meth:`SphereARTrainer.startup_summary` once, on the main process, when training starts."""
+
+    def __init__(self, trainer: SphereARTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs) -> None:
+        if state.is_world_process_zero:
+            print(self.trainer.startup_summary(state), file=sys.stderr, flush=True)
 
 
 class SphereARTrainer(Trainer):
@@ -317,7 +350,12 @@ class SphereARTrainer(Trainer):
         if args.push_to_hub and args.hub_strategy != HubStrategy.END:
             raise ValueError(f"push_to_hub with hub_strategy={args.hub_strategy.value!r}: the SphereAR trainer "
                              "pushes the final pipeline, not checkpoints; set hub_strategy='end'")
+        if args.push_to_hub:  # the card's license is checked before any training (sphere-ar push's rule)
+            from ..hub import _check_license
+
+            _check_license(getattr(args, "hub_license", None), None, None)
         self.save_total_limit = args.save_total_limit
+        self.keep_checkpoints_every = getattr(args, "keep_checkpoints_every", None)
         if args.save_total_limit is not None:
             args = copy.copy(args)  # the Trainer's own rotation would count the checkpoint being written
             args.save_total_limit = None
@@ -328,9 +366,11 @@ class SphereARTrainer(Trainer):
             callbacks.append(self.ema_callback)  # before the completion marker: writes ema.safetensors on save
         if train_dataset is not None:
             callbacks.append(_DatasetEpochCallback(train_dataset))
+        callbacks.append(_StartupSummaryCallback(self))
         callbacks.append(CheckpointCompletionCallback(self))
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          data_collator=data_collator or collate_training_batch, callbacks=callbacks, **kwargs)
+        self.logging_dir = self._route_tensorboard()
         # The loss is a per-batch mean over tokens and noise draws: the Trainer scales it for gradient
         # accumulation, and never counts items (batches have no "labels").
         self.model_accepts_loss_kwargs = False
@@ -341,6 +381,48 @@ class SphereARTrainer(Trainer):
         self._eval_generator = torch.Generator(device=self.args.device)
         self._official_lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.resumed_from: str | None = None
+
+    # ---- logs and the startup summary ----------------------------------------------------------------------
+    def _route_tensorboard(self) -> str:
+        """Point the Trainer's TensorBoard callbacks at ``args.logging_dir`` (default ``<output_dir>/logs``, where
+        the S-VAE trainer logs too) unless ``TENSORBOARD_LOGGING_DIR`` is set; returns that folder."""
+        from transformers.integrations import TensorBoardCallback
+
+        folder = os.environ.get("TENSORBOARD_LOGGING_DIR") or getattr(self.args, "logging_dir", None) or str(
+            Path(self.args.output_dir) / "logs")
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is None:
+                callback.logging_dir = os.path.expanduser(folder)
+        return folder
+
+    def startup_summary(self, state: TrainerState) -> str:
+        """A few lines on what this run does: parameters, data, steps, the effective batch, where files go."""
+        model = _unwrap(self.model)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        config = getattr(model, "config", None)
+        args, world = self.args, self.args.world_size
+        effective = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
+        try:
+            examples = _count(len(self.train_dataset), "example")
+        except TypeError:
+            examples = "streamed"
+        classes = f", {_count(config.num_classes, 'class')}" if config is not None else ""
+        start = f", resuming at step {state.global_step:,}" if state.global_step else ""
+        limit = self.save_total_limit
+        kept = (f"the newest {limit}" if limit and limit > 0 else "all") + (
+            f" and every {self.keep_checkpoints_every}-th step" if self.keep_checkpoints_every else "")
+        lines = [
+            "SphereAR training",
+            f"  parameters: {total:,} ({trainable:,} trainable)",
+            f"  data:       {examples}{classes}",
+            f"  steps:      {state.max_steps:,} optimizer steps ({state.num_train_epochs:g} epochs){start}",
+            f"  batch:      {args.per_device_train_batch_size} per device x {world} "
+            f"process{'es' if world != 1 else ''} x {args.gradient_accumulation_steps} accumulation = {effective} "
+            "per step",
+            f"  output:     {args.output_dir} (checkpoints: keep {kept}; TensorBoard logs: {self.logging_dir})",
+        ]
+        return "\n".join(lines)
 
     # ---- loss ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -405,15 +487,16 @@ class SphereARTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
                          ) -> torch.optim.lr_scheduler.LRScheduler:
-        """The official schedule as a ``LambdaLR`` (rebuilt for every ``train`` call), unless
-        ``official_lr_schedule`` is off or a scheduler was given to the constructor."""
+        """The official schedule (:class:`~.schedules.OfficialLRScheduler`, rebuilt for every ``train`` call from
+        the current arguments, also on resume), unless ``official_lr_schedule`` is off or a scheduler was given to
+        the constructor."""
         if not getattr(self.args, "official_lr_schedule", False) or (
                 self.lr_scheduler is not None and self.lr_scheduler is not self._official_lr_scheduler):
             return super().create_scheduler(num_training_steps, optimizer)
         optimizer = optimizer if optimizer is not None else self.optimizer
         fn = OfficialLRLambda(num_training_steps, self.args.learning_rate, self.args.min_lr,
                               self.args.get_warmup_steps(num_training_steps), self.args.decay_start)
-        self.lr_scheduler = self._official_lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        self.lr_scheduler = self._official_lr_scheduler = OfficialLRScheduler(optimizer, fn)
         return self.lr_scheduler
 
     # ---- checkpoints and resume ----------------------------------------------------------------------------
@@ -443,38 +526,104 @@ class SphereARTrainer(Trainer):
         return SphereARPipeline(transformer=transformer, vae=self.vae, scheduler=scheduler or SphereARScheduler(),
                                 id2label=id2label)
 
+    def training_record(self, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the final save records about this run (``hub.TRAINING_INFO_KEY`` in ``transformer/config.json``,
+        shown by ``sphere-ar push``'s card): ``data`` (:func:`training_data_record`) plus steps, epochs, the
+        effective batch size, the peak learning rate and the date."""
+        import datetime
+
+        from .. import __version__
+
+        args = self.args
+        world = max(1, int(getattr(args, "world_size", 1) or 1))
+        return {**(data or {}), "global_step": int(self.state.global_step),
+                "epochs": round(float(self.state.epoch or 0.0), 4),
+                "effective_batch_size": int(args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                            * world),
+                "learning_rate": float(args.learning_rate), "seed": int(args.seed),
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "trainer": f"sphere-ar-hf {__version__} {type(self).__name__}"}
+
     def save_pipeline(self, output_dir: str | os.PathLike, id2label: dict[int, str] | None = None,
-                      inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+                      inputs: Sequence[str | os.PathLike | None] = (),
+                      training_data: dict[str, Any] | None = None) -> Path:
         """Write the pipeline folder atomically (temporary folder, then rename) on the main process.
 
         An existing ``output_dir`` is replaced only if it is a pipeline folder that holds none of ``inputs`` (the
-        paths the run read: ``utils.check_output_folder``)."""
+        paths the run read: ``utils.check_output_folder``). The transformer's config records the run
+        (:meth:`training_record` of ``training_data``)."""
+        from ..hub import TRAINING_INFO_KEY
         from ..utils import write_folder_atomically
 
         output_dir = Path(output_dir)
         if self.args.should_save:
             pipe = self.build_pipeline(id2label)
+            setattr(pipe.transformer.config, TRAINING_INFO_KEY, self.training_record(training_data))
             write_folder_atomically(output_dir, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True),
                                     overwrite=True, kind="pipeline", inputs=inputs, option="--pipeline_output_dir")
             logger.info("wrote the pipeline to %s", output_dir)
         self.accelerator.wait_for_everyone()
         return output_dir
 
-    def push_pipeline_to_hub(self, folder: str | os.PathLike, commit_message: str = "End of training") -> None:
-        """Upload a saved pipeline folder to ``args.hub_model_id`` (the repository root)."""
+    def push_pipeline_to_hub(self, folder: str | os.PathLike, commit_message: str = "End of training") -> str | None:
+        """Upload a saved pipeline folder to ``args.hub_model_id`` through ``sphere-ar push``'s publisher
+        (:func:`..hub.push_pipeline`: the model card that fits, with ``args.hub_license``, and the remote code);
+        returns the repository's URL on the main process."""
         if not self.args.should_save:
-            return
-        from huggingface_hub import HfApi
+            return None
+        from ..hub import push_pipeline
 
         repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        api = HfApi(token=self.args.hub_token)
-        api.create_repo(repo_id, private=self.args.hub_private_repo, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                          revision=self.args.hub_revision)
+        url = push_pipeline(folder, repo_id, license=getattr(self.args, "hub_license", None),
+                            private=bool(self.args.hub_private_repo), commit_message=commit_message,
+                            revision=self.args.hub_revision, token=self.args.hub_token)
+        logger.info("pushed the pipeline to %s", url)
+        return url
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the whole run
+
+
+def _public_name(name: str | None) -> str | None:
+    """A dataset / model reference fit for a public card: a Hub id as it is, a local path by its last part."""
+    if not name:
+        return None
+    path = Path(str(name)).expanduser()
+    return path.name if path.is_absolute() or path.exists() else str(name)
+
+
+def training_data_record(data_args: Any, dataset: Any = None) -> dict[str, Any]:
+    """What a run trained on, for :meth:`SphereARTrainer.training_record`: the dataset (a Hub id, or a local
+    folder by its name; through a latent cache, the cache's source), split, number of examples and classes."""
+    import types
+
+    source = data_args
+    if getattr(data_args, "latent_cache", None):
+        info = getattr(dataset, "info", None) or getattr(getattr(dataset, "dataset", None), "info", None)
+        source = types.SimpleNamespace(**(info.get("source") or {})) if isinstance(info, dict) else None
+    record: dict[str, Any] = {}
+    hub_id = getattr(source, "dataset_name", None)
+    if hub_id:
+        record["dataset"] = _public_name(hub_id)
+        if record["dataset"] == hub_id:
+            record["hub_dataset"] = hub_id
+    elif getattr(source, "train_data_dir", None):
+        record["dataset"] = f"{_public_name(source.train_data_dir)} (a local image folder)"
+    elif getattr(source, "dataset_path", None):
+        record["dataset"] = f"{_public_name(source.dataset_path)} (a local dataset folder)"
+    if getattr(data_args, "latent_cache", None):
+        cache = f"latent cache {_public_name(data_args.latent_cache)}"
+        record["dataset"] = f"{record['dataset']}, through the {cache}" if record.get("dataset") else cache
+    if getattr(source, "split", None):
+        record["split"] = source.split
+    try:
+        record["num_examples"] = len(dataset) if dataset is not None else None
+    except TypeError:  # a streamed dataset
+        pass
+    if getattr(dataset, "num_classes", None):
+        record["num_classes"] = int(dataset.num_classes)
+    return {k: v for k, v in record.items() if v is not None}
 
 
 def _load_transformer(path: str, config: SphereARConfig) -> SphereARTransformer:
@@ -502,7 +651,7 @@ def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: T
     from transformers import set_seed
 
     from ..utils import check_output_folder
-    from .data import build_image_dataset, class_names
+    from .data import build_image_dataset, class_names, resolve_num_classes
     from .latent_cache import LatentCacheDataset, data_inputs, load_vae
 
     out = Path(getattr(training_args, "pipeline_output_dir", None) or Path(training_args.output_dir) / "pipeline")
@@ -516,17 +665,17 @@ def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: T
             raise ValueError(f"latent cache {data_args.latent_cache} holds ({dataset.num_tokens}, "
                              f"{dataset.latent_dim}) tokens, the VAE makes ({vae.num_tokens}, {vae.config.latent_dim})")
         num_classes, id2label = dataset.num_classes, dataset.id2label
+        if data_args.num_classes and data_args.num_classes != num_classes:
+            raise ValueError(f"--num_classes {data_args.num_classes} does not match the latent cache "
+                             f"{data_args.latent_cache}, which holds {num_classes} classes; drop --num_classes")
     else:
         if data_args.resolution != vae.config.image_size:
             logger.info("resolution set to the VAE's image_size %d", vae.config.image_size)
             data_args.resolution = vae.config.image_size
-        dataset = build_image_dataset(data_args, seed=training_args.seed)
+        # the class count and names come from the dataset; a --num_classes that differs is refused here
+        dataset = build_image_dataset(data_args, seed=training_args.seed, strict_num_classes=True)
         id2label = class_names(dataset.dataset, data_args.label_column)
-        num_classes = data_args.num_classes if data_args.num_classes is not None else len(id2label or {})
-    if id2label is not None and len(id2label) != num_classes:
-        logger.warning("the dataset names %d classes but num_classes=%d: the pipeline gets no class names",
-                       len(id2label), num_classes)
-        id2label = None
+        num_classes = resolve_num_classes(data_args, dataset)
     config = build_sphere_ar_config(model_args, vae, num_classes)
     set_seed(training_args.seed)
     if model_args.pretrained_model:
@@ -537,7 +686,8 @@ def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: T
         dataset = dataset_wrapper(dataset)
     trainer = SphereARTrainer(model=model, args=training_args, vae=vae, train_dataset=dataset, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_pipeline(out, id2label, inputs=inputs)
+    trainer.save_pipeline(out, id2label, inputs=inputs, training_data={
+        **training_data_record(data_args, dataset), "init": _public_name(model_args.pretrained_model) or "random"})
     if training_args.push_to_hub:
         trainer.push_pipeline_to_hub(out)
     return out

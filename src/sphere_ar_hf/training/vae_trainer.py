@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,12 @@ from ..utils import (
     write_folder_atomically,
 )
 from ..vae import SphereVAE
-from .checkpoints import is_complete_checkpoint, list_checkpoints, mark_checkpoint_complete, resolve_resume_checkpoint
+from .checkpoints import (
+    DEFAULT_CHECKPOINT_LIMIT,
+    mark_checkpoint_complete,
+    resolve_resume_checkpoint,
+    rotate_checkpoints,
+)
 from .data import DataArguments, build_image_dataset, collate_images
 from .latent_cache import data_inputs
 from .losses import DISC_LOSSES, GEN_LOSSES, REC_LOSSES, PatchGANDiscriminator, SphereVAELoss
@@ -186,15 +192,26 @@ class VAETrainingArguments:
         default=16, metadata={"help": "DataLoader worker processes per process (official: 16)."}
     )
     logging_steps: int = field(default=100, metadata={"help": "Log averaged losses every N steps (official: 100)."})
+    disable_tqdm: bool = field(
+        default=False, metadata={"help": "Hide the progress bar (steps, speed, ETA; shown on the main process)."}
+    )
     report_to: str = field(
-        default="tensorboard", metadata={"help": "accelerate tracker: tensorboard, wandb, ..., 'all' or 'none'."}
+        default="tensorboard",
+        metadata={"help": "accelerate tracker: tensorboard (logs in <output_dir>/logs, as the AR trainer's), wandb, "
+                          "..., 'all' or 'none'."},
     )
     tracker_project_name: str = field(default="train_vae", metadata={"help": "Tracker run/project name."})
     checkpointing_steps: int = field(
         default=5000, metadata={"help": "Save a resumable checkpoint-<step> folder every N steps (and at the end)."}
     )
     checkpoints_total_limit: int | None = field(
-        default=None, metadata={"help": "Keep only the newest N checkpoints (None: keep all)."}
+        default=DEFAULT_CHECKPOINT_LIMIT,
+        metadata={"help": "Keep only the newest N complete checkpoints (<= 0: keep all)."},
+    )
+    keep_checkpoints_every: int | None = field(
+        default=None,
+        metadata={"help": "Also keep, for good, every checkpoint whose step is a multiple of N (not counted in "
+                          "--checkpoints_total_limit)."},
     )
     resume_from_checkpoint: str | None = field(
         default=None,
@@ -328,10 +345,12 @@ class TrainState:
 
 
 def save_checkpoint_atomically(accelerator: Any, output_dir: str | os.PathLike, step: int,
-                               extra: dict[str, Any] | None = None, total_limit: int | None = None) -> Path:
+                               extra: dict[str, Any] | None = None, total_limit: int | None = None,
+                               keep_every: int | None = None) -> Path:
     """``accelerator.save_state`` into a staging folder (``utils.stage_folder(..., shared=True)``), add the
     completion marker, then swap it into place as ``checkpoint-<step>`` (``utils.swap_folder_into_place``) and
-    keep the newest ``total_limit`` complete checkpoints. Call on every process. An error removes the staging
+    keep the newest ``total_limit`` complete checkpoints and every ``keep_every``-th
+    (:func:`~.checkpoints.rotate_checkpoints`). Call on every process. An error removes the staging
     folder; a run killed before the swap leaves only a hidden folder that ``resolve_resume_checkpoint`` ignores
     and the next run removes."""
     root = Path(output_dir)
@@ -345,10 +364,7 @@ def save_checkpoint_atomically(accelerator: Any, output_dir: str | os.PathLike, 
         if accelerator.is_main_process:
             mark_checkpoint_complete(staged, step, extra)
             swap_folder_into_place(staged, final)
-            if total_limit is not None and total_limit > 0:
-                complete = [p for _, p in list_checkpoints(root) if is_complete_checkpoint(p)]
-                for old_path in complete[total_limit:]:
-                    shutil.rmtree(old_path, ignore_errors=True)
+            rotate_checkpoints(root, total_limit, keep_every)
     finally:
         if accelerator.is_main_process and staged is not None and staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
@@ -405,6 +421,33 @@ def _preview_batch(dataset: Any, count: int) -> torch.Tensor | None:
         dataset[i] for i in range(len(dataset)))
     items = [item["pixel_values"] for item in itertools.islice((x for x in source if x is not None), count)]
     return torch.stack(items) if items else None
+
+
+def _startup_summary(vae: nn.Module, discriminator: nn.Module, dataset: Any, max_steps: int,
+                     steps_per_epoch: int | None, start_step: int, micro_bs: int, accum: int, world: int,
+                     args: VAETrainingArguments, report_to: str | None) -> str:
+    """A few lines on what the S-VAE run does: parameters, data, steps, the effective batch, where files go."""
+    vae_params = sum(p.numel() for p in vae.parameters())
+    disc_params = sum(p.numel() for p in discriminator.parameters())
+    try:
+        examples = f"{len(dataset):,} images"
+    except TypeError:
+        examples = "streamed images"
+    epochs = f" ({max_steps / steps_per_epoch:g} epochs of {steps_per_epoch:,} steps)" if steps_per_epoch else ""
+    start = f", resuming at step {start_step:,}" if start_step else ""
+    limit, every = args.checkpoints_total_limit, args.keep_checkpoints_every
+    kept = (f"the newest {limit}" if limit and limit > 0 else "all") + (f" and every {every}-th step" if every else "")
+    logs = str(Path(args.output_dir) / "logs") if report_to else "off (--report_to none)"
+    return "\n".join([
+        "S-VAE training",
+        f"  parameters: S-VAE {vae_params:,}, discriminator {disc_params:,}",
+        f"  data:       {examples} at {vae.config.image_size}px",
+        f"  steps:      {max_steps:,} optimizer steps{epochs}{start}",
+        f"  batch:      {micro_bs} per device x {world} process{'es' if world != 1 else ''} x {accum} accumulation "
+        f"= {micro_bs * world * accum} per step",
+        f"  output:     {args.output_dir} (checkpoints every {args.checkpointing_steps:,} steps, keep {kept}; "
+        f"TensorBoard logs: {logs})",
+    ])
 
 
 class _Meter:
@@ -531,10 +574,14 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
 
     if report_to:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(model_args, args, data_args))
-    logger.info("S-VAE: %.1fM parameters, discriminator %.2fM; %s steps, micro-batch %d x %d accumulation x %d "
-                "processes", sum(p.numel() for p in vae.parameters()) / 1e6,
-                sum(p.numel() for p in discriminator.parameters()) / 1e6, max_steps, micro_bs, accum, world)
+    if accelerator.is_main_process:
+        print(_startup_summary(vae, discriminator, dataset, max_steps, steps_per_epoch, state.global_step, micro_bs,
+                               accum, world, args, report_to), file=sys.stderr, flush=True)
 
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_steps, initial=state.global_step, desc="S-VAE", unit="step", dynamic_ncols=True,
+                    disable=args.disable_tqdm or not accelerator.is_main_process)
     meter, t0 = _Meter(), time.time()
     while state.global_step < max_steps:
         dataset.set_epoch(state.epoch)
@@ -562,22 +609,27 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
             state.global_step += 1
             state.micro_batches_in_epoch += accum
             meter.add(logs)
+            progress.update(1)
             step = state.global_step
             if step % args.logging_steps == 0 or step == max_steps:
-                _log(accelerator, meter, step, time.time() - t0)
+                means = _log(accelerator, meter, step, time.time() - t0)
+                progress.set_postfix({k: f"{means[k]:.4f}" for k in ("loss", "recon_loss") if k in means},
+                                     refresh=False)
                 meter.reset()
                 t0 = time.time()
             if step % args.checkpointing_steps == 0 or step == max_steps:
                 save_checkpoint_atomically(accelerator, output_dir, step, extra={"epoch": state.epoch},
-                                           total_limit=args.checkpoints_total_limit)
+                                           total_limit=args.checkpoints_total_limit,
+                                           keep_every=args.keep_checkpoints_every)
                 last_saved = step
             if accelerator.is_main_process and preview is not None and (
                     step % args.validation_steps == 0 or step == max_steps):
                 _write_preview(accelerator, model, preview, output_dir / "previews" / f"step_{step:07d}.png", step)
 
+    progress.close()
     if last_saved != state.global_step:
         save_checkpoint_atomically(accelerator, output_dir, state.global_step, extra={"epoch": state.epoch},
-                                   total_limit=args.checkpoints_total_limit)
+                                   total_limit=args.checkpoints_total_limit, keep_every=args.keep_checkpoints_every)
     accelerator.wait_for_everyone()
     vae_dir = finals["vae"]
     if accelerator.is_main_process:
@@ -655,7 +707,8 @@ def _train_step(accelerator: Any, model: nn.Module, paired: nn.Module, disc_inne
     return logs
 
 
-def _log(accelerator: Any, meter: _Meter, step: int, seconds: float) -> None:
+def _log(accelerator: Any, meter: _Meter, step: int, seconds: float) -> dict[str, float]:
+    """Log the window's means (averaged over processes) to the trackers and the logger; returns them."""
     means = meter.means()  # the same keys on every process (all take the same steps)
     local = torch.tensor(list(means.values()), dtype=torch.float32, device=accelerator.device)
     values = accelerator.reduce(local, reduction="mean")
@@ -664,6 +717,7 @@ def _log(accelerator: Any, meter: _Meter, step: int, seconds: float) -> None:
     accelerator.log(logs, step=step)
     if accelerator.is_main_process:
         logger.info("step %d: %s", step, ", ".join(f"{k[6:]} {v:.4f}" for k, v in logs.items()))
+    return {k[6:]: v for k, v in logs.items()}
 
 
 def _write_preview(accelerator: Any, model: nn.Module, images: torch.Tensor, path: Path, step: int) -> None:
