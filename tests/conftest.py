@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -129,3 +133,39 @@ def tiny_id2label() -> dict[int, str]:
 def tiny_pipeline() -> SphereARPipeline:
     """A tiny random pipeline (4 tokens of 16 dims, 32 px, 10 classes); tests must not modify it."""
     return build_tiny_pipeline()
+
+
+# ---- the browser tests: Debian's Chromium driven by Playwright (never `playwright install`) ------------------------
+CHROMIUM = os.environ.get("SPHERE_AR_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+@contextlib.contextmanager
+def offline_browser(profile: Path, origin: str, timeout_s: float) -> Iterator[tuple[Any, Any, list[str]]]:
+    """``(context, page, outside)``: a headless Chromium page that may load only from ``origin`` (and data / blob
+    URLs); every other request is aborted and recorded in ``outside``."""
+    import playwright.sync_api as sync_api
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    outside: list[str] = []
+
+    def route(r) -> None:
+        if r.request.url.startswith((origin + "/", "data:", "blob:")) or r.request.url == origin:
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1280, "height": 860}, timeout=timeout_s * 1000)
+        try:
+            context.set_default_timeout(timeout_s * 1000)
+            context.route("**/*", route)
+            yield context, context.new_page(), outside
+        finally:
+            context.close()

@@ -211,7 +211,7 @@ def test_help_imports_no_heavy_library() -> None:
 
     code = ("import contextlib, io, sys\n"
             "from sphere_ar_hf.cli import main\n"
-            "for argv in ([], ['generate'], ['convert'], ['sample'], ['evaluate'], ['push']):\n"
+            "for argv in ([], ['generate'], ['convert'], ['sample'], ['evaluate'], ['push'], ['space']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()):\n"
             "        assert main([*argv, '--help']) == 0, argv\n"
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))\n")

@@ -1,4 +1,4 @@
-"""The Gradio demo (``sphere_ar_hf.demo`` and the Space's ``hub_cards/space/app.py``): a real browser picks classes
+"""The Gradio demo (``sphere_ar_hf.demo`` and the Space's ``app.py``): a real browser picks classes
 and generates, the named API endpoint returns images, requests beyond the server's bounds or of the wrong type
 (checked before Gradio could round or coerce them) are refused with a one-line error naming the field, and image k
 of seed S has its own generator from (S, k), so seeds S and S + 1 share no image.
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import pytest
 import torch
 
-from conftest import build_tiny_pipeline  # noqa: E402
+from conftest import build_tiny_pipeline, offline_browser  # noqa: E402
 from sphere_ar_hf import imagenet_id2label  # noqa: E402
 from sphere_ar_hf.demo import (  # noqa: E402
     API_NAME,
@@ -50,12 +50,7 @@ from sphere_ar_hf.demo import (  # noqa: E402
 from sphere_ar_hf.seeding import image_seeds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "hub_cards" / "space" / "app.py"
 SCREENSHOT = ROOT / "docs" / "demo_screenshot.png"
-CHROMIUM = os.environ.get("SPHERE_AR_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
 UPDATE_SCREENSHOT = os.environ.get("SPHERE_AR_UPDATE_SCREENSHOT") == "1"
 DEMO_MODEL = os.environ.get("SPHERE_AR_DEMO_MODEL")  # None: the tiny random pipeline; "bundled": no --model
 MAX_IMAGES, MAX_STEPS = 8, 8
@@ -167,66 +162,45 @@ def _predict(client, classes, per_class=1, guidance=2.0, schedule="linear", step
 
 # ---- the real browser -----------------------------------------------------------------------------------------------
 def test_browser_pick_classes_generate_and_show_images(server, tmp_path):
-    import playwright.sync_api as sync_api
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     from PIL import Image
 
     pipe, origin = server.pipe, server.url.rstrip("/")
     wanted = [3, 7]
     names = dict(class_choices(pipe))
     shown = {v: k for k, v in names.items()}  # value -> shown name
-    outside: list[str] = []
+    with offline_browser(tmp_path / "profile", origin, TIMEOUT_S) as (context, page, outside):
+        page.goto(origin + "/")
+        classes = page.locator("#classes")
+        classes.get_by_title("Clear").click()  # drop the default selection
+        for class_id in wanted:  # search by name, pick the option
+            page.click("#classes input")
+            page.keyboard.type(short_label(pipe, class_id))
+            page.get_by_role("option", name=shown[str(class_id)], exact=True).click()
+        page.keyboard.press("Escape")
+        assert classes.locator(".token").all_inner_texts() == [shown[str(c)] for c in wanted]
+        per_class = page.locator("#per-class input[type=number]")
+        per_class.fill("4")
+        per_class.press("Enter")
+        page.click("#generate")
 
-    def route(r):
-        if r.request.url.startswith((origin + "/", "data:", "blob:")) or r.request.url == origin:
-            r.continue_()
-        else:
-            outside.append(r.request.url)
-            r.abort()
-
-    with sync_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1280, "height": 860}, timeout=TIMEOUT_S * 1000)
-        try:
-            context.set_default_timeout(TIMEOUT_S * 1000)
-            context.route("**/*", route)
-            page = context.new_page()
-            page.goto(origin + "/")
-            classes = page.locator("#classes")
-            classes.get_by_title("Clear").click()  # drop the default selection
-            for class_id in wanted:  # search by name, pick the option
-                page.click("#classes input")
-                page.keyboard.type(short_label(pipe, class_id))
-                page.get_by_role("option", name=shown[str(class_id)], exact=True).click()
-            page.keyboard.press("Escape")
-            assert classes.locator(".token").all_inner_texts() == [shown[str(c)] for c in wanted]
-            per_class = page.locator("#per-class input[type=number]")
-            per_class.fill("4")
-            per_class.press("Enter")
-            page.click("#generate")
-
-            page.locator("#info").get_by_text("8 images of").wait_for()
-            page.wait_for_function(  # every image of the gallery decoded, none broken
-                "n => { const im = [...document.querySelectorAll('#gallery img')];"
-                " return im.length === n && im.every(e => e.complete && e.naturalWidth > 0); }", arg=8)
-            first = page.locator("#gallery img").first
-            assert first.get_attribute("alt").startswith(short_label(pipe, 3))
-            response = context.request.get(first.get_attribute("src"))
-            assert response.ok
-            path = tmp_path / "first.png"
-            path.write_bytes(response.body())
-            with Image.open(path) as image:
-                size = pipe.transformer.config.image_size
-                assert image.width >= size and image.width % size == 0 and image.getbbox() is not None
-                lo, hi = image.convert("L").getextrema()
-                assert hi > lo  # not a blank image
-            shot = tmp_path / "demo_screenshot.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 0
-        finally:
-            context.close()
+        page.locator("#info").get_by_text("8 images of").wait_for()
+        page.wait_for_function(  # every image of the gallery decoded, none broken
+            "n => { const im = [...document.querySelectorAll('#gallery img')];"
+            " return im.length === n && im.every(e => e.complete && e.naturalWidth > 0); }", arg=8)
+        first = page.locator("#gallery img").first
+        assert first.get_attribute("alt").startswith(short_label(pipe, 3))
+        response = context.request.get(first.get_attribute("src"))
+        assert response.ok
+        path = tmp_path / "first.png"
+        path.write_bytes(response.body())
+        with Image.open(path) as image:
+            size = pipe.transformer.config.image_size
+            assert image.width >= size and image.width % size == 0 and image.getbbox() is not None
+            lo, hi = image.convert("L").getextrema()
+            assert hi > lo  # not a blank image
+        shot = tmp_path / "demo_screenshot.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 0
     assert outside == []  # the page loads nothing from beyond the server (fonts, scripts, telemetry)
     if UPDATE_SCREENSHOT:
         SCREENSHOT.parent.mkdir(exist_ok=True)
@@ -522,12 +496,19 @@ def test_command_line_errors_and_defaults(capsys, tmp_path):
     assert (args.host, args.port, args.model, args.max_images, args.max_steps) == ("127.0.0.1", 7860, None, 16, 200)
 
 
-def test_space_app_is_a_thin_wrapper(monkeypatch):
-    spec = importlib.util.spec_from_file_location("space_app", APP)
+def test_space_app_is_a_thin_wrapper(monkeypatch, tmp_path):
+    """The ``app.py`` that ``sphere-ar space`` fills in from ``hub_cards/space/app.py`` (the whole Space, started
+    with the package blocked: tests/test_space.py)."""
+    from sphere_ar_hf.hub import build_space_folder
+
+    app = build_space_folder(tmp_path / "space", model="someone/sphere-ar-b") / "app.py"
+    spec = importlib.util.spec_from_file_location("space_app", app)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "space_app", module)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # app.py puts its folder first
     spec.loader.exec_module(module)  # runs nothing but imports: main() is behind __name__ == "__main__"
-    assert module.main is main
+    assert module.main is main  # the package is imported already: its demo, not the Space's copy
+    assert module.served_model() == "someone/sphere-ar-b"
 
 
 def test_nothing_left_loopback(isolated):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.metadata
 import io
 import json
 import shutil
@@ -229,7 +230,7 @@ def test_space_card():
     card = hub.render_space_card(license="mit", models=["someone/sphere-ar-b", "someone/sphere-ar-digits"])
     parsed = SpaceCard(str(card))
     data = parsed.data.to_dict()
-    assert data["sdk"] == "gradio" and data["sdk_version"].startswith("6.31.")
+    assert data["sdk"] == "gradio" and data["sdk_version"] == importlib.metadata.version("gradio")
     assert data["app_file"] == "app.py" and data["license"] == "mit" and data["title"] == "SphereAR"
     assert data["models"] == ["someone/sphere-ar-b", "someone/sphere-ar-digits"]
     assert 0 < len(data["short_description"]) <= 60  # the Hub's limit
@@ -243,12 +244,14 @@ def test_space_card():
 def test_space_folder(tmp_path):
     templates = tmp_path / "cards"
     shutil.copytree(hub.HUB_CARDS_DIR, templates)
-    (templates / "space" / "app.py").write_text("print('demo')\n")
-    out = hub.build_space_folder(tmp_path / "space", license="mit", models=["someone/sphere-ar-digits"],
+    (templates / "space" / "app.py").write_text("print('demo of {{ model }}')\n")  # the templates are filled in
+    out = hub.build_space_folder(tmp_path / "space", license="mit", model="someone/sphere-ar-digits",
                                  template_dir=templates)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "app.py"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "app.py", "requirements.txt", "sphere_ar_hf"]
+    assert (out / "app.py").read_text() == "print('demo of someone/sphere-ar-digits')\n"
     assert SpaceCard.load(out / "README.md").data.models == ["someone/sphere-ar-digits"]
     assert (templates / "space" / "README.md").read_text().count("{{ license }}") == 1  # the template is kept
+    # the whole folder, from `sphere-ar space`: tests/test_space.py
 
 
 # ---- sphere-ar push -------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .options import CFG_SCHEDULES, DTYPES, FEATURE_SPACES, LABEL_MODES, MAX_SEED, SAMPLERS
-from .utils import HelpFormatter, atomic_write, format_millions
+from .utils import HelpFormatter, atomic_write, format_millions, plural
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -110,10 +110,6 @@ def _image_format(path: Path) -> str:
     return "PNG"
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def _default_scale(size: int) -> int:
     """Enough nearest-neighbour upscaling to make a small image readable: at least 128 px, integer factor."""
     return max(1, -(-128 // size))
@@ -166,7 +162,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: transformer {format_millions(n_tf)} parameters ({info.get('weights', '?')} weights; "
           f"width {c.hidden_size}, {c.num_hidden_layers} layers), S-VAE {format_millions(n_vae)} parameters; "
           f"{c.image_size}x{c.image_size} images, {c.num_image_tokens} tokens of dim {c.latent_dim}, "
-          f"{c.num_classes} classes ({names})")
+          f"{plural(c.num_classes, 'class', 'classes')} ({names})")
     return 0
 
 
@@ -284,10 +280,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     grid_path = args.output if args.output is not None else args.output_dir / "grid.png"
     save_image_atomically(make_grid(images, args.grid_cols), grid_path)
     w, h = images[0].size
-    where = f"{_plural(len(written), 'image')} and the grid to {args.output_dir}" if written else \
+    where = f"{plural(len(written), 'image')} and the grid to {args.output_dir}" if written else \
         f"the grid to {grid_path}"
-    print(f"wrote {where} ({_plural(len(images), 'image')} of {w}x{h}, seed {args.seed}, images 0..{len(images) - 1},"
-          f" guidance {guidance:g} {args.cfg_schedule}, {_plural(args.steps, 'step')})")
+    print(f"wrote {where} ({plural(len(images), 'image')} of {w}x{h}, seed {args.seed}, images 0..{len(images) - 1},"
+          f" guidance {guidance:g} {args.cfg_schedule}, {plural(args.steps, 'step')})")
     return 0
 
 
@@ -349,8 +345,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CLIError(_one_line(e)) from None
     if rank == 0:
-        print(f"wrote {final}: {args.num_images} images, {world} process(es), {settings.sampler} "
-              f"{args.steps} steps, guidance {guidance:g} {args.cfg_schedule}, labels {args.labels}, seed {args.seed}")
+        print(f"wrote {final}: {plural(args.num_images, 'image')}, {plural(world, 'process', 'processes')}, "
+              f"{settings.sampler} {plural(args.steps, 'step')}, guidance {guidance:g} {args.cfg_schedule}, "
+              f"labels {args.labels}, seed {args.seed}")
     return 0
 
 
@@ -375,7 +372,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"GEN {result['gen']}: {result['num_gen']} images; REF {result['ref']}: {result['num_ref']} images")
+    print(f"GEN {result['gen']}: {plural(result['num_gen'], 'image')}; REF {result['ref']}: "
+          f"{plural(result['num_ref'], 'image')}")
     for key, name in METRIC_NAMES.items():
         if key in result:
             print(f"{name}: {result[key]:.6g}")
@@ -474,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .hub import add_push_parser
 
     add_push_parser(sub, formatter_class=fmt)
+    add_space_parser(sub, fmt)
     return parser
 
 
@@ -551,6 +550,50 @@ def add_evaluate_parser(sub, fmt) -> None:
                    help="skip precision / recall (they need the images of both sets and N^2 distances)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+
+# ---- space ----------------------------------------------------------------------------------------------------
+def cmd_space(args: argparse.Namespace) -> int:
+    """Write a Hugging Face Space folder (``sphere-ar space``); see :func:`.hub.build_space_folder`."""
+    from .hub import HubError, build_space_folder
+
+    try:
+        out = build_space_folder(args.output, model=args.model, title=args.title, license=args.license,
+                                 license_name=args.license_name, license_link=args.license_link,
+                                 overwrite=args.overwrite)
+    except HubError as e:
+        raise CLIError(_one_line(e)) from None
+    tops = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
+    serves = "model/ (a copy of the pipeline)" if (out / "model").is_dir() else (args.model or "")
+    print(f"wrote {out} ({', '.join(tops)}): a Gradio Space that serves {serves}; upload it with "
+          f"`hf upload OWNER/NAME {out} . --repo-type space`")
+    return 0
+
+
+def add_space_parser(sub, fmt) -> None:
+    p = sub.add_parser(
+        "space", formatter_class=fmt, help="write a Hugging Face Space folder that serves a model with the demo",
+        description="Write a complete Hugging Face Space folder (sdk: gradio) that serves --model with the Gradio "
+                    "demo: README.md (front matter: sdk_version = the installed gradio, python_version, models), "
+                    "requirements.txt (the installed versions of torch, diffusers, transformers, gradio, ...), "
+                    "app.py, and sphere_ar_hf/, a copy of this package's module files, so the Space runs without "
+                    "sphere-ar-hf being installable. A pipeline folder is copied into model/; a Hub repository id "
+                    "is downloaded when the Space starts. The folder is written atomically.",
+        epilog="example: sphere-ar space --model you/SphereAR-B --output my-space && hf upload you/sphere-ar-demo "
+               "my-space . --repo-type space")
+    p.add_argument("--model", default=None, metavar="REPO_ID_OR_DIR",
+                   help="pipeline folder (copied into the Space) or Hub repository id (default: the embedded "
+                        "digits model)")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR", help="Space folder to write")
+    p.add_argument("--title", default="SphereAR", help="the Space's title")
+    p.add_argument("--license", metavar="LICENSE", default=None,
+                   help="license of the Space's files as a Hub license id; needed with a pipeline folder of your "
+                        "own (its weights' license, never guessed); else, by default, this package's: mit")
+    p.add_argument("--license-name", metavar="NAME", default=None, help="name of the license, with --license other")
+    p.add_argument("--license-link", metavar="URL", default=None, help="link to its text, with --license other")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it is not empty: only an earlier Space folder that holds nothing else")
+    p.set_defaults(func=cmd_space)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

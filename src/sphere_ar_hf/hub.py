@@ -8,6 +8,7 @@ default, the remote code of :mod:`.remote_code`: this package's module files, co
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import math
@@ -17,7 +18,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CARDS", "TRAINING_INFO_KEY", "HubError", "add_push_parser", "build_push_folder", "build_space_folder",
            "card_problem", "detect_card", "load_metrics", "pipeline_facts", "push_pipeline", "render_model_card",
-           "render_space_card", "run_push"]
+           "render_space_card", "run_push", "space_folder_kind", "space_package_files"]
 
 HUB_CARDS_DIR = Path(__file__).resolve().parents[2] / "hub_cards"  # the source checkout's templates
 ARXIV_ID = "2509.24335"
@@ -337,43 +338,196 @@ def render_model_card(pipeline: str | os.PathLike, *, repo_id: str, license: str
                                    checkpoint=f"SphereAR_{card.upper()}.pt", official_repo=OFFICIAL_REPO, **common)
 
 
+# ---- the Space ----------------------------------------------------------------------------------------------------
+SPACE_PACKAGE = "sphere_ar_hf"  # the Space's copy of this package's module files
+SPACE_MODEL = "model"  # the Space's copy of a local pipeline folder
+PACKAGE_LICENSE = "mit"  # this package's license (setup.py): its code and its embedded digits model
+_SPACE_ENTRIES = ((), ("demo",), ("remote_pipeline",))  # the package, the demo, every module of the pipeline
+
+
+def _installed_version(name: str) -> str:
+    """The installed version of the distribution ``name``, without a local label (``2.5.1+cpu`` -> ``2.5.1``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name).split("+", 1)[0]
+    except PackageNotFoundError:
+        raise HubError(f"{name} is not installed here, and a Space folder pins the versions installed where it is "
+                       "written: pip install \"sphere-ar-hf[demo]\"") from None
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _relative_imports(tree: ast.AST, in_function: bool = False) -> Iterator[tuple[ast.ImportFrom, bool]]:
+    """The relative ``from . import`` statements under ``tree`` and whether each runs at import time (not in a
+    function); ``if TYPE_CHECKING:`` blocks never run."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                yield from _relative_imports(ast.Module(body=[child], type_ignores=[]), in_function)
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level:
+            yield node, not in_function
+        yield from _relative_imports(node, in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                            ast.Lambda)))
+
+
+def _module_file(root: Path, parts: tuple[str, ...]) -> Path | None:
+    """The file of the module ``parts`` (``("cli",)``, ``("pretrained",)``, ``()`` the package) under ``root``."""
+    path = root.joinpath(*parts)
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if parts and path.with_suffix(".py").is_file() else None
+
+
+def space_package_files(source: str | os.PathLike | None = None) -> list[str]:
+    """The package files a Space carries in ``sphere_ar_hf/``, as paths relative to the package folder ``source``
+    (default: this package's).
+
+    The modules that the package's ``__init__`` and ``demo`` import and, in turn, those import (found in their
+    source): a module of the package's top level also where a function imports it, a subpackage only where it is
+    imported at import time (training and evaluation code, imported only by other commands, stays out); and the data
+    folders at the package's top level (the ImageNet class names)."""
+    root = Path(source or Path(__file__).parent)
+    files: set[Path] = set()
+    todo = list(_SPACE_ENTRIES)
+    while todo:
+        parts = todo.pop()
+        path = _module_file(root, parts)
+        if path is None or path in files:
+            continue
+        files.add(path)
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        for node, at_import in _relative_imports(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if node.level - 1 > len(package):
+                continue
+            base = package[:len(package) - (node.level - 1)] + (tuple(node.module.split(".")) if node.module else ())
+            for target in (base, *(base + (alias.name,) for alias in node.names)):
+                file = _module_file(root, target)
+                in_subpackage = len(target) > 1 or (bool(target) and file is not None and file.name == "__init__.py")
+                if file is None or (in_subpackage and not at_import):
+                    continue
+                todo.extend(target[:i] for i in range(1, len(target) + 1))
+    data = [p for d in sorted(root.iterdir()) if d.is_dir() and not (d / "__init__.py").exists()
+            and not d.name.startswith((".", "__")) for p in sorted(d.rglob("*")) if p.is_file()
+            and "__pycache__" not in p.parts]
+    return sorted(p.relative_to(root).as_posix() for p in [*files, *data])
+
+
 def render_space_card(*, license: str | None, models: Iterable[str] = (), title: str = "SphereAR",
-                      license_name: str | None = None, license_link: str | None = None,
-                      template_dir: str | os.PathLike | None = None) -> SpaceCard:
-    """The Space README (``hub_cards/space/README.md``): gradio SDK, ``app.py``, the given license and models."""
+                      serves: str | None = None, license_name: str | None = None, license_link: str | None = None,
+                      sdk_version: str | None = None, template_dir: str | os.PathLike | None = None) -> SpaceCard:
+    """The Space README (``hub_cards/space/README.md``): gradio SDK, ``app.py``, the given license and models.
+
+    ``serves``: the model the Space serves, a Hub repository id (it then leads ``models:``) or a description of the
+    pipeline copied into ``model/`` (``"a copy of `my-model`"``). ``sdk_version``: default the installed gradio's
+    version (:data:`GRADIO_SDK_VERSION` if gradio is not installed); the Python version is this interpreter's."""
     import jinja2
     from huggingface_hub import SpaceCard
 
     license = _check_license(license, license_name, license_link)
-    models = [_check_repo_id(m) for m in models]
+    if not isinstance(title, str) or not title.strip() or "\n" in title:
+        raise HubError(f"the Space title must be one non-empty line, got {title!r}")
+    serves_repo = serves if serves is not None and _REPO_ID.fullmatch(serves) else None
+    models = list(dict.fromkeys(_check_repo_id(m) for m in [*([serves_repo] if serves_repo else []), *models]))
+    if sdk_version is None:
+        try:
+            sdk_version = _installed_version("gradio")
+        except HubError:
+            sdk_version = GRADIO_SDK_VERSION
     path = _template_dir(template_dir) / "space" / "README.md"
-    text = jinja2.Template(path.read_text(encoding="utf-8"), keep_trailing_newline=True).render(
-        license=license, models=models, title=title, sdk_version=GRADIO_SDK_VERSION, license_name=license_name,
-        license_link=license_link, arxiv_id=ARXIV_ID)
+    text = jinja2.Template(path.read_text(encoding="utf-8"), keep_trailing_newline=True,
+                           undefined=jinja2.StrictUndefined).render(
+        license=license, models=models, title=title.strip(), sdk_version=sdk_version, license_name=license_name,
+        license_link=license_link, arxiv_id=ARXIV_ID, serves_repo=serves_repo,
+        serves_folder=None if serves_repo else serves, python_version="{}.{}".format(*sys.version_info[:2]))
     return SpaceCard(text)
 
 
-def build_space_folder(output: str | os.PathLike, *, license: str | None, models: Iterable[str] = (),
-                       title: str = "SphereAR", overwrite: bool = False, license_name: str | None = None,
-                       license_link: str | None = None, template_dir: str | os.PathLike | None = None) -> Path:
-    """Write a Space folder to ``output`` (atomically): ``hub_cards/space/``'s files (``app.py``, ...) and its rendered
-    ``README.md`` (:func:`render_space_card`). Upload it with ``HfApi().upload_folder(..., repo_type="space")``.
+def _space_model(model: str | os.PathLike | None) -> tuple[Path | None, str]:
+    """``(local pipeline folder to copy or None, what the card says the Space serves)`` for ``--model``."""
+    if model is None:
+        from .pretrained import bundled_model_path
 
-    ``overwrite`` replaces only a Space folder (the template's files and nothing else) that holds no template."""
-    card = render_space_card(license=license, models=models, title=title, license_name=license_name,
+        return bundled_model_path("digits"), "a copy of the digits model embedded in sphere-ar-hf"
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise HubError(f"{model}: not a folder (--model takes a pipeline folder or a Hub repository id)")
+        pipeline_facts(path)  # a SphereAR pipeline folder, with weights
+        return path, f"a copy of `{path.resolve().name}`"
+    if _REPO_ID.fullmatch(str(model)) and not str(model).startswith("."):
+        return None, _check_repo_id(str(model))
+    raise HubError(f"{model}: no such folder, and not a Hub repository id (owner/name)")
+
+
+def space_folder_kind(template_dir: str | os.PathLike | None = None) -> FolderKind:
+    """What a Space folder holds: the template's files (``README.md``, ``app.py``, ``requirements.txt``), the package
+    copy ``sphere_ar_hf/`` and the model copy ``model/`` (``overwrite`` replaces only such a folder)."""
+    space = _template_dir(template_dir) / "space"
+    names = {p.name for p in space.iterdir() if not p.name.startswith(".")}
+    return FolderKind("a Space folder", "app.py",
+                      files=tuple(sorted({n for n in names if not (space / n).is_dir()} | {"README.md", "app.py"})),
+                      folders=tuple(sorted({n for n in names if (space / n).is_dir()} | {SPACE_PACKAGE, SPACE_MODEL})))
+
+
+def build_space_folder(output: str | os.PathLike, *, license: str | None = None,
+                       model: str | os.PathLike | None = None, models: Iterable[str] = (), title: str = "SphereAR",
+                       overwrite: bool = False, license_name: str | None = None, license_link: str | None = None,
+                       template_dir: str | os.PathLike | None = None) -> Path:
+    """Write a complete Space folder to ``output`` (atomically) that serves ``model``; returns ``output``.
+
+    It holds ``hub_cards/space/``'s templates, filled in: ``README.md`` (:func:`render_space_card`),
+    ``requirements.txt`` (the installed versions of what ``app.py`` needs; not this package) and ``app.py``; the
+    package files of :func:`space_package_files`, copied unchanged into ``sphere_ar_hf/`` (``app.py`` imports that
+    copy, so the package need not be installable); and, for a local ``model``, the pipeline copied into ``model/``.
+    Upload it with ``hf upload OWNER/NAME DIR . --repo-type space``.
+
+    ``model``: a pipeline folder, a Hub repository id (downloaded when the Space starts; not checked here) or None,
+    the embedded digits model. ``models``: more repositories for the card's ``models:``. ``license``: the license of
+    the Space's files; None means this package's (MIT), which holds only without a pipeline folder of your own, which
+    needs its license stated. ``overwrite`` replaces only a Space folder (:func:`space_folder_kind`)."""
+    import jinja2
+
+    folder, serves = _space_model(model)
+    out = Path(output).expanduser()
+    if folder is not None and (out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents):
+        raise HubError(f"the output folder {output} must not be (inside) the model folder {model}")
+    if license is None:
+        if model is not None and folder is not None:
+            raise HubError("a license is required for a Space that carries your pipeline folder: the license of its "
+                           "weights as their owner states it (--license mit, apache-2.0, other, ...); never guessed")
+        license = PACKAGE_LICENSE
+    card = render_space_card(license=license, models=models, title=title, serves=serves, license_name=license_name,
                              license_link=license_link, template_dir=template_dir)
     space = _template_dir(template_dir) / "space"
-    names = sorted({p.name for p in space.iterdir() if not p.name.startswith(".")} | {"README.md"})
-    kind = FolderKind("a Space folder", "app.py" if "app.py" in names else "README.md",
-                      files=tuple(n for n in names if not (space / n).is_dir()),
-                      folders=tuple(n for n in names if (space / n).is_dir()))
+    source = Path(__file__).resolve().parent
+    package_files = space_package_files(source)
+    context = {"model": serves if folder is None else SPACE_MODEL, "version": _installed_version,
+               "python_version": "{}.{}".format(*sys.version_info[:2]), "sdk_version": card.data.sdk_version}
+    templates = [p for p in sorted(space.iterdir()) if p.is_file() and not p.name.startswith(".")
+                 and p.name != "README.md"]
+    rendered = {p.name: jinja2.Template(p.read_text(encoding="utf-8"), keep_trailing_newline=True,
+                                        undefined=jinja2.StrictUndefined).render(**context) for p in templates}
 
     def fill(tmp: Path) -> None:
-        _copy_folder(space, tmp, link=False, skip_code=False)
+        for sub in sorted(space.iterdir()):  # the template's sub-folders, if any, as they are
+            if sub.is_dir() and not sub.name.startswith("."):
+                shutil.copytree(sub, tmp / sub.name, ignore=shutil.ignore_patterns(".*", "__pycache__", "*.pyc"))
+        for name, text in rendered.items():
+            _write_text(tmp / name, text)
         _write_text(tmp / "README.md", str(card))
+        for name in package_files:
+            (tmp / SPACE_PACKAGE / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, tmp / SPACE_PACKAGE / name)
+        if folder is not None:
+            shutil.copytree(folder, tmp / SPACE_MODEL, ignore=shutil.ignore_patterns(".*", "__pycache__", "*.pyc"))
 
-    return write_folder_atomically(Path(output).expanduser(), fill, overwrite=overwrite, kind=kind, inputs=[space],
-                                   option="output folder")
+    return write_folder_atomically(out, fill, overwrite=overwrite, kind=space_folder_kind(template_dir),
+                                   inputs=[space, source, folder], option="--output")
 
 
 # ---- push ---------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write",
     "check_output_folder",
     "format_millions",
+    "plural",
     "one_line_error",
     "remove_staged_folders",
     "run_main",
@@ -52,6 +53,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False,
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 image"``, ``"2 images"``, ``plural(3, "class", "classes")``: a count and its noun."""
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
 
 
 def format_millions(n: int) -> str:
