@@ -288,3 +288,30 @@ def test_vae_decode_rejects_bad_latents(tiny_pipeline: SphereARPipeline, shape: 
 
 def re_tuple(shape: tuple) -> str:
     return r"\(" + r",\s*".join(str(s) for s in shape) + (r",\)" if len(shape) == 1 else r"\)")
+
+
+# ----------------------------------------------------------------------------- normalize_tokens (the ablation)
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_normalize_tokens_off_applies_no_projection(make_pipeline, guidance: float) -> None:
+    pipe = make_pipeline()
+    on = _run(pipe, [0, 1], guidance_scale=guidance, output_type="latent").norm(dim=-1)
+    assert torch.allclose(on, torch.full_like(on, 4.0), atol=1e-5)  # radius sqrt(16), also after CFG
+    pipe.transformer.config.normalize_tokens = False
+    off = _run(pipe, [0, 1], guidance_scale=guidance, output_type="latent").norm(dim=-1)
+    assert torch.isfinite(off).all() and (off - 4.0).abs().max() > 0.1  # the raw predictions, not projected
+    # the first token sees the same trunk and noise either way: it differs from the projected one by its norm only
+    first_on = _run(make_pipeline(), [0, 1], guidance_scale=guidance, output_type="latent")[:, 0]
+    first_off = _run(pipe, [0, 1], guidance_scale=guidance, output_type="latent")[:, 0]
+    assert torch.allclose(torch.nn.functional.normalize(first_off, dim=-1) * 4.0, first_on, atol=1e-5)
+
+
+def test_normalize_tokens_round_trips_and_is_validated(make_pipeline, tmp_path) -> None:
+    from sphere_ar_hf import SphereARConfig
+
+    pipe = make_pipeline()
+    pipe.transformer.config.normalize_tokens = False
+    pipe.save_pretrained(tmp_path / "baseline")
+    assert SphereARPipeline.from_pretrained(tmp_path / "baseline").transformer.config.normalize_tokens is False
+    assert SphereARConfig().normalize_tokens is True
+    with pytest.raises(ValueError, match="normalize_tokens must be true or false, got 'yes'"):
+        SphereARConfig(normalize_tokens="yes")

@@ -33,6 +33,8 @@ class SphereARConfig(PreTrainedConfig):
         num_classes, num_class_tokens: class conditioning; id ``num_classes`` is the null (unconditional) class.
         class_dropout_prob, diff_batch_mul: training (class dropout to the null class; head batch repetition).
         guidance_scale: the recommended classifier-free guidance scale for sampling.
+        normalize_tokens: project every sampled token (after CFG) onto the radius-sqrt(d) sphere before it is fed
+            back and decoded (SphereAR); ``False`` applies no projection (the ablation's Gaussian baselines).
     """
 
     model_type = "sphere_ar"
@@ -54,6 +56,7 @@ class SphereARConfig(PreTrainedConfig):
         class_dropout_prob: float = 0.1,
         diff_batch_mul: int = 4,
         guidance_scale: float = 4.5,
+        normalize_tokens: bool = True,
         rms_norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
         initializer_range: float = 0.02,
@@ -74,6 +77,7 @@ class SphereARConfig(PreTrainedConfig):
         self.class_dropout_prob = class_dropout_prob
         self.diff_batch_mul = diff_batch_mul
         self.guidance_scale = guidance_scale
+        self.normalize_tokens = normalize_tokens
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
         self.initializer_range = initializer_range
@@ -81,6 +85,8 @@ class SphereARConfig(PreTrainedConfig):
         self._validate()
 
     def _validate(self) -> None:
+        if not isinstance(self.normalize_tokens, bool):
+            raise ValueError(f"normalize_tokens must be true or false, got {self.normalize_tokens!r}")
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
             raise ValueError(f"guidance_scale must be a finite number (the recommended classifier-free guidance "

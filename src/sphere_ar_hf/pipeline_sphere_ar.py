@@ -274,6 +274,7 @@ class SphereARPipeline(DiffusionPipeline):
         device = self._execution_device
         batch, num_tokens = len(labels), tf.config.num_image_tokens
         do_cfg = guidance_scale > 1.0
+        normalize = tf.config.normalize_tokens
         cond = torch.tensor(labels, device=device, dtype=torch.long)
         if do_cfg:  # rows [conditional; unconditional]
             cond = torch.cat([cond, torch.full_like(cond, tf.null_class_id)])
@@ -303,7 +304,8 @@ class SphereARPipeline(DiffusionPipeline):
                     if guided:
                         v = apply_guidance(v.float(), guidance)
                     x = scheduler.step(v, t, x, generator=gen, noise=noise[k], return_dict=False)[0]
-                token = self.vae.normalize(x)  # back onto the sphere, also after CFG: fed back and decoded
+                # back onto the sphere, also after CFG: fed back and decoded (no projection for the baselines)
+                token = self.vae.normalize(x) if normalize else x
                 if guided:
                     token = torch.cat([token, token])
                 if callback_on_step_end is not None:
