@@ -188,7 +188,7 @@ def test_vae_gradient_checkpointing(make_vae) -> None:
 
     loss_ref, grads_ref = _loss_and_grads(vae, fn)
     vae.enable_gradient_checkpointing()
-    assert vae.is_gradient_checkpointing and vae.encoder_vit.gradient_checkpointing
+    assert vae.is_gradient_checkpointing and vae.encoder_vit.layers[0].gradient_checkpointing
     calls = _spy_checkpointing(vae)
     loss, grads = _loss_and_grads(vae, fn)
     expected = [f"encoder_vit.layers.{i}" for i in range(vae.config.encoder_layers)]

@@ -159,11 +159,11 @@ class TransformerBlock(GradientCheckpointingLayer):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def run_blocks(module: nn.Module | None, blocks: nn.ModuleList, x: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None, start: int = 0,
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               cache: KVCache | None = None, start: int = 0,
                hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Run ``blocks`` in order (each checkpoints itself when enabled: :class:`TransformerBlock`); append each
-    block's output to ``hidden_states`` if given. ``module``, the owner of the blocks, is not used."""
+    block's output to ``hidden_states`` if given."""
     for i, block in enumerate(blocks):
         x = block(x, rope, cache, i, start)
         if hidden_states is not None:

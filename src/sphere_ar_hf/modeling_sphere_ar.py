@@ -270,7 +270,7 @@ class SphereARTransformer(SphereARPreTrainedModel):
         x = self.input_norm(torch.cat([self._class_tokens(class_labels), x], dim=1))
         if hidden_states is not None:
             hidden_states.append(x)
-        x = run_blocks(self, self.layers, x, self.rope.get(x.device), hidden_states=hidden_states)
+        x = run_blocks(self.layers, x, self.rope.get(x.device), hidden_states=hidden_states)
         x = self.norm(x[:, -self.config.num_image_tokens:])
         return x + self.head_pos_embedding.weight
 
@@ -327,7 +327,7 @@ class SphereARTransformer(SphereARPreTrainedModel):
     def _decode(self, x: torch.Tensor, start: int, cache: KVCache, token_index: int) -> torch.Tensor:
         cos, sin = self.rope.get(x.device)
         end = start + x.shape[1]
-        x = run_blocks(self, self.layers, self.input_norm(x), (cos[start:end], sin[start:end]), cache, start)
+        x = run_blocks(self.layers, self.input_norm(x), (cos[start:end], sin[start:end]), cache, start)
         return self.norm(x[:, -1]) + self.head_pos_embedding.weight[token_index]
 
     def prefill(self, class_labels: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -83,7 +83,6 @@ class ViT(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, num_registers: int, grid: int, eps: float, theta: float):
         super().__init__()
-        self.gradient_checkpointing = False
         self.num_registers = num_registers
         self.register_tokens = nn.Parameter(torch.zeros(num_registers, dim))
         self.layers = nn.ModuleList(
@@ -94,7 +93,7 @@ class ViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         reg = self.register_tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         x = torch.cat([reg, x], dim=1)
-        x = run_blocks(self, self.layers, x, self.rope.get(x.device))
+        x = run_blocks(self.layers, x, self.rope.get(x.device))
         return x[:, self.num_registers:]
 
 
