@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from sphere_ar_hf.evaluation.digits import DIGITS_IMAGE_SIZE, load_digit_splits, write_digits_dataset
+from sphere_ar_hf.options import POSTERIORS
 from sphere_ar_hf.utils import check_output_folder, run_main, write_folder_atomically
 
 logger = logging.getLogger("train_digits")
@@ -56,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vae_epochs", type=int, default=50)
     g.add_argument("--vae_batch_size", type=int, default=64)
     g.add_argument("--vae_lr", type=float, default=1e-3)
-    g.add_argument("--kl_weight", type=float, default=0.004)
+    g.add_argument("--posterior", choices=POSTERIORS, default="power_spherical",
+                   help="the S-VAE's Power Spherical posterior, or the diagonal-Gaussian baseline of the ablation")
+    g.add_argument("--normalize_decoder_input", action=argparse.BooleanOptionalAction, default=True,
+                   help="project the decoder's input onto the sphere (a Gaussian VAE may go without)")
+    g.add_argument("--kl_weight", type=float, default=None,
+                   help="KL weight (default: the posterior's, 0.004 for the Power Spherical; see train_vae.py)")
     g.add_argument("--disc_weight", type=float, default=0.0, help="PatchGAN weight (0: no GAN)")
     g.add_argument("--disc_start_frac", type=float, default=0.5, help="GAN from this fraction of the VAE steps")
     g = p.add_argument_group("SphereAR")
@@ -66,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--head_hidden_size", type=int, default=192)
     g.add_argument("--head_layers", type=int, default=3)
     g.add_argument("--num_class_tokens", type=int, default=4)
+    g.add_argument("--normalize_tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on and sample tokens projected onto the sphere (SphereAR); off: a Gaussian VAE's raw "
+                        "tokens, no projection when sampling")
     g.add_argument("--diff_batch_mul", type=int, default=4)
     g.add_argument("--ar_epochs", type=float, default=100)
     g.add_argument("--ar_batch_size", type=int, default=64)
@@ -87,7 +96,8 @@ def train_vae_stage(args: argparse.Namespace, dataset: Path, run_dir: Path, num_
     model_args = VAEModelArguments(
         latent_dim=args.latent_dim, patch_size=2 ** (len(args.cnn_channels) - 1), z_channels=args.cnn_channels[-1],
         cnn_channels=list(args.cnn_channels), encoder_layers=args.vae_layers, decoder_layers=args.vae_layers,
-        num_attention_heads=args.vae_heads, disc_channels=16, disc_layers=2)
+        num_attention_heads=args.vae_heads, posterior=args.posterior,
+        normalize_decoder_input=args.normalize_decoder_input, disc_channels=16, disc_layers=2)
     training_args = VAETrainingArguments(
         output_dir=str(run_dir), seed=args.seed, global_batch_size=args.vae_batch_size,
         num_train_epochs=args.vae_epochs, learning_rate=args.vae_lr, lr_warmup_steps=min(100, max_steps // 10),
@@ -114,7 +124,8 @@ def train_ar_stage(args: argparse.Namespace, vae_dir: Path, cache: Path, run_dir
     config = SphereARConfig(
         hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
         head_hidden_size=args.head_hidden_size, head_num_layers=args.head_layers, head_num_adaln=1,
-        num_class_tokens=args.num_class_tokens, diff_batch_mul=args.diff_batch_mul,
+        num_class_tokens=args.num_class_tokens, normalize_tokens=args.normalize_tokens,
+        diff_batch_mul=args.diff_batch_mul,
         guidance_scale=args.guidance_scale, latent_dim=args.latent_dim, image_size=args.resolution,
         patch_size=2 ** (len(args.cnn_channels) - 1), num_classes=10)
     config_file = run_dir.parent / "ar_config.json"

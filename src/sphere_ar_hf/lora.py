@@ -525,7 +525,7 @@ def train_lora(lora_args: LoraArguments, data_args: Any, training_args: Training
     from transformers import set_seed
 
     from .training.data import build_image_dataset
-    from .training.latent_cache import LatentCacheDataset, data_inputs
+    from .training.latent_cache import LatentCacheDataset, check_latent_cache, data_inputs
     from .utils import check_output_folder
 
     out = Path(lora_args.adapter_output_dir or Path(training_args.output_dir) / "adapter")
@@ -543,11 +543,9 @@ def train_lora(lora_args: LoraArguments, data_args: Any, training_args: Training
         collator = RelabelingCollator(lora_args.class_ids)
     data_classes = len(lora_args.class_ids) if lora_args.class_ids else num_classes
     if data_args.latent_cache:
-        dataset = LatentCacheDataset(data_args.latent_cache, seed=training_args.seed, hflip=data_args.hflip)
-        if (dataset.num_tokens, dataset.latent_dim) != (vae.num_tokens, vae.config.latent_dim):
-            raise ValueError(f"latent cache {data_args.latent_cache} holds ({dataset.num_tokens}, "
-                             f"{dataset.latent_dim}) tokens, the base VAE makes ({vae.num_tokens}, "
-                             f"{vae.config.latent_dim})")
+        check_latent_cache(data_args.latent_cache, vae)
+        dataset = LatentCacheDataset(data_args.latent_cache, seed=training_args.seed, hflip=data_args.hflip,
+                                     normalize=transformer.config.normalize_tokens)
         if dataset.num_classes > data_classes:
             raise ValueError(f"latent cache {data_args.latent_cache} has {dataset.num_classes} classes, but "
                              f"{data_classes} are mapped to the base model's classes")

@@ -11,3 +11,4 @@ LABEL_MODES = ("uniform", "balanced")  # the classes of `sphere-ar sample`: rand
 FEATURE_SPACES = ("inception", "digits")  # the feature networks of `sphere-ar evaluate`
 DTYPES = ("float32", "bfloat16", "float16")  # the compute dtypes of the command line
 MAX_SEED = 2**64 - 1  # seeds are unsigned 64-bit integers (see seeding.py)
+POSTERIORS = ("power_spherical", "gaussian")  # SphereVAE(posterior=...): the S-VAE (SphereAR), or the Gaussian baseline

@@ -80,6 +80,8 @@ class PowerSphericalDistribution:
         kappa: concentrations ``(...)``, >= 0.
     """
 
+    parameter_names = ("mu", "kappa")
+
     def __init__(self, mu: torch.Tensor, kappa: torch.Tensor, eps: float = 1e-7):
         if mu.dim() < 1 or mu.shape[-1] < 2:
             raise ValueError(f"mu must have shape (..., m) with m >= 2, got {tuple(mu.shape)}")
@@ -92,6 +94,14 @@ class PowerSphericalDistribution:
         self.mu = l2_normalize(mu.to(compute), eps)
         self.kappa = kappa.to(compute).clamp(min=0.0)
         self.dim = mu.shape[-1]
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, torch.Tensor]) -> PowerSphericalDistribution:
+        return cls(parameters["mu"], parameters["kappa"])
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """What a latent cache stores: ``mu`` ``(..., m)`` and ``kappa`` ``(...)``."""
+        return {"mu": self.mu, "kappa": self.kappa}
 
     @property
     def alpha(self) -> torch.Tensor:

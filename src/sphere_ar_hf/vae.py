@@ -1,4 +1,5 @@
-"""SphereVAE: the S-VAE of SphereAR, a CNN + ViT autoencoder with a Power Spherical posterior."""
+"""SphereVAE: the S-VAE of SphereAR, a CNN + ViT autoencoder with a Power Spherical posterior (or, for the paper's
+ablation, a diagonal Gaussian one)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,23 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
+from .diagonal_gaussian import DiagonalGaussianDistribution
 from .layers import Rope2D, TransformerBlock, align_loaded, run_blocks, swiglu_hidden_size
 from .loading import load_strictly, resolve_dtype, stored_dtype, weights_folder
+from .options import POSTERIORS
 from .power_spherical import PowerSphericalDistribution, l2_normalize, project_to_sphere
 
-__all__ = ["SphereVAE", "SphereVAEEncoderOutput", "DecoderOutput"]
+__all__ = ["POSTERIOR_CLASSES", "SphereVAE", "SphereVAEEncoderOutput", "DecoderOutput", "posterior_tokens"]
+
+Posterior = PowerSphericalDistribution | DiagonalGaussianDistribution
+POSTERIOR_CLASSES: dict[str, type[Posterior]] = {
+    "power_spherical": PowerSphericalDistribution, "gaussian": DiagonalGaussianDistribution}
+
+
+def posterior_tokens(z: torch.Tensor, posterior: str, radius: float, normalize: bool) -> torch.Tensor:
+    """AR tokens from posterior draws ``z``: on the sphere of ``radius`` when ``normalize`` or when the posterior is
+    the Power Spherical (its draws are unit directions, scaled here), else the Gaussian draws themselves."""
+    return project_to_sphere(z, radius) if normalize or posterior == "power_spherical" else z
 
 
 class _NoEmptyFloat32Warning(logging.Filter):
@@ -35,9 +48,10 @@ logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32Wa
 
 @dataclass
 class SphereVAEEncoderOutput(BaseOutput):
-    """``latent_dist``: the Power Spherical posterior over unit directions, one per patch token."""
+    """``latent_dist``: the posterior, one per patch token: Power Spherical over unit directions (default), or a
+    diagonal Gaussian (``posterior="gaussian"``)."""
 
-    latent_dist: PowerSphericalDistribution
+    latent_dist: Posterior
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -104,6 +118,11 @@ class SphereVAE(ModelMixin, ConfigMixin):
     output gives a Power Spherical posterior per patch (direction ``mu``, concentration ``kappa = softplus + 1``).
     The decoder mirrors it. Sizes are all in the config; the defaults are the official 75M S-VAE. A new instance
     has the official initialisation (:meth:`initialize_weights`).
+
+    The baselines of the paper's ablation are options: ``posterior="gaussian"`` gives a diagonal Gaussian posterior
+    (``quant_proj`` predicts a mean and a log-variance per dimension; KL to N(0, I)), and
+    ``normalize_decoder_input`` (default True) projects every decoder input onto the radius-sqrt(d) sphere, in
+    :meth:`decode` and so in :meth:`forward`. The Power Spherical posterior lives on the sphere, so it needs it.
     """
 
     _supports_gradient_checkpointing = True
@@ -136,8 +155,17 @@ class SphereVAE(ModelMixin, ConfigMixin):
         in_channels: int = 3,
         rms_norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
+        posterior: str = "power_spherical",
+        normalize_decoder_input: bool = True,
     ):
         super().__init__()
+        if posterior not in POSTERIORS:
+            raise ValueError(f"posterior must be one of {', '.join(map(repr, POSTERIORS))}, got {posterior!r}")
+        if not isinstance(normalize_decoder_input, bool):
+            raise TypeError(f"normalize_decoder_input must be a bool, got {type(normalize_decoder_input).__name__}")
+        if posterior == "power_spherical" and not normalize_decoder_input:
+            raise ValueError("the Power Spherical posterior lies on the sphere: normalize_decoder_input=False needs "
+                             "posterior='gaussian'")
         cnn_channels = tuple(cnn_channels)
         if 2 ** (len(cnn_channels) - 1) != patch_size:
             raise ValueError(f"patch_size {patch_size} needs {int(math.log2(patch_size)) + 1} CNN channel stages "
@@ -157,7 +185,8 @@ class SphereVAE(ModelMixin, ConfigMixin):
         self.encoder_vit = ViT(depth=encoder_layers, **vit)
         self.encoder_norm = nn.RMSNorm(z_channels, eps=rms_norm_eps)
         self.encoder_out = nn.Linear(z_channels, z_channels, bias=False)
-        self.quant_proj = nn.Linear(z_channels, latent_dim + 1)
+        # a direction and a concentration, or a mean and a log-variance per dimension
+        self.quant_proj = nn.Linear(z_channels, latent_dim + 1 if posterior == "power_spherical" else 2 * latent_dim)
         # decoder
         self.post_quant_proj = nn.Linear(latent_dim, z_channels, bias=False)
         self.decoder_conv_in = nn.Conv2d(z_channels, z_channels, 3, padding=1, bias=False)
@@ -212,28 +241,32 @@ class SphereVAE(ModelMixin, ConfigMixin):
 
     @apply_forward_hook
     def encode(self, images: torch.Tensor, return_dict: bool = True) -> SphereVAEEncoderOutput | tuple:
-        """Encode images in [-1, 1] into the per-token Power Spherical posterior."""
+        """Encode images in [-1, 1] into the per-token posterior (Power Spherical, or diagonal Gaussian)."""
         self._check_images(images)
         x = self.encoder_conv_in(images)
         for block in self.down_blocks:
             x = block(x)
         x = x.flatten(2).transpose(1, 2)  # (B, L, C) raster order
         x = self.encoder_out(self.encoder_norm(self.encoder_vit(x)))
-        h = self.quant_proj(x)
-        mu = l2_normalize(h[..., :-1].float())
-        kappa = F.softplus(h[..., -1].float()) + 1.0
-        dist = PowerSphericalDistribution(mu, kappa)
+        h = self.quant_proj(x).float()
+        if self.config.posterior == "gaussian":
+            dist = DiagonalGaussianDistribution(*h.chunk(2, dim=-1))
+        else:
+            dist = PowerSphericalDistribution(l2_normalize(h[..., :-1]), F.softplus(h[..., -1]) + 1.0)
         return SphereVAEEncoderOutput(latent_dist=dist) if return_dict else (dist,)
 
     @apply_forward_hook
     def decode(self, latents: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
-        """Decode tokens ``(B, L, latent_dim)`` on the radius-sqrt(d) sphere into images in about [-1, 1]."""
+        """Decode tokens ``(B, L, latent_dim)`` into images in about [-1, 1]; the tokens are first projected onto the
+        radius-sqrt(d) sphere when ``normalize_decoder_input`` (the default)."""
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents must be a torch.Tensor (batch, tokens, latent_dim), got {type(latents).__name__}")
         L, d = self.num_tokens, self.config.latent_dim
         if latents.dim() != 3 or latents.shape[1] != L or latents.shape[2] != d:
             raise ValueError(f"latents must have shape (batch, {L}, {d}) (tokens of a {self.config.image_size}px image,"
                              f" latent_dim {d}), got {tuple(latents.shape)}")
+        if self.config.normalize_decoder_input:
+            latents = self.normalize(latents)
         x = self.post_quant_proj(latents.to(self.post_quant_proj.weight.dtype))
         g = self.grid_size
         x = x.transpose(1, 2).unflatten(2, (g, g))
@@ -250,4 +283,9 @@ class SphereVAE(ModelMixin, ConfigMixin):
         """Reconstruct images through a posterior sample (or its mode)."""
         dist = self.encode(images).latent_dist
         z = dist.sample(generator) if sample_posterior else dist.mode()
-        return self.decode(self.normalize(z), return_dict=return_dict)
+        return self.decode(z, return_dict=return_dict)
+
+    def tokens(self, z: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """AR tokens from posterior draws ``z`` (:func:`posterior_tokens`): projected onto the radius-sqrt(d) sphere
+        when ``normalize`` (an AR model's ``normalize_tokens``) or the posterior is spherical."""
+        return posterior_tokens(z, self.config.posterior, self.latent_radius, normalize)

@@ -1,10 +1,12 @@
 """Latent cache: encode a dataset's center crops once into SphereVAE posterior parameters, then train the AR model
 on fresh posterior samples without running the VAE encoder.
 
-The cache is a ``save_to_disk`` folder with, per image, ``mu`` (L, d) and ``kappa`` (L,) of the center crop,
-``mu_flip``/``kappa_flip`` of its horizontal flip (both float32), ``class_labels`` (a ClassLabel when the source
-has class names) and ``index`` (the row in the source dataset), plus ``latent_cache.json`` with the VAE config,
-latent_dim, the source's id2label and where the data came from. :class:`LatentCacheDataset` reads it back.
+The cache is a ``save_to_disk`` folder with, per image, the posterior's parameters of the center crop and of its
+horizontal flip (float32): ``mu`` (L, d) and ``kappa`` (L,) for the Power Spherical posterior, ``mean`` and
+``logvar`` (both (L, d)) for a Gaussian one, each also as ``<name>_flip``; ``class_labels`` (a ClassLabel when the
+source has class names) and ``index`` (the row in the source dataset), plus ``latent_cache.json`` with the
+posterior, the VAE config, latent_dim, the source's id2label and where the data came from.
+:class:`LatentCacheDataset` reads it back.
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
-from ..power_spherical import PowerSphericalDistribution, project_to_sphere
 from ..utils import check_output_folder, shared_staging_path, stage_folder, swap_folder_into_place
-from ..vae import SphereVAE
+from ..vae import POSTERIOR_CLASSES, SphereVAE, posterior_tokens
 from .data import (
     DataArguments,
     _describe,
@@ -46,6 +47,7 @@ __all__ = [
     "CacheArguments",
     "LatentCacheDataset",
     "cache_latents",
+    "check_latent_cache",
     "data_inputs",
     "encode_posteriors",
     "load_latent_cache_info",
@@ -101,12 +103,16 @@ def load_vae(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) ->
 @torch.no_grad()
 def encode_posteriors(vae: SphereVAE, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
     """Posterior parameters of images ``(B, 3, H, W)`` and of their horizontal flips, as float32 CPU tensors:
-    ``mu``/``mu_flip`` (B, L, d), ``kappa``/``kappa_flip`` (B, L)."""
+    ``mu``/``mu_flip`` (B, L, d), ``kappa``/``kappa_flip`` (B, L) for the Power Spherical posterior;
+    ``mean``/``logvar`` and their ``_flip`` (B, L, d) for a Gaussian one."""
     both = torch.cat([pixel_values, pixel_values.flip(-1)])
-    dist = vae.encode(both).latent_dist
-    mu, kappa = dist.mu.float().cpu(), dist.kappa.float().cpu()
+    params = vae.encode(both).latent_dist.parameters()
     b = pixel_values.shape[0]
-    return {"mu": mu[:b], "kappa": kappa[:b], "mu_flip": mu[b:], "kappa_flip": kappa[b:]}
+    out = {}
+    for name, value in params.items():
+        value = value.float().cpu()
+        out[name], out[name + "_flip"] = value[:b], value[b:]
+    return out
 
 
 class _CenterCropDataset(torch.utils.data.Dataset):
@@ -142,13 +148,17 @@ def _collate(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
     return out
 
 
-def _cache_features(num_tokens: int, latent_dim: int, id2label: dict[int, str] | None) -> datasets.Features:
+def _cache_features(num_tokens: int, latent_dim: int, id2label: dict[int, str] | None,
+                    posterior: str = "power_spherical") -> datasets.Features:
     label = datasets.ClassLabel(names=[id2label[i] for i in range(len(id2label))]) if id2label else \
         datasets.Value("int64")
-    mu = datasets.Array2D((num_tokens, latent_dim), "float32")
-    kappa = datasets.List(datasets.Value("float32"), length=num_tokens)
-    return datasets.Features({"mu": mu, "kappa": kappa, "mu_flip": mu, "kappa_flip": kappa, "class_labels": label,
-                              "index": datasets.Value("int64")})
+    per_token = datasets.Array2D((num_tokens, latent_dim), "float32")
+    if posterior == "power_spherical":
+        params = {"mu": per_token, "kappa": datasets.List(datasets.Value("float32"), length=num_tokens)}
+    else:
+        params = {"mean": per_token, "logvar": per_token}
+    flipped = {name + "_flip": feature for name, feature in params.items()}
+    return datasets.Features({**params, **flipped, "class_labels": label, "index": datasets.Value("int64")})
 
 
 def _shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -207,7 +217,7 @@ def cache_latents(
         barrier()
         vae = vae.to(device).eval().requires_grad_(False)
         num_tokens, latent_dim = vae.num_tokens, vae.config.latent_dim
-        features = _cache_features(num_tokens, latent_dim, id2label)
+        features = _cache_features(num_tokens, latent_dim, id2label, vae.config.posterior)
         start, end = _shard_bounds(len(raw), world, rank)
         shard = _CenterCropDataset(raw.select(range(start, end)), data_args, offset=start)
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
@@ -238,6 +248,7 @@ def cache_latents(
             cache = datasets.concatenate_datasets(shards)
             info = {
                 "format_version": CACHE_FORMAT_VERSION,
+                "posterior": vae.config.posterior,
                 "latent_dim": latent_dim,
                 "num_tokens": num_tokens,
                 "image_size": vae.config.image_size,
@@ -281,13 +292,31 @@ def _startup_summary(vae: SphereVAE, num_images: int, num_classes: int | None, b
 
 
 def load_latent_cache_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a latent cache (``latent_cache.json``); ``id2label`` keys are ints."""
+    """The metadata of a latent cache (``latent_cache.json``); ``id2label`` keys are ints, and ``posterior`` is
+    ``"power_spherical"`` for a cache written before Gaussian posteriors existed."""
     file = Path(path) / CACHE_INFO_FILE
     if not file.is_file():
         raise ValueError(f"{path} is not a latent cache (no {CACHE_INFO_FILE}); write one with cache_latents")
     info = json.loads(file.read_text())
+    info.setdefault("posterior", "power_spherical")
+    if info["posterior"] not in POSTERIOR_CLASSES:
+        raise ValueError(f"latent cache {path} has an unknown posterior {info['posterior']!r}")
     if info.get("id2label"):
         info["id2label"] = {int(k): v for k, v in info["id2label"].items()}
+    return info
+
+
+def check_latent_cache(path: str, vae: SphereVAE) -> dict[str, Any]:
+    """The info of the latent cache at ``path`` (``load_latent_cache_info``), refused with a ``ValueError`` when its
+    tokens or posterior are not those ``vae`` makes."""
+    info = load_latent_cache_info(path)
+    shape = (int(info["num_tokens"]), int(info["latent_dim"]))
+    if shape != (vae.num_tokens, vae.config.latent_dim):
+        raise ValueError(f"latent cache {path} holds {shape} tokens, the VAE makes ({vae.num_tokens}, "
+                         f"{vae.config.latent_dim})")
+    if info["posterior"] != vae.config.posterior:
+        raise ValueError(f"latent cache {path} holds {info['posterior']} posteriors, the VAE has a "
+                         f"{vae.config.posterior} posterior")
     return info
 
 
@@ -297,24 +326,30 @@ def _torch_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):
-    """AR training items from a latent cache: ``{"latents": (L, d) on the radius-sqrt(d) sphere,
-    "class_labels": ()}``.
+    """AR training items from a latent cache: ``{"latents": (L, d) AR tokens, "class_labels": ()}``.
 
     Each item draws, from a ``torch.Generator`` seeded per ``(seed, epoch, index)``, the flip (probability 0.5
-    when ``hflip``) and then a fresh sample of the Power Spherical posterior, scaled to radius sqrt(d) as
-    ``SphereVAE.normalize`` does. ``sample_posterior=False`` returns the posterior mode instead.
+    when ``hflip``) and then a fresh sample of the cached posterior, made into AR tokens as ``SphereVAE.tokens``
+    does: on the radius-sqrt(d) sphere for the Power Spherical posterior, and for a Gaussian one when
+    ``normalize`` (the AR model's ``normalize_tokens``), else the Gaussian draw itself. ``sample_posterior=False``
+    takes the posterior mode instead.
     """
 
-    def __init__(self, path: str | os.PathLike, seed: int = 0, hflip: bool = True, sample_posterior: bool = True):
+    def __init__(self, path: str | os.PathLike, seed: int = 0, hflip: bool = True, sample_posterior: bool = True,
+                 normalize: bool = True):
         self.path, self.seed, self.hflip, self.sample_posterior = str(path), int(seed), hflip, sample_posterior
+        self.normalize = bool(normalize)
         self.info = load_latent_cache_info(path)
+        self.posterior = self.info["posterior"]
+        self._distribution = POSTERIOR_CLASSES[self.posterior]
+        names = self._distribution.parameter_names
         self.latent_dim, self.num_tokens = int(self.info["latent_dim"]), int(self.info["num_tokens"])
         self.num_classes = int(self.info["num_classes"])
         self.id2label: dict[int, str] | None = self.info.get("id2label")
         self.latent_radius = math.sqrt(self.latent_dim)
         data = datasets.load_from_disk(self.path)
-        self._plain = data.select_columns(["mu", "kappa", "class_labels"]).with_format("numpy")
-        self._flipped = data.select_columns(["mu_flip", "kappa_flip", "class_labels"]).with_format("numpy")
+        self._plain = data.select_columns([*names, "class_labels"]).with_format("numpy")
+        self._flipped = data.select_columns([n + "_flip" for n in names] + ["class_labels"]).with_format("numpy")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -329,9 +364,10 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         flip = bool(torch.rand((), generator=g) < 0.5) if self.hflip else False
         row = (self._flipped if flip else self._plain)[int(index)]
         suffix = "_flip" if flip else ""
-        dist = PowerSphericalDistribution(torch.from_numpy(row["mu" + suffix]), torch.from_numpy(row["kappa" + suffix]))
+        dist = self._distribution.from_parameters(
+            {name: torch.from_numpy(row[name + suffix]) for name in self._distribution.parameter_names})
         z = dist.sample(g) if self.sample_posterior else dist.mode()
-        return {"latents": project_to_sphere(z.float(), self.latent_radius),
+        return {"latents": posterior_tokens(z.float(), self.posterior, self.latent_radius, self.normalize),
                 "class_labels": torch.tensor(int(row["class_labels"]), dtype=torch.long)}
 
 

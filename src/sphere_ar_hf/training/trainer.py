@@ -181,6 +181,11 @@ class ModelArguments:
         default=None, metadata={"help": "Class-label dropout for CFG (default: the config's, official 0.1)."})
     diff_batch_mul: int | None = field(
         default=None, metadata={"help": "Head batch repetition (default: the config's, official 4)."})
+    normalize_tokens: bool | None = field(
+        default=None,
+        metadata={"help": "Train on and sample tokens projected onto the sphere (default: the config's, True: "
+                          "SphereAR). False with a Gaussian S-VAE trains on its raw draws and samples without "
+                          "projection: the baselines of the paper's ablation."})
 
 
 def build_sphere_ar_config(model_args: ModelArguments, vae: SphereVAE, num_classes: int) -> SphereARConfig:
@@ -188,7 +193,8 @@ def build_sphere_ar_config(model_args: ModelArguments, vae: SphereVAE, num_class
     tokens = dict(image_size=vae.config.image_size, patch_size=vae.config.patch_size,
                   latent_dim=vae.config.latent_dim, num_classes=int(num_classes))
     extra = {k: v for k, v in (("class_dropout_prob", model_args.class_dropout_prob),
-                               ("diff_batch_mul", model_args.diff_batch_mul)) if v is not None}
+                               ("diff_batch_mul", model_args.diff_batch_mul),
+                               ("normalize_tokens", model_args.normalize_tokens)) if v is not None}
     if model_args.config_file:
         base = SphereARConfig.from_pretrained(model_args.config_file).to_dict()
         for key in ("model_type", "transformers_version", "architectures"):
@@ -376,6 +382,7 @@ class SphereARTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.normalize_tokens = bool(getattr(model.config, "normalize_tokens", True))
         self.generator = torch.Generator(device=self.args.device)
         self.generator.manual_seed(self.args.seed * self.args.world_size + self.args.process_index)
         self._eval_generator = torch.Generator(device=self.args.device)
@@ -427,7 +434,8 @@ class SphereARTrainer(Trainer):
     # ---- loss ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sphere tokens of images in [-1, 1]: ``vae.normalize(vae.encode(x).latent_dist.sample(generator))``."""
+        """AR tokens of images in [-1, 1]: ``vae.tokens(vae.encode(x).latent_dist.sample(generator))``, projected
+        onto the sphere unless the model's ``normalize_tokens`` is off and the posterior is Gaussian."""
         if self.vae is None:
             raise ValueError("this batch holds pixel_values but the trainer has no VAE: pass vae= (or train from a "
                              "latent cache)")
@@ -435,7 +443,7 @@ class SphereARTrainer(Trainer):
         if self.vae.device != device:
             self.vae.to(device)
         dist = self.vae.encode(pixel_values.to(device, self.vae.dtype)).latent_dist
-        return self.vae.normalize(dist.sample(generator).float())
+        return self.vae.tokens(dist.sample(generator).float(), normalize=self.normalize_tokens)
 
     def _dummy_inputs(self, model: nn.Module) -> dict[str, torch.Tensor]:
         c = _unwrap(model).config
@@ -652,7 +660,7 @@ def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: T
 
     from ..utils import check_output_folder
     from .data import build_image_dataset, class_names, resolve_num_classes
-    from .latent_cache import LatentCacheDataset, data_inputs, load_vae
+    from .latent_cache import LatentCacheDataset, check_latent_cache, data_inputs, load_vae
 
     out = Path(getattr(training_args, "pipeline_output_dir", None) or Path(training_args.output_dir) / "pipeline")
     inputs = [model_args.pretrained_vae, model_args.pretrained_model, *data_inputs(data_args)]
@@ -660,11 +668,8 @@ def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: T
     set_seed(training_args.seed)
     vae = load_vae(model_args.pretrained_vae).float()
     if data_args.latent_cache:
-        dataset = LatentCacheDataset(data_args.latent_cache, seed=training_args.seed, hflip=data_args.hflip)
-        if (dataset.num_tokens, dataset.latent_dim) != (vae.num_tokens, vae.config.latent_dim):
-            raise ValueError(f"latent cache {data_args.latent_cache} holds ({dataset.num_tokens}, "
-                             f"{dataset.latent_dim}) tokens, the VAE makes ({vae.num_tokens}, {vae.config.latent_dim})")
-        num_classes, id2label = dataset.num_classes, dataset.id2label
+        info = check_latent_cache(data_args.latent_cache, vae)
+        num_classes, id2label = int(info["num_classes"]), info.get("id2label")
         if data_args.num_classes and data_args.num_classes != num_classes:
             raise ValueError(f"--num_classes {data_args.num_classes} does not match the latent cache "
                              f"{data_args.latent_cache}, which holds {num_classes} classes; drop --num_classes")
@@ -677,6 +682,9 @@ def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: T
         id2label = class_names(dataset.dataset, data_args.label_column)
         num_classes = resolve_num_classes(data_args, dataset)
     config = build_sphere_ar_config(model_args, vae, num_classes)
+    if data_args.latent_cache:  # its tokens follow the model's normalize_tokens
+        dataset = LatentCacheDataset(data_args.latent_cache, seed=training_args.seed, hflip=data_args.hflip,
+                                     normalize=config.normalize_tokens)
     set_seed(training_args.seed)
     if model_args.pretrained_model:
         model = _load_transformer(model_args.pretrained_model, config)

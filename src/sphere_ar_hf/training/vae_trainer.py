@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..power_spherical import PowerSphericalDistribution
 from ..utils import (
     atomic_write,
     check_output_folder,
@@ -78,6 +79,13 @@ logger = logging.getLogger(__name__)
 # arguments
 
 
+GAUSSIAN_KL_WEIGHT = 1e-3
+# the KL weight of each posterior when --kl_weight is not given: the official S-VAE's, and one for the Gaussian
+# baseline at which its aggregate posterior stays near N(0, I) in the digits recipe (per-dimension std 0.99, token
+# norm 3.9 +- 0.7 on the test split, i.e. about the sphere's radius 4; 1e-4 gives 0.94 and 3.7 +- 0.8)
+DEFAULT_KL_WEIGHTS = {"power_spherical": 0.004, "gaussian": GAUSSIAN_KL_WEIGHT}
+
+
 @dataclass
 class VAEModelArguments:
     """The S-VAE and discriminator architecture (``HfArgumentParser``-ready). Unset sizes come from
@@ -104,6 +112,16 @@ class VAEModelArguments:
     num_register_tokens: int | None = field(default=None, metadata={"help": "ViT register tokens (official: 4)."})
     num_attention_heads: int | None = field(
         default=None, metadata={"help": "ViT attention heads (official: z_channels / 64)."}
+    )
+    posterior: str | None = field(
+        default=None,
+        metadata={"help": "The posterior: 'power_spherical' (the S-VAE, official) or 'gaussian' (the diagonal-Gaussian "
+                          "baseline of the paper's ablation, KL to N(0, I))."},
+    )
+    normalize_decoder_input: bool | None = field(
+        default=None,
+        metadata={"help": "Project the decoder's input onto the radius-sqrt(d) sphere (default True; the Power "
+                          "Spherical posterior needs it, a Gaussian one may go without)."},
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute the ViT blocks' activations in the backward pass (saves memory)."}
@@ -158,8 +176,11 @@ class VAETrainingArguments:
     )
     reconstruction_weight: float = field(default=1.0, metadata={"help": "Pixel loss weight (official: 1.0)."})
     perceptual_weight: float = field(default=1.0, metadata={"help": "LPIPS (VGG) loss weight (official: 1.0)."})
-    kl_weight: float = field(
-        default=0.004, metadata={"help": "Weight of the KL to the uniform sphere, mean per token (official: 0.004)."}
+    kl_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the KL, mean per token: to the uniform sphere for the Power Spherical posterior "
+                          f"(official: {DEFAULT_KL_WEIGHTS['power_spherical']:g}), to N(0, I) summed over the "
+                          f"dimensions for the Gaussian one (default {DEFAULT_KL_WEIGHTS['gaussian']:g})."},
     )
     disc_weight: float = field(
         default=0.5, metadata={"help": "Weight of both adversarial losses once on (official: 0.5; no adaptive weight)."}
@@ -234,7 +255,7 @@ def build_vae(model_args: VAEModelArguments, image_size: int) -> SphereVAE:
     """A SphereVAE from ``pretrained_vae``, or ``vae_config`` + flags with the official initialisation."""
     sizes = {k: getattr(model_args, k) for k in ("latent_dim", "patch_size", "z_channels", "cnn_channels",
                                                  "encoder_layers", "decoder_layers", "num_register_tokens",
-                                                 "num_attention_heads")}
+                                                 "num_attention_heads", "posterior", "normalize_decoder_input")}
     if model_args.pretrained_vae:
         from .latent_cache import load_vae
 
@@ -260,16 +281,23 @@ def build_vae(model_args: VAEModelArguments, image_size: int) -> SphereVAE:
     return SphereVAE(**config)  # the official initialisation (SphereVAE.initialize_weights)
 
 
+def kl_weight(args: VAETrainingArguments, vae: SphereVAE) -> float:
+    """``args.kl_weight``, or the default of the VAE's posterior (:data:`DEFAULT_KL_WEIGHTS`)."""
+    return DEFAULT_KL_WEIGHTS[vae.config.posterior] if args.kl_weight is None else args.kl_weight
+
+
 def build_discriminator(model_args: VAEModelArguments) -> PatchGANDiscriminator:
     return PatchGANDiscriminator(in_channels=3, base_channels=model_args.disc_channels,
                                  num_layers=model_args.disc_layers)
 
 
 class VAEWithPosterior(nn.Module):
-    """The trained module: encode, sample the posterior with ``generator``, project onto the sphere, decode.
+    """The trained module: encode, sample the posterior with ``generator``, decode (which projects onto the sphere
+    when ``normalize_decoder_input``).
 
-    One ``forward`` (so that DDP sees the whole graph); returns ``(reconstruction, mean per-token KL to the
-    uniform sphere, mean kappa)``.
+    One ``forward`` (so that DDP sees the whole graph); returns ``(reconstruction, mean per-token KL to the prior
+    (the uniform sphere, or N(0, I)), a log of the posterior's spread)``: ``{"kappa": mean kappa}`` or
+    ``{"posterior_std": mean standard deviation}``.
     """
 
     def __init__(self, vae: SphereVAE):
@@ -279,9 +307,10 @@ class VAEWithPosterior(nn.Module):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(images).latent_dist
-        latents = self.vae.normalize(dist.sample(generator))
-        recon = self.vae.decode(latents).sample
-        return recon, dist.kl().mean(), dist.kappa.detach().mean()
+        recon = self.vae.decode(dist.sample(generator)).sample
+        spread = {"kappa": dist.kappa.detach().mean()} if isinstance(dist, PowerSphericalDistribution) else \
+            {"posterior_std": dist.std.detach().mean()}
+        return recon, dist.kl().mean(), spread
 
 
 class PairedDiscriminator(nn.Module):
@@ -388,7 +417,7 @@ def save_preview(vae: SphereVAE, images: torch.Tensor, path: str | os.PathLike,
     try:
         with autocast or contextlib.nullcontext():
             mode = vae.encode(images).latent_dist.mode()
-            recon = vae.decode(vae.normalize(mode)).sample
+            recon = vae.decode(mode).sample
     finally:
         vae.train(was_training)
     both = torch.cat([images.float(), recon.float()]).clamp(-1, 1) * 0.5 + 0.5
@@ -522,7 +551,7 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
     discriminator = build_discriminator(model_args)
     loss_fn = SphereVAELoss(
         reconstruction_loss=args.reconstruction_loss, reconstruction_weight=args.reconstruction_weight,
-        perceptual_weight=args.perceptual_weight, kl_weight=args.kl_weight, disc_weight=args.disc_weight,
+        perceptual_weight=args.perceptual_weight, kl_weight=kl_weight(args, vae), disc_weight=args.disc_weight,
         disc_start=args.disc_start, disc_loss=args.disc_loss, gen_loss=args.gen_loss,
         lpips_pretrained_backbone=not args.lpips_random_backbone, lpips_dropout=args.lpips_dropout,
     ).to(device)
@@ -673,10 +702,10 @@ def _train_step(accelerator: Any, model: nn.Module, paired: nn.Module, disc_inne
         with sync:
             with accelerator.autocast():
                 gen = posterior_generator(args.seed, state.global_step, i, accelerator.process_index, device)
-                recon, kl, kappa = model(images, gen)
+                recon, kl, spread = model(images, gen)
                 out = loss_fn.generator_loss(images, recon, kl, step, disc_inner if adv_on else None)
             accelerator.backward(out.loss / accum)
-        add({**out.logs(), "kappa": kappa})
+        add({**out.logs(), **spread})
         cached.append((images, recon.detach()))
     disc_inner.requires_grad_(True)
     if args.max_grad_norm > 0:

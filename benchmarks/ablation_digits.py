@@ -1,0 +1,387 @@
+"""Does the sphere help? The paper's ablation (Gaussian vs hyperspherical latents) at digits scale, on one CPU.
+
+    python benchmarks/ablation_digits.py                      # the committed run: docs/ablation_digits.{md,png,json}
+    python benchmarks/ablation_digits.py --work-dir /tmp/abl  # resumable: a rerun skips every finished job
+
+Four variants, each trained with the embedded digits recipe (``examples/train_digits.py``: the same data, sizes,
+steps and seeds; only the options below differ), through the project's own trainers:
+
+| variant | S-VAE posterior | decoder input | AR tokens (training and sampling) |
+| --- | --- | --- | --- |
+| ``gaussian`` | diagonal Gaussian, KL to N(0, I) | raw | raw Gaussian draws, no projection |
+| ``gaussian_dec_norm`` | diagonal Gaussian | projected onto the sphere | raw, no projection |
+| ``gaussian_ar_norm`` | diagonal Gaussian (the VAE of the row above) | projected | projected onto the sphere |
+| ``sphere`` (SphereAR) | Power Spherical | on the sphere | projected onto the sphere |
+
+(``SphereVAE(posterior=..., normalize_decoder_input=...)``, ``SphereARConfig(normalize_tokens=...)``.) Three S-VAEs per
+training seed; ``gaussian_ar_norm`` reuses the VAE of ``gaussian_dec_norm``. Each pipeline is measured as
+``sphere-ar sample --labels balanced --seed S`` + ``sphere-ar evaluate --features digits`` measure it (the same library
+functions): the Fréchet distance of the digit classifier's features to the held-out real test split, and the
+classifier's accuracy, at guidance 1 / 2 / 3 / 4.5 / 6 / 8 and 100 steps. Spreads are over ``--train-seeds``
+(independent training runs: different initialisation, data order and noise; the sampling seed is the training
+seed).
+
+Jobs run in ``--jobs`` processes of ``--threads`` torch threads each; every job writes its result atomically and a
+rerun skips it, so an interrupted run resumes. Writes ``<out>.md`` (table), ``<out>.png`` (Fréchet distance against
+guidance per variant, mean and min-max over seeds) and ``<out>.json`` (every number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for extra in (ROOT / "src", ROOT / "examples"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+GUIDANCE_SCALES = (1.0, 2.0, 3.0, 4.5, 6.0, 8.0)
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    vae: str  # key of VAES
+    normalize_tokens: bool
+
+
+# the S-VAEs: recipe flags of examples/train_digits.py
+VAES = {
+    "gaussian": ["--posterior", "gaussian", "--no-normalize_decoder_input"],
+    "gaussian_dec_norm": ["--posterior", "gaussian", "--normalize_decoder_input"],
+    "power_spherical": ["--posterior", "power_spherical"],
+}
+VARIANTS = {
+    "gaussian": Variant("diagonal-Gaussian VAE", "gaussian", False),
+    "gaussian_dec_norm": Variant("+ normalised decoder input", "gaussian_dec_norm", False),
+    "gaussian_ar_norm": Variant("+ normalised AR input / output", "gaussian_dec_norm", True),
+    "sphere": Variant("S-VAE, Power Spherical (SphereAR)", "power_spherical", True),
+}
+PAPER_FID = {"gaussian": 2.97, "gaussian_dec_norm": 2.89, "gaussian_ar_norm": 2.68, "sphere": 2.52}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "ablation_digits",
+                   help="runs, pipelines and per-job results (kept: a rerun resumes)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "ablation_digits",
+                   help="writes <out>.md, <out>.png and <out>.json")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--guidance-scales", type=float, nargs="+", default=list(GUIDANCE_SCALES))
+    p.add_argument("--n-per-class", type=int, default=100, help="generated images per class and guidance scale")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps per token")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--jobs", type=int, default=2, help="jobs in parallel (1: in this process)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    p.add_argument("--recipe-args", default="",
+                   help="extra flags for every examples/train_digits.py stage, e.g. '--ar_epochs 10' (a smaller run)")
+    return p.parse_args(argv)
+
+
+# ---- jobs: each a plain function of plain arguments, run in a worker process ------------------------------------
+
+
+def _recipe(seed: int, flags: list[str], recipe_args: str):
+    import train_digits
+
+    return train_digits, train_digits.parse_args(["--output_dir", "unused", "--seed", str(seed), "--ar_workers", "0",
+                                                  *flags, *shlex.split(recipe_args)])
+
+
+def _finish(done: Path, record: dict) -> dict:
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, done)
+    return record
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def vae_job(work: str, kind: str, seed: int, recipe_args: str, threads: int) -> dict:
+    """Train one S-VAE with the recipe and write its latent cache."""
+    _threads(threads)
+    from sphere_ar_hf.training.latent_cache import cache_latents, load_vae
+
+    t0 = time.perf_counter()
+    train_digits, args = _recipe(seed, VAES[kind], recipe_args)
+    run = Path(work) / f"seed{seed}" / f"vae-{kind}"
+    shutil.rmtree(run, ignore_errors=True)
+    num_train = int(json.loads((Path(work) / "data.json").read_text())["num_train"])
+    vae_dir = train_digits.train_vae_stage(args, Path(work) / "data", run / "run", num_train)
+    vae = load_vae(vae_dir).eval()
+    cache_latents(vae, train_digits._data_args(args, Path(work) / "data"), run / "latents", batch_size=256,
+                  disable_tqdm=True)
+    return _finish(run / "done.json", {"vae": str(vae_dir), "latents": str(run / "latents"),
+                                       "seconds": time.perf_counter() - t0, **vae_quality(vae)})
+
+
+def vae_quality(vae) -> dict:
+    """Reconstruction L1 of the held-out test digits (through the posterior mode and one draw), the mean KL per
+    token, and the norm of the AR tokens without projection (the Gaussian draws; radius sqrt(d) for the sphere)."""
+    import torch
+
+    from sphere_ar_hf.evaluation.digits import load_digit_splits, upscale_digits
+
+    x = torch.from_numpy(upscale_digits(load_digit_splits().test_images, vae.config.image_size))[:, None]
+    x = x.repeat(1, vae.config.in_channels, 1, 1)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        z = dist.sample(torch.Generator().manual_seed(0))
+        norms = vae.tokens(z, normalize=False).norm(dim=-1)
+        return {"test_l1_mode": (vae.decode(dist.mode()).sample - x).abs().mean().item(),
+                "test_l1_sample": (vae.decode(z).sample - x).abs().mean().item(),
+                "kl_per_token": dist.kl().mean().item(),
+                "token_norm_mean": norms.mean().item(), "token_norm_std": norms.std().item()}
+
+
+def ar_job(work: str, variant: str, seed: int, recipe_args: str, threads: int) -> dict:
+    """Train one AR model with the recipe on its S-VAE's latent cache."""
+    _threads(threads)
+    t0 = time.perf_counter()
+    v = VARIANTS[variant]
+    flags = VAES[v.vae] + ["--normalize_tokens" if v.normalize_tokens else "--no-normalize_tokens"]
+    train_digits, args = _recipe(seed, flags, recipe_args)
+    vae_run = Path(work) / f"seed{seed}" / f"vae-{v.vae}"
+    vae_info = json.loads((vae_run / "done.json").read_text())
+    run = Path(work) / f"seed{seed}" / variant
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    num_train = int(json.loads((Path(work) / "data.json").read_text())["num_train"])
+    pipeline = train_digits.train_ar_stage(args, Path(vae_info["vae"]), Path(vae_info["latents"]), run / "ar-run",
+                                           num_train)
+    return _finish(run / "done.json", {"pipeline": str(pipeline), "seconds": time.perf_counter() - t0})
+
+
+def eval_job(work: str, variant: str, seed: int, guidance_scales: list[float], n_per_class: int, steps: int,
+             batch_size: int, threads: int) -> dict:
+    """Sample and measure one pipeline at every guidance scale (``sphere-ar sample`` + ``evaluate``'s functions)."""
+    _threads(threads)
+    from sphere_ar_hf import SphereARPipeline
+    from sphere_ar_hf.evaluation import ImageSet, evaluate_digits, image_labels, image_seeds, sample_images
+    from sphere_ar_hf.evaluation.digits import DigitFeatures
+
+    t0 = time.perf_counter()
+    pipeline = json.loads((Path(work) / f"seed{seed}" / variant / "done.json").read_text())["pipeline"]
+    pipe = SphereARPipeline.from_pretrained(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    extractor = DigitFeatures(pipe.vae.config.image_size)
+    indices = np.arange(10 * n_per_class)
+    labels = image_labels(seed, indices, pipe.transformer.config.num_classes, "balanced")
+    rows = []
+    for g in guidance_scales:
+        t = time.perf_counter()
+        images = sample_images(pipe, labels, image_seeds(seed, indices), batch_size, guidance_scale=g,
+                               num_inference_steps=steps)
+        m = evaluate_digits(ImageSet.from_arrays(images, labels), extractor=extractor, with_precision_recall=False)
+        rows.append({"guidance_scale": g, "frechet_distance": m["frechet_distance"], "accuracy": m["accuracy"],
+                     "num_images": len(images), "seconds": time.perf_counter() - t})
+    out = Path(work) / f"seed{seed}" / variant / f"eval-{steps}steps-{n_per_class}.json"
+    return _finish(out, {"variant": variant, "seed": seed, "rows": rows, "seconds": time.perf_counter() - t0})
+
+
+def baseline_job(work: str, n: int, threads: int) -> dict:
+    """The real-vs-real yardstick: a random train subset of the generated sample's size vs the test split."""
+    _threads(threads)
+    from sphere_ar_hf.evaluation import feature_statistics, frechet_distance
+    from sphere_ar_hf.evaluation.digits import DIGITS_IMAGE_SIZE, DigitFeatures, reference_images
+
+    extractor = DigitFeatures(DIGITS_IMAGE_SIZE)
+    train = extractor(reference_images(DIGITS_IMAGE_SIZE, "train"))["features"]
+    test = feature_statistics(extractor(reference_images(DIGITS_IMAGE_SIZE, "test"))["features"])
+    pick = np.random.default_rng(0).choice(len(train), min(n, len(train)), replace=False)
+    return _finish(Path(work) / f"baseline-{n}.json", {
+        "full_train_vs_test": frechet_distance(*feature_statistics(train), *test),
+        "same_n_vs_test": frechet_distance(*feature_statistics(train[pick]), *test), "n": int(len(pick))})
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    name: str
+    done: Path
+    fn: object
+    args: tuple
+    after: tuple[str, ...] = ()
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    work = str(args.work_dir)
+    vaes = sorted({VARIANTS[v].vae for v in args.variants})
+    jobs = [Job("baseline", args.work_dir / f"baseline-{10 * args.n_per_class}.json", baseline_job,
+                (work, 10 * args.n_per_class, args.threads))]
+    for s in args.train_seeds:
+        d = args.work_dir / f"seed{s}"
+        jobs += [Job(f"vae {k} seed {s}", d / f"vae-{k}" / "done.json", vae_job, (work, k, s, args.recipe_args,
+                                                                                    args.threads)) for k in vaes]
+        for v in args.variants:
+            jobs.append(Job(f"ar {v} seed {s}", d / v / "done.json", ar_job,
+                            (work, v, s, args.recipe_args, args.threads), (f"vae {VARIANTS[v].vae} seed {s}",)))
+            jobs.append(Job(f"eval {v} seed {s}", d / v / f"eval-{args.steps}steps-{args.n_per_class}.json", eval_job,
+                            (work, v, s, list(args.guidance_scales), args.n_per_class, args.steps, args.batch_size,
+                             args.threads), (f"ar {v} seed {s}",)))
+    return jobs
+
+
+def _init_worker(threads: int) -> None:
+    _threads(threads)
+
+
+def run_jobs(jobs: list[Job], workers: int) -> float:
+    """Run the unfinished jobs, dependencies first, ``workers`` at a time; returns the seconds taken."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    done = {j.name for j in jobs if j.done.is_file()}
+    todo = [j for j in jobs if j.name not in done]
+    bar = tqdm(total=len(jobs), initial=len(done), desc="ablation", unit="job", dynamic_ncols=True)
+    if workers <= 1:
+        for job in todo:  # plan() lists every job after its dependencies
+            bar.set_postfix_str(job.name)
+            job.fn(*job.args)
+            bar.update()
+        bar.close()
+        return time.perf_counter() - t0
+    import multiprocessing as mp
+
+    running: dict = {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        while todo or running:
+            for job in [j for j in todo if all(a in done for a in j.after)][:workers - len(running)]:
+                todo.remove(job)
+                running[pool.submit(job.fn, *job.args)] = job
+            bar.set_postfix_str(", ".join(j.name for j in running.values()))
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                future.result()  # a failed job stops the run (finished jobs stay finished)
+                done.add(job.name)
+                bar.update()
+    bar.close()
+    return time.perf_counter() - t0
+
+
+def summarize(args: argparse.Namespace) -> dict:
+    """Mean, min and max over the training seeds of every variant and guidance scale."""
+    baseline = json.loads((args.work_dir / f"baseline-{10 * args.n_per_class}.json").read_text())
+    out = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "baseline": baseline, "variants": {}, "train_seconds": 0.0, "eval_seconds": 0.0}
+    for v in args.variants:
+        per_seed = []
+        for s in args.train_seeds:
+            d = args.work_dir / f"seed{s}"
+            per_seed.append(json.loads((d / v / f"eval-{args.steps}steps-{args.n_per_class}.json").read_text()))
+            out["train_seconds"] += json.loads((d / v / "done.json").read_text())["seconds"]
+            out["eval_seconds"] += per_seed[-1]["seconds"]
+        rows = []
+        for i, g in enumerate(args.guidance_scales):
+            fd = np.array([r["rows"][i]["frechet_distance"] for r in per_seed])
+            acc = np.array([r["rows"][i]["accuracy"] for r in per_seed])
+            rows.append({"guidance_scale": g, "fd_mean": float(fd.mean()), "fd_min": float(fd.min()),
+                         "fd_max": float(fd.max()), "fd_std": float(fd.std(ddof=1)) if len(fd) > 1 else 0.0,
+                         "fd": fd.tolist(), "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
+                         "accuracy": acc.tolist()})
+        out["variants"][v] = {"label": VARIANTS[v].label, "rows": rows}
+    for k in {VARIANTS[v].vae for v in args.variants}:
+        for s in args.train_seeds:
+            out["train_seconds"] += json.loads((args.work_dir / f"seed{s}" / f"vae-{k}" / "done.json").read_text()
+                                               )["seconds"]
+    return out
+
+
+def write_table(summary: dict, path: Path) -> str:
+    s = summary["settings"]
+    seeds = len(s["train_seeds"])
+    lines = [f"Fréchet distance in the digit classifier's feature space (lower is better), mean ± std over {seeds} "
+             f"training seed{'s' if seeds != 1 else ''} (min-max in the plot); {10 * s['n_per_class']} images per "
+             f"point, {s['steps']} steps, linear CFG schedule. Real train subset vs real test, same n: "
+             f"{summary['baseline']['same_n_vs_test']:.2f}.", "",
+             "| variant | " + " | ".join(f"w = {g:g}" for g in s["guidance_scales"])
+             + " | best | paper FID (L, 256 px) |",
+             "| --- | " + " | ".join("---:" for _ in s["guidance_scales"]) + " | ---: | ---: |"]
+    for v, data in summary["variants"].items():
+        cells = [f"{r['fd_mean']:.2f} ± {r['fd_std']:.2f}" for r in data["rows"]]
+        best = min(data["rows"], key=lambda r: r["fd_mean"])
+        lines.append(f"| {data['label']} | " + " | ".join(cells) +
+                     f" | {best['fd_mean']:.2f} (w = {best['guidance_scale']:g}) | {PAPER_FID[v]} |")
+    lines += ["", "Classifier accuracy on the generated digits (the requested class), mean over seeds:", "",
+              "| variant | " + " | ".join(f"w = {g:g}" for g in s["guidance_scales"]) + " |",
+              "| --- | " + " | ".join("---:" for _ in s["guidance_scales"]) + " |"]
+    for data in summary["variants"].values():
+        lines.append(f"| {data['label']} | " + " | ".join(f"{100 * r['accuracy_mean']:.1f}%" for r in data["rows"])
+                     + " |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def write_plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for data in summary["variants"].values():
+        g = [r["guidance_scale"] for r in data["rows"]]
+        mean = np.array([r["fd_mean"] for r in data["rows"]])
+        lo, hi = np.array([r["fd_min"] for r in data["rows"]]), np.array([r["fd_max"] for r in data["rows"]])
+        line, = ax.plot(g, mean, marker="o", label=data["label"])
+        ax.fill_between(g, lo, hi, color=line.get_color(), alpha=0.18)
+    ax.axhline(summary["baseline"]["same_n_vs_test"], color="gray", ls="--", lw=1, label="real vs real, same n")
+    seeds = len(summary["settings"]["train_seeds"])
+    ax.set(xlabel="classifier-free guidance scale", ylabel="Fréchet distance (digit features)",
+           title=f"Digits: Gaussian vs hyperspherical latents ({seeds} training seed{'s' if seeds != 1 else ''})")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if not (args.work_dir / "data.json").is_file():  # the train split, written once for every job
+        from sphere_ar_hf.evaluation.digits import DIGITS_IMAGE_SIZE, load_digit_splits, write_digits_dataset
+
+        splits = load_digit_splits()
+        shutil.rmtree(args.work_dir / "data", ignore_errors=True)
+        write_digits_dataset(splits.train_images, splits.train_labels, args.work_dir / "data", DIGITS_IMAGE_SIZE)
+        _finish(args.work_dir / "data.json", {"num_train": len(splits.train_labels)})
+    seconds = run_jobs(plan(args), args.jobs)
+    summary = summarize(args)
+    summary["wall_seconds_this_run"] = seconds
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(write_table(summary, args.out.with_suffix(".md")))
+    write_plot(summary, args.out.with_suffix(".png"))
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {args.out}.md, .png and .json")
+    print(f"total {time.perf_counter() - t0:.0f} s this run ({len(args.variants)} variants x "
+          f"{len(args.train_seeds)} training seeds; job time: training {summary['train_seconds']:.0f} s, evaluation "
+          f"{summary['eval_seconds']:.0f} s)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
