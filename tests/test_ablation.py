@@ -296,3 +296,20 @@ def test_both_ablation_benchmarks_run_end_to_end_and_resume(tmp_path: Path, caps
     assert set(results["variants"]["gaussian"]["generated"]) == {"1", "4"}
     assert (tmp_path / "docs" / "collapse.png").stat().st_size > 0
     assert "real (encoded)" in (tmp_path / "docs" / "collapse.md").read_text()
+
+
+@pytest.mark.parametrize(("normalize_tokens", "normalize_decoder_input", "phrase"), [
+    (False, False, "a diagonal-Gaussian VAE's, not projected when sampled (nor by the decoder)"),
+    (False, True, "a diagonal-Gaussian VAE's, not projected when sampled (the decoder projects its input"),
+    (True, True, "a diagonal-Gaussian VAE's, projected onto the sphere of radius √16"),
+])
+def test_the_model_card_of_a_baseline_says_what_it_is(tmp_path: Path, normalize_tokens: bool,
+                                                        normalize_decoder_input: bool, phrase: str) -> None:
+    from sphere_ar_hf import hub
+
+    _pipeline(normalize_tokens, normalize_decoder_input=normalize_decoder_input).save_pretrained(tmp_path / "pipe")
+    text = " ".join(str(hub.render_model_card(tmp_path / "pipe", repo_id="you/baseline", license="mit")).split())
+    assert "ablation baseline of the paper, not SphereAR itself" in text and phrase in text
+    assert "every token on a sphere" not in text and "| VAE (diagonal Gaussian) |" in text
+    with pytest.raises(hub.HubError, match="ablation baseline, not SphereAR"):
+        hub.render_model_card(tmp_path / "pipe", repo_id="you/baseline", license="mit", card="b")

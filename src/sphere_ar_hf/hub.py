@@ -157,9 +157,31 @@ def pipeline_facts(folder: str | os.PathLike) -> dict[str, Any]:
         "num_inference_steps": int(scheduler.get("num_inference_steps", 100)), "transformer_params": n_tf,
         "vae_params": n_vae, "transformer_params_str": format_millions(n_tf), "vae_params_str": format_millions(n_vae),
         "training": training if isinstance(training, dict) else None,
+        **latent_space_facts(vae, tf),
         "bundled": _is_bundled_digits(folder),
         "imagenet_labels": int(tf["num_classes"]) == 1000 and id2label == imagenet_id2label(),
     }
+
+
+def latent_space_facts(vae: Mapping[str, Any], tf: Mapping[str, Any]) -> dict[str, Any]:
+    """What a card may say of the latent space: ``sphere`` (SphereAR's: a Power Spherical posterior and every token
+    projected) or an ablation baseline, ``vae_kind`` and a ``latents_summary`` sentence."""
+    posterior = vae.get("posterior", "power_spherical")
+    decoder_projects = bool(vae.get("normalize_decoder_input", True))
+    tokens_projected = bool(tf.get("normalize_tokens", True))
+    d = int(tf["latent_dim"])
+    radius = f"the sphere of radius √{d}"
+    if posterior == "power_spherical" and tokens_projected:
+        summary = f"on {radius}"
+    elif tokens_projected:
+        summary = f"a diagonal-Gaussian VAE's, projected onto {radius} (as SphereAR projects its tokens)"
+    else:
+        what = "a diagonal-Gaussian VAE's" if posterior == "gaussian" else "the Power Spherical S-VAE's"
+        summary = f"{what}, not projected when sampled" + \
+            (f" (the decoder projects its input onto {radius})" if decoder_projects else " (nor by the decoder)")
+    return {"posterior": posterior, "sphere": posterior == "power_spherical" and tokens_projected,
+            "vae_kind": "S-VAE" if posterior == "power_spherical" else "VAE (diagonal Gaussian)",
+            "latents_summary": summary}
 
 
 def card_problem(facts: Mapping[str, Any], card: str, explicit: bool = True) -> str | None:
@@ -171,6 +193,8 @@ def card_problem(facts: Mapping[str, Any], card: str, explicit: bool = True) -> 
         return None
     if card == "digits":
         return None if facts.get("bundled") else "does not hold the bundled digits model's weights"
+    if not facts.get("sphere", True):
+        return f"is an ablation baseline, not SphereAR: its tokens are {facts['latents_summary']}"
     preset = PRESETS[_CARD_NAMES[card]]
     size = (facts["num_classes"], facts["hidden_size"], facts["num_hidden_layers"])
     if size != (1000, preset["hidden_size"], preset["num_hidden_layers"]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from .configuration_sphere_ar import SphereARConfig
+from .diagonal_gaussian import DiagonalGaussianDistribution  # noqa: F401  (imported for diffusers, see below)
 from .labels import resolve_label_ids  # noqa: F401  (imported for diffusers, see above)
 from .layers import TransformerBlock  # noqa: F401
 from .loading import resolve_dtype  # noqa: F401

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..options import POSTERIORS
 from ..power_spherical import PowerSphericalDistribution
 from ..utils import (
     atomic_write,
@@ -116,7 +117,7 @@ class VAEModelArguments:
     posterior: str | None = field(
         default=None,
         metadata={"help": "The posterior: 'power_spherical' (the S-VAE, official) or 'gaussian' (the diagonal-Gaussian "
-                          "baseline of the paper's ablation, KL to N(0, I))."},
+                          "baseline of the paper's ablation, KL to N(0, I)).", "choices": list(POSTERIORS)},
     )
     normalize_decoder_input: bool | None = field(
         default=None,
