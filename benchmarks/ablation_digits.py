@@ -196,6 +196,33 @@ def eval_job(work: str, variant: str, seed: int, guidance_scales: list[float], n
     return _finish(out, {"variant": variant, "seed": seed, "rows": rows, "seconds": time.perf_counter() - t0})
 
 
+def reconstruction_job(work: str, kind: str, seed: int, n: int, threads: int) -> dict:
+    """The S-VAE's floor: the Fréchet distance of its reconstructions of ``n`` real train digits (through one
+    posterior draw, stored as uint8 like generated images) to the held-out test split, next to the real train
+    digits' own (``baseline``). No AR model can sample better than its decoder reconstructs."""
+    _threads(threads)
+    import torch
+
+    from sphere_ar_hf.evaluation import ImageSet, evaluate_digits, to_uint8
+    from sphere_ar_hf.evaluation.digits import DigitFeatures, load_digit_splits, upscale_digits
+    from sphere_ar_hf.training.latent_cache import load_vae
+
+    run = Path(work) / f"seed{seed}" / f"vae-{kind}"
+    vae = load_vae(json.loads((run / "done.json").read_text())["vae"]).eval()
+    splits = load_digit_splits()
+    pick = np.random.default_rng(0).choice(len(splits.train_labels), min(n, len(splits.train_labels)), replace=False)
+    x = torch.from_numpy(upscale_digits(splits.train_images[pick], vae.config.image_size))[:, None]
+    x = x.repeat(1, vae.config.in_channels, 1, 1)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(torch.Generator().manual_seed(seed))).sample
+    images = to_uint8((recon.float() / 2 + 0.5).clamp(0, 1))
+    m = evaluate_digits(ImageSet.from_arrays(images, splits.train_labels[pick]),
+                        extractor=DigitFeatures(vae.config.image_size), with_precision_recall=False)
+    return _finish(run / f"reconstruction-{n}.json", {"frechet_distance": m["frechet_distance"],
+                                                      "accuracy": m["accuracy"], "n": int(len(pick))})
+
+
 def baseline_job(work: str, n: int, threads: int) -> dict:
     """The real-vs-real yardstick: a random train subset of the generated sample's size vs the test split."""
     _threads(threads)
@@ -232,6 +259,9 @@ def plan(args: argparse.Namespace) -> list[Job]:
         d = args.work_dir / f"seed{s}"
         jobs += [Job(f"vae {k} seed {s}", d / f"vae-{k}" / "done.json", vae_job, (work, k, s, args.recipe_args,
                                                                                     args.threads)) for k in vaes]
+        jobs += [Job(f"reconstruction {k} seed {s}", d / f"vae-{k}" / f"reconstruction-{10 * args.n_per_class}.json",
+                     reconstruction_job, (work, k, s, 10 * args.n_per_class, args.threads), (f"vae {k} seed {s}",))
+                 for k in vaes]
         for v in args.variants:
             jobs.append(Job(f"ar {v} seed {s}", d / v / "done.json", ar_job,
                             (work, v, s, args.recipe_args, args.threads), (f"vae {VARIANTS[v].vae} seed {s}",)))
@@ -300,10 +330,15 @@ def summarize(args: argparse.Namespace) -> dict:
                          "fd": fd.tolist(), "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
                          "accuracy": acc.tolist()})
         out["variants"][v] = {"label": VARIANTS[v].label, "rows": rows}
-    for k in {VARIANTS[v].vae for v in args.variants}:
-        for s in args.train_seeds:
-            out["train_seconds"] += json.loads((args.work_dir / f"seed{s}" / f"vae-{k}" / "done.json").read_text()
-                                               )["seconds"]
+    out["vaes"] = {}
+    for k in sorted({VARIANTS[v].vae for v in args.variants}):
+        runs = [args.work_dir / f"seed{s}" / f"vae-{k}" for s in args.train_seeds]
+        done = [json.loads((r / "done.json").read_text()) for r in runs]
+        recon = [json.loads((r / f"reconstruction-{10 * args.n_per_class}.json").read_text()) for r in runs]
+        out["train_seconds"] += sum(d["seconds"] for d in done)
+        out["vaes"][k] = {key: float(np.mean([d[key] for d in done])) for key in
+                          ("test_l1_mode", "test_l1_sample", "kl_per_token", "token_norm_mean", "token_norm_std")}
+        out["vaes"][k]["reconstruction_fd"] = [r["frechet_distance"] for r in recon]
     return out
 
 
@@ -328,6 +363,18 @@ def write_table(summary: dict, path: Path) -> str:
     for data in summary["variants"].values():
         lines.append(f"| {data['label']} | " + " | ".join(f"{100 * r['accuracy_mean']:.1f}%" for r in data["rows"])
                      + " |")
+    lines += ["", "The S-VAEs (mean over seeds): reconstruction L1 of the test digits in [-1, 1] (posterior mode), "
+              "KL per token to the prior, the norm of the raw draws, and the floor: the Fréchet distance of "
+              "reconstructed train digits to the test split (real train digits: "
+              f"{summary['baseline']['same_n_vs_test']:.2f}).", "",
+              "| S-VAE | used by | test L1 | KL / token | draw norm | reconstruction FD |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for k, vae in summary["vaes"].items():
+        users = ", ".join(data["label"] for v, data in summary["variants"].items() if VARIANTS[v].vae == k)
+        fd = np.array(vae["reconstruction_fd"])
+        lines.append(f"| {k} | {users} | {vae['test_l1_mode']:.3f} | {vae['kl_per_token']:.1f} | "
+                     f"{vae['token_norm_mean']:.2f} ± {vae['token_norm_std']:.2f} | {fd.mean():.2f} ± "
+                     f"{fd.std(ddof=1) if len(fd) > 1 else 0.0:.2f} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -340,13 +387,19 @@ def write_plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for data in summary["variants"].values():
+    floors_drawn = set()
+    for v, data in summary["variants"].items():
         g = [r["guidance_scale"] for r in data["rows"]]
         mean = np.array([r["fd_mean"] for r in data["rows"]])
         lo, hi = np.array([r["fd_min"] for r in data["rows"]]), np.array([r["fd_max"] for r in data["rows"]])
         line, = ax.plot(g, mean, marker="o", label=data["label"])
         ax.fill_between(g, lo, hi, color=line.get_color(), alpha=0.18)
+        if VARIANTS[v].vae not in floors_drawn:  # the S-VAE's reconstruction floor, once per S-VAE
+            floors_drawn.add(VARIANTS[v].vae)
+            floor = float(np.mean(summary["vaes"][VARIANTS[v].vae]["reconstruction_fd"]))
+            ax.axhline(floor, color=line.get_color(), ls=":", lw=1)
     ax.axhline(summary["baseline"]["same_n_vs_test"], color="gray", ls="--", lw=1, label="real vs real, same n")
+    ax.plot([], [], color="gray", ls=":", lw=1, label="its S-VAE's reconstructions (dotted)")
     seeds = len(summary["settings"]["train_seeds"])
     ax.set(xlabel="classifier-free guidance scale", ylabel="Fréchet distance (digit features)",
            title=f"Digits: Gaussian vs hyperspherical latents ({seeds} training seed{'s' if seeds != 1 else ''})")

@@ -262,6 +262,11 @@ def test_both_ablation_benchmarks_run_end_to_end_and_resume(tmp_path: Path, caps
         for r in data["rows"]:
             assert len(r["fd"]) == 2 and all(math.isfinite(x) and x > 0 for x in r["fd"])
             assert r["fd_min"] <= r["fd_mean"] <= r["fd_max"]
+    assert set(summary["vaes"]) == {"gaussian", "gaussian_dec_norm", "power_spherical"}
+    for vae in summary["vaes"].values():
+        assert len(vae["reconstruction_fd"]) == 2 and all(x > 0 for x in vae["reconstruction_fd"])
+        assert vae["test_l1_mode"] > 0
+    assert summary["vaes"]["power_spherical"]["token_norm_std"] < 1e-4  # its draws lie on the sphere
     # one VAE serves both normalised-decoder variants; each variant's options reached its saved pipeline
     assert sorted(p.name for p in (work / "seed0").iterdir() if p.name.startswith("vae-")) == \
         ["vae-gaussian", "vae-gaussian_dec_norm", "vae-power_spherical"]
