@@ -34,7 +34,8 @@ class SphereARConfig(PreTrainedConfig):
         class_dropout_prob, diff_batch_mul: training (class dropout to the null class; head batch repetition).
         guidance_scale: the recommended classifier-free guidance scale for sampling.
         normalize_tokens: project every sampled token (after CFG) onto the radius-sqrt(d) sphere before it is fed
-            back and decoded (SphereAR); ``False`` applies no projection (the ablation's Gaussian baselines).
+            back and decoded (SphereAR); ``False`` applies no projection (the ablation's Gaussian baselines). The
+            trainers follow it too: with ``False`` a Gaussian S-VAE's draws are the training tokens as they are.
     """
 
     model_type = "sphere_ar"
