@@ -34,7 +34,8 @@ setup(
         "demo": ["gradio>=6.31,<7"],
         # evaluation: torch-fidelity's TF-ported InceptionV3 (brings scipy, torchvision); scikit-learn: digits features
         "eval": ["torch-fidelity>=0.3", "scikit-learn>=1.3"],
-        "test": ["pytest>=8", "matplotlib>=3.7", "ruff>=0.6", "datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10",
+        "test": ["pytest>=8", "matplotlib>=3.7",
+                 "ruff>=0.6", "datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10",
                  "scikit-learn>=1.3", "peft>=0.17", "gradio>=6.31,<7", "gradio_client>=2.0", "playwright>=1.50",
                  "httpx", "torch-fidelity>=0.3"],
     },
