@@ -1,7 +1,8 @@
 """Does the sphere help? The paper's ablation (Gaussian vs hyperspherical latents) at digits scale, on one CPU.
 
-    python benchmarks/ablation_digits.py                      # the committed run: docs/ablation_digits.{md,png,json}
-    python benchmarks/ablation_digits.py --work-dir /tmp/abl  # resumable: a rerun skips every finished job
+    python benchmarks/ablation_digits.py --out docs/ablation_digits    # the committed run: docs/ablation_digits.*
+    python benchmarks/ablation_digits.py --work-dir /tmp/abl           # resumable: a rerun skips every finished job
+    python benchmarks/ablation_digits.py --from-json docs/ablation_digits.json --out /tmp/t  # re-render only
 
 Four variants, each trained with the embedded digits recipe (``examples/train_digits.py``: the same data, sizes,
 steps and seeds; only the options below differ), through the project's own trainers:
@@ -22,8 +23,11 @@ classifier's accuracy, at guidance 1 / 2 / 3 / 4.5 / 6 / 8 and 100 steps. Spread
 seed).
 
 Jobs run in ``--jobs`` processes of ``--threads`` torch threads each; every job writes its result atomically and a
-rerun skips it, so an interrupted run resumes. Writes ``<out>.md`` (table), ``<out>.png`` (Fréchet distance against
-guidance per variant, mean and min-max over seeds) and ``<out>.json`` (every number).
+rerun skips it, so an interrupted run resumes. A model's evaluation file holds one row per guidance scale, named by
+its scale: a rerun with other ``--guidance-scales`` samples only the scales it lacks, and the summary reads each scale
+by its value. Writes ``<out>.md`` (table), ``<out>.png`` (Fréchet distance against guidance per variant, mean and
+min-max over seeds) and ``<out>.json`` (every number); ``--out`` defaults to the work folder, so that a run on a
+subset never overwrites the committed ``docs/ablation_digits.*``.
 """
 
 from __future__ import annotations
@@ -76,8 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "ablation_digits",
                    help="runs, pipelines and per-job results (kept: a rerun resumes)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "ablation_digits",
-                   help="writes <out>.md, <out>.png and <out>.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="writes <out>.md, <out>.png and <out>.json (default: <work-dir>/report; the committed run "
+                        "is docs/ablation_digits)")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="re-render <out>.md and <out>.png from a summary JSON this script wrote; trains nothing")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--guidance-scales", type=float, nargs="+", default=list(GUIDANCE_SCALES))
@@ -177,23 +184,29 @@ def eval_job(work: str, variant: str, seed: int, guidance_scales: list[float], n
     from sphere_ar_hf.evaluation import ImageSet, evaluate_digits, image_labels, image_seeds, sample_images
     from sphere_ar_hf.evaluation.digits import DigitFeatures
 
-    t0 = time.perf_counter()
+    out = Path(work) / f"seed{seed}" / variant / f"eval-{steps}steps-{n_per_class}.json"
+    have = {r["guidance_scale"]: r for r in (json.loads(out.read_text())["rows"] if out.is_file() else [])}
     pipeline = json.loads((Path(work) / f"seed{seed}" / variant / "done.json").read_text())["pipeline"]
     pipe = SphereARPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
     extractor = DigitFeatures(pipe.vae.config.image_size)
     indices = np.arange(10 * n_per_class)
     labels = image_labels(seed, indices, pipe.transformer.config.num_classes, "balanced")
-    rows = []
-    for g in guidance_scales:
+    for g in (g for g in guidance_scales if g not in have):
         t = time.perf_counter()
         images = sample_images(pipe, labels, image_seeds(seed, indices), batch_size, guidance_scale=g,
                                num_inference_steps=steps)
         m = evaluate_digits(ImageSet.from_arrays(images, labels), extractor=extractor, with_precision_recall=False)
-        rows.append({"guidance_scale": g, "frechet_distance": m["frechet_distance"], "accuracy": m["accuracy"],
-                     "num_images": len(images), "seconds": time.perf_counter() - t})
-    out = Path(work) / f"seed{seed}" / variant / f"eval-{steps}steps-{n_per_class}.json"
-    return _finish(out, {"variant": variant, "seed": seed, "rows": rows, "seconds": time.perf_counter() - t0})
+        have[g] = {"guidance_scale": g, "frechet_distance": m["frechet_distance"], "accuracy": m["accuracy"],
+                   "num_images": len(images), "seconds": time.perf_counter() - t}
+    rows = [have[g] for g in sorted(have)]
+    return _finish(out, {"variant": variant, "seed": seed, "rows": rows,
+                         "seconds": sum(r["seconds"] for r in rows)})
+
+
+def eval_scales(path: Path) -> set[float]:
+    """The guidance scales an evaluation file holds (none if it does not exist)."""
+    return {r["guidance_scale"] for r in json.loads(path.read_text())["rows"]} if path.is_file() else set()
 
 
 def reconstruction_job(work: str, kind: str, seed: int, n: int, threads: int) -> dict:
@@ -248,6 +261,12 @@ class Job:
     fn: object
     args: tuple
     after: tuple[str, ...] = ()
+    needs: tuple[float, ...] = ()  # an evaluation: the guidance scales its file must hold
+
+    def finished(self) -> bool:
+        if not self.needs:
+            return self.done.is_file()
+        return set(self.needs) <= eval_scales(self.done)
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
@@ -267,7 +286,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
                             (work, v, s, args.recipe_args, args.threads), (f"vae {VARIANTS[v].vae} seed {s}",)))
             jobs.append(Job(f"eval {v} seed {s}", d / v / f"eval-{args.steps}steps-{args.n_per_class}.json", eval_job,
                             (work, v, s, list(args.guidance_scales), args.n_per_class, args.steps, args.batch_size,
-                             args.threads), (f"ar {v} seed {s}",)))
+                             args.threads), (f"ar {v} seed {s}",), tuple(args.guidance_scales)))
     return jobs
 
 
@@ -280,7 +299,7 @@ def run_jobs(jobs: list[Job], workers: int) -> float:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    done = {j.name for j in jobs if j.done.is_file()}
+    done = {j.name for j in jobs if j.finished()}
     todo = [j for j in jobs if j.name not in done]
     bar = tqdm(total=len(jobs), initial=len(done), desc="ablation", unit="job", dynamic_ncols=True)
     if workers <= 1:
@@ -321,12 +340,14 @@ def summarize(args: argparse.Namespace) -> dict:
             per_seed.append(json.loads((d / v / f"eval-{args.steps}steps-{args.n_per_class}.json").read_text()))
             out["train_seconds"] += json.loads((d / v / "done.json").read_text())["seconds"]
             out["eval_seconds"] += per_seed[-1]["seconds"]
+        by_scale = [{r["guidance_scale"]: r for r in seed_result["rows"]} for seed_result in per_seed]
         rows = []
-        for i, g in enumerate(args.guidance_scales):
-            fd = np.array([r["rows"][i]["frechet_distance"] for r in per_seed])
-            acc = np.array([r["rows"][i]["accuracy"] for r in per_seed])
+        for g in args.guidance_scales:  # by value: a file may hold more scales, in any order
+            fd = np.array([r[g]["frechet_distance"] for r in by_scale])
+            acc = np.array([r[g]["accuracy"] for r in by_scale])
+            std = float(fd.std(ddof=1)) if len(fd) > 1 else 0.0
             rows.append({"guidance_scale": g, "fd_mean": float(fd.mean()), "fd_min": float(fd.min()),
-                         "fd_max": float(fd.max()), "fd_std": float(fd.std(ddof=1)) if len(fd) > 1 else 0.0,
+                         "fd_max": float(fd.max()), "fd_std": std, "fd_sem": std / np.sqrt(len(fd)),
                          "fd": fd.tolist(), "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()),
                          "accuracy": acc.tolist()})
         out["variants"][v] = {"label": VARIANTS[v].label, "rows": rows}
@@ -342,18 +363,25 @@ def summarize(args: argparse.Namespace) -> dict:
     return out
 
 
+def _sem(row: dict) -> float:
+    """The standard error of a row's mean Fréchet distance (summaries written before it was stored included)."""
+    fd = np.array(row["fd"])
+    return float(fd.std(ddof=1) / np.sqrt(len(fd))) if len(fd) > 1 else 0.0
+
+
 def write_table(summary: dict, path: Path) -> str:
     s = summary["settings"]
     seeds = len(s["train_seeds"])
-    lines = [f"Fréchet distance in the digit classifier's feature space (lower is better), mean ± std over {seeds} "
-             f"training seed{'s' if seeds != 1 else ''} (min-max in the plot); {10 * s['n_per_class']} images per "
-             f"point, {s['steps']} steps, linear CFG schedule. Real train subset vs real test, same n: "
-             f"{summary['baseline']['same_n_vs_test']:.2f}.", "",
+    lines = [f"Fréchet distance in the digit classifier's feature space (lower is better): mean ± standard "
+             f"deviation over the training seeds, then the standard error of the mean; every cell has {seeds} "
+             f"training seed{'s' if seeds != 1 else ''} (one model each, sampled with its own seed; min-max in the "
+             f"plot); {10 * s['n_per_class']} images per point, {s['steps']} steps, linear CFG schedule. Real train "
+             f"subset vs real test, same n: {summary['baseline']['same_n_vs_test']:.2f}.", "",
              "| variant | " + " | ".join(f"w = {g:g}" for g in s["guidance_scales"])
              + " | best | paper FID (L, 256 px) |",
              "| --- | " + " | ".join("---:" for _ in s["guidance_scales"]) + " | ---: | ---: |"]
     for v, data in summary["variants"].items():
-        cells = [f"{r['fd_mean']:.2f} ± {r['fd_std']:.2f}" for r in data["rows"]]
+        cells = [f"{r['fd_mean']:.2f} ± {r['fd_std']:.2f} (SE {_sem(r):.2f})" for r in data["rows"]]
         best = min(data["rows"], key=lambda r: r["fd_mean"])
         lines.append(f"| {data['label']} | " + " | ".join(cells) +
                      f" | {best['fd_mean']:.2f} (w = {best['guidance_scale']:g}) | {PAPER_FID[v]} |")
@@ -413,6 +441,14 @@ def write_plot(summary: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    out = args.out if args.out is not None else args.work_dir / "report"
+    if args.from_json is not None:
+        summary = json.loads(args.from_json.read_text())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(write_table(summary, out.with_suffix(".md")))
+        write_plot(summary, out.with_suffix(".png"))
+        print(f"wrote {out}.md and .png from {args.from_json}")
+        return summary
     t0 = time.perf_counter()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if not (args.work_dir / "data.json").is_file():  # the train split, written once for every job
@@ -425,11 +461,11 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = run_jobs(plan(args), args.jobs)
     summary = summarize(args)
     summary["wall_seconds_this_run"] = seconds
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    print(write_table(summary, args.out.with_suffix(".md")))
-    write_plot(summary, args.out.with_suffix(".png"))
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {args.out}.md, .png and .json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(write_table(summary, out.with_suffix(".md")))
+    write_plot(summary, out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out}.md, .png and .json")
     print(f"total {time.perf_counter() - t0:.0f} s this run ({len(args.variants)} variants x "
           f"{len(args.train_seeds)} training seeds; job time: training {summary['train_seconds']:.0f} s, evaluation "
           f"{summary['eval_seconds']:.0f} s)")

@@ -29,12 +29,13 @@ from transformers import HfArgumentParser
 
 from sphere_ar_hf.lora import LoraArguments, LoraTrainingArguments, train_lora
 from sphere_ar_hf.training.data import DataArguments
-from sphere_ar_hf.utils import run_main
+from sphere_ar_hf.utils import ScriptHelpFormatter, run_main
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[LoraArguments, DataArguments, LoraTrainingArguments]:
     """Parse flags (or one ``.json`` file) into the LoRA, data and training arguments."""
-    parser = HfArgumentParser((LoraArguments, DataArguments, LoraTrainingArguments), description=__doc__)
+    parser = HfArgumentParser((LoraArguments, DataArguments, LoraTrainingArguments), description=__doc__,
+                              formatter_class=ScriptHelpFormatter)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])

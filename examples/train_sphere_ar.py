@@ -28,12 +28,13 @@ from transformers import HfArgumentParser
 
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.trainer import ModelArguments, SphereARTrainingArguments, train_sphere_ar
-from sphere_ar_hf.utils import run_main
+from sphere_ar_hf.utils import ScriptHelpFormatter, run_main
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, SphereARTrainingArguments]:
     """Parse flags (or one ``.json`` file) into the model, data and training arguments."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, SphereARTrainingArguments), description=__doc__)
+    parser = HfArgumentParser((ModelArguments, DataArguments, SphereARTrainingArguments), description=__doc__,
+                              formatter_class=ScriptHelpFormatter)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])

@@ -142,14 +142,25 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-dev-shm-usage"]
 
 
+def require_browser() -> None:
+    """Skip the calling test when there is no Chromium at ``CHROMIUM``, with the command that installs it; fail
+    instead when ``SPHERE_AR_REQUIRE_BROWSER=1`` (``.ci/run`` sets it, so CI never skips a browser test)."""
+    if os.access(CHROMIUM, os.X_OK):
+        return
+    reason = (f"no Chromium at {CHROMIUM}: install Debian's with `apt-get install -y chromium fonts-liberation` (or "
+              "point SPHERE_AR_CHROMIUM at one)")
+    if os.environ.get("SPHERE_AR_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason + "; SPHERE_AR_REQUIRE_BROWSER=1 forbids skipping", pytrace=False)
+    pytest.skip(reason)
+
+
 @contextlib.contextmanager
 def offline_browser(profile: Path, origin: str, timeout_s: float) -> Iterator[tuple[Any, Any, list[str]]]:
     """``(context, page, outside)``: a headless Chromium page that may load only from ``origin`` (and data / blob
     URLs); every other request is aborted and recorded in ``outside``."""
     import playwright.sync_api as sync_api
 
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    require_browser()
     outside: list[str] = []
 
     def route(r) -> None:

@@ -290,6 +290,20 @@ def test_both_ablation_benchmarks_run_end_to_end_and_resume(tmp_path: Path, caps
     assert {p: p.stat().st_mtime_ns for p in work.rglob("done.json")} == stamps
     assert again["variants"]["sphere"]["rows"][1]["fd"] == summary["variants"]["sphere"]["rows"][1]["fd"]
 
+    # other guidance scales over a finished run: each scale is read by its value (w = 3 keeps its numbers, w = 2 is
+    # sampled and added), and without --out nothing is written outside the work folder
+    argv_scales = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
+    argv_scales[argv_scales.index("--guidance-scales") + 1:argv_scales.index("--guidance-scales") + 3] = ["3", "2"]
+    other = ablation.main(argv_scales)
+    for v, data in other["variants"].items():
+        assert [r["guidance_scale"] for r in data["rows"]] == [3.0, 2.0]
+        assert data["rows"][0]["fd"] == summary["variants"][v]["rows"][1]["fd"]
+    stored = json.loads((work / "seed0" / "sphere" / "eval-3steps-2.json").read_text())["rows"]
+    assert [r["guidance_scale"] for r in stored] == [1.0, 2.0, 3.0]
+    assert (work / "report.md").is_file() and "w = 2" in (work / "report.md").read_text()
+    assert "(SE " in (work / "report.md").read_text() and "every cell has 2 training seeds" in \
+        (work / "report.md").read_text()
+
     collapse = _load("variance_collapse")
     results = collapse.main(["--work-dir", str(work), "--out", str(tmp_path / "docs" / "collapse"),
                              "--guidance-scales", "1", "4", "--n-per-class", "2", "--steps", "3", "--threads", "1"])

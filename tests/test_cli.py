@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sphere_ar_hf import convert_official_checkpoint
-from sphere_ar_hf.cli import build_parser, main, make_grid, slugify
+from sphere_ar_hf.cli import build_parser, grid_columns, main, make_grid, slugify
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-tiny"
 STEPS = ("--steps", "2")
@@ -52,7 +52,7 @@ def test_output_dir_writes_each_image_and_a_grid(model, tmp_path) -> None:
         with Image.open(out / name) as im:
             assert im.size == (64, 64) and im.mode == "RGB"
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (2 * 64 + 2, 2 * 64 + 2)  # 3 images: 2 x 2 cells, 2 px apart
+        assert grid.size == (3 * 64 + 2 * 2, 64)  # 3 images: one full row of 3 cells, 2 px apart
         # the grid holds the images in order, row by row
         with Image.open(out / "001_otter.png") as otter:
             assert grid.crop((66, 0, 130, 64)).tobytes() == otter.tobytes()
@@ -67,14 +67,14 @@ def test_output_writes_only_the_grid(model, tmp_path) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == ["grid.png"]  # nothing else, no temporary files
     with Image.open(target) as grid:  # 64 px images, enlarged 2x by default (at least 128 px)
         assert grid.size == (2 * 128 + 2, 128)
-    assert str(target) in stdout and "(2 images of 128x128" in stdout and "2 steps)" in stdout
+    assert str(target) in stdout and "(2 images of 128x128" in stdout and "2 steps, cpu, " in stdout
     code, stdout, err = run("generate", "--model", model, "--class-labels", "207", "--steps", "1", "--scale", "3",
                             "--output", target)
     assert code == 0, err
     with Image.open(target) as grid:  # nearest neighbour: 3 x 3 blocks of one colour
         assert grid.size == (192, 192)
         assert all(grid.getpixel((x, y)) == grid.getpixel((3, 3)) for x in range(3, 6) for y in range(3, 6))
-    assert "(1 image of 192x192" in stdout and "1 step)" in stdout
+    assert "(1 image of 192x192" in stdout and "1 step, cpu, " in stdout
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -153,10 +153,10 @@ OPTIONS = {
     "convert": ["--checkpoint", "--output", "--vae-checkpoint", "--no-ema", "--num-heads", "--vae-num-heads",
                 "--overwrite"],
     "generate": ["--model", "--class-labels", "--guidance-scale", "--cfg-schedule", "--steps", "--seed",
-                 "--batch-size", "--device", "--dtype", "--output", "--output-dir", "--grid-cols"],
+                 "--batch-size", "--device", "--dtype", "--output", "--output-dir", "--grid-cols", "--threads"],
     "sample": ["--model", "--num-images", "--output-dir", "--labels", "--batch-size", "--seed", "--guidance-scale",
                "--cfg-schedule", "--steps", "--sampler", "--time-shift", "--shard-size", "--png", "--resume",
-               "--device", "--dtype"],
+               "--device", "--dtype", "--threads"],
     "evaluate": ["--features", "--inception-weights", "--batch-size", "--device", "--k", "--split-size",
                  "--no-precision-recall", "--json"],
 }
@@ -188,6 +188,8 @@ def test_make_grid_and_slugify() -> None:
     assert grid.getpixel((12, 15)) == (255, 255, 255)  # the empty last cell
     assert make_grid(ims[:1]).size == (8, 6)
     assert make_grid(ims).size == (3 * 8 + 2 * 2, 2 * 6 + 2)  # ceil(sqrt(5)) = 3 columns
+    assert make_grid(ims * 2).size == (5 * 8 + 4 * 2, 2 * 6 + 2)  # 10 images: 5 x 2, no empty cell
+    assert [grid_columns(n) for n in (1, 2, 3, 4, 6, 7, 8, 10, 12, 16, 50)] == [1, 2, 3, 2, 3, 3, 4, 5, 4, 4, 10]
     with pytest.raises(ValueError):
         make_grid([Image.new("RGB", (8, 6)), Image.new("RGB", (6, 8))])
     assert slugify("tench, Tinca tinca") == "tench-tinca-tinca"
@@ -217,3 +219,53 @@ def test_help_imports_no_heavy_library() -> None:
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+# ---- threads ---------------------------------------------------------------------------------------------------------
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch) -> None:
+    import os
+
+    from sphere_ar_hf import utils
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for load, threads in ((0.0, 2), (0.4, 2), (0.9, 1), (1.6, 1), (7.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert utils.auto_threads() == threads, load
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one torchrun launch share the cores
+    assert utils.auto_threads() == 1
+
+
+def test_threads_option(tmp_path, monkeypatch) -> None:
+    import torch
+
+    from sphere_ar_hf import cli
+
+    before = torch.get_num_threads()
+    try:
+        assert cli.threads_argument("auto") == "auto" and cli.threads_argument("3") == 3
+        monkeypatch.setattr(cli, "set_threads", lambda n, real=cli.set_threads: calls.append(n) or real(n))
+        calls: list = []
+        code, _, err = run("generate", "--class-labels", "1", "--steps", "1", "--threads", "1", "--output",
+                           tmp_path / "a.png")
+        assert code == 0, err
+        assert calls == [1] and torch.get_num_threads() == 1
+        assert cli.set_threads("auto") >= 1
+    finally:
+        torch.set_num_threads(before)
+    code, _, err = run("generate", "--class-labels", "1", "--threads", "0", "--output", tmp_path / "b.png")
+    assert code == 2 and "--threads: expected a positive integer, got 0" in err
+
+
+def test_labels_are_checked_before_the_weights_load(tmp_path, monkeypatch) -> None:
+    from sphere_ar_hf import cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the labels were checked")
+
+    monkeypatch.setattr(cli, "load_pipeline", no_load)
+    for label, message in (("12", "out of range"), ("eleven", "eleven")):
+        code, _, err = run("generate", "--class-labels", "3", label, "--output", tmp_path / "a.png")
+        assert code == 2 and message in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -189,6 +189,14 @@ def test_browser_pick_classes_generate_and_show_images(server, tmp_path):
             " return im.length === n && im.every(e => e.complete && e.naturalWidth > 0); }", arg=8)
         first = page.locator("#gallery img").first
         assert first.get_attribute("alt").startswith(short_label(pipe, 3))
+        # each caption sits below its image, whole: it covers no pixel of it and is not cut off
+        for k in range(8):
+            image_box = page.locator("#gallery .thumbnail-lg img").nth(k).bounding_box()
+            caption = page.locator("#gallery .thumbnail-lg .caption-label").nth(k)
+            caption_box = caption.bounding_box()
+            assert caption_box["y"] >= image_box["y"] + image_box["height"] - 1, (k, image_box, caption_box)
+            assert image_box["width"] > 0 and abs(image_box["width"] - image_box["height"]) <= 1  # square
+            assert caption.evaluate("e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight")
         response = context.request.get(first.get_attribute("src"))
         assert response.ok
         path = tmp_path / "first.png"

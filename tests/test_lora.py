@@ -260,10 +260,13 @@ def test_load_errors(make_pipeline, tmp_path):
 # the example
 
 
-def test_example_on_an_imagefolder(example, make_pipeline, tmp_path):
-    """Two steps on an imagefolder of two classes re-purposing classes 3 and 7 (their embedding rows trained too),
+def test_example_on_an_imagefolder(example, make_pipeline, tmp_path, capsys):
+    """Three steps on an imagefolder of two classes re-purposing classes 3 and 7 (their embedding rows trained too),
     with the head and checkpointing: the adapter is written, holds the rows, and merging changes exactly those rows
-    of the class embedding."""
+    of the class embedding; the startup summary counts epochs as the Trainer does, and a CPU run does not warn
+    about pinned memory."""
+    import warnings
+
     base_dir = tmp_path / "base"
     pipe = make_pipeline()
     pipe.save_pretrained(str(base_dir))
@@ -273,12 +276,17 @@ def test_example_on_an_imagefolder(example, make_pipeline, tmp_path):
         for i in range(4):
             pixels = rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "images" / cls / f"{i}.png")
-    adapter = example.main([
-        "--pretrained_model", str(base_dir), "--train_data_dir", str(tmp_path / "images"), "--output_dir",
-        str(tmp_path / "run"), "--lora_rank", "2", "--lora_head", "--class_ids", "3", "7",
-        "--train_class_embeddings", "3", "7",
-        "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--use_cpu",
-        "--dataloader_num_workers", "0", "--save_strategy", "steps", "--save_steps", "2", "--disable_tqdm", "True"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter = example.main([
+            "--pretrained_model", str(base_dir), "--train_data_dir", str(tmp_path / "images"), "--output_dir",
+            str(tmp_path / "run"), "--lora_rank", "2", "--lora_head", "--class_ids", "3", "7",
+            "--train_class_embeddings", "3", "7",
+            "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--use_cpu",
+            "--dataloader_num_workers", "0", "--save_strategy", "steps", "--save_steps", "2", "--disable_tqdm", "True"])
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
+    # 8 images in batches of 4: 2 steps per epoch, so 3 steps are 1.5 epochs (the Trainer's own count)
+    assert "3 optimizer steps (1.5 epochs of 2 steps)" in capsys.readouterr().err
     assert Path(adapter) == tmp_path / "run" / "adapter"
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == {"class_embedding": [3, 7]} and config["r"] == 2

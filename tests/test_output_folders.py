@@ -254,6 +254,33 @@ def test_push_folder_and_space_folder_follow_the_rule(pipeline_dir, tmp_path) ->
     assert debris(tmp_path) == []
 
 
+def _modes(folder: Path) -> set[tuple[str, int]]:
+    """``("d" or "f", permission bits)`` of ``folder`` and everything below it."""
+    return {("d" if p.is_dir() else "f", p.stat().st_mode & 0o777) for p in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_written_folders_follow_the_umask(mask, pipeline_dir, tmp_path) -> None:
+    """Folders renamed into place get the modes the umask gives (safetensors writes its files 0600 and staging
+    folders used to be 0700): a LoRA adapter, a Space folder, a converted pipeline."""
+    from sphere_ar_hf import hub
+    from sphere_ar_hf.lora import add_lora, build_lora_config, save_lora
+    from sphere_ar_hf.pipeline_sphere_ar import SphereARPipeline
+
+    old = os.umask(mask)
+    try:
+        pipe = SphereARPipeline.from_pretrained(pipeline_dir)
+        save_lora(add_lora(pipe.transformer, build_lora_config(rank=2)), tmp_path / "lora")
+        hub.build_space_folder(tmp_path / "space", model=str(pipeline_dir), license="mit")
+        code, _, err = run("convert", "--checkpoint", AR, "--output", tmp_path / "converted")
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    for folder in ("lora", "space", "converted"):
+        assert _modes(tmp_path / folder) == {("d", 0o777 & ~mask), ("f", 0o666 & ~mask)}, folder
+    assert (tmp_path / "space" / "model" / "transformer" / "model.safetensors").is_file()
+
+
 # ---- the example scripts: one-line errors -----------------------------------------------------------------------
 def test_run_main_reports_user_errors_in_one_line(capsys) -> None:
     def user_error() -> None:

@@ -42,3 +42,37 @@ def test_readme_python_block_runs(workdir: Path, index: int) -> None:
     done = subprocess.run([sys.executable, "-c", BLOCKS[index]], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, f"README block {index}:\n{BLOCKS[index]}\n{done.stderr[-3000:]}"
+
+
+# ---- the quick start: the two lines .ci/run runs, and the picture the first one writes --------------------------
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_quickstart_has_two_marked_lines_that_ci_runs() -> None:
+    lines = _script("quickstart_commands").quickstart_commands(ROOT / "README.md")
+    assert len(lines) == 2
+    assert "sphere-ar generate" in lines[0] and "--index-url" not in lines[0]
+    assert lines[1].endswith("python -m pytest -q tests")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "scripts/quickstart_commands.py README.md" in ci and "SPHERE_AR_REQUIRE_BROWSER=1" in ci
+
+
+def test_the_readme_grid_is_what_the_quickstart_writes(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from sphere_ar_hf.cli import main as cli
+
+    args = _script("make_doc_images").generate_arguments(ROOT / "README.md")
+    args[args.index("--output") + 1] = str(tmp_path / "grid.png")
+    assert cli(["generate", *args, "--threads", "1"]) == 0
+    made = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"), dtype=np.int16)
+    shipped = np.asarray(Image.open(ROOT / "docs" / "digits_grid.png").convert("RGB"), dtype=np.int16)
+    assert made.shape == shipped.shape  # the same layout (10 digits: 5 x 2)
+    assert np.abs(made - shipped).mean() < 0.5  # the same images, up to float rounding on another CPU

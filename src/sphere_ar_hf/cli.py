@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .options import CFG_SCHEDULES, DTYPES, FEATURE_SPACES, LABEL_MODES, MAX_SEED, SAMPLERS
+from .options import CFG_SCHEDULES, DEFAULT_THREADS, DTYPES, FEATURE_SPACES, LABEL_MODES, MAX_SEED, SAMPLERS
 from .utils import HelpFormatter, atomic_write, format_millions, plural
 
 if TYPE_CHECKING:
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
     from .pipeline_sphere_ar import SphereARPipeline
 
-__all__ = ["CLIError", "DEFAULT_MODEL", "build_parser", "main", "make_grid", "save_image_atomically", "slugify"]
+__all__ = ["CLIError", "DEFAULT_MODEL", "add_threads_argument", "build_parser", "grid_columns", "label_ids_from_config",
+           "main", "make_grid", "positive_int", "save_image_atomically", "set_threads", "slugify", "threads_argument"]
 
 # The model `generate` uses without --model. None: --model is required. A later release points this at the
 # bundled default model (see resolve_model).
@@ -43,7 +44,7 @@ def _one_line(message: object) -> str:
     return " ".join(str(message).split()) or "unknown error"
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -79,12 +80,19 @@ def slugify(text: str, max_length: int = 60) -> str:
     return slug[:max_length].rstrip("-") or "image"
 
 
+def grid_columns(n: int) -> int:
+    """Columns for ``n`` cells: the fewest from ``ceil(sqrt(n))`` up to ``2 sqrt(n)`` that fill every row (10 ->
+    5 x 2, 8 -> 4 x 2), else ``ceil(sqrt(n))`` (7 -> 3 columns, one row part-filled)."""
+    start = math.ceil(math.sqrt(n))
+    return next((c for c in range(start, math.floor(2 * math.sqrt(n)) + 1) if n % c == 0), start)
+
+
 def make_grid(images: Sequence[Image.Image], ncols: int | None = None, padding: int = 2,
               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Tile equally sized images row by row into one RGB image.
 
-    ``ncols`` defaults to ``ceil(sqrt(len(images)))``; cells are separated by ``padding`` pixels of ``background``
-    (none around the border), so the grid is ``ncols * W + (ncols - 1) * padding`` pixels wide.
+    ``ncols`` defaults to :func:`grid_columns`; cells are separated by ``padding`` pixels of ``background`` (none
+    around the border), so the grid is ``ncols * W + (ncols - 1) * padding`` pixels wide.
     """
     from PIL import Image
 
@@ -94,7 +102,7 @@ def make_grid(images: Sequence[Image.Image], ncols: int | None = None, padding: 
     if any(im.size != (w, h) for im in images):
         raise ValueError(f"make_grid needs images of one size, got {sorted({im.size for im in images})}")
     n = len(images)
-    ncols = max(1, min(n, ncols or math.ceil(math.sqrt(n))))
+    ncols = max(1, min(n, ncols or grid_columns(n)))
     nrows = math.ceil(n / ncols)
     grid = Image.new("RGB", (ncols * w + (ncols - 1) * padding, nrows * h + (nrows - 1) * padding), background)
     for i, im in enumerate(images):
@@ -229,6 +237,41 @@ def load_pipeline(model: str, dtype: str = "float32") -> SphereARPipeline:
     return pipe
 
 
+def label_ids_from_config(model: str, labels: list[str]) -> list[int]:
+    """Class ids for ``labels`` from the pipeline's configs alone (``model_index.json``'s ``id2label``, the
+    transformer's ``num_classes``): an unknown name or an out-of-range id is refused before any weight loads."""
+    from .configuration_sphere_ar import SphereARConfig
+    from .labels import resolve_label_ids
+    from .pipeline_sphere_ar import SphereARPipeline
+
+    try:
+        with _quiet_libraries():
+            index = SphereARPipeline.load_config(model)
+            config = SphereARConfig.from_pretrained(model, subfolder="transformer")
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        where = model if Path(model).exists() else f"{model} (no such local folder; tried the Hugging Face Hub)"
+        raise CLIError(f"cannot load the pipeline from {where}: {_one_line(e)}") from None
+    id2label = index.get("id2label") or None
+    return resolve_label_ids(labels, id2label, config.num_classes)
+
+
+def set_threads(threads: int | str) -> int:
+    """``torch.set_num_threads`` for ``--threads`` (a count, or ``"auto"``: :func:`.utils.auto_threads`); returns
+    the count."""
+    import torch
+
+    from .utils import auto_threads
+
+    count = auto_threads() if threads == "auto" else int(threads)
+    torch.set_num_threads(count)
+    return count
+
+
+def threads_argument(text: str) -> int | str:
+    """``--threads``: ``auto`` or a positive integer."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def _label_slug(pipe: SphereARPipeline, class_id: int) -> str:
     name = (pipe.id2label or {}).get(class_id)
     return slugify(name.split(",")[0]) if name else f"class-{class_id}"
@@ -241,12 +284,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.output is not None:
         _image_format(args.output)  # fail before loading anything
+    threads = set_threads(args.threads)
     device = _device(args.device)
-    pipe = load_pipeline(resolve_model(args.model), args.dtype)
+    model = resolve_model(args.model)
     try:
-        ids = pipe.get_label_ids(list(args.class_labels))
+        ids = label_ids_from_config(model, list(args.class_labels))  # before the weights load
     except (ValueError, TypeError) as e:
-        raise CLIError(_one_line(e)) from None
+        raise CLIError(f"--class-labels {_one_line(e)}") from None
+    pipe = load_pipeline(model, args.dtype)
     pipe.to(device)
     guidance = args.guidance_scale if args.guidance_scale is not None else float(pipe.transformer.config.guidance_scale)
     (args.output_dir if args.output_dir is not None else args.output.parent).mkdir(parents=True, exist_ok=True)
@@ -260,7 +305,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # and settings, not on --batch-size, and seeds S and S + 1 share no image
         generators = image_generators(args.seed, range(start, start + len(batch)))
         if n_batches > 1:
-            pipe.set_progress_bar_config(desc=f"batch {b + 1}/{n_batches}")
+            pipe.set_progress_bar_config(desc=f"batch {b + 1}/{n_batches}, tokens")
         try:
             out = pipe(batch, guidance_scale=guidance, cfg_schedule=args.cfg_schedule,
                        num_inference_steps=args.steps, generator=generators, output_type="pil")
@@ -283,7 +328,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     where = f"{plural(len(written), 'image')} and the grid to {args.output_dir}" if written else \
         f"the grid to {grid_path}"
     print(f"wrote {where} ({plural(len(images), 'image')} of {w}x{h}, seed {args.seed}, images 0..{len(images) - 1},"
-          f" guidance {guidance:g} {args.cfg_schedule}, {plural(args.steps, 'step')})")
+          f" guidance {guidance:g} {args.cfg_schedule}, {plural(args.steps, 'step')}, {device.type}, "
+          f"{plural(threads, 'thread')})")
     return 0
 
 
@@ -311,6 +357,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .evaluation.sampling import SamplingSettings, run_sampling
     from .scheduling_sphere_ar import SphereARScheduler
 
+    threads = set_threads(args.threads)
     with _process_group() as (rank, world, local_rank, barrier):
         device = _device(args.device)
         if device.type == "cuda" and device.index is None and world > 1:
@@ -345,7 +392,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CLIError(_one_line(e)) from None
     if rank == 0:
-        print(f"wrote {final}: {plural(args.num_images, 'image')}, {plural(world, 'process', 'processes')}, "
+        print(f"wrote {final}: {plural(args.num_images, 'image')}, {plural(world, 'process', 'processes')} of "
+              f"{plural(threads, 'thread')}, "
               f"{settings.sampler} {plural(args.steps, 'step')}, guidance {guidance:g} {args.cfg_schedule}, "
               f"labels {args.labels}, seed {args.seed}")
     return 0
@@ -408,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-ema", action="store_true",
                       help="convert the raw 'model' weights instead of the EMA weights (by default 'ema' is used "
                            "when present, as the official sampler does)")
-    conv.add_argument("--num-heads", type=_positive_int, metavar="N", default=None,
+    conv.add_argument("--num-heads", type=positive_int, metavar="N", default=None,
                       help="attention heads of the AR transformer (default: the official preset's, i.e. width / 64)")
-    conv.add_argument("--vae-num-heads", type=_positive_int, metavar="N", default=None,
+    conv.add_argument("--vae-num-heads", type=positive_int, metavar="N", default=None,
                       help="attention heads of the S-VAE's ViTs (default: inferred from its RoPE table, "
                            "else width / 64)")
     conv.add_argument("--overwrite", action="store_true",
@@ -420,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     gen = sub.add_parser(
-        "generate", formatter_class=fmt, help="generate images of ImageNet classes",
+        "generate", formatter_class=fmt,
+        help="generate images of a model's classes (default: the embedded digits model)",
         description="Generate one image per class label and write PNGs. Image k (counting from 0 over all "
                     "labels) uses its own CPU random generator seeded from a hash of (--seed, k), so an image "
                     "depends only on its seed, k, class and the sampling settings (and the device and dtype), not "
@@ -440,12 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="linear",
                      help="guidance over the tokens: 'linear' rises from 1 to --guidance-scale (official), "
                           "'constant' uses it for every token")
-    gen.add_argument("--steps", type=_positive_int, metavar="N", default=100,
+    gen.add_argument("--steps", type=positive_int, metavar="N", default=100,
                      help="sampler steps per token, as in the official sampler (fewer are faster and rougher)")
     gen.add_argument("--seed", type=_seed, metavar="S", default=0,
                      help="random seed: image k (from 0) uses a CPU torch.Generator seeded from a hash of (S, k), "
                           "so seeds S and S + 1 share no image")
-    gen.add_argument("--batch-size", type=_positive_int, metavar="N", default=16,
+    gen.add_argument("--batch-size", type=positive_int, metavar="N", default=16,
                      help="images generated at once (memory vs. speed; the images do not depend on it, up to "
                           "float rounding)")
     gen.add_argument("--device", metavar="DEVICE", default=None,
@@ -453,11 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32",
                      help="weights and compute dtype (bfloat16 is faster on GPUs; float16 may overflow in the "
                           "decoder)")
-    gen.add_argument("--scale", type=_positive_int, metavar="N", default=None,
+    add_threads_argument(gen)
+    gen.add_argument("--scale", type=positive_int, metavar="N", default=None,
                      help="enlarge each image N times (nearest neighbour; 1 keeps the model's size; default: the "
                           "smallest factor that makes it at least 128 px, e.g. 8 for the 16 px digits, 1 at 256 px)")
-    gen.add_argument("--grid-cols", type=_positive_int, metavar="N", default=None,
-                     help="columns of the grid image (default: ceil(sqrt(number of images)))")
+    gen.add_argument("--grid-cols", type=positive_int, metavar="N", default=None,
+                     help="columns of the grid image (default: about square, with full rows where that is "
+                          "possible, e.g. 5 x 2 for 10 images)")
     out = gen.add_mutually_exclusive_group(required=True)
     out.add_argument("--output", type=Path, metavar="FILE", default=None,
                      help="write only a grid of all images to FILE (e.g. grid.png)")
@@ -490,27 +541,27 @@ def add_sample_parser(sub, fmt) -> None:
                "--num-images 50000 --output-dir samples/b --batch-size 256 --dtype bfloat16")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="pipeline folder or Hub repository id (default: the embedded digits model)")
-    p.add_argument("--num-images", required=True, type=_positive_int, metavar="N", help="images to sample")
+    p.add_argument("--num-images", required=True, type=positive_int, metavar="N", help="images to sample")
     p.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
                    help="folder for sampling.json, shards/ and samples.npz (and images/ with --png)")
     p.add_argument("--labels", choices=LABEL_MODES, default="uniform",
                    help="'uniform': random classes from a hash of (seed, n), as the official sampler draws them; "
                         "'balanced': image n shows class n %% num_classes")
-    p.add_argument("--batch-size", type=_positive_int, metavar="B", default=32,
+    p.add_argument("--batch-size", type=positive_int, metavar="B", default=32,
                    help="images per forward pass and process (the images do not depend on it)")
     p.add_argument("--seed", type=_seed, metavar="S", default=0, help="random seed of the run")
     p.add_argument("--guidance-scale", type=_finite_float, metavar="F", default=None,
                    help="classifier-free guidance scale; <= 1 disables it (default: the model's recommended value)")
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="linear",
                    help="guidance over the tokens: 'linear' (official) or 'constant'")
-    p.add_argument("--steps", type=_positive_int, metavar="K", default=100,
+    p.add_argument("--steps", type=positive_int, metavar="K", default=100,
                    help="sampler steps per token (euler_maruyama: K + 1 head evaluations; heun: 2K - 1)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="per-token sampler (default: the model's scheduler, euler_maruyama for official weights)")
     p.add_argument("--time-shift", type=_finite_float, metavar="S", default=None,
                    help="warp of the time grid, t -> t / (t + S (1 - t)): S < 1 puts smaller steps near the data "
                         "end (heun: 0.5 measured best on the digits model); default: the model's scheduler (1.0)")
-    p.add_argument("--shard-size", type=_positive_int, metavar="N", default=1000,
+    p.add_argument("--shard-size", type=positive_int, metavar="N", default=1000,
                    help="images per shard: the unit of work of a rank and what a crash can lose")
     p.add_argument("--png", action="store_true", help="also write each image to DIR/images/{n:06d}.png")
     p.add_argument("--resume", action="store_true",
@@ -518,7 +569,18 @@ def add_sample_parser(sub, fmt) -> None:
     p.add_argument("--device", metavar="DEVICE", default=None,
                    help="torch device (default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_sample)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads (``generate``, ``sample`` and the demo)."""
+    parser.add_argument("--threads", type=threads_argument, metavar="N", default=DEFAULT_THREADS,
+                        help="CPU threads of torch's operations (torch.set_num_threads; the images do not depend on "
+                             "it). 'auto' (default): the cores not busy with other processes (1-minute load "
+                             "average), shared by the processes of a torchrun launch (measured on 2 cores: beside a "
+                             "busy process 2 threads sample 2-3x slower than 1; on a quiet machine 1.2-1.7x faster "
+                             "from batch 32 on)")
 
 
 def add_evaluate_parser(sub, fmt) -> None:
@@ -539,12 +601,12 @@ def add_evaluate_parser(sub, fmt) -> None:
     p.add_argument("--inception-weights", type=Path, metavar="PATH", default=None,
                    help="local copy of torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d"
                         ".pth; default: download once into the torch hub cache)")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N", default=64, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", default=64, help="images per forward pass")
     p.add_argument("--device", metavar="DEVICE", default=None,
                    help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--k", type=_positive_int, metavar="K", default=3,
+    p.add_argument("--k", type=positive_int, metavar="K", default=3,
                    help="nearest neighbours for precision / recall (ADM: 3)")
-    p.add_argument("--split-size", type=_positive_int, metavar="N", default=5000,
+    p.add_argument("--split-size", type=positive_int, metavar="N", default=5000,
                    help="Inception Score: images per split (ADM: 5000)")
     p.add_argument("--no-precision-recall", action="store_true",
                    help="skip precision / recall (they need the images of both sets and N^2 distances)")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from .cli import _positive_int
+from .cli import add_threads_argument, positive_int, set_threads
 from .scheduling_sphere_ar import CFG_SCHEDULES
 from .seeding import MAX_SEED, image_generators
 from .utils import HelpFormatter
@@ -44,12 +44,22 @@ if TYPE_CHECKING:
 
     from .pipeline_sphere_ar import SphereARPipeline
 
-__all__ = ["MAX_SEED", "DemoRunner", "build_demo", "build_parser", "class_choices", "create_demo",
+__all__ = ["DEMO_CSS", "MAX_SEED", "DemoRunner", "build_demo", "build_parser", "class_choices", "create_demo",
            "load_default_pipeline", "main", "validate_request"]
 
 MAX_LABEL_CHARS = 200  # a class name longer than this is refused before the (fuzzy) name lookup
 IMAGENET_DEFAULT_CLASSES = (207, 360, 388, 88)  # golden retriever, otter, giant panda, macaw
 API_NAME = "generate"
+# Gradio lays a thumbnail's caption over the bottom of the image and cuts it to one line, and the gallery's label
+# over the first image; here the caption goes below its square image, whole, and the grid starts below the label
+# (passed to ``launch(css=...)`` by ``create_demo``)
+DEMO_CSS = """
+#gallery .grid-wrap { padding-top: 2.25rem; }
+#gallery .thumbnail-lg { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }
+#gallery .thumbnail-lg > img { aspect-ratio: 1 / 1; height: auto; flex: none; }
+#gallery .thumbnail-lg .caption-label { position: static; max-width: none; white-space: normal;
+  overflow-wrap: anywhere; border: none; border-radius: 0; text-align: center; }
+"""
 
 
 # ---- the pipeline side ----------------------------------------------------------------------------------------
@@ -255,7 +265,8 @@ def build_demo(pipeline: SphereARPipeline, *, model_name: str | None = None, max
                default_class_labels: Sequence[int | str] | None = None, max_guidance: float | None = None,
                concurrency_limit: int = 1, max_queue_size: int = 16, display_size: int = 256,
                analytics_enabled: bool = False) -> gr.Blocks:
-    """The demo for ``pipeline``, with the queue enabled; call ``.launch()`` on it.
+    """The demo for ``pipeline``, with the queue enabled; call ``.launch(css=DEMO_CSS)`` on it (the gallery's
+    captions below their images).
 
     Args:
         pipeline: a loaded ``SphereARPipeline`` (already on its device).
@@ -334,7 +345,7 @@ def load_default_pipeline(dtype: str = "float32") -> SphereARPipeline:
 
 
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
     return value
@@ -356,12 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="weights and compute dtype")
-    parser.add_argument("--max-images", type=_positive_int, default=16, help="most images per request")
-    parser.add_argument("--max-steps", type=_positive_int, default=200, help="most sampler steps per token")
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--max-images", type=positive_int, default=16, help="most images per request")
+    parser.add_argument("--max-steps", type=positive_int, default=200, help="most sampler steps per token")
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="the steps slider's start value (default: the scheduler's num_inference_steps)")
-    parser.add_argument("--concurrency-limit", type=_positive_int, default=1, help="requests processed at once")
-    parser.add_argument("--queue-size", type=_positive_int, default=16, help="requests that may wait in the queue")
+    parser.add_argument("--concurrency-limit", type=positive_int, default=1, help="requests processed at once")
+    parser.add_argument("--queue-size", type=positive_int, default=16, help="requests that may wait in the queue")
+    add_threads_argument(parser)
     return parser
 
 
@@ -375,6 +387,7 @@ def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str,
     from .cli import CLIError, load_pipeline, resolve_model
 
     args = build_parser().parse_args(argv)
+    set_threads(args.threads)
     if args.model is None:
         pipeline, name = load_default_pipeline(args.dtype), "digits (bundled)"
     else:
@@ -391,7 +404,7 @@ def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str,
     demo = build_demo(pipeline, model_name=name, max_images=args.max_images, max_steps=args.max_steps,
                       default_steps=args.steps, concurrency_limit=args.concurrency_limit,
                       max_queue_size=args.queue_size)
-    return demo, {"server_name": args.host, "server_port": args.port, "ssr_mode": False}
+    return demo, {"server_name": args.host, "server_port": args.port, "ssr_mode": False, "css": DEMO_CSS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

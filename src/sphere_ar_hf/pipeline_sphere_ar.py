@@ -99,6 +99,12 @@ class SphereARPipeline(DiffusionPipeline):
         self.register_to_config(id2label=id2label or None)
         self.id2label = id2label
         self._velocity_fn: Callable | None = None  # enable_torch_compile
+        self.set_progress_bar_config()
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """diffusers' ``set_progress_bar_config`` (tqdm's arguments); the bar counts tokens (``desc="tokens"``,
+        ``unit="token"``) unless ``desc`` / ``unit`` say otherwise."""
+        super().set_progress_bar_config(**{"desc": "tokens", "unit": "token", **kwargs})
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod

@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,14 @@ __all__ = [
     "FolderKind",
     "HelpFormatter",
     "OutputFolderError",
+    "ScriptHelpFormatter",
+    "apply_umask",
     "atomic_write",
+    "auto_threads",
     "check_output_folder",
+    "current_umask",
     "format_millions",
+    "new_folder",
     "plural",
     "one_line_error",
     "remove_staged_folders",
@@ -55,6 +59,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False,
         tmp.unlink(missing_ok=True)
 
 
+def auto_threads() -> int:
+    """CPU threads for torch's operations when none are asked for: the cores this process may use, less those busy
+    with other processes (the 1-minute load average), shared by the processes of one launch (``LOCAL_WORLD_SIZE``),
+    at least 1. On a quiet machine that is every core (torch's own default); beside a busy process it leaves that
+    process its core, since threads that wait for a shared core lose 2-3x (docs/benchmarks.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, (cores - busy) // processes)
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """``"1 image"``, ``"2 images"``, ``plural(3, "class", "classes")``: a count and its noun."""
     return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
@@ -75,6 +90,11 @@ class HelpFormatter(argparse.HelpFormatter):
         if no_default or action.required or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
+
+
+class ScriptHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The example scripts' ``--help``: the description (the script's docstring, with its example command lines)
+    as written, and each option's default."""
 
 
 class OutputFolderError(FileExistsError):
@@ -178,6 +198,18 @@ def check_output_folder(output: str | os.PathLike, overwrite: bool = False, *, k
     return out
 
 
+def new_folder(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new, empty folder ``parent/<prefix><random>``, created with the process's umask (``tempfile.mkdtemp``
+    would make it private, 0700, and a folder renamed into place would keep that)."""
+    while True:
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 def shared_staging_path(output: str | os.PathLike) -> Path:
     """Where ``stage_folder(output, shared=True)`` stages: ``.<name>.tmp-shared`` beside ``output`` (the other
     processes of a distributed writer get the path from here)."""
@@ -196,7 +228,7 @@ def stage_folder(output: str | os.PathLike, shared: bool = False) -> Path:
     output = _resolved(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if not shared:
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+        return new_folder(output.parent, f".{output.name}.tmp-")
     staged = shared_staging_path(output)
     if staged.exists():
         shutil.rmtree(staged)
@@ -204,14 +236,44 @@ def stage_folder(output: str | os.PathLike, shared: bool = False) -> Path:
     return staged
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read from ``/proc`` where it can be, so no thread sees it changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give ``folder`` and everything below it the modes the umask gives new files and folders (0755 / 0644 under
+    the usual 022; executables keep their execute bits): some writers create files private (safetensors writes
+    0600 through a temporary file, ``tempfile`` folders are 0700), and a folder renamed into place keeps them."""
+    mask = current_umask()
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o100
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def swap_folder_into_place(staged: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Move the complete folder ``staged`` to ``output`` (a rename: ``staged`` must be on the same file system).
+    """Move the complete folder ``staged`` to ``output`` (a rename: ``staged`` must be on the same file system),
+    its modes first set by the umask (:func:`apply_umask`).
 
     An existing ``output`` is first moved aside (``.<name>.old-*``), deleted once the new folder is in place, and
     put back if the rename fails; nothing is left beside ``output`` either way. ``output`` is resolved first, so
     ``"."`` works; a process whose working directory was (inside) ``output`` is moved into the new folder.
     """
     staged, output = Path(staged), _resolved(output)
+    apply_umask(staged)
     if not output.exists():
         os.replace(staged, output)
         return output
@@ -220,7 +282,7 @@ def swap_folder_into_place(staged: str | os.PathLike, output: str | os.PathLike)
         in_output = cwd == output or output in cwd.parents
     except OSError:  # the working directory is gone
         in_output = False
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+    old = new_folder(output.parent, f".{output.name}.old-")
     try:
         os.replace(output, old / output.name)
         try:

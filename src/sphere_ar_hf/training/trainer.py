@@ -153,9 +153,15 @@ class SphereARTrainingArguments(TrainingArguments):
         metadata={"help": "With --push_to_hub (required there): the license of the weights as a Hub license id "
                           "(mit, apache-2.0, cc-by-nc-4.0, ...), for the model card; never guessed."})
 
+    dataloader_pin_memory: bool | None = field(
+        default=None, metadata={"help": "Pin the batches' memory (default: only when training on a CUDA device; on "
+                                        "the CPU pinning does nothing but warn)."})
+
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = _cuda_bf16() and not self.use_cpu
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = torch.cuda.is_available() and not self.use_cpu
         super().__post_init__()
 
 
@@ -329,7 +335,7 @@ class _StartupSummaryCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs) -> None:
         if state.is_world_process_zero:
-            print(self.trainer.startup_summary(state), file=sys.stderr, flush=True)
+            print(self.trainer.startup_summary(state, kwargs.get("train_dataloader")), file=sys.stderr, flush=True)
 
 
 class SphereARTrainer(Trainer):
@@ -402,8 +408,10 @@ class SphereARTrainer(Trainer):
                 callback.logging_dir = os.path.expanduser(folder)
         return folder
 
-    def startup_summary(self, state: TrainerState) -> str:
-        """A few lines on what this run does: parameters, data, steps, the effective batch, where files go."""
+    def startup_summary(self, state: TrainerState, train_dataloader: Any = None) -> str:
+        """A few lines on what this run does: parameters, data, steps (and the epochs they make, as the Trainer
+        counts them: optimizer steps over the steps of one pass of ``train_dataloader``), the effective batch,
+        where files go."""
         model = _unwrap(self.model)
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -416,6 +424,12 @@ class SphereARTrainer(Trainer):
             examples = "streamed"
         classes = f", {_count(config.num_classes, 'class')}" if config is not None else ""
         start = f", resuming at step {state.global_step:,}" if state.global_step else ""
+        try:
+            per_epoch = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+            count = state.max_steps / per_epoch
+            epochs = f" ({count:.3g} epoch{'' if count == 1 else 's'} of {_count(per_epoch, 'step')})"
+        except TypeError:  # no dataloader, or a streamed one
+            epochs = ""
         limit = self.save_total_limit
         kept = (f"the newest {limit}" if limit and limit > 0 else "all") + (
             f" and every {self.keep_checkpoints_every}-th step" if self.keep_checkpoints_every else "")
@@ -423,7 +437,7 @@ class SphereARTrainer(Trainer):
             "SphereAR training",
             f"  parameters: {total:,} ({trainable:,} trainable)",
             f"  data:       {examples}{classes}",
-            f"  steps:      {state.max_steps:,} optimizer steps ({state.num_train_epochs:g} epochs){start}",
+            f"  steps:      {state.max_steps:,} optimizer steps{epochs}{start}",
             f"  batch:      {args.per_device_train_batch_size} per device x {world} "
             f"process{'es' if world != 1 else ''} x {args.gradient_accumulation_steps} accumulation = {effective} "
             "per step",
