@@ -176,6 +176,8 @@ def test_help_mentions_every_option(command: str) -> None:
             assert option in stdout
     if command == "generate":
         assert "hash of (S, k)" in " ".join(stdout.split())  # the per-image seed rule is documented
+        top = run("--help")[1]
+        assert "ImageNet" not in top and "embedded digits model" in " ".join(top.split())  # the default model
         for choice in ("linear", "constant", "float32", "bfloat16", "float16"):
             assert choice in stdout
 
@@ -251,6 +253,7 @@ def test_threads_option(tmp_path, monkeypatch) -> None:
                            tmp_path / "a.png")
         assert code == 0, err
         assert calls == [1] and torch.get_num_threads() == 1
+        assert "tokens: 100%" in err and "4/4 [" in err and "token/s" in err  # the bar counts the 4 tokens
         assert cli.set_threads("auto") >= 1
     finally:
         torch.set_num_threads(before)

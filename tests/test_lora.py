@@ -475,3 +475,10 @@ def test_train_lora_push_to_hub(example, make_pipeline, tmp_path, monkeypatch):
     assert "| Optimizer steps | 2 |" in card.text and "images (a local image folder)" in card.text
     assert str(tmp_path) not in card.text and str(tmp_path).encode() not in upload["files"]["adapter_config.json"]
     assert (adapter / "README.md").is_file() and (adapter / "training_info.json").is_file()
+
+
+def test_example_help_shows_its_command_lines_as_written(example, capsys):
+    with pytest.raises(SystemExit):
+        example.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--train_data_dir my_images \\\n        --output_dir lora-run" in out  # not run together
