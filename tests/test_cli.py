@@ -242,11 +242,11 @@ def test_auto_threads_leaves_busy_cores_alone(monkeypatch) -> None:
 def test_threads_option(tmp_path, monkeypatch) -> None:
     import torch
 
-    from sphere_ar_hf import cli
+    from sphere_ar_hf import cli, cli_common
 
     before = torch.get_num_threads()
     try:
-        assert cli.threads_argument("auto") == "auto" and cli.threads_argument("3") == 3
+        assert cli_common.threads_argument("auto") == "auto" and cli_common.threads_argument("3") == 3
         monkeypatch.setattr(cli, "set_threads", lambda n, real=cli.set_threads: calls.append(n) or real(n))
         calls: list = []
         code, _, err = run("generate", "--class-labels", "1", "--steps", "1", "--threads", "1", "--output",

@@ -325,7 +325,7 @@ def test_http_api_refuses_non_finite_numbers(server, field, literal, message):
 # ---- the handler, without a server ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir):
-    from sphere_ar_hf.cli import load_pipeline
+    from sphere_ar_hf.cli_common import load_pipeline
 
     pipe = load_pipeline(str(tiny_model_dir))
     return build_demo(pipe, max_images=MAX_IMAGES, max_steps=MAX_STEPS).runner

@@ -109,9 +109,10 @@ def test_space_folder_from_the_embedded_model(space, capsys):
     assert 'MODEL = "model"' in (space / "app.py").read_text()
     # the package's module files, copied unchanged; the embedded model in model/
     copied = files_under(space / "sphere_ar_hf")
-    assert {"__init__.py", "demo.py", "cli.py", "pipeline_sphere_ar.py", "remote_code.py",
+    assert {"__init__.py", "demo.py", "cli_common.py", "pipeline_sphere_ar.py", "remote_code.py",
             "data/imagenet_labels.json"} <= set(copied)
     assert not any(n.startswith(("training/", "evaluation/", "pretrained/")) for n in copied)
+    assert not {"cli.py", "cli_sampling.py"} & set(copied)  # the demo needs none of the other commands
     assert all(filecmp.cmp(space / "sphere_ar_hf" / n, PACKAGE / n, shallow=False) for n in copied)
     model = bundled_model_path("digits")
     assert files_under(space / "model") == files_under(model)

@@ -1,5 +1,6 @@
-"""The ``sphere-ar`` command line: ``sphere-ar convert`` (official checkpoint -> pipeline folder) and
-``sphere-ar generate`` (class labels -> PNG images).
+"""The ``sphere-ar`` command line: ``convert`` (official checkpoint -> pipeline folder), ``generate`` (class labels
+-> PNG images), ``space``, and the parser of every subcommand (``sample`` / ``evaluate``: :mod:`.cli_sampling`;
+``push``: :mod:`.hub`).
 
 Errors in the inputs (a bad checkpoint, an unknown class name, a missing model folder, ...) print one line
 ``error: <message>`` on stderr and exit with status 2; nothing is left half-written (files and folders are written
@@ -9,16 +10,29 @@ under a temporary name and renamed into place).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .options import CFG_SCHEDULES, DEFAULT_THREADS, DTYPES, FEATURE_SPACES, LABEL_MODES, MAX_SEED, SAMPLERS
+from .cli_common import (
+    CLIError,
+    add_threads_argument,
+    device_from_name,
+    finite_float,
+    load_pipeline,
+    one_line,
+    positive_int,
+    quiet_libraries,
+    resolve_model,
+    seed_argument,
+    set_threads,
+)
+from .cli_sampling import add_evaluate_parser, add_sample_parser
+from .options import CFG_SCHEDULES, DTYPES
 from .utils import HelpFormatter, atomic_write, format_millions, plural
 
 if TYPE_CHECKING:
@@ -26,52 +40,8 @@ if TYPE_CHECKING:
 
     from .pipeline_sphere_ar import SphereARPipeline
 
-__all__ = ["CLIError", "DEFAULT_MODEL", "add_threads_argument", "build_parser", "grid_columns", "label_ids_from_config",
-           "main", "make_grid", "positive_int", "save_image_atomically", "set_threads", "slugify", "threads_argument"]
-
-# The model `generate` uses without --model. None: --model is required. A later release points this at the
-# bundled default model (see resolve_model).
-# the embedded digits model (package data): `sphere-ar generate` works offline with no --model
-DEFAULT_MODEL: str | None = str(Path(__file__).parent / "pretrained" / "digits")
-
-
-class CLIError(Exception):
-    """A user error: printed as ``error: <message>``, exit status 2."""
-
-
-# ---- small helpers --------------------------------------------------------------------------------------------
-def _one_line(message: object) -> str:
-    return " ".join(str(message).split()) or "unknown error"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"the seed must be in [0, 2**64), got {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+__all__ = ["CLIError", "build_parser", "grid_columns", "label_ids_from_config", "main", "make_grid",
+           "save_image_atomically", "slugify"]
 
 
 def slugify(text: str, max_length: int = 60) -> str:
@@ -132,36 +102,18 @@ def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """Hide the libraries' loading / saving bars and warnings (the pipeline's token bar stays)."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    state = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
-    for m, _, _ in state:
-        m.set_verbosity_error()
-        m.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for m, verbosity, bar in state:
-            m.set_verbosity(verbosity)
-            (m.enable_progress_bar if bar else m.disable_progress_bar)()
-
-
 # ---- convert --------------------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import ConversionError, convert_official_checkpoint
 
     info: dict = {}
     try:
-        with _quiet_libraries():
+        with quiet_libraries():
             pipe = convert_official_checkpoint(args.checkpoint, args.output, vae_checkpoint=args.vae_checkpoint,
                                                use_ema=not args.no_ema, num_heads=args.num_heads,
                                                vae_num_heads=args.vae_num_heads, overwrite=args.overwrite, info=info)
     except ConversionError as e:
-        raise CLIError(_one_line(e)) from None
+        raise CLIError(one_line(e)) from None
     tf, vae = pipe.transformer, pipe.vae
     c = tf.config
     n_tf = sum(p.numel() for p in tf.parameters())
@@ -174,69 +126,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- generate -------------------------------------------------------------------------------------------------
-def resolve_model(model: str | None) -> str:
-    """The pipeline folder (or Hub id) to load: ``--model``, else :data:`DEFAULT_MODEL`."""
-    model = model or DEFAULT_MODEL
-    if not model:
-        raise CLIError("no model given: pass --model DIR (a folder written by `sphere-ar convert`)")
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CLIError(f"{model}: not a folder (--model takes a pipeline folder written by `sphere-ar convert`)")
-        if not (path / "model_index.json").is_file():
-            raise CLIError(f"{model}: no model_index.json, so not a pipeline folder (write one with `sphere-ar "
-                           "convert`)")
-        return str(path)
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.startswith("."):
-        return model  # a Hugging Face Hub repository id
-    raise CLIError(f"{model}: no such folder")
-
-
-def _device(name: str | None):
-    import torch
-
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise CLIError(f"--device {name!r}: {_one_line(e)}") from None
-    if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise CLIError(f"--device {name}: expected cpu, cuda, cuda:N, mps or xpu (a device that computes)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CLIError(f"--device {name}: MPS is not available on this machine")
-    if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise CLIError(f"--device {name}: XPU is not available on this machine")
-    return device
-
-
-def load_pipeline(model: str, dtype: str = "float32") -> SphereARPipeline:
-    """``SphereARPipeline.from_pretrained`` with quiet loading; load failures become :class:`CLIError`."""
-    import torch
-    from diffusers.pipelines import pipeline_utils
-
-    from .pipeline_sphere_ar import SphereARPipeline
-
-    torch_dtype = getattr(torch, dtype)
-    # newer diffusers call it `dtype` (and deprecate `torch_dtype`); older ones only know `torch_dtype`
-    kwargs = {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": torch_dtype}
-    try:
-        with _quiet_libraries():
-            pipe = SphereARPipeline.from_pretrained(model, **kwargs)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-        where = model if Path(model).exists() else f"{model} (no such local folder; tried the Hugging Face Hub)"
-        raise CLIError(f"cannot load the pipeline from {where}: {_one_line(e)}") from None
-    if not isinstance(pipe, SphereARPipeline):
-        raise CLIError(f"{model} holds a {type(pipe).__name__}, not a SphereARPipeline")
-    return pipe
-
-
 def label_ids_from_config(model: str, labels: list[str]) -> list[int]:
     """Class ids for ``labels`` from the pipeline's configs alone (``model_index.json``'s ``id2label``, the
     transformer's ``num_classes``): an unknown name or an out-of-range id is refused before any weight loads."""
@@ -245,31 +134,14 @@ def label_ids_from_config(model: str, labels: list[str]) -> list[int]:
     from .pipeline_sphere_ar import SphereARPipeline
 
     try:
-        with _quiet_libraries():
+        with quiet_libraries():
             index = SphereARPipeline.load_config(model)
             config = SphereARConfig.from_pretrained(model, subfolder="transformer")
     except (OSError, ValueError, TypeError, KeyError) as e:
         where = model if Path(model).exists() else f"{model} (no such local folder; tried the Hugging Face Hub)"
-        raise CLIError(f"cannot load the pipeline from {where}: {_one_line(e)}") from None
+        raise CLIError(f"cannot load the pipeline from {where}: {one_line(e)}") from None
     id2label = index.get("id2label") or None
     return resolve_label_ids(labels, id2label, config.num_classes)
-
-
-def set_threads(threads: int | str) -> int:
-    """``torch.set_num_threads`` for ``--threads`` (a count, or ``"auto"``: :func:`.utils.auto_threads`); returns
-    the count."""
-    import torch
-
-    from .utils import auto_threads
-
-    count = auto_threads() if threads == "auto" else int(threads)
-    torch.set_num_threads(count)
-    return count
-
-
-def threads_argument(text: str) -> int | str:
-    """``--threads``: ``auto`` or a positive integer."""
-    return "auto" if text.strip().lower() == "auto" else positive_int(text)
 
 
 def _label_slug(pipe: SphereARPipeline, class_id: int) -> str:
@@ -285,12 +157,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.output is not None:
         _image_format(args.output)  # fail before loading anything
     threads = set_threads(args.threads)
-    device = _device(args.device)
+    device = device_from_name(args.device)
     model = resolve_model(args.model)
     try:
         ids = label_ids_from_config(model, list(args.class_labels))  # before the weights load
     except (ValueError, TypeError) as e:
-        raise CLIError(f"--class-labels {_one_line(e)}") from None
+        raise CLIError(f"--class-labels {one_line(e)}") from None
     pipe = load_pipeline(model, args.dtype)
     pipe.to(device)
     guidance = args.guidance_scale if args.guidance_scale is not None else float(pipe.transformer.config.guidance_scale)
@@ -310,9 +182,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out = pipe(batch, guidance_scale=guidance, cfg_schedule=args.cfg_schedule,
                        num_inference_steps=args.steps, generator=generators, output_type="pil")
         except (ValueError, TypeError) as e:  # a request the pipeline refuses (e.g. too large for the memory)
-            raise CLIError(_one_line(e)) from None
+            raise CLIError(one_line(e)) from None
         except FloatingPointError as e:  # e.g. a float16 decoder overflow: a known, explained failure
-            print(f"error: {_one_line(e)}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             return 1
         for i, (class_id, image) in enumerate(zip(batch, out.images)):
             scale = args.scale or _default_scale(max(image.size))
@@ -333,103 +205,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- sample ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _process_group() -> Iterator[tuple[int, int, int, Callable[[], None]]]:
-    """``(rank, world_size, local_rank, barrier)`` under torchrun / ``accelerate launch`` (a gloo group, used for
-    barriers only, with a timeout long enough for a rank to wait for the slowest one), else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        yield 0, 1, 0, lambda: None
-        return
-    import datetime
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    try:
-        yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.barrier
-    finally:
-        dist.destroy_process_group()
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    from .evaluation.sampling import SamplingSettings, run_sampling
-    from .scheduling_sphere_ar import SphereARScheduler
-
-    threads = set_threads(args.threads)
-    with _process_group() as (rank, world, local_rank, barrier):
-        device = _device(args.device)
-        if device.type == "cuda" and device.index is None and world > 1:
-            import torch
-
-            device = torch.device("cuda", local_rank)
-        model = resolve_model(args.model)
-        pipe = load_pipeline(model, args.dtype)
-        scheduler_config = pipe.scheduler.config
-        overrides = {k: v for k, v in (("sampler", args.sampler), ("time_shift", args.time_shift))
-                     if v is not None and v != scheduler_config[k]}
-        if overrides:
-            try:
-                pipe.scheduler = SphereARScheduler.from_config(scheduler_config, **overrides)
-            except ValueError as e:
-                raise CLIError(_one_line(e)) from None
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        tf = pipe.transformer.config
-        guidance = args.guidance_scale if args.guidance_scale is not None else float(tf.guidance_scale)
-        # a local folder by its absolute path: resuming from another working directory is the same run
-        model_id = str(Path(model).resolve()) if Path(model).exists() else model
-        settings = SamplingSettings(
-            model=model_id, num_images=args.num_images, seed=args.seed, labels=args.labels, guidance_scale=guidance,
-            cfg_schedule=args.cfg_schedule, sampler=pipe.scheduler.config.sampler,
-            time_shift=float(pipe.scheduler.config.time_shift), num_inference_steps=args.steps,
-            dtype=args.dtype, shard_size=args.shard_size, num_classes=tf.num_classes,
-            image_size=pipe.vae.config.image_size)
-        try:
-            final = run_sampling(pipe, args.output_dir, settings, batch_size=args.batch_size, resume=args.resume,
-                                 png=args.png, rank=rank, world_size=world, barrier=barrier)
-        except ValueError as e:
-            raise CLIError(_one_line(e)) from None
-    if rank == 0:
-        print(f"wrote {final}: {plural(args.num_images, 'image')}, {plural(world, 'process', 'processes')} of "
-              f"{plural(threads, 'thread')}, "
-              f"{settings.sampler} {plural(args.steps, 'step')}, guidance {guidance:g} {args.cfg_schedule}, "
-              f"labels {args.labels}, seed {args.seed}")
-    return 0
-
-
-# ---- evaluate -------------------------------------------------------------------------------------------------
-METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "frechet_distance":
-                "Fréchet distance (digits features)", "accuracy": "Accuracy (digits classifier)",
-                "precision": "Precision", "recall": "Recall"}
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from .evaluation import evaluate
-
-    device = _device(args.device)
-    try:
-        result = evaluate(args.gen, args.ref, features=args.features, inception_weights=args.inception_weights,
-                          device=device, batch_size=args.batch_size, k=args.k, split_size=args.split_size,
-                          with_precision_recall=not args.no_precision_recall, progress=not args.json)
-    except (ValueError, ImportError) as e:
-        raise CLIError(_one_line(e)) from None
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return 0
-    print(f"GEN {result['gen']}: {plural(result['num_gen'], 'image')}; REF {result['ref']}: "
-          f"{plural(result['num_ref'], 'image')}")
-    for key, name in METRIC_NAMES.items():
-        if key in result:
-            print(f"{name}: {result[key]:.6g}")
-    for note in result.get("notes", []):
-        print(f"note: {note}")
-    return 0
-
-
 # ---- parser ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -440,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     fmt = HelpFormatter
+    add_convert_parser(sub, fmt)
+    add_generate_parser(sub, fmt)
+    add_sample_parser(sub, fmt)
+    add_evaluate_parser(sub, fmt)
+
+    from .hub import add_push_parser
+
+    add_push_parser(sub, formatter_class=fmt)
+    add_space_parser(sub, fmt)
+    return parser
+
+
+def add_convert_parser(sub, fmt) -> None:
     conv = sub.add_parser(
         "convert", formatter_class=fmt, help="convert an official SphereAR checkpoint into a pipeline folder",
         description="Convert an official SphereAR checkpoint (e.g. SphereAR_B.pt) into a pipeline folder "
@@ -467,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "one is complete)")
     conv.set_defaults(func=cmd_convert)
 
+
+def add_generate_parser(sub, fmt) -> None:
     gen = sub.add_parser(
         "generate", formatter_class=fmt,
         help="generate images of a model's classes (default: the embedded digits model)",
@@ -483,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--class-labels", required=True, nargs="+", metavar="LABEL",
                      help="class ids (0-999 for ImageNet) and/or class names, e.g. 207 360 'golden retriever' "
                           "(names are case-insensitive; any synonym of an ImageNet class works)")
-    gen.add_argument("--guidance-scale", type=_finite_float, metavar="F", default=None,
+    gen.add_argument("--guidance-scale", type=finite_float, metavar="F", default=None,
                      help="classifier-free guidance scale; <= 1 disables guidance (default: the model's "
                           "recommended value, e.g. 4.5 for SphereAR-B)")
     gen.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="linear",
@@ -491,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "'constant' uses it for every token")
     gen.add_argument("--steps", type=positive_int, metavar="N", default=100,
                      help="sampler steps per token, as in the official sampler (fewer are faster and rougher)")
-    gen.add_argument("--seed", type=_seed, metavar="S", default=0,
+    gen.add_argument("--seed", type=seed_argument, metavar="S", default=0,
                      help="random seed: image k (from 0) uses a CPU torch.Generator seeded from a hash of (S, k), "
                           "so seeds S and S + 1 share no image")
     gen.add_argument("--batch-size", type=positive_int, metavar="N", default=16,
@@ -517,102 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "DIR/grid.png")
     gen.set_defaults(func=cmd_generate)
 
-    add_sample_parser(sub, fmt)
-    add_evaluate_parser(sub, fmt)
-
-    from .hub import add_push_parser
-
-    add_push_parser(sub, formatter_class=fmt)
-    add_space_parser(sub, fmt)
-    return parser
-
-
-def add_sample_parser(sub, fmt) -> None:
-
-    p = sub.add_parser(
-        "sample", formatter_class=fmt, help="sample many images for evaluation into an ADM .npz (multi-process)",
-        description="Sample --num-images images into DIR/samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels), "
-                    "as one process or under `torchrun --nproc_per_node P` / `accelerate launch` (each rank samples "
-                    "its own shards). Image n depends only on --seed, n, its label and the settings: it has its own "
-                    "generator, seeded from a hash of (seed, n), and on the CPU the same bits for any number of "
-                    "processes and batch size. Shards are written atomically; --resume continues a run that "
-                    "crashed or was killed, redoing only unfinished shards.",
-        epilog="example: torchrun --nproc_per_node 8 -m sphere_ar_hf.cli sample --model sphere-ar-b "
-               "--num-images 50000 --output-dir samples/b --batch-size 256 --dtype bfloat16")
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="pipeline folder or Hub repository id (default: the embedded digits model)")
-    p.add_argument("--num-images", required=True, type=positive_int, metavar="N", help="images to sample")
-    p.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
-                   help="folder for sampling.json, shards/ and samples.npz (and images/ with --png)")
-    p.add_argument("--labels", choices=LABEL_MODES, default="uniform",
-                   help="'uniform': random classes from a hash of (seed, n), as the official sampler draws them; "
-                        "'balanced': image n shows class n %% num_classes")
-    p.add_argument("--batch-size", type=positive_int, metavar="B", default=32,
-                   help="images per forward pass and process (the images do not depend on it)")
-    p.add_argument("--seed", type=_seed, metavar="S", default=0, help="random seed of the run")
-    p.add_argument("--guidance-scale", type=_finite_float, metavar="F", default=None,
-                   help="classifier-free guidance scale; <= 1 disables it (default: the model's recommended value)")
-    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="linear",
-                   help="guidance over the tokens: 'linear' (official) or 'constant'")
-    p.add_argument("--steps", type=positive_int, metavar="K", default=100,
-                   help="sampler steps per token (euler_maruyama: K + 1 head evaluations; heun: 2K - 1)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="per-token sampler (default: the model's scheduler, euler_maruyama for official weights)")
-    p.add_argument("--time-shift", type=_finite_float, metavar="S", default=None,
-                   help="warp of the time grid, t -> t / (t + S (1 - t)): S < 1 puts smaller steps near the data "
-                        "end (heun: 0.5 measured best on the digits model); default: the model's scheduler (1.0)")
-    p.add_argument("--shard-size", type=positive_int, metavar="N", default=1000,
-                   help="images per shard: the unit of work of a rank and what a crash can lose")
-    p.add_argument("--png", action="store_true", help="also write each image to DIR/images/{n:06d}.png")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output-dir (its settings must match), skipping finished shards")
-    p.add_argument("--device", metavar="DEVICE", default=None,
-                   help="torch device (default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype")
-    add_threads_argument(p)
-    p.set_defaults(func=cmd_sample)
-
-
-def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    """``--threads N``: torch's CPU threads (``generate``, ``sample`` and the demo)."""
-    parser.add_argument("--threads", type=threads_argument, metavar="N", default=DEFAULT_THREADS,
-                        help="CPU threads of torch's operations (torch.set_num_threads; the images do not depend on "
-                             "it). 'auto' (default): the cores not busy with other processes (1-minute load "
-                             "average), shared by the processes of a torchrun launch (measured on 2 cores: beside a "
-                             "busy process 2 threads sample 2-3x slower than 1; on a quiet machine 1.2-1.7x faster "
-                             "from batch 32 on)")
-
-
-def add_evaluate_parser(sub, fmt) -> None:
-
-    p = sub.add_parser(
-        "evaluate", formatter_class=fmt, help="FID / sFID / IS / precision / recall of sampled images",
-        description="Compare GEN with REF, each an ADM .npz (arr_0 uint8 NHWC images; stored mu/sigma and "
-                    "mu_s/sigma_s are used, as in ADM reference batches) or a folder of images. Inception features "
-                    "come from torch-fidelity's TF-ported InceptionV3 (downloaded once and cached, or "
-                    "--inception-weights); no TensorFlow. --features digits measures in the digit classifier's "
-                    "feature space (for the embedded digits model; REF defaults to the held-out real digits).",
-        epilog="example: sphere-ar evaluate samples/b/samples.npz VIRTUAL_imagenet256_labeled.npz --json")
-    p.add_argument("gen", type=Path, metavar="GEN", help="generated images: .npz or folder")
-    p.add_argument("ref", type=Path, metavar="REF", nargs="?", default=None,
-                   help="reference images or statistics: .npz or folder (optional with --features digits)")
-    p.add_argument("--features", choices=FEATURE_SPACES, default="inception",
-                   help="feature space: 'inception' (FID etc.) or 'digits' (the embedded digits model's yardstick)")
-    p.add_argument("--inception-weights", type=Path, metavar="PATH", default=None,
-                   help="local copy of torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d"
-                        ".pth; default: download once into the torch hub cache)")
-    p.add_argument("--batch-size", type=positive_int, metavar="N", default=64, help="images per forward pass")
-    p.add_argument("--device", metavar="DEVICE", default=None,
-                   help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--k", type=positive_int, metavar="K", default=3,
-                   help="nearest neighbours for precision / recall (ADM: 3)")
-    p.add_argument("--split-size", type=positive_int, metavar="N", default=5000,
-                   help="Inception Score: images per split (ADM: 5000)")
-    p.add_argument("--no-precision-recall", action="store_true",
-                   help="skip precision / recall (they need the images of both sets and N^2 distances)")
-    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    p.set_defaults(func=cmd_evaluate)
-
 
 # ---- space ----------------------------------------------------------------------------------------------------
 def cmd_space(args: argparse.Namespace) -> int:
@@ -624,7 +318,7 @@ def cmd_space(args: argparse.Namespace) -> int:
                                  license_name=args.license_name, license_link=args.license_link,
                                  overwrite=args.overwrite)
     except HubError as e:
-        raise CLIError(_one_line(e)) from None
+        raise CLIError(one_line(e)) from None
     tops = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
     serves = "model/ (a copy of the pipeline)" if (out / "model").is_dir() else (args.model or "")
     print(f"wrote {out} ({', '.join(tops)}): a Gradio Space that serves {serves}; upload it with "
@@ -670,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, OSError) as e:
         if isinstance(e, OSError) and e.strerror:  # without the "[Errno N]" noise
             e = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -679,3 +373,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from .cli import add_threads_argument, positive_int, set_threads
+from .cli_common import add_threads_argument, positive_int, set_threads
 from .scheduling_sphere_ar import CFG_SCHEDULES
 from .seeding import MAX_SEED, image_generators
 from .utils import HelpFormatter
@@ -338,7 +338,7 @@ def build_demo(pipeline: SphereARPipeline, *, model_name: str | None = None, max
 # ---- the command line ---------------------------------------------------------------------------------------------
 def load_default_pipeline(dtype: str = "float32") -> SphereARPipeline:
     """The bundled digits model (package data: works offline)."""
-    from .cli import load_pipeline
+    from .cli_common import load_pipeline
     from .pretrained import bundled_model_path
 
     return load_pipeline(str(bundled_model_path("digits")), dtype)
@@ -380,11 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
 def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str, Any]]:
     """Parse ``argv``, load the model and build the demo; returns ``(demo, launch keyword arguments)``.
 
-    Raises ``CLIError`` (from ``sphere_ar_hf.cli``) for a model that cannot be loaded.
+    Raises ``CLIError`` (from ``sphere_ar_hf.cli_common``) for a model that cannot be loaded.
     """
     import torch
 
-    from .cli import CLIError, load_pipeline, resolve_model
+    from .cli_common import CLIError, load_pipeline, resolve_model
 
     args = build_parser().parse_args(argv)
     set_threads(args.threads)
@@ -409,7 +409,7 @@ def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo until interrupted; returns the exit status (2 with a one-line ``error:`` for bad input)."""
-    from .cli import CLIError
+    from .cli_common import CLIError
 
     try:
         demo, launch_kwargs = create_demo(argv)

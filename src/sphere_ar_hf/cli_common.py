@@ -1,0 +1,178 @@
+"""What the ``sphere-ar`` commands (and the demo) share: the user-error type, argument types, quiet library loading,
+finding and loading the model, the device and the threads."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .options import DEFAULT_THREADS, MAX_SEED
+
+if TYPE_CHECKING:
+    from .pipeline_sphere_ar import SphereARPipeline
+
+__all__ = ["CLIError", "DEFAULT_MODEL", "add_threads_argument", "device_from_name", "finite_float", "load_pipeline",
+           "one_line", "positive_int", "quiet_libraries", "resolve_model", "seed_argument", "set_threads",
+           "threads_argument"]
+
+# the embedded digits model (package data): the commands work offline with no --model
+DEFAULT_MODEL: str | None = str(Path(__file__).parent / "pretrained" / "digits")
+
+
+class CLIError(Exception):
+    """A user error: printed as ``error: <message>``, exit status 2."""
+
+
+
+def one_line(message: object) -> str:
+    return " ".join(str(message).split()) or "unknown error"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def seed_argument(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"the seed must be in [0, 2**64), got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Hide the libraries' loading / saving bars and warnings (the pipeline's token bar stays)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    state = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    for m, _, _ in state:
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, verbosity, bar in state:
+            m.set_verbosity(verbosity)
+            (m.enable_progress_bar if bar else m.disable_progress_bar)()
+
+
+
+def resolve_model(model: str | None) -> str:
+    """The pipeline folder (or Hub id) to load: ``--model``, else :data:`DEFAULT_MODEL`."""
+    model = model or DEFAULT_MODEL
+    if not model:
+        raise CLIError("no model given: pass --model DIR (a folder written by `sphere-ar convert`)")
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"{model}: not a folder (--model takes a pipeline folder written by `sphere-ar convert`)")
+        if not (path / "model_index.json").is_file():
+            raise CLIError(f"{model}: no model_index.json, so not a pipeline folder (write one with `sphere-ar "
+                           "convert`)")
+        return str(path)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.startswith("."):
+        return model  # a Hugging Face Hub repository id
+    raise CLIError(f"{model}: no such folder")
+
+
+def device_from_name(name: str | None):
+    import torch
+
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"--device {name!r}: {one_line(e)}") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise CLIError(f"--device {name}: expected cpu, cuda, cuda:N, mps or xpu (a device that computes)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {name}: MPS is not available on this machine")
+    if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise CLIError(f"--device {name}: XPU is not available on this machine")
+    return device
+
+
+def load_pipeline(model: str, dtype: str = "float32") -> SphereARPipeline:
+    """``SphereARPipeline.from_pretrained`` with quiet loading; load failures become :class:`CLIError`."""
+    import torch
+    from diffusers.pipelines import pipeline_utils
+
+    from .pipeline_sphere_ar import SphereARPipeline
+
+    torch_dtype = getattr(torch, dtype)
+    # newer diffusers call it `dtype` (and deprecate `torch_dtype`); older ones only know `torch_dtype`
+    kwargs = {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": torch_dtype}
+    try:
+        with quiet_libraries():
+            pipe = SphereARPipeline.from_pretrained(model, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        where = model if Path(model).exists() else f"{model} (no such local folder; tried the Hugging Face Hub)"
+        raise CLIError(f"cannot load the pipeline from {where}: {one_line(e)}") from None
+    if not isinstance(pipe, SphereARPipeline):
+        raise CLIError(f"{model} holds a {type(pipe).__name__}, not a SphereARPipeline")
+    return pipe
+
+
+
+
+def set_threads(threads: int | str) -> int:
+    """``torch.set_num_threads`` for ``--threads`` (a count, or ``"auto"``: :func:`.utils.auto_threads`); returns
+    the count."""
+    import torch
+
+    from .utils import auto_threads
+
+    count = auto_threads() if threads == "auto" else int(threads)
+    torch.set_num_threads(count)
+    return count
+
+
+def threads_argument(text: str) -> int | str:
+    """``--threads``: ``auto`` or a positive integer."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads (``generate``, ``sample`` and the demo)."""
+    parser.add_argument("--threads", type=threads_argument, metavar="N", default=DEFAULT_THREADS,
+                        help="CPU threads of torch's operations (torch.set_num_threads; the images do not depend on "
+                             "it). 'auto' (default): the cores not busy with other processes (1-minute load "
+                             "average), shared by the processes of a torchrun launch (measured on 2 cores: beside a "
+                             "busy process 2 threads sample 2-3x slower than 1; on a quiet machine 1.2-1.7x faster "
+                             "from batch 32 on)")
+
+
