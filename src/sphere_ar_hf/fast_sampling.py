@@ -1,11 +1,12 @@
 """The fast token sampler of :class:`.pipeline_sphere_ar.SphereARPipeline` (``enable_torch_compile``).
 
 One ``torch.compile``-d function per sampler step does the head's velocity, the classifier-free guidance and the
-scheduler update together (:func:`sde_step`, ...). A token's loop over its steps reads only tensors that are
-already on the device: the noise of all its steps (drawn before, :meth:`.SphereARScheduler.token_noise_block`),
-the step scalars (:meth:`.SphereARScheduler.step_table`), the guidance scale and the modulations of all its steps
-(:meth:`.SamplingPlan.token_modulations`), so nothing in it waits for the device. On CUDA, that loop is captured
-once per (rows, steps, dtype, weights) and replayed as one CUDA graph per token.
+scheduler update together (:data:`STEP_FUNCTIONS`: one per step kind, guided or not). A token's loop over its steps
+reads only tensors that are already on the device: the noise of all its steps (drawn before,
+:meth:`.SphereARScheduler.token_noise_block`), the step scalars (:meth:`.SphereARScheduler.step_table`), the
+guidance scale and the modulations of all its steps (:meth:`.SamplingPlan.token_modulations`), so nothing in it
+waits for the device. On CUDA, that loop is captured once per (rows, steps, dtype, weights) and replayed as one
+CUDA graph per token.
 
 The same code runs on the CPU (the tests) and under the CUDA graph capture: what only a GPU runs is
 :class:`CapturedToken` (capture, copy-in, replay).
@@ -23,50 +24,63 @@ from torch import nn
 from .modeling_sphere_ar import DiffusionHead, SamplingPlan
 from .scheduling_sphere_ar import StepTable, apply_guidance, update_step
 
-__all__ = ["FastTokenSampler", "CapturedToken", "sde_step", "euler_step", "predict_step", "correct_step",
-           "guided_velocity"]
+__all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "guided_velocity", "unguided_velocity"]
 
 MAX_GRAPHS = 4  # captured token loops kept per sampler (each holds its own memory pool)
 
 
 def guided_velocity(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],
-                    guidance: torch.Tensor | None) -> torch.Tensor:
-    """The velocity a step integrates, in float32: with ``guidance`` (a 0-d tensor) the head on ``[x; x]`` (rows
-    ``[conditional; unconditional]``) combined by :func:`.apply_guidance`, else the head on ``x``."""
-    if guidance is None:
-        return head.velocity(x, list(modulations)).float()
+                    guidance: torch.Tensor) -> torch.Tensor:
+    """The guided velocity in float32: the head on ``[x; x]`` (rows ``[conditional; unconditional]``) combined by
+    :func:`.apply_guidance` with ``guidance`` (a 0-d tensor)."""
     return apply_guidance(head.velocity(torch.cat([x, x]), list(modulations)).float(), guidance)
 
 
-# one function (one code object, one compile cache) per step kind of SphereARScheduler
-def sde_step(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],
-             guidance: torch.Tensor | None, scalars: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """An Euler-Maruyama step: velocity, guidance and update."""
+def unguided_velocity(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The velocity of every row on its own (a token sampled without guidance), in float32."""
+    return head.velocity(x, list(modulations)).float()
+
+
+# One function (one code object: its own compile cache and shape history) per step kind and guidance: dynamo
+# compiles each once for the first shape and once more with a dynamic batch size, whatever else runs.
+def sde_guided(head, x, modulations, scalars, noise, guidance):
     return update_step("sde", x, guided_velocity(head, x, modulations, guidance), noise, scalars, None)[0]
 
 
-def euler_step(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],
-               guidance: torch.Tensor | None, scalars: torch.Tensor) -> torch.Tensor:
-    """A deterministic Euler step."""
+def sde_unguided(head, x, modulations, scalars, noise):
+    return update_step("sde", x, unguided_velocity(head, x, modulations), noise, scalars, None)[0]
+
+
+def euler_guided(head, x, modulations, scalars, guidance):
     return update_step("euler", x, guided_velocity(head, x, modulations, guidance), None, scalars, None)[0]
 
 
-def predict_step(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],
-                 guidance: torch.Tensor | None, scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Heun's predictor: the next point, and the start point and velocity the corrector needs."""
+def euler_unguided(head, x, modulations, scalars):
+    return update_step("euler", x, unguided_velocity(head, x, modulations), None, scalars, None)[0]
+
+
+def predict_guided(head, x, modulations, scalars, guidance):
     x_next, (x0, v0) = update_step("predict", x, guided_velocity(head, x, modulations, guidance), None, scalars, None)
     return x_next, x0, v0
 
 
-def correct_step(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],
-                 guidance: torch.Tensor | None, scalars: torch.Tensor, x0: torch.Tensor,
-                 v0: torch.Tensor) -> torch.Tensor:
-    """Heun's corrector."""
+def predict_unguided(head, x, modulations, scalars):
+    x_next, (x0, v0) = update_step("predict", x, unguided_velocity(head, x, modulations), None, scalars, None)
+    return x_next, x0, v0
+
+
+def correct_guided(head, x, modulations, scalars, x0, v0, guidance):
     return update_step("correct", x, guided_velocity(head, x, modulations, guidance), None, scalars, (x0, v0))[0]
 
 
-STEP_FUNCTIONS: dict[str, Callable] = {"sde": sde_step, "euler": euler_step, "predict": predict_step,
-                                       "correct": correct_step}
+def correct_unguided(head, x, modulations, scalars, x0, v0):
+    return update_step("correct", x, unguided_velocity(head, x, modulations), None, scalars, (x0, v0))[0]
+
+
+STEP_FUNCTIONS: dict[tuple[str, bool], Callable] = {
+    ("sde", True): sde_guided, ("sde", False): sde_unguided, ("euler", True): euler_guided,
+    ("euler", False): euler_unguided, ("predict", True): predict_guided, ("predict", False): predict_unguided,
+    ("correct", True): correct_guided, ("correct", False): correct_unguided}
 
 
 class CapturedToken:
@@ -131,17 +145,18 @@ class FastTokenSampler:
         of each kind; no read of a device value."""
         modulations = SamplingPlan(head, time_embeddings, z.shape[0]).token_modulations(z)
         step_scalars, draws = scalars.unbind(0), noise.unbind(0)
-        x, carry = draws[0], ()
+        extra = () if guidance is None else (guidance,)
+        x, carry = draws[0].clone(), ()  # not a view, as every later x (views are guarded by their base)
         for k, kind in enumerate(kinds):
-            args = (head, x, modulations[k], guidance, step_scalars[k])
+            step = self.steps[kind, guidance is not None]
             if kind == "sde":
-                x = self.steps[kind](*args, draws[noise_rows[k]])
+                x = step(head, x, modulations[k], step_scalars[k], draws[noise_rows[k]], *extra)
             elif kind == "predict":
-                x, *carry = self.steps[kind](*args)
+                x, *carry = step(head, x, modulations[k], step_scalars[k], *extra)
             elif kind == "correct":
-                x = self.steps[kind](*args, *carry)
+                x = step(head, x, modulations[k], step_scalars[k], *carry, *extra)
             else:
-                x = self.steps[kind](*args)
+                x = step(head, x, modulations[k], step_scalars[k], *extra)
         return x
 
     def __call__(self, plan: SamplingPlan, table: StepTable, z: torch.Tensor, noise: torch.Tensor,

@@ -79,10 +79,17 @@ class SphereARPipeline(DiffusionPipeline):
     ``torch.manual_seed(s)`` (CPU, float32). With a list of generators (one per image) each image uses only
     its own generator, so it does not depend on the rest of the batch.
 
-    Exactness by construction: every product the sampler issues has the official shapes (the time embeddings of
-    each step for all rows, the head's evaluation for all rows), so converted official weights give the official
-    images bit for bit on the CPU. A call keeps its state (KV cache, scheduler times) to itself: one pipeline can
-    serve several threads at once.
+    Exactness by construction: every product the eager sampler issues has the official shapes (the time
+    embeddings of each step for all rows, the head's evaluation for all rows), so converted official weights give
+    the official images bit for bit on the CPU. A call keeps its state (KV cache, scheduler times, the head's
+    :class:`.SamplingPlan`) to itself: one pipeline can serve several threads at once.
+
+    On a GPU the token loop never waits for the device: a token's noise is drawn before its steps (pinned memory,
+    copied without blocking), and nothing in the loop reads a device value. :meth:`enable_torch_compile` adds the
+    fast sampler (one compiled function per step; on CUDA each token's step loop replayed as a CUDA graph).
+    Offload (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``): the transformer computes only in
+    ``forward`` and its sampling entry points (``sampling_plan``, ``prefill``, ``decode_step``), which run its
+    offload hook as ``forward`` does, and no weight is read outside its module.
     """
 
     model_cpu_offload_seq = "transformer->vae"

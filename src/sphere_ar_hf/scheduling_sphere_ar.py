@@ -6,6 +6,7 @@ The flow path (one definition, shared with the training loss): ``x_t = (1 - t) *
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -57,16 +58,59 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.G
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
+def _grid(n: int, shift: float) -> torch.Tensor:
+    """``n + 1`` float32 times from 0 to 1; ``shift`` s > 1 moves them towards t = 0 (the noise end):
+    ``t' = t / (t + s (1 - t))``."""
+    t = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+    return (t / (t + shift * (1.0 - t))).float() if shift != 1.0 else t.float()
+
+
+@functools.lru_cache(maxsize=32)
+def _pass_values(sampler: str, n: int, last_step_size: float, time_shift: float) -> tuple[tuple, ...]:
+    """A pass's evaluation times (float32 values), step sizes, step kinds, and the SDE step's scalars, computed
+    once per setting (a few hundred tensor operations for 100 steps, not repeated by every sampling call)."""
+    if sampler == "euler_maruyama" and time_shift == 1.0:
+        dt = (1.0 - last_step_size) / n
+        t, times = torch.zeros((), dtype=torch.float32), []
+        for _ in range(n):  # accumulate in float32 like the official sampler
+            times.append(t.clone())
+            t = t + dt
+        times.append(torch.tensor(1.0 - last_step_size, dtype=torch.float32))
+        step_sizes, kinds = [dt] * n + [last_step_size], ["sde"] * n + ["euler"]
+    elif sampler == "euler_maruyama":
+        grid = _grid(n, time_shift) * (1.0 - last_step_size)
+        times = list(grid)
+        step_sizes, kinds = (grid[1:] - grid[:-1]).tolist() + [last_step_size], ["sde"] * n + ["euler"]
+    else:
+        grid = _grid(n, time_shift)
+        h = (grid[1:] - grid[:-1]).tolist()
+        if sampler == "euler":
+            times, step_sizes, kinds = list(grid[:-1]), h, ["euler"] * n
+        else:  # heun: predictor at t_k, corrector at t_{k+1}; the last step Euler only
+            times, step_sizes, kinds = [], [], []
+            for k in range(n - 1):
+                times += [grid[k], grid[k + 1]]
+                step_sizes += [h[k], h[k]]
+                kinds += ["predict", "correct"]
+            times.append(grid[n - 1])
+            step_sizes.append(h[n - 1])
+            kinds.append("euler")
+    # the SDE step's scalars, computed with float32 ops exactly as the official sampler does (it keeps t in a
+    # float32 tensor): the score's variance (1 - t)^2 + t (1 - t) and the noise scale sqrt(2 (1 - t) dt)
+    var = [float((1 - t) ** 2 - t * -1 * (1 - t)) for t in times]
+    noise_scale = [float((2.0 * (1.0 - t) * dt) ** 0.5) for t, dt in zip(times, step_sizes)]
+    return tuple(float(t) for t in times), tuple(step_sizes), tuple(kinds), tuple(var), tuple(noise_scale)
+
+
 def _per_image_noise(shape: tuple[int, int], draws: int, generators: list[torch.Generator],
                      device: torch.device) -> torch.Tensor:
     """``(draws, n, dim)``: row ``i`` of every draw from ``generators[i]`` (``draws`` x ``dim`` values in one call)."""
-    if all(g.device.type == "cpu" for g in generators):
-        block = torch.empty((len(generators), draws, shape[-1]), pin_memory=device.type == "cuda")
-        for g, image in zip(generators, block):
-            torch.randn(image.shape, generator=g, out=image)
-    else:
-        block = torch.stack([torch.randn(draws, shape[-1], generator=g, device=g.device) for g in generators])
-    return block.to(device, non_blocking=True).transpose(0, 1).contiguous()
+    images = [torch.randn(draws, shape[-1], generator=g, device=g.device) for g in generators]
+    host = all(image.device.type == "cpu" for image in images)
+    if host:
+        block = torch.empty((draws, len(images), shape[-1]), pin_memory=device.type == "cuda")
+        return torch.stack(images, dim=1, out=block).to(device, non_blocking=True)
+    return torch.stack(images, dim=1).to(device)
 
 
 def update_step(kind: str, x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor | None, scalars: torch.Tensor,
@@ -156,56 +200,20 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin_index must be an integer in [0, {len(self)}), got {begin_index!r}")
         self._begin_index = begin_index
 
-    def _grid(self, n: int) -> torch.Tensor:
-        """``n + 1`` float32 times from 0 to 1; ``time_shift`` s > 1 moves them towards t = 0 (the noise end):
-        ``t' = t / (t + s (1 - t))``."""
-        t = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
-        s = self.config.time_shift
-        return (t / (t + s * (1.0 - t))).float() if s != 1.0 else t.float()
-
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Build the evaluation times and each step's sizes (float32 arithmetic, as the official sampler); resets
         the step index and the begin index."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        self.num_inference_steps = n = num_inference_steps
-        sampler = self.config.sampler
-        if sampler == "euler_maruyama" and self.config.time_shift == 1.0:
-            dt = (1.0 - self.config.last_step_size) / n
-            t, times = torch.zeros((), dtype=torch.float32), []
-            for _ in range(n):  # accumulate in float32 like the official sampler
-                times.append(t.clone())
-                t = t + dt
-            times.append(torch.tensor(1.0 - self.config.last_step_size, dtype=torch.float32))
-            self.step_sizes = [dt] * n + [self.config.last_step_size]
-            self._kinds = ["sde"] * n + ["euler"]
-        elif sampler == "euler_maruyama":
-            grid = self._grid(n) * (1.0 - self.config.last_step_size)
-            times = list(grid)
-            self.step_sizes = (grid[1:] - grid[:-1]).tolist() + [self.config.last_step_size]
-            self._kinds = ["sde"] * n + ["euler"]
-        else:
-            grid = self._grid(n)
-            h = (grid[1:] - grid[:-1]).tolist()
-            if sampler == "euler":
-                times, self.step_sizes, self._kinds = list(grid[:-1]), h, ["euler"] * n
-            else:  # heun: predictor at t_k, corrector at t_{k+1}; the last step Euler only
-                times, self.step_sizes, self._kinds = [], [], []
-                for k in range(n - 1):
-                    times += [grid[k], grid[k + 1]]
-                    self.step_sizes += [h[k], h[k]]
-                    self._kinds += ["predict", "correct"]
-                times.append(grid[n - 1])
-                self.step_sizes.append(h[n - 1])
-                self._kinds.append("euler")
-        self.timesteps = torch.stack(times).to(device)
+        self.num_inference_steps = num_inference_steps
+        c = self.config
+        times, step_sizes, kinds, var, noise_scale = _pass_values(c.sampler, num_inference_steps, c.last_step_size,
+                                                                  c.time_shift)
+        self.timesteps = torch.tensor(times, dtype=torch.float32, device=device)
+        self.step_sizes, self._kinds, self._t = list(step_sizes), list(kinds), list(times)
         self.stochastic = [kind == "sde" for kind in self._kinds]  # per evaluation: does its step draw noise
         self.num_noise_draws = sum(self.stochastic)  # per token, after the initial state
-        self._t = [float(x) for x in times]
-        # the SDE step's scalars, computed with float32 ops exactly as the official sampler does (it keeps t in a
-        # float32 tensor): the score's variance (1 - t)^2 + t (1 - t) and the noise scale sqrt(2 (1 - t) dt)
-        self._var = [float((1 - t) ** 2 - t * -1 * (1 - t)) for t in times]
-        self._noise_scale = [float((2.0 * (1.0 - t) * dt) ** 0.5) for t, dt in zip(times, self.step_sizes)]
+        self._var, self._noise_scale = list(var), list(noise_scale)
         self._heun_start: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step_index: int | None = None  # the next step's index within a pass; None: a pass starts
         self._begin_index: int | None = None
@@ -233,7 +241,7 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
         else:
             for row in block:
                 torch.randn(shape, generator=generator, out=row)
-        return block.to(device, non_blocking=True)
+        return block.to(device, non_blocking=host)  # (a copy to the host must complete before it is read)
 
     def token_noise(self, shape: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None,
                     device: torch.device | str) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
