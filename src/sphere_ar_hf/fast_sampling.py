@@ -146,9 +146,9 @@ class FastTokenSampler:
         modulations = SamplingPlan(head, time_embeddings, z.shape[0]).token_modulations(z)
         step_scalars, draws = scalars.unbind(0), noise.unbind(0)
         extra = () if guidance is None else (guidance,)
+        steps = [self.steps[kind, guidance is not None] for kind in kinds]
         x, carry = draws[0].clone(), ()  # not a view, as every later x (views are guarded by their base)
-        for k, kind in enumerate(kinds):
-            step = self.steps[kind, guidance is not None]
+        for k, (kind, step) in enumerate(zip(kinds, steps)):
             if kind == "sde":
                 x = step(head, x, modulations[k], step_scalars[k], draws[noise_rows[k]], *extra)
             elif kind == "predict":
