@@ -215,8 +215,8 @@ def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.devi
         with sync_check(pipe, device, found):
             sample(pipe, labels, a.steps, a.seed + 2)
         ops = host_ops(pipe, labels[:8], a.steps)
-        log(f"{path:8s}: {ops:.2f} host-issued torch operators per head evaluation (batch 8); synchronising calls "
-            f"inside the token loop: {found[0] if found else 'none'}")
+        log(f"{path:8s}: {ops:.2f} host-issued torch operators per head evaluation (batch {len(labels[:8])}); "
+            f"synchronising calls inside the token loop: {found[0] if found else 'none'}")
     pipe.disable_torch_compile()
     return {"rates": rates, "images": firsts}
 
@@ -232,14 +232,28 @@ def precision_distance(reference: SphereARPipeline, a: argparse.Namespace, image
 
 
 # ---- 3. offload ----------------------------------------------------------------------------------------------
+def enable_offload(pipe: SphereARPipeline, mode: str, device: torch.device) -> None:
+    """diffusers' ``enable_{mode}_cpu_offload``; on the CPU the CPU stands in for the accelerator: diffusers names it
+    ``cpu:0``, to which accelerate's sequential hooks cannot move a weight, so those are installed as diffusers
+    installs them (``accelerate.cpu_offload`` per model) with ``cpu``."""
+    if device.type != "cpu":
+        getattr(pipe, f"enable_{mode}_cpu_offload")()
+    elif mode == "model":
+        pipe.enable_model_cpu_offload(device="cpu")
+    else:
+        from accelerate import cpu_offload
+
+        for model in (pipe.transformer, pipe.vae):
+            cpu_offload(model, torch.device("cpu"), offload_buffers=len(model._parameters) > 0)
+
+
 def offload(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device) -> None:
     labels, kw = [1, 2, 3], dict(guidance_scale=4.0)
     pipe.to(device)
     reference = sample(pipe, labels, 20, a.seed, **kw)
-    where = {"device": "cpu"} if device.type == "cpu" else {}  # the CPU standing in for an accelerator
     for mode, fast in (("model", False), ("model", True), ("sequential", False)):
         set_path(pipe, "graph" if fast else "eager", a.compile_backend)
-        getattr(pipe, f"enable_{mode}_cpu_offload")(**where)
+        enable_offload(pipe, mode, device)
         t0 = time.perf_counter()
         images = sample(pipe, labels, 20, a.seed, **kw)
         log(f"{mode} CPU offload{' + fast path' if fast else ''}: {time.perf_counter() - t0:.1f} s, max |diff| from "

@@ -294,3 +294,22 @@ def test_sequential_cpu_offload_reads_no_weight_around_its_module(make_pipeline,
     tf = pipe.transformer
     with pytest.raises((RuntimeError, NotImplementedError)):
         tf.norm(torch.zeros(1, 64)) + tf.head_pos_embedding.weight[0]
+
+
+def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
+    """benchmarks/bench_gpu.py end to end with tiny sizes: the fixture, every path, both offload modes."""
+    from conftest import FIXTURE_DIR
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--device", "cpu", "--tiny", "--batch-sizes", "2", "--steps", "2", "--compile-backend", "eager",
+                "--fixture", str(FIXTURE_DIR)])
+    out = capsys.readouterr().out
+    for tag in ("cfg", "nocfg", "const"):
+        assert f"fixture {tag}: cpu fp32 eager tokens vs CPU: max |diff| 0.00e+00" in out
+    for path in ("eager", "compiled", "graph"):
+        assert f"{path:8s} batch   2:" in out and "synchronising calls inside the token loop: none" in out
+    for line in ("model CPU offload:", "model CPU offload + fast path:", "sequential CPU offload:"):
+        assert line in out
+    assert out.count("max |diff| from no offload 0.00e+00") == 3 and out.rstrip().endswith("done")
