@@ -16,8 +16,9 @@ how the time splits between the trunk (``prefill`` + ``decode_step``), the diffu
 what the trunk and decoder leave). The fast path's first call compiles: its wall time minus a warm call's is the
 compile time; the graphs dynamo compiled on later calls (recompiles) are counted and must be 0.
 
-``--count-ops``: host-issued torch operators per head evaluation: the top-level ``aten::`` operators (those not
-called by another aten operator; inside a compiled region, the extern kernels such as its matrix products) that
+``--count-ops``: host-issued torch operators per head evaluation: the top-level torch operators (``aten::`` or any
+other dispatcher namespace, not called by another operator; inside a compiled region, the extern kernels such as
+its matrix products) that
 ``torch.profiler`` records over one whole pipeline call (``output_type="latent"``: setup and token loop, no
 decoder), divided by the call's head evaluations (tokens x evaluations per token).
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -247,14 +249,18 @@ def run_ours(pipe: SphereARPipeline, labels: list[int], a: argparse.Namespace, s
 
 
 # ---- host calls --------------------------------------------------------------------------------------------
+TORCH_OP = re.compile(r"^\w+::\w+")  # a dispatcher operator's profiler event: aten::addmm, mkldnn::..., prims::...
+
+
 def top_level_ops(events) -> int:
-    """The ``aten::`` operators among profiler ``events`` that no other aten operator called: one host-side
-    dispatch each (a compiled region's are its extern kernels: the fused code it runs itself is not counted)."""
+    """The torch operators among profiler ``events`` (``aten::``, ``mkldnn::``, any dispatcher namespace) that no
+    other operator called: one host-side dispatch each (a compiled region's are its extern kernels, such as its
+    matrix products: the fused code it runs itself is not counted)."""
     count = 0
     for e in events:
-        if e.name.startswith("aten::"):
+        if TORCH_OP.match(e.name):
             parent = e.cpu_parent
-            while parent is not None and not parent.name.startswith("aten::"):
+            while parent is not None and not TORCH_OP.match(parent.name):
                 parent = parent.cpu_parent
             count += parent is None
     return count

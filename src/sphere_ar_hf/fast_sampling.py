@@ -133,10 +133,10 @@ class FastTokenSampler:
         self.lock = threading.Lock()
 
     @staticmethod
-    def supports(head: nn.Module) -> bool:
-        """False where sequential offload hooks sit inside the head (each module call moves its weights: nothing to
-        compile or capture); the pipeline then samples eagerly."""
-        return not any(hasattr(m, "_hf_hook") for m in head.modules())
+    def supports(transformer: nn.Module) -> bool:
+        """False where sequential offload hooks sit inside the transformer's head (each module call moves its
+        weights: nothing to compile or capture); the pipeline then samples eagerly."""
+        return not any(hasattr(m, "_hf_hook") for m in transformer.head.modules())
 
     def run_token(self, kinds: tuple[str, ...], noise_rows: tuple[int | None, ...], head: DiffusionHead,
                   time_embeddings: torch.Tensor, scalars: torch.Tensor, z: torch.Tensor, noise: torch.Tensor,

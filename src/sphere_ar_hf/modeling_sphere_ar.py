@@ -420,6 +420,10 @@ class SphereARTransformer(SphereARPreTrainedModel):
         """The head's :class:`SamplingPlan` for one call (``timesteps`` on the execution device)."""
         return self.head.sampling_plan(timesteps, rows, exact, max_bytes)
 
+    def sampling_plan_bytes(self, steps: int, rows: int, exact: bool = True) -> int:
+        """The memory :meth:`sampling_plan` takes for ``steps`` evaluations per token and ``rows`` rows."""
+        return SamplingPlan.estimate_bytes(self.head, steps, rows, self.dtype, exact)
+
     @offload_entry_point
     def prefill(self, class_labels: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the class tokens; return the head condition ``(B, hidden)`` for latent token 0."""

@@ -14,7 +14,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from .fast_sampling import FastTokenSampler
 from .labels import build_label_index, resolve_label_ids
 from .loading import resolve_dtype
-from .modeling_sphere_ar import SamplingPlan, SphereARTransformer
+from .modeling_sphere_ar import SphereARTransformer
 from .scheduling_sphere_ar import CFG_SCHEDULES, SphereARScheduler, apply_guidance, guidance_at
 from .vae import SphereVAE
 
@@ -166,7 +166,7 @@ class SphereARPipeline(DiffusionPipeline):
 
     def _fast_sampler(self) -> FastTokenSampler | None:
         fast = self._velocity_fn  # the attribute enable_torch_compile sets (named before the fast sampler existed)
-        if fast is not None and not fast.supports(self.transformer.head):
+        if fast is not None and not fast.supports(self.transformer):
             logger.warning("sequential CPU offload moves each weight per module call: sampling eagerly")
             return None
         return fast
@@ -206,7 +206,7 @@ class SphereARPipeline(DiffusionPipeline):
         heun = self.scheduler.config.sampler == "heun"  # (without building a grid: a billion steps are refused)
         evaluations = 2 * num_inference_steps if heun else num_inference_steps + 1  # at least the head evaluations
         total = tf.kv_cache_bytes(rows)
-        total += SamplingPlan.estimate_bytes(tf.head, evaluations, rows, tf.dtype, exact=self._velocity_fn is None)
+        total += tf.sampling_plan_bytes(evaluations, rows, exact=self._velocity_fn is None)
         total += (evaluations + 1) * rows * tf.config.latent_dim * 4  # a token's noise
         total += 2 * batch_size * tf.config.num_image_tokens * tf.config.latent_dim * 4  # tokens, latents
         if output_type != "latent":
