@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fixture", type=Path, default=ROOT.parent / "shared" / "fixtures" / "official-tiny")
     ap.add_argument("--batch-sizes", type=ints, default=[64, 256])
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--profile-steps", type=int, default=20, help="steps of the profiled call (operator counts)")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of SphereAR-B (CPU runs)")
@@ -191,34 +192,44 @@ def host_ops(pipe: SphereARPipeline, labels: list[int], steps: int) -> float:
     return bench_sampling.top_level_ops(prof.events()) / (pipe.transformer.config.num_image_tokens * (steps + 1))
 
 
+def timed_batch(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device, path: str,
+                b: int) -> tuple[float, torch.Tensor]:
+    """One batch size of one path: a first call (the fast paths compile / capture there; eager warms up with 2
+    steps), then a timed call. Prints the rate, ms per token, the first call's time and the peak memory."""
+    labels = [(7 * i + 1) % pipe.transformer.config.num_classes for i in range(b)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    sample(pipe, labels, 2 if path == "eager" else a.steps, a.seed)
+    sync(device)
+    first, t0 = time.perf_counter() - t0, time.perf_counter()
+    images = sample(pipe, labels, a.steps, a.seed + 1)
+    sync(device)
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    tokens = pipe.transformer.config.num_image_tokens
+    compile_note = f"; first call {first:6.1f} s (compile / capture ~{max(0.0, first - wall):5.1f} s)"
+    log(f"{path:8s} batch {b:3d}: {b / wall:8.2f} images/s, {1000 * wall / tokens:7.2f} ms/token"
+        f"{compile_note if path != 'eager' else ''}; peak GPU memory {peak:.2f} GiB")
+    return b / wall, images
+
+
 def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device) -> dict:
-    tokens, rates, firsts = pipe.transformer.config.num_image_tokens, {}, {}
+    """Every path at every batch size; per path, a sync-checked call and the host operators per evaluation."""
+    rates, images = {}, {}
     for path in ("eager", "compiled", "graph"):
         set_path(pipe, path, a.compile_backend)
         for b in a.batch_sizes:
-            labels = [(7 * i + 1) % pipe.transformer.config.num_classes for i in range(b)]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            sample(pipe, labels, a.steps, a.seed)  # compiles / captures on the first call of a shape
-            sync(device)
-            first, t0 = time.perf_counter() - t0, time.perf_counter()
-            images = sample(pipe, labels, a.steps, a.seed + 1)
-            sync(device)
-            wall = time.perf_counter() - t0
-            rates[path, b], firsts[path, b] = b / wall, images
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            log(f"{path:8s} batch {b:3d}: {b / wall:8.2f} images/s, {1000 * wall / tokens:7.2f} ms/token; first "
-                f"call {first:6.1f} s (compile / capture {max(0.0, first - wall):5.1f} s); peak GPU memory "
-                f"{peak:.2f} GiB")
+            rates[path, b], images[path, b] = timed_batch(pipe, a, device, path, b)
+        small = [(7 * i + 1) % pipe.transformer.config.num_classes for i in range(min(a.batch_sizes))]
         found: list[str] = []
         with sync_check(pipe, device, found):
-            sample(pipe, labels, a.steps, a.seed + 2)
-        ops = host_ops(pipe, labels[:8], a.steps)
-        log(f"{path:8s}: {ops:.2f} host-issued torch operators per head evaluation (batch {len(labels[:8])}); "
-            f"synchronising calls inside the token loop: {found[0] if found else 'none'}")
+            sample(pipe, small, a.steps, a.seed + 2)
+        ops = host_ops(pipe, small[:8], a.profile_steps)
+        log(f"{path:8s}: {ops:.2f} host-issued torch operators per head evaluation (batch {len(small[:8])}, "
+            f"{a.profile_steps} steps); synchronising calls inside the token loop: {found[0] if found else 'none'}")
     pipe.disable_torch_compile()
-    return {"rates": rates, "images": firsts}
+    return {"rates": rates, "images": images}
 
 
 def precision_distance(reference: SphereARPipeline, a: argparse.Namespace, images: torch.Tensor,
