@@ -345,7 +345,7 @@ class SphereARPipeline(DiffusionPipeline):
                     token = callback(self, i, i, {"token": token} if callback_inputs else {}).pop("token", token)
                 tokens.append(token[:batch])
                 if i + 1 < num_tokens:
-                    z = tf.decode_step(token, i, cache)
+                    z = tf.decode_step(token, i, cache) if fast is None else fast.decode_step(tf, token, i, cache)
                 bar.update()
         return torch.stack(tokens, dim=1)
 
