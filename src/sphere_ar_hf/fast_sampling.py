@@ -21,8 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .layers import KVCache
-from .modeling_sphere_ar import DiffusionHead, SamplingPlan, SphereARTransformer
+from .modeling_sphere_ar import DiffusionHead, SamplingPlan
 from .scheduling_sphere_ar import StepTable, apply_guidance, update_step
 
 __all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "guided_velocity", "unguided_velocity"]
@@ -129,10 +128,6 @@ class FastTokenSampler:
         compile_kwargs.setdefault("fullgraph", True)
         self.compile_kwargs = compile_kwargs
         self.steps = {kind: torch.compile(fn, **compile_kwargs) for kind, fn in STEP_FUNCTIONS.items()}
-        # the trunk step: dynamo makes the position dynamic when it changes (the KV cache grows), so one graph serves
-        # every token after the first; an offload hook in it runs outside the graph (a graph break: not fullgraph)
-        trunk_kwargs = {**compile_kwargs, "fullgraph": False}
-        self.trunk = torch.compile(SphereARTransformer.decode_step, **trunk_kwargs)
         self.cuda_graph = cuda_graph
         self.graphs: OrderedDict[tuple, CapturedToken] = OrderedDict()
         self.lock = threading.Lock()
@@ -163,11 +158,6 @@ class FastTokenSampler:
             else:
                 x = step(head, x, modulations[k], step_scalars[k], *extra)
         return x
-
-    def decode_step(self, transformer: SphereARTransformer, token: torch.Tensor, index: int,
-                    cache: KVCache) -> torch.Tensor:
-        """:meth:`.SphereARTransformer.decode_step`, compiled."""
-        return self.trunk(transformer, token, index, cache)
 
     def __call__(self, plan: SamplingPlan, table: StepTable, z: torch.Tensor, noise: torch.Tensor,
                  guidance: torch.Tensor | None) -> torch.Tensor:

@@ -154,8 +154,8 @@ class SphereARPipeline(DiffusionPipeline):
     def enable_torch_compile(self, cuda_graph: bool = True, **compile_kwargs) -> None:
         """Opt in to the fast sampler (:class:`.FastTokenSampler`): one ``torch.compile``-d function per sampler
         step (the head's velocity, the guidance and the scheduler update together) in a token loop that never waits
-        for the device, and the trunk step compiled; on CUDA with ``cuda_graph``, each token's whole step loop is
-        captured once per (batch, steps, dtype) and replayed as a CUDA graph. ``compile_kwargs`` go to
+        for the device; on CUDA with ``cuda_graph``, each token's whole step loop is captured once per (batch,
+        steps, dtype) and replayed as a CUDA graph. ``compile_kwargs`` go to
         ``torch.compile`` (default: inductor, ``fullgraph=True`` for the steps). The first call of a shape compiles
         (seconds to minutes); its images agree with the eager sampler's to float rounding.
         :meth:`disable_torch_compile` returns to the eager sampler (the official arithmetic, bit for bit)."""
@@ -346,7 +346,7 @@ class SphereARPipeline(DiffusionPipeline):
                     token = callback(self, i, i, {"token": token} if callback_inputs else {}).pop("token", token)
                 tokens.append(token[:batch])
                 if i + 1 < num_tokens:
-                    z = tf.decode_step(token, i, cache) if fast is None else fast.decode_step(tf, token, i, cache)
+                    z = tf.decode_step(token, i, cache)
                 bar.update()
         return torch.stack(tokens, dim=1)
 
