@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sphere_ar_hf import SphereARScheduler
+from sphere_ar_hf.scheduling_sphere_ar import guidance_at, update_step
 
 
 @pytest.mark.parametrize(("sampler", "steps", "evals"), [("euler_maruyama", 100, 101), ("euler_maruyama", 10, 11),
@@ -146,3 +147,53 @@ def test_pipeline_samples_on_the_sphere_with_every_sampler(make_pipeline, sample
     again = pipe([1, 2], num_inference_steps=3, generator=[torch.Generator().manual_seed(i) for i in range(2)],
                  output_type="latent").images
     assert torch.equal(tokens, again)
+
+
+def test_guidance_schedule_values() -> None:
+    """(moved here from test_pipeline.py with guidance_at, which now sits beside apply_guidance)"""
+    assert [guidance_at(i, 4, 3.0, "linear") for i in range(4)] == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    assert [guidance_at(i, 256, 4.5, "linear") for i in (0, 128, 255)] == pytest.approx([1.0, 2.75,
+                                                                                       1 + 3.5 * 255 / 256])
+    assert [guidance_at(i, 4, 3.0, "constant") for i in range(4)] == [3.0] * 4
+    for schedule in ("linear", "constant"):
+        assert [guidance_at(i, 4, g, schedule) for i in range(4) for g in (1.0, 0.5)] == [1.0] * 8
+
+
+@pytest.mark.parametrize("shape", [(3, 16), (1, 16), (2, 8), (3, 5), (1, 3)])
+def test_token_noise_drawn_at_once_is_the_per_step_draws(shape: tuple[int, int]) -> None:
+    """One generator: the initial state then one draw per SDE step, the numbers of the official order, drawn before
+    the token's steps (in one call where that gives the same numbers: whole blocks of 16 values)."""
+    s = SphereARScheduler(num_inference_steps=5)
+    block = s.token_noise_block(shape, torch.Generator().manual_seed(3), torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(block, torch.stack([torch.randn(shape, generator=g) for _ in range(6)]))
+    first, noise = s.token_noise(shape, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(first, block[0]) and [n is None for n in noise] == [False] * 5 + [True]
+    assert all(torch.equal(n, b) for n, b in zip(noise, block[1:]))
+    euler = SphereARScheduler(sampler="euler", num_inference_steps=5)
+    assert euler.token_noise_block(shape, torch.Generator(), "cpu").shape == (1, *shape)  # the initial state only
+
+
+def test_token_noise_with_a_generator_per_image() -> None:
+    s = SphereARScheduler(num_inference_steps=3)
+    block = s.token_noise_block((2, 16), [torch.Generator().manual_seed(i) for i in (7, 8)], torch.device("cpu"))
+    for row, seed in enumerate((7, 8)):  # an image's draws: one call of its own generator
+        assert torch.equal(block[:, row], torch.randn(4, 16, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "euler", "heun"])
+def test_update_step_is_step(sampler: str) -> None:
+    """The fast path's pure update and the scheduler's step: the same float32 operations, bit for bit."""
+    s = SphereARScheduler(sampler=sampler, num_inference_steps=4)
+    table, g = s.step_table(), torch.Generator().manual_seed(0)
+    first, noise = s.token_noise((3, 16), g, "cpu")
+    block = s.token_noise_block((3, 16), torch.Generator().manual_seed(0), "cpu")
+    x = y = first
+    carry = None
+    for k, t in enumerate(s.timesteps.tolist()):
+        v = torch.randn(3, 16, generator=g)
+        x = s.step(v, t, x, noise=noise[k], return_dict=False)[0]
+        row = table.noise_rows[k]
+        y, carry = update_step(table.kinds[k], y, v, None if row is None else block[row], table.scalars[k], carry)
+        assert torch.equal(x, y), k
+    assert len(table.kinds) == len(s) and table.scalars.dtype == torch.float32

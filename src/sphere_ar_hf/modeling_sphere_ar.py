@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +19,25 @@ from .layers import KVCache, Rope2D, TransformerBlock, align_loaded, run_blocks
 from .loading import load_strictly, resolve_dtype
 from .scheduling_sphere_ar import flow_path
 
-__all__ = ["SphereARTransformer", "SphereARTransformerOutput", "DiffusionHead"]
+__all__ = ["SphereARTransformer", "SphereARTransformerOutput", "DiffusionHead", "SamplingPlan", "offload_entry_point"]
+
+MODULATION_BYTES = 64 * 2**20  # eager sampling: at most this much of a token's adaLN modulations is computed ahead
+
+
+def offload_entry_point(method: Callable) -> Callable:
+    """Run the module's accelerate hook (``_hf_hook``, set by diffusers' model or sequential CPU offload) around
+    ``method`` as accelerate runs it around ``forward``: an offloaded model moves to its execution device before the
+    method computes. The sampler calls the transformer only through such methods (like diffusers' ``decode``)."""
+
+    @functools.wraps(method)
+    def hooked(self, *args, **kwargs):
+        hook = getattr(self, "_hf_hook", None)
+        if hook is None:
+            return method(self, *args, **kwargs)
+        args, kwargs = hook.pre_forward(self, *args, **kwargs)
+        return hook.post_forward(self, method(self, *args, **kwargs))
+
+    return hooked
 
 
 @dataclass
@@ -67,6 +87,61 @@ class HeadResBlock(GradientCheckpointingLayer):
         return x + self.w2(F.silu(a) * b) * gate
 
 
+class SamplingPlan:
+    """What one sampling call's head evaluations share, as the KV cache holds the trunk's (from
+    :meth:`DiffusionHead.sampling_plan`): the time embedding of every step (once per call) and, per token, the
+    condition embedding and the adaLN modulations of its steps. It belongs to one call.
+
+    Eager (:meth:`start_token`, then :meth:`velocity` for the steps in order): the official shapes, each step's time
+    embedding and products for all ``rows`` rows, the modulations computed a chunk of steps ahead (at most
+    ``max_bytes``), projection by projection, so that each weight is read once per chunk. Fast path
+    (:meth:`token_modulations`): each step's time embedding once, shared by the rows, and all of a token's steps in
+    one product per projection (the same values up to float rounding).
+    """
+
+    def __init__(self, head: DiffusionHead, time_embeddings: torch.Tensor, rows: int,
+                 max_bytes: int = MODULATION_BYTES):
+        self.head, self.time_embeddings, self.rows = head, time_embeddings, rows
+        one_step = rows * head.modulation_width * time_embeddings.element_size()
+        self.chunk = max(1, max_bytes // one_step)
+        self._condition: torch.Tensor | None = None
+        self._modulations: list[list[torch.Tensor]] = []
+
+    @staticmethod
+    def estimate_bytes(head: DiffusionHead, steps: int, rows: int, dtype: torch.dtype, exact: bool = True,
+                       max_bytes: int = MODULATION_BYTES) -> int:
+        """The memory a plan takes at most: its time embeddings and a token's condition and modulations (a chunk of
+        steps when ``exact``, the eager sampler; all of them for the fast path)."""
+        el = dtype.itemsize
+        one_step = rows * head.modulation_width * el
+        modulations = min(max_bytes + one_step, steps * one_step) if exact else steps * one_step
+        return (steps * (rows if exact else 1) + rows) * head.dim * el + modulations
+
+    @property
+    def nbytes(self) -> int:
+        """This plan's :meth:`estimate_bytes`."""
+        steps, exact = self.time_embeddings.shape[0], self.time_embeddings.shape[1] == self.rows
+        el = self.time_embeddings.element_size()
+        return self.estimate_bytes(self.head, steps, self.rows, self.time_embeddings.dtype, exact,
+                                   self.chunk * self.rows * self.head.modulation_width * el)
+
+    def start_token(self, z: torch.Tensor) -> None:
+        """Condition the next steps on head conditions ``z`` (rows, cond_dim): a new token."""
+        self._condition, self._modulations = self.head.embed_condition(z), []
+
+    def velocity(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """The head's velocity at ``x`` (rows, latent_dim) at step ``step`` of the token (steps in order)."""
+        if step % self.chunk == 0:
+            times = self.time_embeddings[step:step + self.chunk]
+            self._modulations = self.head.step_modulations(times, self._condition)
+        return self.head.velocity(x, self._modulations[step % self.chunk])
+
+    def token_modulations(self, z: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per step, the modulations of a token with head conditions ``z``, all steps in one product per projection."""
+        per_projection = self.head.modulations(self.time_embeddings, self.head.embed_condition(z))
+        return list(zip(*(m.unbind(0) for m in per_projection)))
+
+
 class DiffusionHead(nn.Module):
     """The per-token velocity MLP: input ``x_t`` (N, latent_dim), time ``t`` (N,), condition ``z`` (N, hidden).
 
@@ -79,6 +154,7 @@ class DiffusionHead(nn.Module):
 
     def __init__(self, latent_dim: int, cond_dim: int, dim: int, num_layers: int, num_adaln: int):
         super().__init__()
+        self.dim = dim
         self.time_embed = TimestepEmbedder(dim)
         self.cond_embed = nn.Linear(cond_dim, dim)
         self.input_proj = nn.Linear(latent_dim, dim)
@@ -141,6 +217,13 @@ class DiffusionHead(nn.Module):
         y = [F.silu(t + c_emb) for t in t_emb]
         per_layer = [[m(y_k) for y_k in y] for m in (*self.adaln, self.final_adaln)]
         return [list(mods) for mods in zip(*per_layer)]
+
+    def sampling_plan(self, timesteps: torch.Tensor, rows: int, exact: bool = True,
+                      max_bytes: int = MODULATION_BYTES) -> SamplingPlan:
+        """A :class:`SamplingPlan` for one call over ``timesteps`` (on the head's device) with ``rows`` rows: the
+        official shapes when ``exact`` (eager), else the fast path's (see there)."""
+        t_emb = self.embed_times(timesteps, rows) if exact else self.embed_time(timesteps).unsqueeze(1)
+        return SamplingPlan(self, t_emb, rows, max_bytes)
 
     def velocity(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         """The head's velocity at ``x`` (N, latent_dim) given :meth:`modulations` (training and sampling: the head's
@@ -328,12 +411,25 @@ class SphereARTransformer(SphereARPreTrainedModel):
         cos, sin = self.rope.get(x.device)
         end = start + x.shape[1]
         x = run_blocks(self.layers, self.input_norm(x), (cos[start:end], sin[start:end]), cache, start)
-        return self.norm(x[:, -1]) + self.head_pos_embedding.weight[token_index]
+        position = torch.full((1,), token_index, dtype=torch.long, device=x.device)  # a kernel: no copy, no wait
+        return self.norm(x[:, -1]) + self.head_pos_embedding(position)  # the module (its offload hook), not .weight
 
+    @offload_entry_point
+    def sampling_plan(self, timesteps: torch.Tensor, rows: int, exact: bool = True,
+                      max_bytes: int = MODULATION_BYTES) -> SamplingPlan:
+        """The head's :class:`SamplingPlan` for one call (``timesteps`` on the execution device)."""
+        return self.head.sampling_plan(timesteps, rows, exact, max_bytes)
+
+    def sampling_plan_bytes(self, steps: int, rows: int, exact: bool = True) -> int:
+        """The memory :meth:`sampling_plan` takes for ``steps`` evaluations per token and ``rows`` rows."""
+        return SamplingPlan.estimate_bytes(self.head, steps, rows, self.dtype, exact)
+
+    @offload_entry_point
     def prefill(self, class_labels: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the class tokens; return the head condition ``(B, hidden)`` for latent token 0."""
         return self._decode(self._class_tokens(class_labels), 0, cache, 0)
 
+    @offload_entry_point
     def decode_step(self, token: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
         """Feed latent token ``index`` (B, latent_dim), on the sphere; return the condition for token ``index + 1``."""
         x = self.proj_in(token.to(self.proj_in.weight.dtype)).unsqueeze(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -10,16 +11,18 @@ import numpy as np
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
+from .fast_sampling import FastTokenSampler
 from .labels import build_label_index, resolve_label_ids
 from .loading import resolve_dtype
 from .modeling_sphere_ar import SphereARTransformer
-from .scheduling_sphere_ar import CFG_SCHEDULES, SphereARScheduler, apply_guidance
+from .scheduling_sphere_ar import CFG_SCHEDULES, SphereARScheduler, apply_guidance, guidance_at
 from .vae import SphereVAE
 
 __all__ = ["SphereARPipeline"]
 
 LabelInput = int | str | Sequence[int | str] | np.ndarray | torch.Tensor
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+logger = logging.getLogger(__name__)
 
 
 def _class_names(id2label: object) -> dict[int, str]:
@@ -76,14 +79,20 @@ class SphereARPipeline(DiffusionPipeline):
     ``torch.manual_seed(s)`` (CPU, float32). With a list of generators (one per image) each image uses only
     its own generator, so it does not depend on the rest of the batch.
 
-    Exactness by construction: every product the sampler issues has the official shapes (the time embeddings of
-    each step for all rows, the head's evaluation for all rows), so converted official weights give the official
-    images bit for bit on the CPU. A call keeps its state (KV cache, scheduler times) to itself: one pipeline can
-    serve several threads at once.
+    Exactness by construction: every product the eager sampler issues has the official shapes (the time
+    embeddings of each step for all rows, the head's evaluation for all rows), so converted official weights give
+    the official images bit for bit on the CPU. A call keeps its state (KV cache, scheduler times, the head's
+    :class:`.SamplingPlan`) to itself: one pipeline can serve several threads at once.
+
+    On a GPU the token loop never waits for the device: a token's noise is drawn before its steps (pinned memory,
+    copied without blocking), and nothing in the loop reads a device value. :meth:`enable_torch_compile` adds the
+    fast sampler (one compiled function per step; on CUDA each token's step loop replayed as a CUDA graph).
+    Offload (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``): the transformer computes only in
+    ``forward`` and its sampling entry points (``sampling_plan``, ``prefill``, ``decode_step``), which run its
+    offload hook as ``forward`` does, and no weight is read outside its module.
     """
 
     model_cpu_offload_seq = "transformer->vae"
-    MODULATION_BYTES = 64 * 2**20  # at most this much of a token's adaLN modulations is computed ahead of its steps
     _callback_tensor_inputs = ["token"]
 
     def __init__(self, transformer: SphereARTransformer, vae: SphereVAE, scheduler: SphereARScheduler,
@@ -98,7 +107,7 @@ class SphereARPipeline(DiffusionPipeline):
         id2label = _class_names(id2label)
         self.register_to_config(id2label=id2label or None)
         self.id2label = id2label
-        self._velocity_fn: Callable | None = None  # enable_torch_compile
+        self._compiled_sampler: Callable | None = None  # enable_torch_compile
         self.set_progress_bar_config()
 
     def set_progress_bar_config(self, **kwargs) -> None:
@@ -148,21 +157,26 @@ class SphereARPipeline(DiffusionPipeline):
         return resolve_label_ids(label, self.id2label, self.num_classes)
 
     # ---- helpers -------------------------------------------------------------------------------------------
-    def enable_torch_compile(self, **compile_kwargs) -> None:
-        """Opt in to ``torch.compile`` of the head's velocity (the sampler's hot loop)."""
-        self._velocity_fn = torch.compile(self.transformer.head.velocity, **compile_kwargs)
+    def enable_torch_compile(self, cuda_graph: bool = True, **compile_kwargs) -> None:
+        """Opt in to the fast sampler (:class:`.FastTokenSampler`): one ``torch.compile``-d function per sampler
+        step (the head's velocity, the guidance and the scheduler update together) in a token loop that never waits
+        for the device; on CUDA with ``cuda_graph``, each token's whole step loop is captured once per (batch,
+        steps, dtype) and replayed as a CUDA graph. ``compile_kwargs`` go to
+        ``torch.compile`` (default: inductor, ``fullgraph=True`` for the steps). The first call of a shape compiles
+        (seconds to minutes); its images agree with the eager sampler's to float rounding.
+        :meth:`disable_torch_compile` returns to the eager sampler (the official arithmetic, bit for bit)."""
+        self._compiled_sampler = FastTokenSampler(cuda_graph=cuda_graph, **compile_kwargs)
 
     def disable_torch_compile(self) -> None:
-        self._velocity_fn = None
+        """Back to the eager sampler."""
+        self._compiled_sampler = None
 
-    @staticmethod
-    def guidance_at(index: int, num_tokens: int, guidance_scale: float, cfg_schedule: str) -> float:
-        """The guidance scale used for token ``index``: constant, or rising linearly from 1 (official)."""
-        if guidance_scale <= 1.0:
-            return 1.0
-        if cfg_schedule == "constant":
-            return guidance_scale
-        return 1.0 + (guidance_scale - 1.0) * index / num_tokens
+    def _fast_sampler(self) -> FastTokenSampler | None:
+        fast = self._compiled_sampler
+        if fast is not None and not fast.supports(self.transformer):
+            logger.warning("sequential CPU offload moves each weight per module call: sampling eagerly")
+            return None
+        return fast
 
     def check_inputs(self, batch_size: int, guidance_scale: float, cfg_schedule: str, num_inference_steps: int,
                      generator, output_type: str, callback_on_step_end_tensor_inputs: Sequence[str] = ()) -> None:
@@ -191,17 +205,16 @@ class SphereARPipeline(DiffusionPipeline):
 
     def sampling_bytes(self, batch_size: int, num_inference_steps: int, guided: bool,
                        output_type: str = "pil") -> int:
-        """About the memory a call allocates beyond the weights: the KV cache, the per-call time embeddings, a
-        token's noise and adaLN modulations, and the decoder's activations (all linear in ``batch_size``)."""
-        tf, head = self.transformer, self.transformer.head
+        """About the memory a call allocates beyond the weights: the KV cache, the head's :class:`.SamplingPlan`
+        (time embeddings, a token's modulations), a token's noise, and the decoder's activations (all linear in
+        ``batch_size``)."""
+        tf = self.transformer
         rows = batch_size * (2 if guided else 1)
-        evaluations = num_inference_steps + 1  # the steps and the final Euler step
-        el = tf.dtype.itemsize
+        heun = self.scheduler.config.sampler == "heun"  # (without building a grid: a billion steps are refused)
+        evaluations = 2 * num_inference_steps if heun else num_inference_steps + 1  # at least the head evaluations
         total = tf.kv_cache_bytes(rows)
-        total += evaluations * rows * tf.config.head_hidden_size * el  # time embeddings
+        total += tf.sampling_plan_bytes(evaluations, rows, exact=self._compiled_sampler is None)
         total += (evaluations + 1) * rows * tf.config.latent_dim * 4  # a token's noise
-        total += min(self.MODULATION_BYTES + rows * head.modulation_width * el,
-                     evaluations * rows * head.modulation_width * el)  # a chunk of a token's modulations
         total += 2 * batch_size * tf.config.num_image_tokens * tf.config.latent_dim * 4  # tokens, latents
         if output_type != "latent":
             size = self.vae.config.image_size
@@ -275,73 +288,84 @@ class SphereARPipeline(DiffusionPipeline):
             guidance_scale = float(self.transformer.config.guidance_scale)
         self.check_inputs(len(labels), guidance_scale, cfg_schedule, num_inference_steps, generator, output_type,
                           callback_on_step_end_tensor_inputs)
-        tf, head = self.transformer, self.transformer.head
-        velocity = self._velocity_fn or head.velocity
-        device = self._execution_device
-        batch, num_tokens = len(labels), tf.config.num_image_tokens
-        do_cfg = guidance_scale > 1.0
-        normalize = tf.config.normalize_tokens
+        device = self._execution_device  # under offload: where the hooks move each model when it runs
+        self.check_memory(len(labels), num_inference_steps, guidance_scale > 1.0, output_type, device)
+        latents = self._sample_tokens(labels, guidance_scale, cfg_schedule, num_inference_steps, generator, device,
+                                      callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if not torch.isfinite(latents).all():  # after the loop: the one wait for the device before decoding
+            if guidance_scale > 1.0:
+                raise ValueError(f"guidance_scale={guidance_scale} made the guided velocity non-finite in float32; use "
+                                 f"a moderate scale (this model recommends {self.transformer.config.guidance_scale})")
+            raise FloatingPointError(f"the transformer produced non-finite tokens in {self.transformer.dtype}; run it "
+                                     "in float32 or bfloat16")
+        images = latents if output_type == "latent" else self._decode(latents, output_type, device)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _sample_tokens(self, labels: list[int], guidance_scale: float, cfg_schedule: str, num_inference_steps: int,
+                       generator: torch.Generator | list[torch.Generator] | None, device: torch.device,
+                       callback: Callable | None, callback_inputs: Sequence[str]) -> torch.Tensor:
+        """The token loop, ``(batch, tokens, latent_dim)``: per token, the scheduler's steps over the head's guided
+        velocity (eager, or the fast sampler), the projection onto the sphere, one trunk step with the KV cache."""
+        tf = self.transformer
+        batch, num_tokens, dim = len(labels), tf.config.num_image_tokens, tf.config.latent_dim
         cond = torch.tensor(labels, device=device, dtype=torch.long)
-        if do_cfg:  # rows [conditional; unconditional]
+        if guidance_scale > 1.0:  # rows [conditional; unconditional]
             cond = torch.cat([cond, torch.full_like(cond, tf.null_class_id)])
         rows = cond.shape[0]
         # a token sampled without guidance has one state per row: both rows of an image draw from its generator
-        row_generator = generator + generator if isinstance(generator, list) and do_cfg else generator
-        self.check_memory(batch, num_inference_steps, do_cfg, output_type, device)
+        row_generator = generator + generator if isinstance(generator, list) and rows > batch else generator
         scheduler = copy.copy(self.scheduler)  # this call's times and step state, not shared with another thread
-        # the times stay on the CPU, so that step() checks each one without waiting for the device
         scheduler.set_timesteps(num_inference_steps)
-        t_emb = head.embed_times(scheduler.timesteps.to(device), rows)  # depends only on the step: once per call
-        chunk = max(1, self.MODULATION_BYTES // (rows * head.modulation_width * t_emb.element_size()))
+        times = scheduler.timesteps.tolist()  # read once: step() checks each time without reading a tensor
+        guidance = [guidance_at(i, num_tokens, guidance_scale, cfg_schedule) for i in range(num_tokens)]
+        fast = self._fast_sampler()
+        plan = tf.sampling_plan(scheduler.timesteps.to(device), rows, exact=fast is None)  # the head's share
+        if fast is not None:  # the loop's scalars as tensors on the device, prepared once
+            table = scheduler.step_table(device)
+            scales = torch.tensor(guidance, dtype=torch.float32).to(device).unbind(0)
         cache = tf.allocate_kv_cache(rows, device=device)
         z = tf.prefill(cond, cache)
         tokens = []
         with self.progress_bar(total=num_tokens) as bar:
             for i in range(num_tokens):
-                guidance = self.guidance_at(i, num_tokens, guidance_scale, cfg_schedule)
-                guided = guidance > 1.0  # guided: one state per image, shared by its two rows; else one per row
-                c_emb = head.embed_condition(z)  # depends only on the token: once per token
-                gen = generator if guided else row_generator
-                x, noise = scheduler.token_noise((rows // 2 if guided else rows, tf.config.latent_dim), gen, device)
-                for k, t in enumerate(scheduler.timesteps):  # one pass per token; the step index then resets
-                    if k % chunk == 0:  # depends only on the token and the step: ahead, a chunk of steps at a time
-                        mods = head.step_modulations(t_emb[k:k + chunk], c_emb)
-                    v = velocity(torch.cat([x, x]) if guided else x, mods[k % chunk])
-                    if guided:
-                        v = apply_guidance(v.float(), guidance)
-                    x = scheduler.step(v, t, x, generator=gen, noise=noise[k], return_dict=False)[0]
+                guided = guidance[i] > 1.0  # guided: one state per image, shared by its two rows; else one per row
+                shape, gen = ((rows // 2, dim), generator) if guided else ((rows, dim), row_generator)
+                if fast is None:
+                    x, noise = scheduler.token_noise(shape, gen, device)  # all of the token's noise, drawn now
+                    plan.start_token(z)
+                    for k, t in enumerate(times):  # one pass per token; the step index then resets
+                        v = plan.velocity(torch.cat([x, x]) if guided else x, k)
+                        if guided:
+                            v = apply_guidance(v.float(), guidance[i])
+                        x = scheduler.step(v, t, x, noise=noise[k], return_dict=False)[0]
+                else:
+                    noise = scheduler.token_noise_block(shape, gen, device)
+                    x = fast(plan, table, z, noise, scales[i] if guided else None)
                 # back onto the sphere, also after CFG: fed back and decoded (no projection for the baselines)
-                token = self.vae.normalize(x) if normalize else x
+                token = self.vae.normalize(x) if tf.config.normalize_tokens else x
                 if guided:
                     token = torch.cat([token, token])
-                if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(self, i, i, {"token": token} if callback_on_step_end_tensor_inputs
-                                                   else {})
-                    token = outputs.pop("token", token)
+                if callback is not None:
+                    token = callback(self, i, i, {"token": token} if callback_inputs else {}).pop("token", token)
                 tokens.append(token[:batch])
                 if i + 1 < num_tokens:
                     z = tf.decode_step(token, i, cache)
                 bar.update()
-        latents = torch.stack(tokens, dim=1)
-        if not torch.isfinite(latents).all():
-            if do_cfg:
-                raise ValueError(f"guidance_scale={guidance_scale} made the guided velocity non-finite in float32; use "
-                                 f"a moderate scale (this model recommends {tf.config.guidance_scale})")
-            raise FloatingPointError(f"the transformer produced non-finite tokens in {tf.dtype}; run it in float32 "
-                                     "or bfloat16")
-        if output_type == "latent":
-            images = latents
-        else:
-            decoded = self.vae.decode(latents.to(self.vae.device, self.vae.dtype)).sample
-            if not torch.isfinite(decoded).all():
-                raise FloatingPointError(f"the decoder produced non-finite values in {self.vae.dtype}; "
-                                         "run the VAE in float32 or bfloat16")
-            images = (decoded.float() / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.permute(0, 2, 3, 1).cpu().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return torch.stack(tokens, dim=1)
+
+    def _decode(self, latents: torch.Tensor, output_type: str, device: torch.device):
+        """Tokens -> images of ``output_type`` (the latents go to the execution device: the VAE's offload hook moves
+        the VAE there when ``decode`` runs)."""
+        decoded = self.vae.decode(latents.to(device, self.vae.dtype)).sample
+        if not torch.isfinite(decoded).all():
+            raise FloatingPointError(f"the decoder produced non-finite values in {self.vae.dtype}; "
+                                     "run the VAE in float32 or bfloat16")
+        images = (decoded.float() / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        return images

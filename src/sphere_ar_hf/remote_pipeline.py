@@ -10,6 +10,7 @@ import os
 
 from .configuration_sphere_ar import SphereARConfig
 from .diagonal_gaussian import DiagonalGaussianDistribution  # noqa: F401  (imported for diffusers, see below)
+from .fast_sampling import FastTokenSampler  # noqa: F401
 from .labels import resolve_label_ids  # noqa: F401  (imported for diffusers, see above)
 from .layers import TransformerBlock  # noqa: F401
 from .loading import resolve_dtype  # noqa: F401

@@ -6,6 +6,8 @@ The flow path (one definition, shared with the training loss): ``x_t = (1 - t) *
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +19,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .options import CFG_SCHEDULES, SAMPLERS
 
-__all__ = ["CFG_SCHEDULES", "SAMPLERS", "SphereARScheduler", "SphereARSchedulerOutput", "flow_path", "apply_guidance",
-           "draw_noise"]
+__all__ = ["CFG_SCHEDULES", "SAMPLERS", "SphereARScheduler", "SphereARSchedulerOutput", "StepTable", "flow_path",
+           "apply_guidance", "guidance_at", "draw_noise", "update_step"]
 
-
+STEP_KINDS = ("sde", "euler", "predict", "correct")  # what one step does (SphereARScheduler.step, update_step)
 
 def flow_path(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The point ``x_t`` on the straight path from noise (t=0) to data (t=1), and the target velocity."""
@@ -34,6 +36,16 @@ def apply_guidance(velocity: torch.Tensor, guidance_scale: float) -> torch.Tenso
     return uncond + guidance_scale * (cond - uncond)
 
 
+def guidance_at(index: int, num_tokens: int, guidance_scale: float, cfg_schedule: str) -> float:
+    """The guidance scale of token ``index`` of ``num_tokens``: ``guidance_scale`` for ``"constant"``, rising
+    linearly from 1 for ``"linear"`` (official); 1 (no guidance) whenever ``guidance_scale <= 1``."""
+    if guidance_scale <= 1.0:
+        return 1.0
+    if cfg_schedule == "constant":
+        return guidance_scale
+    return 1.0 + (guidance_scale - 1.0) * index / num_tokens
+
+
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise; one generator (or none) draws directly, a list goes through ``randn_tensor``.
@@ -44,6 +56,89 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.G
     if generator is None or (isinstance(generator, torch.Generator) and generator.device.type == device.type):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _grid(n: int, shift: float) -> torch.Tensor:
+    """``n + 1`` float32 times from 0 to 1; ``shift`` s > 1 moves them towards t = 0 (the noise end):
+    ``t' = t / (t + s (1 - t))``."""
+    t = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+    return (t / (t + shift * (1.0 - t))).float() if shift != 1.0 else t.float()
+
+
+@functools.lru_cache(maxsize=32)
+def _pass_values(sampler: str, n: int, last_step_size: float, time_shift: float) -> tuple[tuple, ...]:
+    """A pass's evaluation times (float32 values), step sizes, step kinds, and the SDE step's scalars, computed
+    once per setting (a few hundred tensor operations for 100 steps, not repeated by every sampling call)."""
+    if sampler == "euler_maruyama" and time_shift == 1.0:
+        dt = (1.0 - last_step_size) / n
+        t, times = torch.zeros((), dtype=torch.float32), []
+        for _ in range(n):  # accumulate in float32 like the official sampler
+            times.append(t.clone())
+            t = t + dt
+        times.append(torch.tensor(1.0 - last_step_size, dtype=torch.float32))
+        step_sizes, kinds = [dt] * n + [last_step_size], ["sde"] * n + ["euler"]
+    elif sampler == "euler_maruyama":
+        grid = _grid(n, time_shift) * (1.0 - last_step_size)
+        times = list(grid)
+        step_sizes, kinds = (grid[1:] - grid[:-1]).tolist() + [last_step_size], ["sde"] * n + ["euler"]
+    else:
+        grid = _grid(n, time_shift)
+        h = (grid[1:] - grid[:-1]).tolist()
+        if sampler == "euler":
+            times, step_sizes, kinds = list(grid[:-1]), h, ["euler"] * n
+        else:  # heun: predictor at t_k, corrector at t_{k+1}; the last step Euler only
+            times, step_sizes, kinds = [], [], []
+            for k in range(n - 1):
+                times += [grid[k], grid[k + 1]]
+                step_sizes += [h[k], h[k]]
+                kinds += ["predict", "correct"]
+            times.append(grid[n - 1])
+            step_sizes.append(h[n - 1])
+            kinds.append("euler")
+    # the SDE step's scalars, computed with float32 ops exactly as the official sampler does (it keeps t in a
+    # float32 tensor): the score's variance (1 - t)^2 + t (1 - t) and the noise scale sqrt(2 (1 - t) dt)
+    var = [float((1 - t) ** 2 - t * -1 * (1 - t)) for t in times]
+    noise_scale = [float((2.0 * (1.0 - t) * dt) ** 0.5) for t, dt in zip(times, step_sizes)]
+    return tuple(float(t) for t in times), tuple(step_sizes), tuple(kinds), tuple(var), tuple(noise_scale)
+
+
+def _per_image_noise(shape: tuple[int, int], draws: int, generators: list[torch.Generator],
+                     device: torch.device) -> torch.Tensor:
+    """``(draws, n, dim)``: row ``i`` of every draw from ``generators[i]`` (``draws`` x ``dim`` values in one call)."""
+    images = [torch.randn(draws, shape[-1], generator=g, device=g.device) for g in generators]
+    host = all(image.device.type == "cpu" for image in images)
+    if host:
+        block = torch.empty((draws, len(images), shape[-1]), pin_memory=device.type == "cuda")
+        return torch.stack(images, dim=1, out=block).to(device, non_blocking=True)
+    return torch.stack(images, dim=1).to(device)
+
+
+def update_step(kind: str, x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor | None, scalars: torch.Tensor,
+                carry: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple | None]:
+    """:meth:`SphereARScheduler.step` as a pure function of tensors, for a compiled loop: the same float32
+    operations in the same order, its scalars read from ``scalars`` (a row of :meth:`SphereARScheduler.step_table`)
+    and Heun's predictor state passed in ``carry``. Returns the next point and the carry."""
+    v, x = v.float(), x.float()
+    if kind == "sde":
+        t, var, one_minus_t, dt, noise_scale = scalars[0], scalars[1], scalars[2], scalars[3], scalars[4]
+        return ((v * t - x) / var * one_minus_t + v) * dt + x + noise * noise_scale, None
+    if kind == "predict":
+        return x + v * scalars[3], (x, v)
+    if kind == "correct":
+        x0, v0 = carry
+        return x0 + (v0 + v) * scalars[5], None
+    return x + v * scalars[3], None
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """A pass's steps as data (:meth:`SphereARScheduler.step_table`): each step's kind (``STEP_KINDS``), its scalars
+    (row ``k`` of ``scalars``, float32: ``t``, the score's variance, ``1 - t``, the step size, the noise scale, half
+    the step size) and the row of :meth:`SphereARScheduler.token_noise_block` holding its noise (``None``: none)."""
+
+    kinds: tuple[str, ...]
+    scalars: torch.Tensor
+    noise_rows: tuple[int | None, ...]
 
 
 @dataclass
@@ -105,74 +200,68 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin_index must be an integer in [0, {len(self)}), got {begin_index!r}")
         self._begin_index = begin_index
 
-    def _grid(self, n: int) -> torch.Tensor:
-        """``n + 1`` float32 times from 0 to 1; ``time_shift`` s > 1 moves them towards t = 0 (the noise end):
-        ``t' = t / (t + s (1 - t))``."""
-        t = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
-        s = self.config.time_shift
-        return (t / (t + s * (1.0 - t))).float() if s != 1.0 else t.float()
-
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Build the evaluation times and each step's sizes (float32 arithmetic, as the official sampler); resets
         the step index and the begin index."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        self.num_inference_steps = n = num_inference_steps
-        sampler = self.config.sampler
-        if sampler == "euler_maruyama" and self.config.time_shift == 1.0:
-            dt = (1.0 - self.config.last_step_size) / n
-            t, times = torch.zeros((), dtype=torch.float32), []
-            for _ in range(n):  # accumulate in float32 like the official sampler
-                times.append(t.clone())
-                t = t + dt
-            times.append(torch.tensor(1.0 - self.config.last_step_size, dtype=torch.float32))
-            self.step_sizes = [dt] * n + [self.config.last_step_size]
-            self._kinds = ["sde"] * n + ["euler"]
-        elif sampler == "euler_maruyama":
-            grid = self._grid(n) * (1.0 - self.config.last_step_size)
-            times = list(grid)
-            self.step_sizes = (grid[1:] - grid[:-1]).tolist() + [self.config.last_step_size]
-            self._kinds = ["sde"] * n + ["euler"]
-        else:
-            grid = self._grid(n)
-            h = (grid[1:] - grid[:-1]).tolist()
-            if sampler == "euler":
-                times, self.step_sizes, self._kinds = list(grid[:-1]), h, ["euler"] * n
-            else:  # heun: predictor at t_k, corrector at t_{k+1}; the last step Euler only
-                times, self.step_sizes, self._kinds = [], [], []
-                for k in range(n - 1):
-                    times += [grid[k], grid[k + 1]]
-                    self.step_sizes += [h[k], h[k]]
-                    self._kinds += ["predict", "correct"]
-                times.append(grid[n - 1])
-                self.step_sizes.append(h[n - 1])
-                self._kinds.append("euler")
-        self.timesteps = torch.stack(times).to(device)
+        self.num_inference_steps = num_inference_steps
+        c = self.config
+        times, step_sizes, kinds, var, noise_scale = _pass_values(c.sampler, num_inference_steps, c.last_step_size,
+                                                                  c.time_shift)
+        self.timesteps = torch.tensor(times, dtype=torch.float32, device=device)
+        self.step_sizes, self._kinds, self._t = list(step_sizes), list(kinds), list(times)
         self.stochastic = [kind == "sde" for kind in self._kinds]  # per evaluation: does its step draw noise
         self.num_noise_draws = sum(self.stochastic)  # per token, after the initial state
-        self._t = [float(x) for x in times]
-        # the SDE step's scalars, computed with float32 ops exactly as the official sampler does (it keeps t in a
-        # float32 tensor): the score's variance (1 - t)^2 + t (1 - t) and the noise scale sqrt(2 (1 - t) dt)
-        self._var = [float((1 - t) ** 2 - t * -1 * (1 - t)) for t in times]
-        self._noise_scale = [float((2.0 * (1.0 - t) * dt) ** 0.5) for t, dt in zip(times, self.step_sizes)]
+        self._var, self._noise_scale = list(var), list(noise_scale)
         self._heun_start: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step_index: int | None = None  # the next step's index within a pass; None: a pass starts
         self._begin_index: int | None = None
 
-    def token_noise(self, shape: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None,
-                    device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """A token's initial state ``shape`` (n, dim) and the noise for each evaluation's :meth:`step`.
+    def token_noise_block(self, shape: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None,
+                          device: torch.device | str) -> torch.Tensor:
+        """A token's initial state ``shape`` (n, dim) and the noise of each stochastic step, stacked
+        ``(1 + num_noise_draws, n, dim)`` on ``device``: drawn before the token's steps, and copied without waiting
+        for the device (from pinned memory where a CPU generator feeds a CUDA device).
 
-        One generator (or none): the official order; the initial state is drawn now and each SDE step draws its own
-        noise in :meth:`step` (the list holds ``None``). A list of ``n`` generators: each image draws its initial state
-        and all its steps' noise in one call from its own generator, so it does not depend on its batch-mates.
+        One generator (or none): the official order, the initial state then one ``shape`` draw per SDE step, the
+        numbers the steps would draw one by one. A list of ``n`` generators: each image draws its initial state and
+        all its steps' noise in one call from its own generator, so it does not depend on its batch-mates.
         """
-        if not isinstance(generator, list):
-            return draw_noise(shape, generator, device, torch.float32), [None] * len(self)
-        noise = torch.stack([torch.randn(1 + self.num_noise_draws, shape[-1], generator=g, device=g.device)
-                             for g in generator]).to(device)
-        draws = iter(noise.unbind(1)[1:])
-        return noise[:, 0], [next(draws) if stochastic else None for stochastic in self.stochastic]
+        device, draws = torch.device(device), 1 + self.num_noise_draws
+        if isinstance(generator, list):
+            return _per_image_noise(shape, draws, generator, device)
+        source = generator.device if generator is not None else device
+        host = source.type == "cpu"
+        block = torch.empty((draws, *shape), device=source, pin_memory=host and device.type == "cuda")
+        if host and math.prod(shape) % 16 == 0:
+            # torch's CPU normal kernel turns a float32 tensor's uniforms into normals by blocks of 16, in stream
+            # order: one draw of whole 16-blocks equals the per-step draws bit for bit (tests/test_scheduler.py)
+            torch.randn(block.shape, generator=generator, out=block)
+        else:
+            for row in block:
+                torch.randn(shape, generator=generator, out=row)
+        return block.to(device, non_blocking=host)  # (a copy to the host must complete before it is read)
+
+    def token_noise(self, shape: tuple[int, int], generator: torch.Generator | list[torch.Generator] | None,
+                    device: torch.device | str) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """:meth:`token_noise_block` split into the initial state and, for each evaluation's :meth:`step`, its
+        ``noise`` (``None`` for a deterministic step)."""
+        first, *draws = self.token_noise_block(shape, generator, device).unbind(0)
+        draws = iter(draws)
+        return first, [next(draws) if stochastic else None for stochastic in self.stochastic]
+
+    def step_table(self, device: torch.device | str | None = None) -> StepTable:
+        """The pass's steps as data for a loop that never reads the device (:func:`update_step`): each step's
+        scalars are float32 tensors on ``device``, with the values :meth:`step` uses."""
+        rows = [[t, var, 1.0 - t, dt, scale, 0.5 * dt]
+                for t, var, dt, scale in zip(self._t, self._var, self.step_sizes, self._noise_scale)]
+        scalars = torch.tensor(rows, dtype=torch.float64).float().to(device)
+        noise_rows, drawn = [], 0
+        for stochastic in self.stochastic:
+            drawn += stochastic
+            noise_rows.append(drawn if stochastic else None)
+        return StepTable(tuple(self._kinds), scalars, tuple(noise_rows))
 
     def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
         """The index of the first evaluation at time ``timestep`` (a value of ``timesteps``); else a ``ValueError``."""

@@ -1,0 +1,181 @@
+"""The fast token sampler of :class:`.pipeline_sphere_ar.SphereARPipeline` (``enable_torch_compile``).
+
+One ``torch.compile``-d function per sampler step does the head's velocity, the classifier-free guidance and the
+scheduler update together (:data:`STEP_FUNCTIONS`: one per step kind, guided or not). A token's loop over its steps
+reads only tensors that are already on the device: the noise of all its steps (drawn before,
+:meth:`.SphereARScheduler.token_noise_block`), the step scalars (:meth:`.SphereARScheduler.step_table`), the
+guidance scale and the modulations of all its steps (:meth:`.SamplingPlan.token_modulations`), so nothing in it
+waits for the device. On CUDA, that loop is captured once per (rows, steps, dtype, weights) and replayed as one
+CUDA graph per token.
+
+The same code runs on the CPU (the tests) and under the CUDA graph capture: what only a GPU runs is
+:class:`CapturedToken` (capture, copy-in, replay).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .modeling_sphere_ar import DiffusionHead, SamplingPlan
+from .scheduling_sphere_ar import StepTable, apply_guidance, update_step
+
+__all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "guided_velocity", "unguided_velocity"]
+
+MAX_GRAPHS = 4  # captured token loops kept per sampler (each holds its own memory pool)
+
+
+def guided_velocity(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],
+                    guidance: torch.Tensor) -> torch.Tensor:
+    """The guided velocity in float32: the head on ``[x; x]`` (rows ``[conditional; unconditional]``) combined by
+    :func:`.apply_guidance` with ``guidance`` (a 0-d tensor)."""
+    return apply_guidance(head.velocity(torch.cat([x, x]), list(modulations)).float(), guidance)
+
+
+def unguided_velocity(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The velocity of every row on its own (a token sampled without guidance), in float32."""
+    return head.velocity(x, list(modulations)).float()
+
+
+# One function (one code object: its own compile cache and shape history) per step kind and guidance: dynamo
+# compiles each once for the first shape and once more with a dynamic batch size, whatever else runs.
+def sde_guided(head, x, modulations, scalars, noise, guidance):
+    return update_step("sde", x, guided_velocity(head, x, modulations, guidance), noise, scalars, None)[0]
+
+
+def sde_unguided(head, x, modulations, scalars, noise):
+    return update_step("sde", x, unguided_velocity(head, x, modulations), noise, scalars, None)[0]
+
+
+def euler_guided(head, x, modulations, scalars, guidance):
+    return update_step("euler", x, guided_velocity(head, x, modulations, guidance), None, scalars, None)[0]
+
+
+def euler_unguided(head, x, modulations, scalars):
+    return update_step("euler", x, unguided_velocity(head, x, modulations), None, scalars, None)[0]
+
+
+def predict_guided(head, x, modulations, scalars, guidance):
+    x_next, (x0, v0) = update_step("predict", x, guided_velocity(head, x, modulations, guidance), None, scalars, None)
+    return x_next, x0, v0
+
+
+def predict_unguided(head, x, modulations, scalars):
+    x_next, (x0, v0) = update_step("predict", x, unguided_velocity(head, x, modulations), None, scalars, None)
+    return x_next, x0, v0
+
+
+def correct_guided(head, x, modulations, scalars, x0, v0, guidance):
+    return update_step("correct", x, guided_velocity(head, x, modulations, guidance), None, scalars, (x0, v0))[0]
+
+
+def correct_unguided(head, x, modulations, scalars, x0, v0):
+    return update_step("correct", x, unguided_velocity(head, x, modulations), None, scalars, (x0, v0))[0]
+
+
+STEP_FUNCTIONS: dict[tuple[str, bool], Callable] = {
+    ("sde", True): sde_guided, ("sde", False): sde_unguided, ("euler", True): euler_guided,
+    ("euler", False): euler_unguided, ("predict", True): predict_guided, ("predict", False): predict_unguided,
+    ("correct", True): correct_guided, ("correct", False): correct_unguided}
+
+
+class CapturedToken:
+    """A token's step loop captured as one CUDA graph, with static input buffers: a call copies its inputs in
+    (without waiting), replays the graph and returns a copy of its output. The time embeddings and step scalars are
+    copied in per call, the head condition, noise and guidance per token; the weights are read where they were at
+    capture (the owner keys graphs by their addresses)."""
+
+    def __init__(self, run: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor | None, ...]):
+        self.inputs = tuple(None if x is None else x.clone() for x in inputs)
+        self.sources = list(inputs)  # what each buffer holds now (held, so that an identity test is sound)
+        self.lock = threading.Lock()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run(*self.inputs)  # compiles and autotunes outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = run(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        with self.lock:  # static buffers: one replay at a time, its output copied before the next
+            for slot, (static, x) in enumerate(zip(self.inputs, inputs)):
+                if static is not None and x is not self.sources[slot]:  # per-call inputs: once per call
+                    static.copy_(x, non_blocking=True)
+                    self.sources[slot] = x
+            self.graph.replay()
+            return self.output.clone()
+
+
+class FastTokenSampler:
+    """The fast path's token loop (a pipeline holds one, set by ``enable_torch_compile``; it keeps compiled
+    functions and captured graphs, no per-call state).
+
+    ``sampler(plan, table, z, noise, guidance)`` returns a token's final state: ``plan`` and ``table`` are the call's
+    :class:`.SamplingPlan` and :class:`.StepTable`, ``z`` the head conditions of all rows, ``noise`` the token's
+    :meth:`.SphereARScheduler.token_noise_block`, ``guidance`` a 0-d tensor (guided) or ``None``.
+    """
+
+    def __init__(self, cuda_graph: bool = True, **compile_kwargs):
+        if cuda_graph and compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"mode={compile_kwargs['mode']!r} makes torch.compile capture CUDA graphs itself: pass "
+                             "cuda_graph=False with it, or leave mode unset (the token loop is captured whole)")
+        compile_kwargs.setdefault("fullgraph", True)
+        self.compile_kwargs = compile_kwargs
+        self.steps = {kind: torch.compile(fn, **compile_kwargs) for kind, fn in STEP_FUNCTIONS.items()}
+        self.cuda_graph = cuda_graph
+        self.graphs: OrderedDict[tuple, CapturedToken] = OrderedDict()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def supports(transformer: nn.Module) -> bool:
+        """False where sequential offload hooks sit inside the transformer's head (each module call moves its
+        weights: nothing to compile or capture); the pipeline then samples eagerly."""
+        return not any(hasattr(m, "_hf_hook") for m in transformer.head.modules())
+
+    def run_token(self, kinds: tuple[str, ...], noise_rows: tuple[int | None, ...], head: DiffusionHead,
+                  time_embeddings: torch.Tensor, scalars: torch.Tensor, z: torch.Tensor, noise: torch.Tensor,
+                  guidance: torch.Tensor | None) -> torch.Tensor:
+        """One token's steps (the function a CUDA graph captures): modulations of all steps, then the compiled step
+        of each kind; no read of a device value."""
+        modulations = SamplingPlan(head, time_embeddings, z.shape[0]).token_modulations(z)
+        step_scalars, draws = scalars.unbind(0), noise.unbind(0)
+        extra = () if guidance is None else (guidance,)
+        steps = [self.steps[kind, guidance is not None] for kind in kinds]
+        x, carry = draws[0].clone(), ()  # not a view, as every later x (views are guarded by their base)
+        for k, (kind, step) in enumerate(zip(kinds, steps)):
+            if kind == "sde":
+                x = step(head, x, modulations[k], step_scalars[k], draws[noise_rows[k]], *extra)
+            elif kind == "predict":
+                x, *carry = step(head, x, modulations[k], step_scalars[k], *extra)
+            elif kind == "correct":
+                x = step(head, x, modulations[k], step_scalars[k], *carry, *extra)
+            else:
+                x = step(head, x, modulations[k], step_scalars[k], *extra)
+        return x
+
+    def __call__(self, plan: SamplingPlan, table: StepTable, z: torch.Tensor, noise: torch.Tensor,
+                 guidance: torch.Tensor | None) -> torch.Tensor:
+        head = plan.head
+        inputs = (plan.time_embeddings, table.scalars, z, noise, guidance)
+        if not (self.cuda_graph and z.device.type == "cuda"):
+            return self.run_token(table.kinds, table.noise_rows, head, *inputs)
+        return self.captured(table, head, inputs)(*inputs)
+
+    def captured(self, table: StepTable, head: DiffusionHead, inputs: tuple) -> CapturedToken:
+        """The captured loop for these shapes, step kinds and weight addresses (captured on first use)."""
+        shapes = tuple(None if x is None else (tuple(x.shape), x.dtype) for x in inputs)
+        key = (table.kinds, table.noise_rows, shapes, inputs[2].device, tuple(p.data_ptr() for p in head.parameters()))
+        with self.lock:
+            graph = self.graphs.pop(key, None)
+            if graph is None:
+                while len(self.graphs) >= MAX_GRAPHS:
+                    self.graphs.popitem(last=False)
+                graph = CapturedToken(lambda *x: self.run_token(table.kinds, table.noise_rows, head, *x), inputs)
+            self.graphs[key] = graph
+        return graph

@@ -1,0 +1,315 @@
+"""The sampler where users run it: the head's sampling plan, the fast path (``enable_torch_compile``: images,
+host operators, recompiles), a token loop that never waits for the device, and CPU offload (diffusers' model and
+sequential offload sample the same images, every transformer computation behind its module's hook)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from accelerate import cpu_offload
+from accelerate.hooks import CpuOffload, ModelHook, add_hook_to_module
+
+from sphere_ar_hf import SphereARScheduler, SphereARTransformer
+from sphere_ar_hf.modeling_sphere_ar import SamplingPlan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+TOKENS = 4  # the tiny pipeline's tokens per image
+
+
+def _gens(n: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
+
+
+def _latents(pipe, labels, generator=None, **kwargs) -> torch.Tensor:
+    kwargs = {"num_inference_steps": STEPS, "guidance_scale": 3.0, "output_type": "latent", **kwargs}
+    generator = _gens(len(labels)) if generator is None else generator
+    return pipe(labels, generator=generator, **kwargs).images
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_sampling", ROOT / "benchmarks" / "bench_sampling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+# ----------------------------------------------------------------------------- the plan
+@torch.no_grad()
+def test_sampling_plan_gives_the_heads_velocity(make_transformer) -> None:
+    tf = make_transformer()
+    head, rows, g = tf.head, 3, torch.Generator().manual_seed(0)
+    times = SphereARScheduler(num_inference_steps=6).timesteps
+    z, x = torch.randn(rows, 64, generator=g), torch.randn(rows, 16, generator=g)
+    one_step = rows * head.modulation_width * 4
+    for max_bytes in (1, 2 * one_step, 2**30):  # a chunk of 1 step, of 2, all steps
+        plan = tf.sampling_plan(times, rows, max_bytes=max_bytes)
+        assert plan.chunk == max(1, max_bytes // one_step)
+        plan.start_token(z)
+        for k, t in enumerate(times):  # the training forward's velocity at each step, bit for bit
+            assert torch.equal(plan.velocity(x, k), head(x, t.expand(rows), z))
+        assert plan.nbytes >= plan.time_embeddings.nbytes + min(plan.chunk, len(times)) * one_step
+    fast = tf.sampling_plan(times, rows, exact=False)
+    assert fast.time_embeddings.shape == (len(times), 1, head.dim)  # once per step, shared by the rows
+    mods = fast.token_modulations(z)
+    assert len(mods) == len(times) and len(mods[0]) == len(head.adaln) + 1
+    for k, t in enumerate(times):  # the same values, to float rounding
+        for got, want in zip(mods[k], head.modulations(head.embed_time(t.expand(rows)), head.embed_condition(z))):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    all_steps = len(times) * one_step  # the fast path holds a token's modulations for all its steps
+    assert SamplingPlan.estimate_bytes(head, len(times), rows, torch.float32, exact=False) >= all_steps
+    assert SamplingPlan.estimate_bytes(head, len(times), rows, torch.float32, max_bytes=1) < all_steps
+
+
+# ----------------------------------------------------------------------------- the fast path
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "euler", "heun"])
+@pytest.mark.parametrize("per_image", [True, False])
+def test_fast_path_matches_eager(make_pipeline, fresh_dynamo, sampler: str, per_image: bool) -> None:
+    """Linear guidance: an unguided first token (one state per row), then guided ones; both kinds of generator."""
+    pipe = make_pipeline()
+    pipe.scheduler = SphereARScheduler.from_config(pipe.scheduler.config, sampler=sampler)
+
+    def run():
+        return _latents(pipe, [1, 7, 3], _gens(3, 5) if per_image else torch.Generator().manual_seed(5))
+
+    eager = run()
+    pipe.enable_torch_compile(backend="eager")
+    fast = run()
+    assert compiled_graphs() >= 1  # the steps ran through torch.compile
+    assert (fast - eager).abs().max() <= 1e-4  # measured <= 2e-6: float rounding of other product shapes
+    assert (fast - _latents(pipe, [1, 7, 3], _gens(3, 6))).abs().max() > 1e-2  # the noise matters
+    pipe.disable_torch_compile()
+    assert torch.equal(run(), eager)
+
+
+def test_fast_path_recompiles_a_bounded_number_of_times(make_pipeline, fresh_dynamo) -> None:
+    pipe = make_pipeline()
+    pipe.enable_torch_compile(backend="eager")
+    counts = []
+    for batch in (2, 2, 3, 3, 5, 2, 1, 1, 4):
+        before = compiled_graphs()
+        _latents(pipe, list(range(batch)))
+        counts.append(compiled_graphs() - before)
+    # the first shape: one graph per step function used (SDE / Euler step, guided or not); the second batch size:
+    # each once more with a dynamic batch size; batch 1 (guided: one row, specialised by dynamo): the guided ones
+    # again; a shape seen before, or any other batch size, never compiles again
+    assert counts[0] == 4 and counts[2] <= 4 and counts[6] <= 2, counts
+    assert counts[1] == counts[3] == counts[4] == counts[5] == counts[7] == counts[8] == 0, counts
+
+
+def test_inductor_fast_path_issues_few_host_operators(make_pipeline, fresh_dynamo) -> None:
+    """Counted with torch.profiler over a whole call: the eager sampler issues dozens of operators per head
+    evaluation; the compiled step, its matrix products (6 here) and little else."""
+    bench, pipe = _bench(), make_pipeline()
+    kw = dict(guidance_scale=3.0, cfg_schedule="constant", generator=_gens(1))
+    steps = 50
+    eager_ops = bench.host_ops_per_evaluation(pipe, [4], steps, **kw)
+    eager = _latents(pipe, [4], _gens(1), num_inference_steps=steps, cfg_schedule="constant")
+    pipe.enable_torch_compile()
+    fast = _latents(pipe, [4], _gens(1), num_inference_steps=steps, cfg_schedule="constant")  # compiles
+    graphs = compiled_graphs()
+    fast_ops = bench.host_ops_per_evaluation(pipe, [4], steps, **{**kw, "generator": _gens(1)})
+    assert compiled_graphs() == graphs  # no recompilation for a call of the same shape
+    assert eager_ops >= 30 and fast_ops <= 12, (eager_ops, fast_ops)
+    assert (fast - eager).abs().max() <= 1e-4
+
+
+def test_top_level_operator_count() -> None:
+    bench = _bench()
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.nn.functional.linear(a, b)  # aten::linear calls aten::t and aten::addmm: one top-level operator
+        a + b
+    assert bench.top_level_ops(prof.events()) == 2
+
+
+# ----------------------------------------------------------------------------- no waiting inside the loop
+SYNCING = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__array__")
+
+
+class TrappingBar:
+    """A progress bar that, while the token loop runs (it is the loop's ``with`` block), turns every call that reads
+    a tensor's value on the host (which waits for the device on a GPU) into an AssertionError."""
+
+    def __init__(self, total: int):
+        self.total, self.tokens, self.stack = total, 0, contextlib.ExitStack()
+
+    def __enter__(self) -> TrappingBar:
+        for name in SYNCING:
+            self.stack.enter_context(mock.patch.object(torch.Tensor, name, trap(name), create=True))
+        self.stack.enter_context(mock.patch.object(torch.cuda, "synchronize", trap("torch.cuda.synchronize")))
+        original_to = torch.Tensor.to
+
+        def to(tensor, *args, **kwargs):  # a copy from an accelerator to the host
+            out = original_to(tensor, *args, **kwargs)
+            if tensor.device.type != "cpu" and out.device.type == "cpu":
+                raise AssertionError("a copy to the host inside the token loop")
+            return out
+
+        self.stack.enter_context(mock.patch.object(torch.Tensor, "to", to))
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("error")
+            self.stack.callback(torch.cuda.set_sync_debug_mode, "default")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def update(self, n: int = 1) -> None:
+        self.tokens += n
+
+
+def trap(name: str):
+    def raiser(*args, **kwargs):
+        raise AssertionError(f"{name} inside the token loop")
+
+    return raiser
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("per_image", [True, False])
+def test_no_host_synchronisation_inside_the_token_loop(make_pipeline, fresh_dynamo, fast: bool,
+                                                       per_image: bool) -> None:
+    pipe = make_pipeline()
+    if fast:
+        pipe.enable_torch_compile(backend="eager")
+    generator = (lambda: _gens(2)) if per_image else (lambda: torch.Generator().manual_seed(0))
+    expected = _latents(pipe, [2, 8], generator())  # (the fast path compiles here)
+    bars = []
+
+    def progress_bar(iterable=None, total=None):
+        bars.append(TrappingBar(total))
+        return bars[-1]
+
+    pipe.progress_bar = progress_bar
+    assert torch.equal(_latents(pipe, [2, 8], generator()), expected)
+    assert bars[-1].tokens == TOKENS  # the traps stood for the whole loop
+
+    def reads(p, i, t, kwargs):  # the control: a host read inside the loop is caught
+        return {"token": kwargs["token"] * float(kwargs["token"].norm())}
+
+    with pytest.raises(AssertionError, match="__float__ inside the token loop"):
+        _latents(pipe, [2, 8], generator(), callback_on_step_end=reads)
+
+
+# ----------------------------------------------------------------------------- offload
+class MetaOffload(ModelHook):
+    """Model offload made visible on the CPU: an offloaded model holds no values (its weights on the meta
+    device) and its hook restores them. Whatever runs on the model before its hook has moved it in fails."""
+
+    execution_device = torch.device("cpu")
+
+    def __init__(self, previous: MetaOffload | None = None):
+        self.previous, self.moves = previous, 0
+
+    def init_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.module, self.weights = module, {k: v.clone() for k, v in module.state_dict().items()}
+        module.to("meta")
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.previous is not None:
+            self.previous.module.to("meta")
+        if next(module.parameters()).is_meta:
+            module.load_state_dict(self.weights, assign=True)
+            self.moves += 1
+        return args, kwargs
+
+
+def _meta_offload(pipe) -> tuple[MetaOffload, MetaOffload]:
+    first = MetaOffload()
+    add_hook_to_module(pipe.transformer, first)
+    second = MetaOffload(previous=first)
+    add_hook_to_module(pipe.vae, second)
+    return first, second
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_model_offload_hooks_move_the_transformer_before_it_computes(make_pipeline, fresh_dynamo,
+                                                                     fast: bool) -> None:
+    images = _latents(make_pipeline(), [3, 4], output_type="pt")
+    pipe = make_pipeline()
+    if fast:
+        pipe.enable_torch_compile(backend="eager")
+    transformer, vae = _meta_offload(pipe)
+    assert torch.equal(_latents(pipe, [3, 4], output_type="pt"), images)
+    assert transformer.moves == 1 and vae.moves == 1 and pipe.transformer.device.type == "meta"
+    # the control: an entry point without its hook computes on the offloaded (meta) weights and fails
+    unhooked = SphereARTransformer.sampling_plan.__wrapped__
+    with mock.patch.object(SphereARTransformer, "sampling_plan", unhooked):
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            _latents(pipe, [3, 4])
+
+
+def test_diffusers_model_cpu_offload_on_the_cpu(make_pipeline) -> None:
+    images = _latents(make_pipeline(), [3, 4], output_type="pt")
+    pipe = make_pipeline()
+    pipe.enable_model_cpu_offload(device="cpu")  # diffusers' own hooks, with the CPU standing in for the device
+    assert pipe._execution_device.type == "cpu"
+    assert all(isinstance(m._hf_hook, CpuOffload) for m in (pipe.transformer, pipe.vae))
+    for _ in range(2):  # maybe_free_model_hooks puts the hooks back after a call
+        assert torch.equal(_latents(pipe, [3, 4], output_type="pt"), images)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_sequential_cpu_offload_reads_no_weight_around_its_module(make_pipeline, fresh_dynamo, caplog,
+                                                                  fast: bool) -> None:
+    """Sequential offload keeps every weight on the meta device outside its module's forward: a weight read around
+    its module would compute on meta tensors and fail. The hooks are those ``enable_sequential_cpu_offload``
+    installs (``accelerate.cpu_offload`` on each model), with the CPU as the execution device: diffusers names it
+    ``cpu:0``, to which accelerate cannot move a weight, so they are installed here as diffusers does."""
+    images = _latents(make_pipeline(), [3, 4], output_type="pt")
+    pipe = make_pipeline()
+    if fast:
+        pipe.enable_torch_compile(backend="eager")
+    for model in (pipe.transformer, pipe.vae):
+        cpu_offload(model, torch.device("cpu"), offload_buffers=len(model._parameters) > 0)
+    assert pipe._execution_device.type == "cpu"
+    assert pipe.transformer.head_pos_embedding.weight.device.type == "meta"
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(_latents(pipe, [3, 4], output_type="pt"), images)
+    assert ("sampling eagerly" in caplog.text) == fast  # nothing to compile: each call moves its module's weights
+    assert pipe.transformer.head_pos_embedding.weight.device.type == "meta"
+    # the control: a weight read around its module (here the position embedding's) computes on meta and fails
+    tf = pipe.transformer
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        tf.norm(torch.zeros(1, 64)) + tf.head_pos_embedding.weight[0]
+
+
+def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
+    """benchmarks/bench_gpu.py end to end with tiny sizes: the fixture, every path, both offload modes."""
+    from conftest import FIXTURE_DIR
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--device", "cpu", "--tiny", "--batch-sizes", "2", "--steps", "2", "--compile-backend", "eager",
+                "--fixture", str(FIXTURE_DIR)])
+    out = capsys.readouterr().out
+    for tag in ("cfg", "nocfg", "const"):
+        assert f"fixture {tag}: cpu fp32 eager tokens vs CPU: max |diff| 0.00e+00" in out
+    for path in ("eager", "compiled", "graph"):
+        assert f"{path:8s} batch   2:" in out and "synchronising calls inside the token loop: none" in out
+    for line in ("model CPU offload:", "model CPU offload + fast path:", "sequential CPU offload:"):
+        assert line in out
+    assert out.count("max |diff| from no offload 0.00e+00") == 3 and out.rstrip().endswith("done")
