@@ -71,11 +71,11 @@ def test_sampling_plan_gives_the_heads_velocity(make_transformer) -> None:
         assert plan.nbytes >= plan.time_embeddings.nbytes + min(plan.chunk, len(times)) * one_step
     fast = tf.sampling_plan(times, rows, exact=False)
     assert fast.time_embeddings.shape == (len(times), 1, head.dim)  # once per step, shared by the rows
-    mods = fast.token_modulations(z)
-    assert len(mods) == len(times) and len(mods[0]) == len(head.adaln) + 1
+    mods = fast.token_modulations(z)  # per projection, (steps, rows, width)
+    assert len(mods) == len(head.adaln) + 1 and all(m.shape[:2] == (len(times), rows) for m in mods)
     for k, t in enumerate(times):  # the same values, to float rounding
-        for got, want in zip(mods[k], head.modulations(head.embed_time(t.expand(rows)), head.embed_condition(z))):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        for got, want in zip(mods, head.modulations(head.embed_time(t.expand(rows)), head.embed_condition(z))):
+            torch.testing.assert_close(got[k], want, atol=1e-6, rtol=1e-5)
     all_steps = len(times) * one_step  # the fast path holds a token's modulations for all its steps
     assert SamplingPlan.estimate_bytes(head, len(times), rows, torch.float32, exact=False) >= all_steps
     assert SamplingPlan.estimate_bytes(head, len(times), rows, torch.float32, max_bytes=1) < all_steps
@@ -100,6 +100,36 @@ def test_fast_path_matches_eager(make_pipeline, fresh_dynamo, sampler: str, per_
     assert (fast - _latents(pipe, [1, 7, 3], _gens(3, 6))).abs().max() > 1e-2  # the noise matters
     pipe.disable_torch_compile()
     assert torch.equal(run(), eager)
+
+
+def test_cpu_fast_path_scans_runs_of_steps(make_pipeline, fresh_dynamo) -> None:
+    """On the CPU a run of SDE steps is one compiled scan (two steps per iteration), the final Euler step one
+    compiled step; an odd run ends with single steps. Same states as stepping one call at a time."""
+    pipe = make_pipeline()
+    pipe.enable_torch_compile(backend="eager")
+    fast = pipe._compiled_sampler
+    calls = {"runs": 0, "steps": 0}
+
+    def counted(table, name):
+        for kind, fn in list(table.items()):
+            def wrapper(*args, fn=fn):
+                calls[name] += 1
+                return fn(*args)
+            table[kind] = wrapper
+
+    counted(fast.runs, "runs")
+    counted(fast.steps, "steps")
+    scanned = _latents(pipe, [1, 7])
+    assert calls == {"runs": TOKENS, "steps": TOKENS}, calls  # per token: one scan of 4 SDE steps, one Euler step
+    calls.update(runs=0, steps=0)
+    _latents(pipe, [1, 7], num_inference_steps=5)  # 5 SDE steps: a scan of 4, then one step, then Euler
+    assert calls == {"runs": TOKENS, "steps": 2 * TOKENS}, calls
+    calls.update(runs=0, steps=0)
+    run_token = fast.run_token
+    with mock.patch.object(fast, "run_token", lambda *args, scan_runs: run_token(*args, scan_runs=False)):
+        stepped = _latents(pipe, [1, 7])  # the same loop, one compiled call per step
+    assert calls == {"runs": 0, "steps": 5 * TOKENS}, calls
+    assert (stepped - scanned).abs().max() <= 1e-5  # measured: float rounding of the scan's stacked inputs
 
 
 def test_fast_path_recompiles_a_bounded_number_of_times(make_pipeline, fresh_dynamo) -> None:

@@ -136,10 +136,10 @@ class SamplingPlan:
             self._modulations = self.head.step_modulations(times, self._condition)
         return self.head.velocity(x, self._modulations[step % self.chunk])
 
-    def token_modulations(self, z: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """Per step, the modulations of a token with head conditions ``z``, all steps in one product per projection."""
-        per_projection = self.head.modulations(self.time_embeddings, self.head.embed_condition(z))
-        return list(zip(*(m.unbind(0) for m in per_projection)))
+    def token_modulations(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The modulations of all steps of a token with head conditions ``z``, one product per projection: per
+        projection, a ``(steps, rows, width)`` tensor (row ``k``: step ``k``'s :meth:`DiffusionHead.modulations`)."""
+        return tuple(self.head.modulations(self.time_embeddings, self.head.embed_condition(z)))
 
 
 class DiffusionHead(nn.Module):
