@@ -70,6 +70,18 @@ def expected(fixture_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(fixture_dir / "expected.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory, fixture_dir: Path) -> Path:
+    """A pipeline folder written by `sphere-ar convert` from the tiny official fixture ('model' weights, so that a
+    conversion with the default 'ema' weights is told apart)."""
+    from sphere_ar_hf.cli import main
+
+    out = tmp_path_factory.mktemp("earlier") / "pipe"
+    with contextlib.redirect_stdout(None):
+        assert main(["convert", "--checkpoint", str(fixture_dir / "ar.pt"), "--output", str(out), "--no-ema"]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def converted_pipeline(fixture_dir: Path) -> SphereARPipeline:
     pipe = sphere_ar_hf.convert_official_checkpoint(fixture_dir / "ar.pt")

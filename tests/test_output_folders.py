@@ -41,16 +41,6 @@ def debris(*folders: Path) -> list[str]:
     return [p.name for f in folders for p in f.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory) -> Path:
-    """A pipeline folder converted from the tiny official fixture ('model' weights, so that a conversion with the
-    default 'ema' weights is told apart)."""
-    out = tmp_path_factory.mktemp("earlier") / "pipe"
-    code, _, err = run("convert", "--checkpoint", AR, "--output", out, "--no-ema")
-    assert code == 0, err
-    return out
-
-
 def transformer_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "transformer" / "model.safetensors")
 

@@ -197,3 +197,28 @@ def test_update_step_is_step(sampler: str) -> None:
         y, carry = update_step(table.kinds[k], y, v, None if row is None else block[row], table.scalars[k], carry)
         assert torch.equal(x, y), k
     assert len(table.kinds) == len(s) and table.scalars.dtype == torch.float32
+
+
+def test_diffusers_scheduler_contract() -> None:
+    """What every diffusers scheduler has (``init_noise_sigma``, ``order``) and a flow-matching one's forward process
+    (``scale_noise`` / ``add_noise``): the training path from noise (t = 0) to data (t = 1)."""
+    from sphere_ar_hf.scheduling_sphere_ar import flow_path
+
+    for sampler, order in (("euler_maruyama", 1), ("euler", 1), ("heun", 2)):
+        scheduler = SphereARScheduler(num_inference_steps=5, sampler=sampler)
+        assert scheduler.init_noise_sigma == 1.0 and scheduler.order == order
+        assert len(scheduler.timesteps) <= 5 * order + 1  # EM: 5 SDE steps + the final Euler; Heun: 4 pairs + 1
+    scheduler = SphereARScheduler()
+    g = torch.Generator().manual_seed(0)
+    data, noise = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+    t = torch.tensor([0.0, 0.3, 1.0])
+    assert torch.equal(scheduler.scale_noise(data, t, noise), flow_path(data, noise, t)[0])
+    assert torch.equal(scheduler.scale_noise(data, 0.0, noise), noise)
+    assert torch.equal(scheduler.scale_noise(data, 1.0, noise), data)
+    assert torch.equal(scheduler.add_noise(data, noise, t), scheduler.scale_noise(data, t, noise))
+    for bad, match in ((1.5, r"in \[0, 1\]"), (torch.tensor([0.1, 0.2]), "one time per sample"),
+                       (float("nan"), r"in \[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            scheduler.scale_noise(data, bad, noise)
+    with pytest.raises(ValueError, match="noise must have the sample's shape"):
+        scheduler.scale_noise(data, 0.5, noise[:2])

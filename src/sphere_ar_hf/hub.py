@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .remote_code import COMPONENTS, PIPELINE, package_model_index, write_remote_code
-from .utils import FolderKind, atomic_write, format_millions, write_folder_atomically
+from .utils import FOLDER_KINDS, FolderKind, atomic_write, format_millions, write_folder_atomically
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi, ModelCard, SpaceCard
@@ -489,13 +489,28 @@ def _space_model(model: str | os.PathLike | None) -> tuple[Path | None, str]:
 
 
 def space_folder_kind(template_dir: str | os.PathLike | None = None) -> FolderKind:
-    """What a Space folder holds: the template's files (``README.md``, ``app.py``, ``requirements.txt``), the package
-    copy ``sphere_ar_hf/`` and the model copy ``model/`` (``overwrite`` replaces only such a folder)."""
+    """What a Space folder holds: the template's files (``README.md``, ``app.py``, ``requirements.txt``) and
+    sub-folders (their files), the package copy ``sphere_ar_hf/`` (modules and data files) and the model copy
+    ``model/`` (a pipeline folder); ``overwrite`` replaces only such a folder, to any depth."""
     space = _template_dir(template_dir) / "space"
     names = {p.name for p in space.iterdir() if not p.name.startswith(".")}
+    code = FolderKind("the package copy", None, files=("*.py", "*.pyc", "*.json"))
+    inside = [(SPACE_PACKAGE, FolderKind("the package copy", None, files=code.files, folders=("*",),
+                                         inside=(("*", code),))),
+              (SPACE_MODEL, FOLDER_KINDS["pipeline"])]
+    inside += [(n, _tree_kind(space / n)) for n in sorted(names) if (space / n).is_dir()]
     return FolderKind("a Space folder", "app.py",
                       files=tuple(sorted({n for n in names if not (space / n).is_dir()} | {"README.md", "app.py"})),
-                      folders=tuple(sorted({n for n in names if (space / n).is_dir()} | {SPACE_PACKAGE, SPACE_MODEL})))
+                      folders=tuple(sorted({n for n in names if (space / n).is_dir()} | {SPACE_PACKAGE, SPACE_MODEL})),
+                      inside=tuple(inside))
+
+
+def _tree_kind(folder: Path) -> FolderKind:
+    """A :class:`FolderKind` that holds exactly the files and sub-folders of ``folder`` (a template sub-folder)."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return FolderKind(folder.name, None, files=tuple(p.name for p in entries if p.is_file()),
+                      folders=tuple(p.name for p in entries if p.is_dir()),
+                      inside=tuple((p.name, _tree_kind(p)) for p in entries if p.is_dir()))
 
 
 def build_space_folder(output: str | os.PathLike, *, license: str | None = None,

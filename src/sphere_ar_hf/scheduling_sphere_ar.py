@@ -171,7 +171,7 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
     bit for bit; for it the grid spans [0, 1 - last_step_size].
     """
 
-    order = 1
+    init_noise_sigma = 1.0  # each pass starts from standard normal noise (diffusers' contract)
 
     @register_to_config
     def __init__(self, num_inference_steps: int = 100, last_step_size: float = 0.04, sampler: str = "euler_maruyama",
@@ -183,6 +183,31 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
         if not time_shift > 0:
             raise ValueError(f"time_shift must be > 0, got {time_shift}")
         self.set_timesteps(num_inference_steps)
+
+    @property
+    def order(self) -> int:
+        """Head evaluations per step of the method (diffusers' contract): 2 for Heun, else 1."""
+        return 2 if self.config.sampler == "heun" else 1
+
+    def scale_noise(self, sample: torch.Tensor, timestep: float | torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor:
+        """The flow-matching forward process (diffusers' ``scale_noise``): the point at time ``timestep`` on the
+        straight path from ``noise`` (t = 0) to the data ``sample`` (t = 1), as in training (:func:`flow_path`).
+        ``timestep``: a number or a tensor of one time per sample, in [0, 1]."""
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device)
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() != sample.shape[0]):
+            raise ValueError(f"timestep must be a number or one time per sample ({sample.shape[0]}), got shape "
+                             f"{tuple(t.shape)}")
+        if not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError(f"timestep must be in [0, 1] (0: noise, 1: data), got {timestep}")
+        if noise.shape != sample.shape:
+            raise ValueError(f"noise must have the sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
+        return flow_path(sample, noise, t.expand(sample.shape[0]))[0]
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: float | torch.Tensor) -> torch.Tensor:
+        """diffusers' ``add_noise``: :meth:`scale_noise` with the arguments in that method's order."""
+        return self.scale_noise(original_samples, timesteps, noise)
 
     @property
     def step_index(self) -> int | None:

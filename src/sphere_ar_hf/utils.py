@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import glob
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,9 +31,13 @@ __all__ = [
     "check_output_folder",
     "current_umask",
     "format_millions",
+    "is_stale",
     "new_folder",
     "plural",
     "one_line_error",
+    "owner_tag",
+    "recover_interrupted_write",
+    "remove_stale_temporaries",
     "remove_staged_folders",
     "run_main",
     "shared_staging_path",
@@ -45,9 +52,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False,
                  encoding: str | None = None) -> Iterator[IO]:
     """Write ``path`` all or nothing: yields a new temporary file beside it, renamed over ``path`` when the block
     ends without an exception, removed otherwise (a crash leaves at most a hidden ``.tmp`` file). ``fsync``: the
-    data reaches the disk before the rename (for files whose presence marks something complete)."""
+    data reaches the disk before the rename (for files whose presence marks something complete). The temporary
+    name carries :func:`owner_tag`, so :func:`remove_stale_temporaries` can tell a killed writer's file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{owner_tag()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, mode.replace("w", "x"), encoding=encoding) as f:
             yield f
@@ -57,6 +65,44 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False,
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>`` of this process: part of the names of its temporary files and folders, so that a later run
+    can tell what a killed process left (:func:`is_stale`) from the work in progress of a live one."""
+    return f"{re.sub(r'[^A-Za-z0-9]', '_', socket.gethostname()) or 'host'}-{os.getpid()}"
+
+
+_OWNED = re.compile(r"([A-Za-z0-9_]+)-(\d+)-[0-9a-f]{8}(?:\.tmp)?$")
+
+
+def is_stale(name: str) -> bool:
+    """Whether the temporary file or folder ``name`` (ending in ``<host>-<pid>-<hex>``, see :func:`owner_tag`) was
+    left by a process of this host that no longer runs. Anything else (a live process, another host, a name of
+    another form) is not stale: it is never deleted."""
+    match = _OWNED.search(name)
+    if match is None or match.group(1) != owner_tag().rsplit("-", 1)[0]:
+        return False
+    pid = int(match.group(2))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporary files that killed writers left in ``folder`` (:func:`atomic_write`'s hidden ``.tmp``
+    files whose owner no longer runs, :func:`is_stale`); not recursive."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False) \
+                    and is_stale(entry.name):
+                Path(entry.path).unlink(missing_ok=True)
 
 
 def auto_threads() -> int:
@@ -105,50 +151,81 @@ class OutputFolderError(FileExistsError):
 class FolderKind:
     """A kind of folder a tool of ours writes, so that ``overwrite`` replaces only such a folder.
 
-    ``name``: how messages call it (``"a pipeline folder"``); ``marker``: the file every such folder holds;
-    ``files`` / ``folders``: ``fnmatch`` patterns of the names it may hold at its top level (files, sub-folders);
-    ``components``: its sub-folders are the components named in ``model_index.json`` (a diffusers pipeline).
+    ``name``: how messages call it (``"a pipeline folder"``); ``marker``: the file every such folder holds (None: a
+    sub-folder of one, no marker); ``files`` / ``folders``: ``fnmatch`` patterns of the names it may hold at its
+    top level (files, sub-folders); ``inside``: ``(pattern, kind)`` pairs, what a sub-folder of that name may hold
+    (checked the same way, to any depth; a sub-folder matching none may hold anything); ``components``: its
+    sub-folders are the components named in ``model_index.json`` (a diffusers pipeline), each of kind ``component``.
     """
 
     name: str
-    marker: str
+    marker: str | None
     files: tuple[str, ...] = ()
     folders: tuple[str, ...] = ()
     components: bool = False
+    component: FolderKind | None = None
+    inside: tuple[tuple[str, FolderKind], ...] = ()
 
     def problem(self, folder: str | os.PathLike) -> str | None:
-        """Why ``folder`` is not of this kind (``"it holds ar.pt"``), or None if it is."""
+        """Why ``folder`` is not of this kind (``"it holds ar.pt"``, ``"it holds transformer/keep.txt"``), or None
+        if it is."""
         folder = Path(folder)
-        if not (folder / self.marker).is_file():
+        if self.marker is not None and not (folder / self.marker).is_file():
             return f"it has no {self.marker}"
-        folders = set()
-        if self.components:
-            try:
-                index = json.loads((folder / self.marker).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                return f"its {self.marker} is not readable JSON"
-            if not isinstance(index, dict):
-                return f"its {self.marker} is not a JSON object"
-            folders = {k for k, v in index.items() if isinstance(k, str) and not k.startswith("_")
-                       and isinstance(v, list | tuple) and len(v) == 2}
-        foreign = []
-        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-            if entry.is_dir() and not entry.is_symlink():
-                ok = entry.name in folders or any(fnmatch.fnmatchcase(entry.name, p) for p in self.folders)
-            else:
-                ok = entry.is_file() and any(fnmatch.fnmatchcase(entry.name, p) for p in self.files)
-            if not ok:
-                foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+        components = self._components(folder)
+        if isinstance(components, str):
+            return f"its {self.marker} is {components}"
+        foreign = self.foreign(folder)
         if foreign:
             return f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}"
         return None
 
+    def foreign(self, folder: Path) -> list[str]:
+        """The names under ``folder`` (to any depth) that a folder of this kind does not hold."""
+        components = self._components(folder)
+        if isinstance(components, str):
+            return [f"{self.marker} ({components})"]
+        foreign = []
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            if entry.is_dir() and not entry.is_symlink():
+                ok = entry.name in components or any(fnmatch.fnmatchcase(entry.name, p) for p in self.folders)
+                sub = self.component if entry.name in components else self._kind_inside(entry.name)
+                if ok and sub is not None and sub.marker is not None and not (entry / sub.marker).is_file():
+                    foreign.append(f"{entry.name}/ (no {sub.marker})")
+                elif ok and sub is not None:
+                    foreign += [f"{entry.name}/{name}" for name in sub.foreign(entry)]
+            else:
+                ok = entry.is_file() and any(fnmatch.fnmatchcase(entry.name, p) for p in self.files)
+            if not ok:
+                foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+        return foreign
+
+    def _kind_inside(self, name: str) -> FolderKind | None:
+        return next((kind for pattern, kind in self.inside if fnmatch.fnmatchcase(name, pattern)), None)
+
+    def _components(self, folder: Path) -> set[str] | str:
+        """The component sub-folders named in ``model_index.json`` (or why it cannot be read)."""
+        if not self.components:
+            return set()
+        try:
+            index = json.loads((folder / self.marker).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return "not readable JSON"
+        if not isinstance(index, dict):
+            return "not a JSON object"
+        return {k for k, v in index.items() if isinstance(k, str) and not k.startswith("_")
+                and isinstance(v, list | tuple) and len(v) == 2}
+
 
 _WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+# a pipeline component: a model's or a scheduler's config, its weights, its remote code (a pushed folder)
+COMPONENT_FOLDER = FolderKind("a pipeline component folder", None,
+                              files=("config.json", "scheduler_config.json", "README.md", "*.py", *_WEIGHTS))
 FOLDER_KINDS: dict[str, FolderKind] = {
     # SphereARPipeline.save_pretrained / `sphere-ar convert`, and a push folder (model card, remote code)
     "pipeline": FolderKind("a pipeline folder", "model_index.json",
-                           files=("model_index.json", "README.md", ".gitattributes", "*.py"), components=True),
+                           files=("model_index.json", "README.md", ".gitattributes", "*.py"), components=True,
+                           component=COMPONENT_FOLDER),
     # ModelMixin / PreTrainedModel.save_pretrained (the trainers' vae/ and discriminator/)
     "model": FolderKind("a model folder", "config.json", files=("config.json", "README.md", "*.py", *_WEIGHTS)),
     # lora.save_lora
@@ -169,12 +246,14 @@ def check_output_folder(output: str | os.PathLike, overwrite: bool = False, *, k
                         inputs: Iterable[str | os.PathLike | None] = (), option: str = "--output") -> Path:
     """Raise unless ``output`` can become a new folder; returns its resolved path.
 
-    ``output`` may be absent or empty. A non-empty folder needs ``overwrite``, and then it is replaced only if it is
+    First, what a killed writer of ``output`` left is recovered (:func:`recover_interrupted_write`). ``output`` may
+    be absent or empty. A non-empty folder needs ``overwrite``, and then it is replaced only if it is
     of ``kind`` (a :data:`FOLDER_KINDS` name or a :class:`FolderKind`; None: any folder) and holds none of
     ``inputs`` (the files and folders the run reads; names that do not exist, e.g. Hub ids, are skipped): otherwise
     :class:`OutputFolderError`, a one-line message that names ``option`` (the flag that chose ``output``).
     """
     out = _resolved(output)
+    recover_interrupted_write(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{output} exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()):
@@ -199,10 +278,10 @@ def check_output_folder(output: str | os.PathLike, overwrite: bool = False, *, k
 
 
 def new_folder(parent: str | os.PathLike, prefix: str) -> Path:
-    """A new, empty folder ``parent/<prefix><random>``, created with the process's umask (``tempfile.mkdtemp``
-    would make it private, 0700, and a folder renamed into place would keep that)."""
+    """A new, empty folder ``parent/<prefix><host>-<pid>-<random>`` (:func:`owner_tag`), created with the process's
+    umask (``tempfile.mkdtemp`` would make it private, 0700, and a folder renamed into place would keep that)."""
     while True:
-        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        path = Path(parent) / f"{prefix}{owner_tag()}-{secrets.token_hex(4)}"
         try:
             path.mkdir()
             return path
@@ -296,6 +375,24 @@ def swap_folder_into_place(staged: str | os.PathLike, output: str | os.PathLike)
         if in_output and output.is_dir():
             os.chdir(output)
     return output
+
+
+def recover_interrupted_write(output: str | os.PathLike) -> None:
+    """Undo what a killed writer of ``output`` left beside it (only what processes of this host that no longer run
+    left, :func:`is_stale`): a folder that :func:`swap_folder_into_place` had moved aside (``.<name>.old-*``) but
+    not yet replaced is moved back to ``output``; its staging folders (``.<name>.tmp-*``) and the copies a
+    completed swap had not yet deleted are removed. Every writer calls it first (:func:`check_output_folder`)."""
+    output = _resolved(output)
+    if not output.parent.is_dir():
+        return
+    for kind in ("old", "tmp"):  # restore first
+        for path in sorted(output.parent.glob(f".{glob.escape(output.name)}.{kind}-*")):
+            if not path.is_dir() or path.is_symlink() or not is_stale(path.name):
+                continue
+            moved = path / output.name
+            if kind == "old" and moved.is_dir() and not output.exists():
+                os.replace(moved, output)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_staged_folders(parent: str | os.PathLike, name_pattern: str = "*") -> None:

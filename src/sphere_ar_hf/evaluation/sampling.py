@@ -39,7 +39,7 @@ import torch
 
 from ..options import LABEL_MODES
 from ..seeding import LABEL_STREAM, image_seeds, stream_hash
-from ..utils import atomic_write
+from ..utils import atomic_write, remove_stale_temporaries
 from .image_sets import write_npz
 
 __all__ = ["LABEL_MODES", "ROW_QUANTUM", "SamplingSettings", "image_labels", "image_seeds", "run_sampling",
@@ -131,6 +131,8 @@ def _prepare(output_dir: Path, settings: SamplingSettings, resume: bool) -> None
         probe.unlink()
     except OSError as e:
         raise OSError(e.errno, f"{output_dir}: cannot write samples there ({e.strerror})") from None
+    for folder in (output_dir, output_dir / "shards", output_dir / "images"):  # what killed runs left half-written
+        remove_stale_temporaries(folder)
     record = output_dir / "sampling.json"
     if record.is_file():
         if not resume:
@@ -149,14 +151,29 @@ def run_sampling(pipe, output_dir: str | os.PathLike, settings: SamplingSettings
     """Sample ``settings.num_images`` images into ``output_dir`` (see the module docstring); returns the path of
     ``samples.npz``. ``pipe`` must already carry the settings' sampler, dtype and device. With several processes
     each calls this with its ``rank``, and ``barrier`` synchronises them (e.g. ``torch.distributed.barrier``)."""
-    from tqdm.auto import tqdm
-
     output_dir = Path(output_dir)
+    pipe.check_inputs(batch_size, settings.guidance_scale, settings.cfg_schedule, settings.num_inference_steps,
+                      None, "np")  # before anything is recorded: a refused run leaves no sampling.json
     _prepare(output_dir, settings, resume)
     barrier()
-    if rank == 0 and not (output_dir / "sampling.json").is_file():
-        with atomic_write(output_dir / "sampling.json", "w") as f:
+    record = output_dir / "sampling.json"
+    recorded_now = rank == 0 and not record.is_file()
+    if recorded_now:
+        with atomic_write(record, "w") as f:
             json.dump(asdict(settings), f, indent=1)
+    try:
+        return _sample(pipe, output_dir, settings, batch_size, png, rank, world_size, barrier, show_progress)
+    except BaseException:  # a run refused before its first shard (e.g. a guidance that overflows) records nothing
+        if recorded_now and not any((output_dir / "shards").iterdir()):
+            record.unlink(missing_ok=True)
+        raise
+
+
+def _sample(pipe, output_dir: Path, settings: SamplingSettings, batch_size: int, png: bool, rank: int,
+            world_size: int, barrier: Callable[[], None], show_progress: bool) -> Path:
+    """:func:`run_sampling` once the run is recorded: this rank's shards, then (rank 0) the merge."""
+    from tqdm.auto import tqdm
+
     if png:
         (output_dir / "images").mkdir(exist_ok=True)
     barrier()
