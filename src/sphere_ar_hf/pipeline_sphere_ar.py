@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -57,6 +58,23 @@ def _free_memory(device: torch.device) -> int | None:
         except (OSError, KeyError, ValueError):
             return None
     return None
+
+
+def _check_source(source: object) -> None:
+    """Refuse what is neither a folder nor a possible Hub repository id (``owner/name``), in one line, before
+    diffusers would blame its characters (``HFValidationError``) or go to the network."""
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(f"pretrained_model_name_or_path must be a folder or a Hub repository id (a str or path), "
+                        f"got {type(source).__name__}")
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ValueError(f"pretrained_model_name_or_path: {path} is a file; expected a pipeline folder (with "
+                         "model_index.json) or a Hub repository id")
+    if not path or os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path:
+        raise ValueError(f"pretrained_model_name_or_path: no such folder {path!r} (and not a Hub repository id, "
+                         "owner/name)")
 
 
 def _need_accelerator(method: str, device: torch.device | str | None) -> None:
@@ -122,6 +140,7 @@ class SphereARPipeline(DiffusionPipeline):
         mis-shaped weight is a ``ValueError``) and ``dtype`` given as a floating ``torch.dtype``, a name
         (``"bfloat16"``, ``"bf16"``, ``"float16"``, ``"fp16"``, ``"float32"``) or ``"auto"`` (each component in the
         dtype its weights are stored in); any other dtype is a ``ValueError``."""
+        _check_source(pretrained_model_name_or_path)
         dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         if dtype is not None:
             kwargs["dtype"] = {"default": dtype} if dtype == "auto" else dtype
@@ -179,7 +198,11 @@ class SphereARPipeline(DiffusionPipeline):
         return fast
 
     def check_inputs(self, batch_size: int, guidance_scale: float, cfg_schedule: str, num_inference_steps: int,
-                     generator, output_type: str, callback_on_step_end_tensor_inputs: Sequence[str] = ()) -> None:
+                     generator, output_type: str, callback_on_step_end_tensor_inputs: Sequence[str] = (),
+                     callback_on_step_end: Callable | None = None) -> None:
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable (pipe, i, t, kwargs) -> dict, got "
+                            f"{type(callback_on_step_end).__name__}")
         if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, "
                              f"got {list(callback_on_step_end_tensor_inputs)}")
@@ -208,6 +231,9 @@ class SphereARPipeline(DiffusionPipeline):
         """About the memory a call allocates beyond the weights: the KV cache, the head's :class:`.SamplingPlan`
         (time embeddings, a token's modulations), a token's noise, and the decoder's activations (all linear in
         ``batch_size``)."""
+        for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         tf = self.transformer
         rows = batch_size * (2 if guided else 1)
         heun = self.scheduler.config.sampler == "heun"  # (without building a grid: a billion steps are refused)
@@ -287,7 +313,7 @@ class SphereARPipeline(DiffusionPipeline):
         if guidance_scale is None:
             guidance_scale = float(self.transformer.config.guidance_scale)
         self.check_inputs(len(labels), guidance_scale, cfg_schedule, num_inference_steps, generator, output_type,
-                          callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs, callback_on_step_end)
         device = self._execution_device  # under offload: where the hooks move each model when it runs
         self.check_memory(len(labels), num_inference_steps, guidance_scale > 1.0, output_type, device)
         latents = self._sample_tokens(labels, guidance_scale, cfg_schedule, num_inference_steps, generator, device,
@@ -349,12 +375,26 @@ class SphereARPipeline(DiffusionPipeline):
                 if guided:
                     token = torch.cat([token, token])
                 if callback is not None:
-                    token = callback(self, i, i, {"token": token} if callback_inputs else {}).pop("token", token)
+                    token = self._callback_token(callback, i, token, callback_inputs)
                 tokens.append(token[:batch])
                 if i + 1 < num_tokens:
                     z = tf.decode_step(token, i, cache)
                 bar.update()
         return torch.stack(tokens, dim=1)
+
+    def _callback_token(self, callback: Callable, i: int, token: torch.Tensor, callback_inputs: Sequence[str]
+                        ) -> torch.Tensor:
+        """``callback_on_step_end`` after token ``i``: the token it returns (if any) replaces ``token``."""
+        out = callback(self, i, i, {"token": token} if callback_inputs else {})
+        if not isinstance(out, dict):
+            raise TypeError(f"callback_on_step_end must return a dict (the kwargs it got, or {{}}), got "
+                            f"{type(out).__name__}")
+        new = out.pop("token", token)
+        if not isinstance(new, torch.Tensor) or new.shape != token.shape:
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ValueError(f"callback_on_step_end returned a token of {got}; expected a tensor of shape "
+                             f"{tuple(token.shape)} (rows, latent_dim)")
+        return new.to(dtype=token.dtype, device=token.device)
 
     def _decode(self, latents: torch.Tensor, output_type: str, device: torch.device):
         """Tokens -> images of ``output_type`` (the latents go to the execution device: the VAE's offload hook moves

@@ -63,6 +63,9 @@ def evaluate(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | ImageSe
     """The metrics of ``gen`` against ``ref`` (paths of ``.npz`` files or image folders, or :class:`ImageSet`)."""
     if features not in FEATURE_SPACES:
         raise ValueError(f"features must be one of {FEATURE_SPACES}, got {features!r}")
+    if features == "digits" and inception_weights is not None:
+        raise ValueError("inception_weights (--inception-weights) is used only with Inception features, not with "
+                         "features='digits'")
     gen = _image_set(gen)
     if features == "digits":
         return evaluate_digits(gen, ref, batch_size=batch_size, k=k, with_precision_recall=with_precision_recall)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils import atomic_write
+from .metrics import covariance_problem
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSet", "write_npz"]
 
@@ -58,8 +59,9 @@ class ImageSet:
     def from_arrays(cls, images: np.ndarray, labels: np.ndarray | None = None, name: str = "<arrays>") -> ImageSet:
         """An in-memory set: uint8 images ``(N, H, W, 3)`` and optional labels."""
         images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} of shape {images.shape}")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:3]:
+            raise ValueError(f"expected uint8 images (N, H, W, 3) of at least 1x1 pixels, got {images.dtype} of "
+                             f"shape {images.shape}")
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"got {len(labels)} labels for {len(images)} images")
         self = cls.__new__(cls)
@@ -90,8 +92,8 @@ class ImageSet:
     def _open_npz(self) -> None:
         try:
             archive = np.load(self.path, allow_pickle=False)
-        except (ValueError, OSError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{self.path}: not a readable .npz file ({e})") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{self.path}: not a readable .npz file ({e or type(e).__name__})") from None
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise ValueError(f"{self.path}: a .npy array, not an .npz archive (expected arr_0 = images)")
         with archive:
@@ -99,6 +101,7 @@ class ImageSet:
             self.statistics = {k: archive[k] for k in STATISTICS_KEYS if k in keys}
             if "arr_1" in keys:
                 self.labels = np.asarray(archive["arr_1"]).reshape(-1)
+        self._check_statistics()
         if "arr_0" not in keys:
             if not {"mu", "sigma"} <= keys:
                 raise ValueError(f"{self.path}: no images (arr_0) and no statistics (mu, sigma); found "
@@ -107,11 +110,28 @@ class ImageSet:
             return
         with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
             shape, fortran, dtype = _read_npy_header(f)
-        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-            raise ValueError(f"{self.path}: arr_0 must be uint8 images (N, H, W, 3), got {dtype} of shape {shape}")
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran or 0 in shape[1:3]:
+            raise ValueError(f"{self.path}: arr_0 must be uint8 images (N, H, W, 3) of at least 1x1 pixels, got "
+                             f"{dtype} of shape {shape}")
         self.num_images, self.image_shape = int(shape[0]), tuple(int(s) for s in shape[1:])
         if self.labels is not None and len(self.labels) != self.num_images:
             raise ValueError(f"{self.path}: arr_1 holds {len(self.labels)} labels for {self.num_images} images")
+
+    def _check_statistics(self) -> None:
+        """Stored statistics must be a mean vector and a covariance matrix of its length (each pair)."""
+        for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+            if (mu_key in self.statistics) != (sigma_key in self.statistics):
+                raise ValueError(f"{self.path}: {mu_key} and {sigma_key} come together; found only one of them")
+            if mu_key not in self.statistics:
+                continue
+            mu, sigma = self.statistics[mu_key], self.statistics[sigma_key]
+            if mu.ndim != 1 or not np.isfinite(mu).all():
+                raise ValueError(f"{self.path}: {mu_key} must be a finite vector, got shape {mu.shape}")
+            why = covariance_problem(sigma)
+            if why is None and sigma.shape != (len(mu), len(mu)):
+                why = f"shape {sigma.shape} for a mean of length {len(mu)}"
+            if why is not None:
+                raise ValueError(f"{self.path}: {sigma_key} is not a covariance matrix: {why}")
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def batches(self, batch_size: int = 64) -> Iterator[np.ndarray]:

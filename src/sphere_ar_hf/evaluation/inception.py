@@ -57,8 +57,9 @@ def load_inception_weights(path: str | os.PathLike | None = None, progress: bool
         except pickle.UnpicklingError as e:
             raise ValueError(f"{path}: not a plain weights file (torch.load with weights_only=True refused it: "
                              f"{str(e).splitlines()[0]})") from None
-        except (RuntimeError, EOFError, OSError) as e:
-            raise ValueError(f"{path}: not a readable torch weights file ({e})") from None
+        except Exception as e:  # noqa: BLE001  (a text file, a truncated archive, ...: whatever torch.load raises)
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise ValueError(f"{path}: not a readable torch weights file ({type(e).__name__}: {first})") from None
         source = str(path)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source}: expected a state dict of tensors (torch-fidelity's InceptionV3 weights)")

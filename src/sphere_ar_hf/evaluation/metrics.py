@@ -33,6 +33,23 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
+def covariance_problem(sigma: np.ndarray) -> str | None:
+    """Why ``sigma`` is not a covariance matrix (square, finite, symmetric, positive semi-definite up to rounding:
+    no eigenvalue below -1e-4 of the largest), or None."""
+    sigma = np.asarray(sigma, np.float64)
+    if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
+        return f"not a square matrix (shape {sigma.shape})"
+    if not np.isfinite(sigma).all():
+        return "it contains NaN or infinite values"
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    if np.abs(sigma - sigma.T).max(initial=0.0) > 1e-4 * scale:
+        return "not symmetric"
+    w = np.linalg.eigvalsh(sigma) if sigma.size else np.zeros(0)
+    if w.size and w.min() < -1e-4 * max(abs(w).max(), 1e-300):
+        return f"not positive semi-definite (smallest eigenvalue {w.min():.4g}, largest {w.max():.4g})"
+    return None
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """The Fréchet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2):
     ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1^1/2 sigma2 sigma1^1/2)^1/2)``.
@@ -53,9 +70,13 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"the covariances must be {d}x{d} matrices for means of length {d}, got shapes "
                          f"{s1.shape} and {s2.shape}")
-    for name, a in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
+    for name, a in (("mu1", mu1), ("mu2", mu2)):
         if not np.isfinite(a).all():
             raise ValueError(f"{name} contains NaN or infinite values")
+    for name, a in (("sigma1", s1), ("sigma2", s2)):
+        why = covariance_problem(a)
+        if why is not None:
+            raise ValueError(f"{name} is not a covariance matrix: {why}")
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
     inner = root1 @ s2 @ root1
