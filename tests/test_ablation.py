@@ -118,7 +118,7 @@ def test_vae_option_validation() -> None:
         SphereVAE(**TINY_VAE, posterior="vmf")
     with pytest.raises(ValueError, match="normalize_decoder_input=False needs posterior='gaussian'"):
         SphereVAE(**TINY_VAE, normalize_decoder_input=False)
-    with pytest.raises(TypeError, match="normalize_decoder_input must be a bool"):
+    with pytest.raises(ValueError, match="normalize_decoder_input: must be bool"):
         SphereVAE(**TINY_VAE, normalize_decoder_input="yes")
 
 

@@ -1,5 +1,7 @@
 """The pipeline's refusals of bad folders and requests: one-line errors naming what was expected, before any
-large allocation; and quiet, true messages on float16 / bfloat16 CPU runs."""
+large allocation; every config field and `model_index.json` entry checked at the door (the file, the field, the
+value and what is expected; before, ZeroDivisionError, AttributeError, IndexError, "couldn't connect to
+huggingface.co", or blamed on guidance); and quiet, true messages on float16 / bfloat16 CPU runs."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import sphere_ar_hf.pipeline_sphere_ar as pipeline_module
 from conftest import build_tiny_pipeline
-from sphere_ar_hf import SphereARPipeline
+from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARScheduler, SphereVAE
+from sphere_ar_hf.config_fields import ConfigFieldError
 from test_cli import error_line, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,8 +37,8 @@ def edited(folder: Path, tmp_path: Path, file: str, edit) -> Path:
     out = tmp_path / "edited"
     shutil.copytree(folder, out)
     data = json.loads((out / file).read_text())
-    edit(data)
-    (out / file).write_text(json.dumps(data))
+    replaced = edit(data)  # edits in place, or returns what replaces the file's content
+    (out / file).write_text(json.dumps(data if replaced is None else replaced))
     return out
 
 
@@ -82,9 +85,9 @@ def test_another_scheduler_class_is_refused(folder, tmp_path) -> None:
 @pytest.mark.parametrize("guidance", ["abc", math.nan, True, None])
 def test_config_guidance_scale_must_be_a_number(folder, tmp_path, guidance) -> None:
     model = edited(folder, tmp_path, "transformer/config.json", lambda d: d.__setitem__("guidance_scale", guidance))
-    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+    with pytest.raises(ValueError, match="transformer/config.json: guidance_scale: must be a (finite )?number"):
         SphereARPipeline.from_pretrained(model)
-    refused_by_cli(model, "guidance_scale must be a finite number")
+    refused_by_cli(model, "guidance_scale: must be a")
 
 
 # ---- guidance ---------------------------------------------------------------------------------------------------
@@ -200,3 +203,75 @@ def test_cpu_offload_without_an_accelerator(tiny_pipeline) -> None:
         with pytest.raises(RuntimeError, match=f"^{method}\\(\\) moves each model to an accelerator .* this machine "
                                                "has none: run on the CPU instead \\(pipe.to\\('cpu'\\)\\)$"):
             getattr(tiny_pipeline, method)()
+
+
+# ---- every config field checked at the door ----------------------------------------------------------------------
+TF, VAE, SCHED, INDEX = "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json", \
+    "model_index.json"
+
+
+def setting(key, value):
+    return lambda d: {**d, key: value}
+
+
+CASES = [  # (file, edit, what the one line must say)
+    (TF, setting("hidden_size", 0), "hidden_size: must be an integer from 1 to"),
+    (TF, setting("num_attention_heads", 0), "num_attention_heads: must be an integer from 1"),
+    (TF, setting("patch_size", 0), "patch_size: must be an integer from 1"),
+    (TF, setting("num_hidden_layers", 1e9), "num_hidden_layers: must be int, got 1000000000.0 (float)"),
+    (TF, setting("dtype", "abc"), "dtype: must be one of float32, bfloat16, float16, auto or null, got 'abc'"),
+    (TF, setting("dtype", 0), "dtype: must be one of"),
+    (TF, setting("rms_norm_eps", -1), "rms_norm_eps: must be a number in (0, 0.01]"),
+    (TF, setting("rms_norm_eps", float("nan")), "rms_norm_eps: must be a number in (0, 0.01]"),
+    (TF, setting("rms_norm_eps", 1e9), "rms_norm_eps: must be a number in (0, 0.01]"),
+    (TF, setting("rope_theta", 0), "rope_theta: must be a number in (1, 1e7]"),
+    (TF, setting("rope_theta", 1e9), "rope_theta: must be a number in (1, 1e7]"),
+    (TF, setting("normalize_tokens", "yes"), "normalize_tokens: must be bool"),
+    (TF, setting("class_dropout_prob", 2), "class_dropout_prob: must be a number in [0, 1]"),
+    (TF, lambda d: [d], "must be a JSON object"),
+    (VAE, setting("patch_size", 0), "patch_size: must be an integer from 1"),
+    (VAE, setting("rope_theta", -1), "rope_theta: must be a number in (1, 1e7]"),
+    (VAE, setting("rope_theta", 1e9), "rope_theta: must be a number in (1, 1e7]"),
+    (VAE, setting("rms_norm_eps", 1e9), "rms_norm_eps: must be a number in (0, 0.01]"),
+    (VAE, setting("cnn_channels", []), "cnn_channels: must be a non-empty list"),
+    (VAE, lambda d: [d], "must be a JSON object"),
+    (SCHED, setting("num_inference_steps", -3), "num_inference_steps: must be an integer from 1"),
+    (SCHED, setting("time_shift", "x"), "time_shift: must be a number, got 'x'"),
+    (SCHED, lambda d: [d], "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("file", "edit", "needle"), CASES, ids=[f"{c[0].split('/')[0]}-{c[2][:28]}" for c in CASES])
+def test_a_bad_field_is_named_with_its_file(folder, tmp_path, file, edit, needle) -> None:
+    model = edited(folder, tmp_path, file, edit)
+    with pytest.raises(ConfigFieldError) as info:
+        SphereARPipeline.from_pretrained(model)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{model}/{file}: ") and needle in message, message
+    code, stdout, err = run("generate", "--model", model, "--class-labels", "1", "--steps", "1",
+                            "--output", tmp_path / "out.png")
+    line = error_line(err)
+    assert code == 2 and needle in line and file in line, line
+
+
+@pytest.mark.parametrize("entry", [[], ["sphere_ar_hf.vae"], [1, 2], "SphereVAE"])
+def test_a_bad_component_entry_is_named(folder, tmp_path, entry) -> None:
+    model = edited(folder, tmp_path, INDEX, setting("vae", entry))
+    with pytest.raises(ValueError, match=r"model_index.json: vae must be \[library, class name\]"):
+        SphereARPipeline.from_pretrained(model)
+
+
+def test_the_loaded_sizes_must_fit_together(folder, tmp_path) -> None:
+    model = edited(folder, tmp_path, TF, setting("num_attention_heads", 3))
+    with pytest.raises(ConfigFieldError, match=f"{TF}: hidden_size 64 / num_attention_heads 3 must give"):
+        SphereARPipeline.from_pretrained(model)
+
+
+def test_configs_built_in_python_are_checked_too() -> None:
+    with pytest.raises(ConfigFieldError, match="^hidden_size: must be an integer"):
+        SphereARConfig(hidden_size=-4)
+    with pytest.raises(ConfigFieldError, match="^z_channels: must be int, got '8' .str.$"):
+        SphereVAE(z_channels="8")
+    with pytest.raises(ConfigFieldError, match="^last_step_size: must be a number in"):
+        SphereARScheduler(last_step_size=3.0)
+    SphereARConfig(guidance_scale=2, rope_theta=10000)  # integers where numbers are expected are fine

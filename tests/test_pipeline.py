@@ -304,5 +304,5 @@ def test_normalize_tokens_round_trips_and_is_validated(make_pipeline, tmp_path) 
     pipe.save_pretrained(tmp_path / "baseline")
     assert SphereARPipeline.from_pretrained(tmp_path / "baseline").transformer.config.normalize_tokens is False
     assert SphereARConfig().normalize_tokens is True
-    with pytest.raises(ValueError, match="normalize_tokens must be true or false, got 'yes'"):
+    with pytest.raises(ValueError, match="normalize_tokens: must be bool, got 'yes'"):
         SphereARConfig(normalize_tokens="yes")

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 from transformers import AutoConfig, PreTrainedConfig
 
+from .config_fields import (
+    ConfigFieldError,
+    TransformerFields,
+    check_config_file,
+    check_dtype_name,
+    check_fields,
+    config_file_error,
+)
 from .layers import swiglu_hidden_size
 
 __all__ = ["SphereARConfig", "PRESETS"]
@@ -63,6 +69,9 @@ class SphereARConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
+        check_fields(TransformerFields, {k: v for k, v in locals().items() if k not in ("self", "kwargs")})
+        for key in ("dtype", "torch_dtype"):
+            check_dtype_name(key, kwargs.get(key))
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -86,20 +95,24 @@ class SphereARConfig(PreTrainedConfig):
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.normalize_tokens, bool):
-            raise ValueError(f"normalize_tokens must be true or false, got {self.normalize_tokens!r}")
-        g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
-            raise ValueError(f"guidance_scale must be a finite number (the recommended classifier-free guidance "
-                             f"scale), got {g!r}")
+        """How the sizes fit together (each field's type and range is checked first, in ``__init__``)."""
         if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} must "
-                             "give an integer head dim divisible by 4 (2D RoPE)")
+            raise ConfigFieldError(f"hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} "
+                                   "must give an integer head dim divisible by 4 (2D RoPE)")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.head_num_adaln < 1 or self.head_num_layers % max(1, self.head_num_layers // self.head_num_adaln):
-            raise ValueError(f"head_num_layers {self.head_num_layers} must be divisible into head_num_adaln "
+            raise ConfigFieldError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.head_num_layers % max(1, self.head_num_layers // self.head_num_adaln):
+            raise ConfigFieldError(f"head_num_layers {self.head_num_layers} must be divisible into head_num_adaln "
                              f"{self.head_num_adaln} groups")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedConfig.from_pretrained``; a bad field names its file (``.../config.json: hidden_size: ...``)."""
+        check_config_file(pretrained_model_name_or_path, kwargs.get("subfolder"), "config.json")
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except ConfigFieldError as e:
+            raise config_file_error(e, pretrained_model_name_or_path, kwargs.get("subfolder"), "config.json") from None
 
     @property
     def grid_size(self) -> int:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .config_fields import ConfigFieldError, check_config_file, config_file_error
+
 __all__ = ["DTYPE_NAMES", "describe_mismatch", "load_strictly", "resolve_dtype", "stored_dtype", "weights_folder"]
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -148,8 +150,12 @@ def load_strictly(cls: type, load: Callable[..., Any], args: tuple, kwargs: dict
     where = str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "?"))
     if kwargs.get("subfolder"):
         where = f"{where}/{kwargs['subfolder']}"
+    folder = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    check_config_file(folder, kwargs.get("subfolder"), "config.json")
     try:
         model, info = load(*args, output_loading_info=True, **kwargs)
+    except ConfigFieldError as e:  # a field of the config: name the file
+        raise config_file_error(e, folder, kwargs.get("subfolder"), "config.json") from None
     except Exception as e:  # re-raised below unless it is one of the two known failures
         cause = _unreadable(e)
         shape = _DIFFUSERS_SHAPE_ERROR.search(str(e)) if isinstance(e, ValueError) else None

@@ -77,6 +77,20 @@ def _check_source(source: object) -> None:
                          "owner/name)")
 
 
+def _check_model_index(index: object, where: object) -> None:
+    """Each component entry of ``model_index.json`` must be ``[library, class]`` (two strings, or two nulls for a
+    component left out), before diffusers indexes into it."""
+    if not isinstance(index, dict):
+        raise ValueError(f"{where}/model_index.json: must be a JSON object, got a {type(index).__name__}")
+    for name in ("transformer", "vae", "scheduler"):
+        entry = index.get(name)
+        ok = isinstance(entry, list | tuple) and len(entry) == 2 and (
+            all(isinstance(x, str) and x for x in entry) or all(x is None for x in entry))
+        if name in index and not ok:
+            raise ValueError(f"{where}/model_index.json: {name} must be [library, class name] (two strings), got "
+                             f"{entry!r}")
+
+
 def _need_accelerator(method: str, device: torch.device | str | None) -> None:
     accelerator = getattr(torch, "accelerator", None)
     if device is None and accelerator is not None and not accelerator.is_available():
@@ -152,7 +166,9 @@ class SphereARPipeline(DiffusionPipeline):
         package's classes, so that code is neither needed nor run."""
         from .remote_code import package_model_index
 
-        return package_model_index(super().load_config(*args, **kwargs))
+        config = super().load_config(*args, **kwargs)
+        _check_model_index(config[0] if isinstance(config, tuple) else config, args[0] if args else "?")
+        return package_model_index(config)
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from .config_fields import check_fields  # noqa: F401  (imported for diffusers, see the docstring)
 from .configuration_sphere_ar import SphereARConfig
 from .diagonal_gaussian import DiagonalGaussianDistribution  # noqa: F401  (imported for diffusers, see below)
 from .fast_sampling import FastTokenSampler  # noqa: F401

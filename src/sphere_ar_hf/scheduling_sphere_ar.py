@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .config_fields import ConfigFieldError, SchedulerFields, check_config_file, check_fields, config_file_error
 from .options import CFG_SCHEDULES, SAMPLERS
 
 __all__ = ["CFG_SCHEDULES", "SAMPLERS", "SphereARScheduler", "SphereARSchedulerOutput", "StepTable", "flow_path",
@@ -176,6 +177,7 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_inference_steps: int = 100, last_step_size: float = 0.04, sampler: str = "euler_maruyama",
                  time_shift: float = 1.0):
+        check_fields(SchedulerFields, {k: v for k, v in locals().items() if k != "self"})
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0.0 <= last_step_size < 1.0:
@@ -183,6 +185,15 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
         if not time_shift > 0:
             raise ValueError(f"time_shift must be > 0, got {time_shift}")
         self.set_timesteps(num_inference_steps)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder: str | None = None, **kwargs):
+        """``SchedulerMixin.from_pretrained``; a bad field names the file (``.../scheduler_config.json: ...``)."""
+        check_config_file(pretrained_model_name_or_path, subfolder, cls.config_name)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ConfigFieldError as e:
+            raise config_file_error(e, pretrained_model_name_or_path, subfolder, cls.config_name) from None
 
     @property
     def order(self) -> int:

@@ -16,6 +16,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
+from .config_fields import VAEFields, check_fields
 from .diagonal_gaussian import DiagonalGaussianDistribution
 from .layers import Rope2D, TransformerBlock, align_loaded, run_blocks, swiglu_hidden_size
 from .loading import load_strictly, resolve_dtype, stored_dtype, weights_folder
@@ -159,6 +160,7 @@ class SphereVAE(ModelMixin, ConfigMixin):
         normalize_decoder_input: bool = True,
     ):
         super().__init__()
+        check_fields(VAEFields, {k: v for k, v in locals().items() if k not in ("self", "__class__")})
         if posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {', '.join(map(repr, POSTERIORS))}, got {posterior!r}")
         if not isinstance(normalize_decoder_input, bool):
