@@ -275,3 +275,51 @@ def test_configs_built_in_python_are_checked_too() -> None:
     with pytest.raises(ConfigFieldError, match="^last_step_size: must be a number in"):
         SphereARScheduler(last_step_size=3.0)
     SphereARConfig(guidance_scale=2, rope_theta=10000)  # integers where numbers are expected are fine
+
+
+# ---- no silent wrong load: weights -------------------------------------------------------------------------------
+def with_weights(folder: Path, tmp_path: Path, file: str, edit) -> Path:
+    """A copy of ``folder`` whose safetensors ``file`` holds ``edit(weights)``."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "weights"
+    shutil.copytree(folder, out)
+    weights = load_file(out / file)
+    save_file(edit(weights), out / file, metadata={"format": "pt"})
+    return out
+
+
+VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
+
+
+def test_integer_weights_are_refused(folder, tmp_path) -> None:
+    model = with_weights(folder, tmp_path, VAE_WEIGHTS, lambda w: {k: v.to(torch.int8) for k, v in w.items()})
+    with pytest.raises(ValueError, match="cannot load SphereVAE from .*vae: .* weights are not stored as floating "
+                                         r"point \(diffusion_pytorch_model.safetensors: .* \(I8\)"):
+        SphereARPipeline.from_pretrained(model)
+
+
+@pytest.mark.parametrize("file", [VAE_WEIGHTS, "transformer/model.safetensors"])
+def test_nan_weights_are_named_as_nan_weights(folder, tmp_path, file) -> None:
+    def poison(w):
+        key = sorted(w)[0]
+        w[key] = w[key].clone().fill_(float("nan"))
+        return w
+
+    model = with_weights(folder, tmp_path, file, poison)
+    with pytest.raises(ValueError, match=r"1 weights hold NaN or infinite values \(.+\); the file is damaged"):
+        SphereARPipeline.from_pretrained(model)
+    code, _, err = run("generate", "--model", model, "--class-labels", "1", "--steps", "1",
+                       "--output", tmp_path / "out.png")
+    assert code == 2 and "NaN or infinite" in error_line(err) and "guidance" not in err
+
+
+def test_a_constant_decoded_batch_names_the_vae(folder, tmp_path) -> None:
+    model = with_weights(folder, tmp_path, VAE_WEIGHTS,
+                         lambda w: {**w, "decoder_conv_out.weight": torch.zeros_like(w["decoder_conv_out.weight"])})
+    pipe = SphereARPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="the VAE decoded every image to the constant value .*decoder weights are "
+                                         "broken"):
+        pipe([1, 2], num_inference_steps=2, output_type="np")
+    assert pipe([1, 2], num_inference_steps=2, output_type="latent").images.shape[0] == 2  # the tokens are fine

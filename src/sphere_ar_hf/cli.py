@@ -88,6 +88,21 @@ def _image_format(path: Path) -> str:
     return "PNG"
 
 
+MAX_IMAGE_SIDE = 8192  # pixels per side of one upscaled image
+MAX_GRID_PIXELS = 2**28  # all images of a grid (about 800 MB as RGB)
+
+
+def _check_output_size(size: int, scale: int | None, count: int) -> None:
+    """Refuse an upscaling that would not fit in memory, before sampling."""
+    side = size * (scale or _default_scale(size))
+    if side > MAX_IMAGE_SIDE:
+        raise CLIError(f"--scale {scale}: {size}-pixel images would become {side} pixels per side; at most "
+                       f"{MAX_IMAGE_SIDE} (--scale {MAX_IMAGE_SIDE // size} or less)")
+    if count * side * side > MAX_GRID_PIXELS:
+        raise CLIError(f"{count} images of {side}x{side} pixels make a grid of {count * side * side / 1e6:.0f} "
+                       f"megapixels; at most {MAX_GRID_PIXELS / 1e6:.0f}: lower --scale or make fewer images per call")
+
+
 def _default_scale(size: int) -> int:
     """Enough nearest-neighbour upscaling to make a small image readable: at least 128 px, integer factor."""
     return max(1, -(-128 // size))
@@ -164,6 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise CLIError(f"--class-labels {one_line(e)}") from None
     pipe = load_pipeline(model, args.dtype)
+    _check_output_size(pipe.vae.config.image_size, args.scale, len(ids))
     pipe.to(device)
     guidance = args.guidance_scale if args.guidance_scale is not None else float(pipe.transformer.config.guidance_scale)
     (args.output_dir if args.output_dir is not None else args.output.parent).mkdir(parents=True, exist_ok=True)

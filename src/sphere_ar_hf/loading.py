@@ -64,6 +64,29 @@ def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
     return None
 
 
+FLOAT_STORAGE = ("F32", "BF16", "F16", "F64")
+
+
+def non_floating_weights(folder: str | os.PathLike) -> list[str]:
+    """``"<file>: <key> (<dtype>)"`` for each weight in the safetensors files of the local ``folder`` that is not
+    stored as a floating type (read from the headers only)."""
+    found = []
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt") as f:
+                found += [f"{file.name}: {key} ({f.get_slice(key).get_dtype()})" for key in f.keys()
+                          if f.get_slice(key).get_dtype() not in FLOAT_STORAGE]
+        except (SafetensorError, OSError):
+            continue  # unreadable files are reported by the load itself
+    return found
+
+
+def non_finite_weights(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s floating weights that hold a NaN or an infinity (one check per tensor, at load)."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
+
+
 def weights_folder(path: str | os.PathLike, kwargs: dict[str, Any],
                    weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
     """The local folder holding a model's weights: ``path`` (plus ``kwargs["subfolder"]``) if it is a directory,
@@ -152,6 +175,12 @@ def load_strictly(cls: type, load: Callable[..., Any], args: tuple, kwargs: dict
         where = f"{where}/{kwargs['subfolder']}"
     folder = args[0] if args else kwargs.get("pretrained_model_name_or_path")
     check_config_file(folder, kwargs.get("subfolder"), "config.json")
+    local = Path(str(folder), kwargs.get("subfolder") or "") if isinstance(folder, str | os.PathLike) else None
+    stored = non_floating_weights(local) if local is not None and local.is_dir() else []
+    if stored:
+        listed = ", ".join(stored[:2]) + (" ..." if len(stored) > 2 else "")
+        raise ValueError(f"cannot load {cls.__name__} from {where}: {len(stored)} weights are not stored as floating "
+                         f"point ({listed}); expected F32, BF16 or F16")
     try:
         model, info = load(*args, output_loading_info=True, **kwargs)
     except ConfigFieldError as e:  # a field of the config: name the file
@@ -169,4 +198,9 @@ def load_strictly(cls: type, load: Callable[..., Any], args: tuple, kwargs: dict
     if problem:
         raise ValueError(f"cannot load {cls.__name__} from {where}: its weights do not match its config ({problem}); "
                          "the folder is incomplete or its config was edited: re-save or re-convert it")
+    bad = non_finite_weights(model)
+    if bad:
+        raise ValueError(f"cannot load {cls.__name__} from {where}: {len(bad)} weights hold NaN or infinite values "
+                         f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); the file is damaged or was saved "
+                         "from a diverged training run")
     return (model, info) if want_info else model

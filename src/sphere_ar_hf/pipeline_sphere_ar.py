@@ -420,6 +420,9 @@ class SphereARPipeline(DiffusionPipeline):
             raise FloatingPointError(f"the decoder produced non-finite values in {self.vae.dtype}; "
                                      "run the VAE in float32 or bfloat16")
         images = (decoded.float() / 2 + 0.5).clamp(0, 1)
+        if latents.shape[0] > 0 and bool(images.amax() == images.amin()):  # the one wait before returning
+            raise ValueError(f"the VAE decoded every image to the constant value {float(images.amax()):.3g}: its "
+                             "decoder weights are broken (e.g. zeroed), not the sampling; re-save or re-convert vae/")
         if output_type != "pt":
             images = images.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":

@@ -116,6 +116,9 @@ def evaluate(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | ImageSe
     return out
 
 
+MAX_DIGITS_SIZE = 64  # the digits classifier is an MLP on size x size pixels, trained when it is first needed
+
+
 def evaluate_digits(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | ImageSet | None = None,
                     extractor: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None, batch_size: int = 64,
                     k: int = 3, with_precision_recall: bool = True) -> dict[str, Any]:
@@ -128,6 +131,9 @@ def evaluate_digits(gen: str | os.PathLike | ImageSet, ref: str | os.PathLike | 
     if not gen.num_images:
         raise ValueError(f"GEN {gen.path}: no images")
     size = gen.image_shape[0]
+    if size > MAX_DIGITS_SIZE:
+        raise ValueError(f"GEN {gen.path}: {size}x{size} images; the digits feature space is for the digits model's "
+                         f"small images, at most {MAX_DIGITS_SIZE} px (the real digits are 8x8 scans)")
     if ref is not None:
         ref = _image_set(ref)
         _check_pair(gen, ref)

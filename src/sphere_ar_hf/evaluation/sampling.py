@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -122,6 +123,33 @@ def _save_pngs(output_dir: Path, start: int, images: np.ndarray) -> None:
             Image.fromarray(image).save(f, format="PNG")
 
 
+MAX_SHARDS = 1_000_000  # shard files per run (one per --shard-size images)
+
+
+def check_sampling_size(output_dir: Path, settings: SamplingSettings) -> None:
+    """Refuse, before anything is written, a run with more than :data:`MAX_SHARDS` shard files or whose shards and
+    ``samples.npz`` (twice the uint8 images, less the shards already written) do not fit on the disk of
+    ``output_dir``."""
+    shards = -(-settings.num_images // settings.shard_size)
+    if shards > MAX_SHARDS:
+        raise ValueError(f"num_images {settings.num_images} in shards of {settings.shard_size} make {shards} shard "
+                         f"files; at most {MAX_SHARDS}: use a shard size of "
+                         f"{-(-settings.num_images // MAX_SHARDS)} or more")
+    existing = next(p for p in (output_dir.resolve(), *output_dir.resolve().parents) if p.exists())
+    written = sum(p.stat().st_size for p in (output_dir / "shards").glob("*.npz")) if existing == output_dir.resolve() \
+        else 0  # a resumed run's shards are already on the disk
+    need = 2 * settings.num_images * settings.image_size**2 * 3 - written
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise ValueError(f"{settings.num_images} images of {settings.image_size}x{settings.image_size} need about "
+                         f"{_size(need)} of disk in {output_dir} (the shards and samples.npz) but {_size(free)} is "
+                         "free")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _prepare(output_dir: Path, settings: SamplingSettings, resume: bool) -> None:
     """Checks every rank makes (read-only but for a probe file), so that all fail alike instead of hanging."""
     try:
@@ -154,6 +182,7 @@ def run_sampling(pipe, output_dir: str | os.PathLike, settings: SamplingSettings
     output_dir = Path(output_dir)
     pipe.check_inputs(batch_size, settings.guidance_scale, settings.cfg_schedule, settings.num_inference_steps,
                       None, "np")  # before anything is recorded: a refused run leaves no sampling.json
+    check_sampling_size(output_dir, settings)
     _prepare(output_dir, settings, resume)
     barrier()
     record = output_dir / "sampling.json"
