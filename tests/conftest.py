@@ -70,6 +70,14 @@ def expected(fixture_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(fixture_dir / "expected.safetensors"))
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """The tiny pipeline saved to a folder; tests must not modify it (copy it first)."""
+    out = tmp_path_factory.mktemp("tiny-pipeline") / "tiny"
+    build_tiny_pipeline().save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory, fixture_dir: Path) -> Path:
     """A pipeline folder written by `sphere-ar convert` from the tiny official fixture ('model' weights, so that a

@@ -12,18 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build_tiny_pipeline
 from sphere_ar_hf.evaluation import sampling
 from test_cli import error_line, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bounds") / "tiny"
-    build_tiny_pipeline().save_pretrained(out)
-    return out
+@pytest.fixture
+def model(tiny_pipeline_dir) -> Path:
+    return tiny_pipeline_dir
 
 
 def refused(*argv, needles: tuple[str, ...]) -> None:

@@ -27,10 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hardening") / "tiny"
-    build_tiny_pipeline().save_pretrained(out)
-    return out
+def folder(tiny_pipeline_dir) -> Path:
+    return tiny_pipeline_dir
 
 
 def edited(folder: Path, tmp_path: Path, file: str, edit) -> Path:
