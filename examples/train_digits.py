@@ -121,17 +121,55 @@ def _data_args(args: argparse.Namespace, dataset: Path, **kwargs):
                          hflip=False, **kwargs)
 
 
-def train_ar_stage(args: argparse.Namespace, vae_dir: Path, cache: Path, run_dir: Path, num_train: int) -> Path:
+def check_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, and the SphereAR config buildable, before the S-VAE stage trains."""
+    from sphere_ar_hf.training.argument_checks import (
+        NON_NEGATIVE_INT,
+        POSITIVE_INT,
+        POSITIVE_REAL,
+        PROBABILITY,
+        RATE,
+        check_value,
+    )
+
+    rules = {**dict.fromkeys(["threads", "resolution", "latent_dim", "cnn_channels", "vae_layers", "vae_heads",
+                              "vae_epochs", "vae_batch_size", "ar_batch_size"], POSITIVE_INT),
+             **dict.fromkeys(["ar_warmup_steps", "ar_workers"], NON_NEGATIVE_INT),
+             **dict.fromkeys(["vae_lr", "ar_lr", "kl_weight", "disc_weight"], RATE),
+             "ar_epochs": POSITIVE_REAL, "disc_start_frac": PROBABILITY}
+    for name, rule in rules.items():
+        check_value(name, getattr(args, name), rule=rule)
+    check_value("ema_decay", args.ema_decay)
+    ar_config(args)
+
+
+# the SphereAR config's fields that the recipe sets from a flag of another name
+CONFIG_FLAGS = {"num_hidden_layers": "--layers", "num_attention_heads": "--heads", "head_num_layers": "--head_layers",
+                "image_size": "--resolution", "patch_size": "--cnn_channels"}
+
+
+def ar_config(args: argparse.Namespace):
+    """The SphereAR config of the recipe (its fields are checked when it is built; an error names the flag)."""
     from sphere_ar_hf import SphereARConfig
+
+    try:
+        return SphereARConfig(
+            hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            head_hidden_size=args.head_hidden_size, head_num_layers=args.head_layers, head_num_adaln=1,
+            num_class_tokens=args.num_class_tokens, normalize_tokens=args.normalize_tokens,
+            diff_batch_mul=args.diff_batch_mul,
+            guidance_scale=args.guidance_scale, latent_dim=args.latent_dim, image_size=args.resolution,
+            patch_size=2 ** (len(args.cnn_channels) - 1), num_classes=10)
+    except ValueError as e:
+        field, _, rest = str(e).partition(": ")
+        flag = CONFIG_FLAGS.get(field, f"--{field}")
+        raise ValueError(f"{flag}: {rest}" if rest and field.isidentifier() else str(e)) from None
+
+
+def train_ar_stage(args: argparse.Namespace, vae_dir: Path, cache: Path, run_dir: Path, num_train: int) -> Path:
     from sphere_ar_hf.training.trainer import ModelArguments, SphereARTrainingArguments, train_sphere_ar
 
-    config = SphereARConfig(
-        hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        head_hidden_size=args.head_hidden_size, head_num_layers=args.head_layers, head_num_adaln=1,
-        num_class_tokens=args.num_class_tokens, normalize_tokens=args.normalize_tokens,
-        diff_batch_mul=args.diff_batch_mul,
-        guidance_scale=args.guidance_scale, latent_dim=args.latent_dim, image_size=args.resolution,
-        patch_size=2 ** (len(args.cnn_channels) - 1), num_classes=10)
+    config = ar_config(args)
     config_file = run_dir.parent / "ar_config.json"
     config.to_json_file(str(config_file))
     steps = int(args.ar_epochs * (num_train // args.ar_batch_size))
@@ -159,6 +197,7 @@ def _copy_public(src: Path, dst: Path) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    check_flags(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     torch.set_num_threads(args.threads)
     t0 = time.time()

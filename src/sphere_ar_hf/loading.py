@@ -87,6 +87,16 @@ def non_finite_weights(model: torch.nn.Module) -> list[str]:
             if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]
 
 
+def refuse_non_finite(model: torch.nn.Module, what: str) -> None:
+    """Before a trainer saves ``model``: a ``ValueError`` if any weight is NaN or infinite (a diverged run), so that
+    no broken model is ever written. Every process calls it (the weights are the same on each), so none waits."""
+    bad = non_finite_weights(model)
+    if bad:
+        listed = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise ValueError(f"training diverged: {len(bad)} weights of the {what} are NaN or infinite ({listed}); nothing "
+                         "was saved: lower the learning rate, or resume from an earlier checkpoint")
+
+
 def weights_folder(path: str | os.PathLike, kwargs: dict[str, Any],
                    weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
     """The local folder holding a model's weights: ``path`` (plus ``kwargs["subfolder"]``) if it is a directory,

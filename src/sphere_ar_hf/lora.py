@@ -524,10 +524,12 @@ def train_lora(lora_args: LoraArguments, data_args: Any, training_args: Training
     """
     from transformers import set_seed
 
+    from .training.argument_checks import check_arguments
     from .training.data import build_image_dataset
     from .training.latent_cache import LatentCacheDataset, check_latent_cache, data_inputs
     from .utils import check_output_folder
 
+    check_arguments(lora_args, training_args, data_args)
     out = Path(lora_args.adapter_output_dir or Path(training_args.output_dir) / "adapter")
     inputs = [lora_args.pretrained_model, *data_inputs(data_args)]
     check_output_folder(out, True, kind="lora", inputs=inputs, option="--adapter_output_dir")  # before training

@@ -40,6 +40,7 @@ __all__ = [
     "load_image_dataset",
     "random_crop",
     "resolve_num_classes",
+    "probe_images",
     "skipped_image_count",
     "to_rgb",
     "transform_image",
@@ -455,6 +456,7 @@ class ImageDataset(_Augmenter, torch.utils.data.Dataset):
         super().__init__(args, seed)
         dataset = dataset.select_columns([args.image_column, args.label_column])
         self.dataset = _undecoded(dataset, args.image_column)
+        probe_images(self.dataset, args.image_column)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -504,6 +506,27 @@ def build_image_dataset(args: DataArguments, seed: int = 0, rank: int = 0, world
             raw = datasets.distributed.split_dataset_by_node(raw, rank=rank, world_size=world_size)
         return IterableImageDataset(raw, args, seed, rank=rank, world_size=world_size)
     return ImageDataset(raw, args, seed)
+
+
+PROBED_EXAMPLES = 16
+
+
+def probe_images(dataset: Any, column: str, count: int = PROBED_EXAMPLES) -> None:
+    """Refuse a ``column`` in which none of the first ``count`` examples decodes as an image (e.g. the label column
+    named as the image column): a run that would skip every example and exit 0. A few bad files are skipped as
+    ever."""
+    n = min(count, len(dataset))
+    failures = []
+    for i in range(n):
+        value = dataset[i][column]
+        try:
+            decode_image(value)
+            return
+        except Exception as err:  # noqa: BLE001  (whatever the decoder raises: the same test as make_item)
+            failures.append(f"{_describe(value)}: {type(err).__name__}")
+    if failures:
+        raise ValueError(f"--image_column {column!r}: none of the first {n} examples holds a decodable image "
+                         f"(example 0: {failures[0]})")
 
 
 def skipped_image_count() -> int:

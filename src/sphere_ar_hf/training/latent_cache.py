@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..utils import check_output_folder, shared_staging_path, stage_folder, swap_folder_into_place
 from ..vae import POSTERIOR_CLASSES, SphereVAE, posterior_tokens
+from .argument_checks import check_arguments
 from .data import (
     DataArguments,
     _describe,
@@ -188,6 +189,7 @@ def cache_latents(
     The main process prints a summary and shows a progress bar (with ETA) over its shard (``disable_tqdm``).
     Returns ``output_dir`` (on every process, after the cache is complete).
     """
+    check_arguments(data_args)
     if data_args.streaming:
         raise ValueError("the latent cache needs a map-style dataset; set streaming=False")
     if data_args.resolution != vae.config.image_size:

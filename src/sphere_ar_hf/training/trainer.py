@@ -42,8 +42,10 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 
 from ..configuration_sphere_ar import PRESETS, SphereARConfig
+from ..loading import refuse_non_finite
 from ..modeling_sphere_ar import SphereARTransformer
 from ..vae import SphereVAE
+from .argument_checks import check_arguments, check_input_path
 from .checkpoints import (
     DEFAULT_CHECKPOINT_LIMIT,
     checkpoints_to_delete,
@@ -578,6 +580,7 @@ class SphereARTrainer(Trainer):
         from ..utils import write_folder_atomically
 
         output_dir = Path(output_dir)
+        refuse_non_finite(self.accelerator.unwrap_model(self.model), "transformer")
         if self.args.should_save:
             pipe = self.build_pipeline(id2label)
             setattr(pipe.transformer.config, TRAINING_INFO_KEY, self.training_record(training_data))
@@ -676,6 +679,9 @@ def train_sphere_ar(model_args: ModelArguments, data_args: Any, training_args: T
     from .data import build_image_dataset, class_names, resolve_num_classes
     from .latent_cache import LatentCacheDataset, check_latent_cache, data_inputs, load_vae
 
+    check_arguments(model_args, training_args, data_args)
+    for flag in ("pretrained_vae", "config_file", "pretrained_model"):
+        check_input_path(f"--{flag}", getattr(model_args, flag))
     out = Path(getattr(training_args, "pipeline_output_dir", None) or Path(training_args.output_dir) / "pipeline")
     inputs = [model_args.pretrained_vae, model_args.pretrained_model, *data_inputs(data_args)]
     check_output_folder(out, True, kind="pipeline", inputs=inputs, option="--pipeline_output_dir")  # before training

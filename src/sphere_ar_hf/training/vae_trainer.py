@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..loading import refuse_non_finite
 from ..options import POSTERIORS
 from ..power_spherical import PowerSphericalDistribution
 from ..utils import (
@@ -45,6 +46,7 @@ from ..utils import (
     write_folder_atomically,
 )
 from ..vae import SphereVAE
+from .argument_checks import check_arguments, check_input_path
 from .checkpoints import (
     DEFAULT_CHECKPOINT_LIMIT,
     mark_checkpoint_complete,
@@ -507,6 +509,9 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    check_arguments(model_args, training_args, data_args)
+    for flag in ("pretrained_vae", "vae_config"):
+        check_input_path(f"--{flag}", getattr(model_args, flag))
     args = training_args
     if args.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {args.mixed_precision!r}")
@@ -662,6 +667,7 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
                                    total_limit=args.checkpoints_total_limit, keep_every=args.keep_checkpoints_every)
     accelerator.wait_for_everyone()
     vae_dir = finals["vae"]
+    refuse_non_finite(accelerator.unwrap_model(model).vae, "S-VAE")
     if accelerator.is_main_process:
         final_vae = accelerator.unwrap_model(model).vae
         written = {"vae": final_vae, "discriminator": disc_inner}
