@@ -259,9 +259,11 @@ def test_a_bad_component_entry_is_named(folder, tmp_path, entry) -> None:
         SphereARPipeline.from_pretrained(model)
 
 
-def test_the_loaded_sizes_must_fit_together(folder, tmp_path) -> None:
-    model = edited(folder, tmp_path, TF, setting("num_attention_heads", 3))
-    with pytest.raises(ConfigFieldError, match=f"{TF}: hidden_size 64 / num_attention_heads 3 must give"):
+def test_the_sizes_must_fit_together(folder, tmp_path) -> None:
+    with pytest.raises(ConfigFieldError, match="^hidden_size 64 / num_attention_heads 3 must give"):
+        SphereARConfig(hidden_size=64, num_attention_heads=3)
+    model = edited(folder, tmp_path, TF, setting("num_attention_heads", 3))  # a folder: its weights' record says
+    with pytest.raises(ConfigFieldError, match=f"{TF}: num_attention_heads is 3 but the weights were saved with"):
         SphereARPipeline.from_pretrained(model)
 
 
@@ -321,3 +323,32 @@ def test_a_constant_decoded_batch_names_the_vae(folder, tmp_path) -> None:
                                          "broken"):
         pipe([1, 2], num_inference_steps=2, output_type="np")
     assert pipe([1, 2], num_inference_steps=2, output_type="latent").images.shape[0] == 2  # the tokens are fine
+
+
+# ---- no silent wrong load: what weight shapes cannot show ---------------------------------------------------------
+@pytest.mark.parametrize(("file", "key", "value"), [
+    (TF, "num_attention_heads", 4), (TF, "rms_norm_eps", 1e-5), (TF, "rope_theta", 1000.0),
+    (VAE, "num_attention_heads", 4), (VAE, "rms_norm_eps", 1e-5), (VAE, "rope_theta", 20000.0)])
+def test_an_edited_architecture_field_is_refused(folder, tmp_path, file, key, value) -> None:
+    """In range and shape-compatible, so only the record written with the weights shows the edit (images off by
+    up to 0.74 before)."""
+    model = edited(folder, tmp_path, file, setting(key, value))
+    with pytest.raises(ConfigFieldError, match=f"{file}: {key} is {value!r} but the weights were saved with {key}="):
+        SphereARPipeline.from_pretrained(model)
+
+
+def test_folders_without_the_record_still_load(folder, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from sphere_ar_hf.loading import ARCHITECTURE_KEY, recorded_architecture
+
+    model = tmp_path / "old"
+    shutil.copytree(folder, model)
+    assert recorded_architecture(model / "transformer")["num_attention_heads"] == 2
+    for file in ("transformer/model.safetensors", VAE_WEIGHTS):  # as written before the record existed
+        save_file(load_file(model / file), model / file, metadata={"format": "pt"})
+    assert recorded_architecture(model / "transformer") is None and ARCHITECTURE_KEY
+    pipe = SphereARPipeline.from_pretrained(model)
+    reference = SphereARPipeline.from_pretrained(folder)
+    for a, b in zip(pipe.transformer.state_dict().values(), reference.transformer.state_dict().values()):
+        assert torch.equal(a, b)

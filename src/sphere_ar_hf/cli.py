@@ -170,7 +170,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .seeding import image_generators
 
     if args.output is not None:
-        _image_format(args.output)  # fail before loading anything
+        try:
+            _image_format(args.output)  # fail before loading anything
+        except CLIError as e:
+            raise CLIError(f"--output {e}") from None
     threads = set_threads(args.threads)
     device = device_from_name(args.device)
     model = resolve_model(args.model)

@@ -159,9 +159,17 @@ def set_threads(threads: int | str) -> int:
     return count
 
 
+MAX_THREADS = 4096
+
+
 def threads_argument(text: str) -> int | str:
-    """``--threads``: ``auto`` or a positive integer."""
-    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+    """``--threads``: ``auto`` or an integer from 1 to :data:`MAX_THREADS`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer from 1 to {MAX_THREADS}, got {value}")
+    return value
 
 
 

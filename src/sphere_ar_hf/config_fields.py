@@ -20,7 +20,16 @@ from huggingface_hub.dataclasses import as_validated_field, strict
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 __all__ = ["ConfigFieldError", "SchedulerFields", "TransformerFields", "VAEFields", "check_dtype_name", "check_fields",
-           "check_config_file", "config_file_error"]
+           "check_config_file", "config_file_error", "TRANSFORMER_ARCHITECTURE", "VAE_ARCHITECTURE"]
+
+# the fields that make a model's computation: recorded with its weights at save (``loading.write_architecture``)
+# and compared with the config at load, since weight shapes do not show them all (heads, eps, rope_theta)
+TRANSFORMER_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                            "head_hidden_size", "head_num_layers", "head_num_adaln", "latent_dim", "image_size",
+                            "patch_size", "num_classes", "num_class_tokens", "rms_norm_eps", "rope_theta")
+VAE_ARCHITECTURE = ("latent_dim", "image_size", "patch_size", "z_channels", "cnn_channels", "encoder_layers",
+                    "decoder_layers", "num_register_tokens", "num_attention_heads", "in_channels", "rms_norm_eps",
+                    "rope_theta", "posterior")
 
 class ConfigFieldError(ValueError):
     """A config field of the wrong type or out of range (one line); the loaders put the config file in front

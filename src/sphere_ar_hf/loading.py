@@ -9,9 +9,13 @@ Dtypes are resolved here too, for both libraries alike.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pickle
 import re
+import shutil
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config_fields import ConfigFieldError, check_config_file, config_file_error
+from .config_fields import ConfigFieldError, check_config_file, check_fields, config_file_error
 
 __all__ = ["DTYPE_NAMES", "describe_mismatch", "load_strictly", "resolve_dtype", "stored_dtype", "weights_folder"]
 
@@ -95,6 +99,70 @@ def refuse_non_finite(model: torch.nn.Module, what: str) -> None:
         listed = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
         raise ValueError(f"training diverged: {len(bad)} weights of the {what} are NaN or infinite ({listed}); nothing "
                          "was saved: lower the learning rate, or resume from an earlier checkpoint")
+
+
+ARCHITECTURE_KEY = "sphere_ar_hf.architecture"  # safetensors metadata: the config fields the weights were saved with
+
+
+def write_architecture(folder: str | os.PathLike, config: Any, fields: Iterable[str]) -> None:
+    """Record ``config``'s ``fields`` in the metadata of every safetensors file of ``folder`` (just saved): the
+    header is rewritten and the tensor bytes copied as they are, through a temporary file renamed over it."""
+    from .utils import atomic_write
+
+    value = json.dumps({k: _plain(getattr(config, k)) for k in fields}, sort_keys=True)
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "rb") as src:
+            size = struct.unpack("<Q", src.read(8))[0]
+            header = json.loads(src.read(size))
+            header["__metadata__"] = {**(header.get("__metadata__") or {}), ARCHITECTURE_KEY: value}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # the data stays 8-byte aligned
+            with atomic_write(file) as dst:
+                dst.write(struct.pack("<Q", len(raw)) + raw)
+                shutil.copyfileobj(src, dst, 2**24)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def recorded_architecture(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The config fields recorded with the weights of ``folder`` (:func:`write_architecture`), or None (a folder
+    written before they were recorded, or by another tool)."""
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt") as f:
+                value = (f.metadata() or {}).get(ARCHITECTURE_KEY)
+        except (SafetensorError, OSError):
+            return None
+        return json.loads(value) if value else None
+    return None
+
+
+def check_architecture(folder: Path, schema: type | None = None) -> None:
+    """Refuse a ``config.json`` whose architecture differs from what the weights of ``folder`` were saved with (an
+    edited config: other heads, eps or rope_theta compute other images from the same weights). Its fields are
+    checked against ``schema`` first (:func:`.config_fields.check_fields`), so a value out of range says so."""
+    recorded = recorded_architecture(folder)
+    if not recorded:
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # reported by the load itself
+    if schema is not None and isinstance(config, dict):
+        names = {f.name for f in dataclasses.fields(schema)}
+        if names <= set(config):  # (a config missing a field is the library's to report)
+            try:
+                check_fields(schema, config)
+            except ConfigFieldError as e:
+                raise config_file_error(e, folder, None, "config.json") from None
+    for key, saved in recorded.items():
+        if key in config and _plain(config[key]) != saved:
+            error = ConfigFieldError(f"{folder}/config.json: {key} is {config[key]!r} but the weights were saved "
+                                     f"with {key}={saved!r}: the config was edited; restore it or re-save the model")
+            error.file = str(folder / "config.json")
+            raise error
 
 
 def weights_folder(path: str | os.PathLike, kwargs: dict[str, Any],
@@ -186,6 +254,8 @@ def load_strictly(cls: type, load: Callable[..., Any], args: tuple, kwargs: dict
     folder = args[0] if args else kwargs.get("pretrained_model_name_or_path")
     check_config_file(folder, kwargs.get("subfolder"), "config.json")
     local = Path(str(folder), kwargs.get("subfolder") or "") if isinstance(folder, str | os.PathLike) else None
+    if local is not None and local.is_dir() and not allow_mismatched:
+        check_architecture(local, getattr(cls, "config_fields", None))
     stored = non_floating_weights(local) if local is not None and local.is_dir() else []
     if stored:
         listed = ", ".join(stored[:2]) + (" ..." if len(stored) > 2 else "")

@@ -14,9 +14,10 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .config_fields import TRANSFORMER_ARCHITECTURE, TransformerFields
 from .configuration_sphere_ar import SphereARConfig
 from .layers import KVCache, Rope2D, TransformerBlock, align_loaded, run_blocks
-from .loading import load_strictly, resolve_dtype
+from .loading import load_strictly, resolve_dtype, write_architecture
 from .scheduling_sphere_ar import flow_path
 
 __all__ = ["SphereARTransformer", "SphereARTransformerOutput", "DiffusionHead", "SamplingPlan", "offload_entry_point"]
@@ -282,6 +283,8 @@ class SphereARTransformer(SphereARPreTrainedModel):
     embedding, conditions the diffusion head that predicts latent token ``i``.
     """
 
+    config_fields = TransformerFields  # the type and range of each config field (checked at load)
+
     def __init__(self, config: SphereARConfig):
         super().__init__(config)
         c = config
@@ -311,7 +314,9 @@ class SphereARTransformer(SphereARPreTrainedModel):
                 "this transformer carries LoRA adapters, and its weights would be saved under PEFT's names (a folder "
                 "that loads with random weights): merge_lora(pipe) to save the merged model, unload_lora(pipe) to "
                 "save the base model, save_lora(pipe, folder) to save the adapter")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        write_architecture(save_directory, self.config, TRANSFORMER_ARCHITECTURE)
+        return out
 
     @property
     def null_class_id(self) -> int:

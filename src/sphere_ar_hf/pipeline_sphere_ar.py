@@ -91,6 +91,23 @@ def _check_model_index(index: object, where: object) -> None:
                              f"{entry!r}")
 
 
+def _check_component_classes(index: dict, where: object) -> None:
+    """A component entry ``[module, class]`` whose module imports but has no such class (a typo, an edited file) is
+    named here, not by diffusers' ``getattr`` deep inside loading."""
+    import importlib
+
+    for name in ("transformer", "vae", "scheduler"):
+        entry = index.get(name)
+        if not (isinstance(entry, list | tuple) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            continue
+        try:
+            module = importlib.import_module(entry[0])
+        except ImportError:
+            continue  # a library diffusers resolves itself, or remote code
+        if not hasattr(module, entry[1]):
+            raise ValueError(f"{where}/model_index.json: {name} names {entry[1]!r}, which {entry[0]} does not define")
+
+
 def _need_accelerator(method: str, device: torch.device | str | None) -> None:
     accelerator = getattr(torch, "accelerator", None)
     if device is None and accelerator is not None and not accelerator.is_available():
@@ -167,8 +184,11 @@ class SphereARPipeline(DiffusionPipeline):
         from .remote_code import package_model_index
 
         config = super().load_config(*args, **kwargs)
-        _check_model_index(config[0] if isinstance(config, tuple) else config, args[0] if args else "?")
-        return package_model_index(config)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "?")
+        _check_model_index(config[0] if isinstance(config, tuple) else config, where)
+        config = package_model_index(config)
+        _check_component_classes(config[0] if isinstance(config, tuple) else config, where)
+        return config
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:

@@ -16,10 +16,10 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
-from .config_fields import VAEFields, check_fields
+from .config_fields import VAE_ARCHITECTURE, VAEFields, check_fields
 from .diagonal_gaussian import DiagonalGaussianDistribution
 from .layers import Rope2D, TransformerBlock, align_loaded, run_blocks, swiglu_hidden_size
-from .loading import load_strictly, resolve_dtype, stored_dtype, weights_folder
+from .loading import load_strictly, resolve_dtype, stored_dtype, weights_folder, write_architecture
 from .options import POSTERIORS
 from .power_spherical import PowerSphericalDistribution, l2_normalize, project_to_sphere
 
@@ -128,6 +128,14 @@ class SphereVAE(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock", "DownBlock", "UpBlock"]
+    config_fields = VAEFields  # the type and range of each config field (checked at load)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``ModelMixin.save_pretrained``, with the architecture recorded in the weights' metadata (checked against
+        the config when the folder loads: ``loading.check_architecture``)."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        write_architecture(save_directory, self.config, VAE_ARCHITECTURE)
+        return out
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

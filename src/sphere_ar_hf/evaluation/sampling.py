@@ -182,6 +182,9 @@ def run_sampling(pipe, output_dir: str | os.PathLike, settings: SamplingSettings
     output_dir = Path(output_dir)
     pipe.check_inputs(batch_size, settings.guidance_scale, settings.cfg_schedule, settings.num_inference_steps,
                       None, "np")  # before anything is recorded: a refused run leaves no sampling.json
+    batch = min(batch_size, settings.num_images)
+    pipe.check_memory(batch + -batch % ROW_QUANTUM, settings.num_inference_steps, settings.guidance_scale > 1.0, "pt",
+                      pipe.device)  # the largest batch sample_images makes, before anything is written
     check_sampling_size(output_dir, settings)
     _prepare(output_dir, settings, resume)
     barrier()
