@@ -657,16 +657,7 @@ def all_cases(work: Path) -> list[Case]:
             *kill_cases(folders.base, work)]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Counter]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="every 10th case of each kind")
-    ap.add_argument("--show", default=None, metavar="OUTCOME",
-                    help="list the cases with this outcome ('bad': every outcome but works and clean error)")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    import logging
-
-    logging.disable(logging.WARNING)
+def run_all(a: argparse.Namespace) -> dict[str, Counter]:
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
         cases = all_cases(Path(tmp))
         if a.quick:  # every 10th case of each kind (at least one of each)
@@ -678,6 +669,25 @@ def main(argv: list[str] | None = None) -> dict[str, Counter]:
             table.setdefault(case.group, Counter())[outcome] += 1
             if a.show and (outcome == a.show or (a.show == "bad" and outcome not in OUTCOMES[:2])):
                 print(f"{outcome}: {case.group}: {case.name}", flush=True)
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict[str, Counter]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="every 10th case of each kind")
+    ap.add_argument("--show", default=None, metavar="OUTCOME",
+                    help="list the cases with this outcome ('bad': every outcome but works and clean error)")
+    a = ap.parse_args(argv)
+    import logging
+
+    threads, quiet = torch.get_num_threads(), logging.root.manager.disable
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)  # the libraries' warnings about the broken inputs
+    try:
+        table = run_all(a)
+    finally:  # (run in-process by the tests: leave the process as it was)
+        logging.disable(quiet)
+        torch.set_num_threads(threads)
     groups = list(table)
     print("\n| outcome | " + " | ".join(groups) + " |")
     print("| --- | " + " | ".join("---:" for _ in groups) + " |")

@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_AR, TINY_VAE, randomize_zero_params
 from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARScheduler, SphereARTransformer, SphereVAE
@@ -109,7 +110,13 @@ def test_a_config_that_names_another_posterior_is_refused(make_vae, tmp_path: Pa
     make_vae(posterior="gaussian").save_pretrained(tmp_path / "vae")
     config = tmp_path / "vae" / "config.json"
     config.write_text(config.read_text().replace('"gaussian"', '"power_spherical"'))
-    with pytest.raises(ValueError, match=r"quant_proj"):  # strict loading: mis-shaped, never re-initialised
+    # the record saved with the weights names the edit; without it, strict loading finds quant_proj mis-shaped
+    with pytest.raises(ValueError, match="posterior is 'power_spherical' but the weights were saved with "
+                                         "posterior='gaussian'"):
+        SphereVAE.from_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})  # as a folder written before the record
+    with pytest.raises(ValueError, match=r"quant_proj"):  # mis-shaped, never re-initialised
         SphereVAE.from_pretrained(tmp_path / "vae")
 
 

@@ -106,9 +106,8 @@ ARCHITECTURE_KEY = "sphere_ar_hf.architecture"  # safetensors metadata: the conf
 
 def write_architecture(folder: str | os.PathLike, config: Any, fields: Iterable[str]) -> None:
     """Record ``config``'s ``fields`` in the metadata of every safetensors file of ``folder`` (just saved): the
-    header is rewritten and the tensor bytes copied as they are, through a temporary file renamed over it."""
-    from .utils import atomic_write
-
+    header is rewritten and the tensor bytes copied as they are, through a temporary file renamed over it (this
+    module ships as remote code, so it uses no helper of the package's)."""
     value = json.dumps({k: _plain(getattr(config, k)) for k in fields}, sort_keys=True)
     for file in sorted(Path(folder).glob("*.safetensors")):
         with open(file, "rb") as src:
@@ -117,9 +116,14 @@ def write_architecture(folder: str | os.PathLike, config: Any, fields: Iterable[
             header["__metadata__"] = {**(header.get("__metadata__") or {}), ARCHITECTURE_KEY: value}
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # the data stays 8-byte aligned
-            with atomic_write(file) as dst:
-                dst.write(struct.pack("<Q", len(raw)) + raw)
-                shutil.copyfileobj(src, dst, 2**24)
+            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+            try:
+                with open(tmp, "xb") as dst:
+                    dst.write(struct.pack("<Q", len(raw)) + raw)
+                    shutil.copyfileobj(src, dst, 2**24)
+                os.replace(tmp, file)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def _plain(value: Any) -> Any:
