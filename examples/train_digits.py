@@ -17,8 +17,9 @@ The whole recipe runs the project's own training code (``train_vae``, ``cache_la
 5. the pipeline folder (model_index.json, transformer/, vae/, scheduler/, safetensors only, id2label "0".."9",
    the recommended ``guidance_scale`` in the transformer config) is written atomically to ``--output_dir``.
 
-Seeded and reproducible (one thread by default: ``--threads``): 8 minutes on this project's 2-core machine (478 s,
-measured quiet by ``benchmarks/reproduce_digits.py``), writing the shipped weights byte for byte.
+Seeded and reproducible in one environment (one thread by default: ``--threads``): 8 minutes on this project's 2-core
+machine (447-478 s, measured quiet by ``benchmarks/reproduce_digits.py``). It wrote the shipped weights byte for
+byte in the environment that shipped them; with other library versions the bytes differ (docs/benchmarks.md).
 """
 
 from __future__ import annotations
