@@ -1,7 +1,7 @@
 """Red-team the package and print what happened, as a table: mutated pipeline folders, bad CLI and example-script
 invocations, misuses of the Python API, and writers killed with SIGKILL.
 
-    python benchmarks/fuzz_robustness.py            # every case (~1,300; a few minutes on 1 thread)
+    python benchmarks/fuzz_robustness.py            # every case (1,062; about 40 s on 1 thread)
     python benchmarks/fuzz_robustness.py --quick    # every 10th case (the test suite runs this)
     python benchmarks/fuzz_robustness.py --show "traceback-type error"   # list the cases of one row ('bad': all
                                                                          # but works and clean error)
@@ -602,6 +602,8 @@ real_replace, real_stage = os.replace, utils.stage_folder
 def replace(src, dst):
     if moment == "between-renames" and ".tmp-" in Path(src).name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if moment == "merge" and Path(dst).name == "samples.npz":  # the merged file written, not yet renamed
+        os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(src, dst)
 def stage(output, shared=False):
     staged = real_stage(output, shared)
@@ -646,6 +648,28 @@ def kill_cases(model: Path, work: Path) -> Iterator[Case]:
         out = work / f"space-{moment}"
         yield kill_case("space", ["space", "--output", str(out), "--license", "mit"], out, work, moment)
     assert sphere_ar_hf
+    yield sample_kill_case(model, work)
+
+
+def sample_kill_case(model: Path, work: Path) -> Case:
+    """``sample`` killed while it writes ``samples.npz``; the same command with ``--resume`` then finishes it and
+    removes the killed writer's temporary file."""
+    def run() -> str:
+        from sphere_ar_hf.cli import main
+
+        out = work / "sample-merge"
+        argv = ["sample", "--model", str(model), "--output-dir", str(out), "--steps", "1", "--num-images", "4"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        proc = subprocess.run([sys.executable, "-c", KILLER, "merge", *argv], env=env, cwd=work,
+                              capture_output=True, timeout=600)
+        if proc.returncode != -signal.SIGKILL or not [p for p in out.iterdir() if p.name.endswith(".tmp")]:
+            return "traceback-type error"
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = main([*argv, "--resume"])
+        leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+        return "works" if code == 0 and (out / "samples.npz").is_file() and not leftovers else "files lost"
+
+    return Case("kill -9", "sample (merge)", run)
 
 
 # ---- main ------------------------------------------------------------------------------------------------------------

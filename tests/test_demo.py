@@ -322,6 +322,23 @@ def test_http_api_refuses_non_finite_numbers(server, field, literal, message):
     assert error.startswith(message) and "\n" not in error
 
 
+@pytest.mark.parametrize("count", [0, 3, 5])
+def test_http_api_refuses_a_request_with_missing_inputs(server, count, capfd):
+    """gradio's own count check answered ``{"error": null}`` and logged a traceback; now one line naming the inputs."""
+    import httpx
+
+    values = ['["3"]', "1", "2.0", '"linear"', "1", "0"][:count]
+    url = f"{server.url.rstrip('/')}/gradio_api/call/{API_NAME}"
+    posted = httpx.post(url, content='{"data": [' + ", ".join(values) + "]}",
+                        headers={"content-type": "application/json"}, timeout=TIMEOUT_S)
+    assert posted.status_code == 200, posted.text
+    events = httpx.get(f"{url}/{posted.json()['event_id']}", timeout=TIMEOUT_S).text.splitlines()
+    error = json.loads(events[events.index("event: error") + 1].removeprefix("data: "))["error"]
+    assert error == (f"the request holds {count} of the 6 inputs; send all of them, in this order: Classes, Images "
+                     "per class, Guidance scale, CFG schedule, Steps per token, Seed")
+    assert "Traceback" not in capfd.readouterr().err
+
+
 # ---- the handler, without a server ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir):

@@ -104,6 +104,20 @@ def _error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+class DemoBlocks(gr.Blocks):
+    """``gr.Blocks`` whose API answers a request with too few inputs in one line that names them: gradio's own check
+    raises a multi-line ``ValueError``, which an API client receives as ``{"error": null}`` and the server logs with
+    a traceback."""
+
+    def validate_inputs(self, block_fn: Any, inputs: list[Any]) -> None:
+        wanted = list(block_fn.inputs)
+        if len(inputs) < len(wanted):
+            names = ", ".join(getattr(c, "label", None) or type(c).__name__ for c in wanted)
+            raise _error(f"the request holds {len(inputs)} of the {len(wanted)} inputs; send all of them, in this "
+                         f"order: {names}")
+        super().validate_inputs(block_fn, inputs)
+
+
 def _shown(value: Any) -> str:
     """``repr(value)``, cut to 60 characters (an API call can send a long string or a huge integer)."""
     try:
@@ -295,7 +309,7 @@ def build_demo(pipeline: SphereARPipeline, *, model_name: str | None = None, max
     steps = max(1, min(int(steps), max_steps))
     per_class = max(1, min(int(default_images_per_class), max_images // max(1, len(selected))))
 
-    with gr.Blocks(title="SphereAR", analytics_enabled=analytics_enabled, delete_cache=(1800, 3600)) as demo:
+    with DemoBlocks(title="SphereAR", analytics_enabled=analytics_enabled, delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# SphereAR: class-conditional image generation with hyperspherical latents\n"
                     "Autoregressive generation of continuous tokens that live on a sphere "
                     "([Ke & Xue, ICLR 2026](https://arxiv.org/abs/2509.24335)).\n\n" + _describe(pipeline, model_name))
