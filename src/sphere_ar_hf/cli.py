@@ -32,6 +32,7 @@ from .cli_common import (
     set_threads,
 )
 from .cli_sampling import add_evaluate_parser, add_sample_parser
+from .cli_sweep import add_sweep_parser
 from .options import CFG_SCHEDULES, DTYPES
 from .utils import HelpFormatter, atomic_write, format_millions, plural
 
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub, fmt)
     add_sample_parser(sub, fmt)
     add_evaluate_parser(sub, fmt)
+    add_sweep_parser(sub, fmt)
 
     from .hub import add_push_parser
 

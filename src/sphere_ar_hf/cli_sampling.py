@@ -24,7 +24,8 @@ from .cli_common import (
 from .options import CFG_SCHEDULES, DTYPES, FEATURE_SPACES, LABEL_MODES, SAMPLERS
 from .utils import plural
 
-__all__ = ["add_evaluate_parser", "add_sample_parser", "cmd_evaluate", "cmd_sample"]
+__all__ = ["add_evaluate_parser", "add_feature_options", "add_sample_parser", "add_sampling_options", "cmd_evaluate",
+           "cmd_sample", "model_id", "process_group", "sampling_device"]
 
 
 @contextlib.contextmanager
@@ -46,39 +47,40 @@ def process_group() -> Iterator[tuple[int, int, int, Callable[[], None]]]:
         dist.destroy_process_group()
 
 
+def sampling_device(name: str | None, world: int, local_rank: int):
+    """``--device`` of a sampling process: a bare ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun."""
+    device = device_from_name(name)
+    if device.type == "cuda" and device.index is None and world > 1:
+        import torch
+
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def model_id(model: str) -> str:
+    """How a run records its model: a local folder by its absolute path (resuming from another working directory
+    is the same run), else the Hub id."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .evaluation.sampling import SamplingSettings, run_sampling
-    from .scheduling_sphere_ar import SphereARScheduler
+    from .evaluation.sampling import run_sampling, sampling_settings, set_sampler
 
     threads = set_threads(args.threads)
     with process_group() as (rank, world, local_rank, barrier):
-        device = device_from_name(args.device)
-        if device.type == "cuda" and device.index is None and world > 1:
-            import torch
-
-            device = torch.device("cuda", local_rank)
+        device = sampling_device(args.device, world, local_rank)
         model = resolve_model(args.model)
         pipe = load_pipeline(model, args.dtype)
-        scheduler_config = pipe.scheduler.config
-        overrides = {k: v for k, v in (("sampler", args.sampler), ("time_shift", args.time_shift))
-                     if v is not None and v != scheduler_config[k]}
-        if overrides:
-            try:
-                pipe.scheduler = SphereARScheduler.from_config(scheduler_config, **overrides)
-            except ValueError as e:
-                raise CLIError(one_line(e)) from None
+        try:
+            set_sampler(pipe, args.sampler, args.time_shift)
+        except ValueError as e:
+            raise CLIError(one_line(e)) from None
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         tf = pipe.transformer.config
         guidance = args.guidance_scale if args.guidance_scale is not None else float(tf.guidance_scale)
-        # a local folder by its absolute path: resuming from another working directory is the same run
-        model_id = str(Path(model).resolve()) if Path(model).exists() else model
-        settings = SamplingSettings(
-            model=model_id, num_images=args.num_images, seed=args.seed, labels=args.labels, guidance_scale=guidance,
-            cfg_schedule=args.cfg_schedule, sampler=pipe.scheduler.config.sampler,
-            time_shift=float(pipe.scheduler.config.time_shift), num_inference_steps=args.steps,
-            dtype=args.dtype, shard_size=args.shard_size, num_classes=tf.num_classes,
-            image_size=pipe.vae.config.image_size)
+        settings = sampling_settings(pipe, model_id(model), args.num_images, args.seed, args.labels, guidance,
+                                     args.cfg_schedule, args.steps, args.dtype, args.shard_size)
         try:
             final = run_sampling(pipe, args.output_dir, settings, batch_size=args.batch_size, resume=args.resume,
                                  png=args.png, rank=rank, world_size=world, barrier=barrier)
@@ -137,17 +139,7 @@ def add_sample_parser(sub, fmt) -> None:
                     "crashed or was killed, redoing only unfinished shards.",
         epilog="example: torchrun --nproc_per_node 8 -m sphere_ar_hf.cli sample --model sphere-ar-b "
                "--num-images 50000 --output-dir samples/b --batch-size 256 --dtype bfloat16")
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="pipeline folder or Hub repository id (default: the embedded digits model)")
-    p.add_argument("--num-images", required=True, type=positive_int, metavar="N", help="images to sample")
-    p.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
-                   help="folder for sampling.json, shards/ and samples.npz (and images/ with --png)")
-    p.add_argument("--labels", choices=LABEL_MODES, default="uniform",
-                   help="'uniform': random classes from a hash of (seed, n), as the official sampler draws them; "
-                        "'balanced': image n shows class n %% num_classes")
-    p.add_argument("--batch-size", type=positive_int, metavar="B", default=32,
-                   help="images per forward pass and process (the images do not depend on it)")
-    p.add_argument("--seed", type=seed_argument, metavar="S", default=0, help="random seed of the run")
+    add_sampling_options(p, "folder for sampling.json, shards/ and samples.npz (and images/ with --png)")
     p.add_argument("--guidance-scale", type=finite_float, metavar="F", default=None,
                    help="classifier-free guidance scale; <= 1 disables it (default: the model's recommended value)")
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="linear",
@@ -156,19 +148,34 @@ def add_sample_parser(sub, fmt) -> None:
                    help="sampler steps per token (euler_maruyama: K + 1 head evaluations; heun: 2K - 1)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="per-token sampler (default: the model's scheduler, euler_maruyama for official weights)")
+    p.add_argument("--png", action="store_true", help="also write each image to DIR/images/{n:06d}.png")
+    p.set_defaults(func=cmd_sample)
+
+
+def add_sampling_options(p: argparse.ArgumentParser, output_help: str) -> None:
+    """The options ``sample`` shares with ``sweep``: model, image count, output folder (``output_help``), labels,
+    batch, seed, time shift, shards, resume, device, dtype and threads."""
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="pipeline folder or Hub repository id (default: the embedded digits model)")
+    p.add_argument("--num-images", required=True, type=positive_int, metavar="N", help="images to sample")
+    p.add_argument("--output-dir", required=True, type=Path, metavar="DIR", help=output_help)
+    p.add_argument("--labels", choices=LABEL_MODES, default="uniform",
+                   help="'uniform': random classes from a hash of (seed, n), as the official sampler draws them; "
+                        "'balanced': image n shows class n %% num_classes")
+    p.add_argument("--batch-size", type=positive_int, metavar="B", default=32,
+                   help="images per forward pass and process (the images do not depend on it)")
+    p.add_argument("--seed", type=seed_argument, metavar="S", default=0, help="random seed of the run")
     p.add_argument("--time-shift", type=finite_float, metavar="S", default=None,
                    help="warp of the time grid, t -> t / (t + S (1 - t)): S < 1 puts smaller steps near the data "
                         "end (heun: 0.5 measured best on the digits model); default: the model's scheduler (1.0)")
     p.add_argument("--shard-size", type=positive_int, metavar="N", default=1000,
                    help="images per shard: the unit of work of a rank and what a crash can lose")
-    p.add_argument("--png", action="store_true", help="also write each image to DIR/images/{n:06d}.png")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir (its settings must match), skipping finished shards")
     p.add_argument("--device", metavar="DEVICE", default=None,
                    help="torch device (default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype")
     add_threads_argument(p)
-    p.set_defaults(func=cmd_sample)
 
 
 
@@ -186,16 +193,10 @@ def add_evaluate_parser(sub, fmt) -> None:
     p.add_argument("gen", type=Path, metavar="GEN", help="generated images: .npz or folder")
     p.add_argument("ref", type=Path, metavar="REF", nargs="?", default=None,
                    help="reference images or statistics: .npz or folder (optional with --features digits)")
-    p.add_argument("--features", choices=FEATURE_SPACES, default="inception",
-                   help="feature space: 'inception' (FID etc.) or 'digits' (the embedded digits model's yardstick)")
-    p.add_argument("--inception-weights", type=Path, metavar="PATH", default=None,
-                   help="local copy of torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d"
-                        ".pth; default: download once into the torch hub cache)")
+    add_feature_options(p)
     p.add_argument("--batch-size", type=positive_int, metavar="N", default=64, help="images per forward pass")
     p.add_argument("--device", metavar="DEVICE", default=None,
                    help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--k", type=positive_int, metavar="K", default=3,
-                   help="nearest neighbours for precision / recall (ADM: 3)")
     p.add_argument("--split-size", type=positive_int, metavar="N", default=5000,
                    help="Inception Score: images per split (ADM: 5000)")
     p.add_argument("--no-precision-recall", action="store_true",
@@ -204,3 +205,12 @@ def add_evaluate_parser(sub, fmt) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def add_feature_options(p: argparse.ArgumentParser) -> None:
+    """The options ``evaluate`` shares with ``sweep``: the feature space, the Inception weights and k."""
+    p.add_argument("--features", choices=FEATURE_SPACES, default="inception",
+                   help="feature space: 'inception' (FID etc.) or 'digits' (the embedded digits model's yardstick)")
+    p.add_argument("--inception-weights", type=Path, metavar="PATH", default=None,
+                   help="local copy of torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d"
+                        ".pth; default: download once into the torch hub cache)")
+    p.add_argument("--k", type=positive_int, metavar="K", default=3,
+                   help="nearest neighbours for precision / recall (ADM: 3)")

@@ -44,7 +44,7 @@ from ..utils import atomic_write, remove_stale_temporaries
 from .image_sets import write_npz
 
 __all__ = ["LABEL_MODES", "ROW_QUANTUM", "SamplingSettings", "image_labels", "image_seeds", "run_sampling",
-           "sample_images", "to_uint8"]
+           "sample_images", "sampling_settings", "set_sampler", "to_uint8"]
 
 ROW_QUANTUM = 8  # images per batch are padded to a multiple of this (see the module docstring)
 
@@ -109,6 +109,28 @@ class SamplingSettings:
     def differences(self, other: dict) -> list[str]:
         mine = asdict(self)
         return [f"{k}: {other.get(k)!r} there, {v!r} now" for k, v in mine.items() if other.get(k) != v]
+
+
+def set_sampler(pipe, sampler: str | None = None, time_shift: float | None = None) -> None:
+    """Give ``pipe`` a scheduler with ``sampler`` / ``time_shift`` (``None``: keep its own) unless it has them."""
+    from ..scheduling_sphere_ar import SphereARScheduler
+
+    config = pipe.scheduler.config
+    overrides = {k: v for k, v in (("sampler", sampler), ("time_shift", time_shift))
+                 if v is not None and v != config[k]}
+    if overrides:
+        pipe.scheduler = SphereARScheduler.from_config(config, **overrides)
+
+
+def sampling_settings(pipe, model: str, num_images: int, seed: int, labels: str, guidance_scale: float,
+                      cfg_schedule: str, num_inference_steps: int, dtype: str, shard_size: int) -> SamplingSettings:
+    """The :class:`SamplingSettings` of a run of ``pipe`` (its sampler, time shift, classes and image size)."""
+    return SamplingSettings(
+        model=model, num_images=num_images, seed=seed, labels=labels, guidance_scale=guidance_scale,
+        cfg_schedule=cfg_schedule, sampler=pipe.scheduler.config.sampler,
+        time_shift=float(pipe.scheduler.config.time_shift), num_inference_steps=num_inference_steps, dtype=dtype,
+        shard_size=shard_size, num_classes=pipe.transformer.config.num_classes,
+        image_size=pipe.vae.config.image_size)
 
 
 def _shard_path(output_dir: Path, start: int, end: int) -> Path:
