@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -326,15 +327,27 @@ def test_sequential_cpu_offload_reads_no_weight_around_its_module(make_pipeline,
         tf.norm(torch.zeros(1, 64)) + tf.head_pos_embedding.weight[0]
 
 
-def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
-    """benchmarks/bench_gpu.py end to end with tiny sizes: the fixture, every path, both offload modes."""
-    from conftest import FIXTURE_DIR
-
+def _bench_gpu():
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--device", "cpu", "--tiny", "--batch-sizes", "2", "--steps", "2", "--compile-backend", "eager",
-                "--fixture", str(FIXTURE_DIR)])
+    return bench
+
+
+TRAIN_FLAGS = ["--train-batch", "4,8", "--train-steps", "3", "--train-warmup", "1"]
+TRAINING_LINE = re.compile(
+    r"training (eager|compiled) +batch +(\d+): step +([\d.]+) ms \(median of 3; mean [\d.]+\), +([\d.]+) images/s, "
+    r"first step +([\d.]+) s, peak GPU memory n/a; loss ([\d.]+) -> ([\d.]+) \(mean of the last 3: ([\d.]+), "
+    r"finite: True\)(?:; (\d+) graphs compiled \(graph breaks \+ 1\), max \|loss - eager loss\| over the steps "
+    r"([\d.e+-]+))?")
+
+
+def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
+    """benchmarks/bench_gpu.py end to end with tiny sizes: the fixture, every path, both offload modes, training."""
+    from conftest import FIXTURE_DIR
+
+    _bench_gpu().main(["--device", "cpu", "--tiny", "--batch-sizes", "2", "--steps", "2", "--compile-backend",
+                       "eager", "--fixture", str(FIXTURE_DIR), *TRAIN_FLAGS])
     out = capsys.readouterr().out
     for tag in ("cfg", "nocfg", "const"):
         assert f"fixture {tag}: cpu fp32 eager tokens vs CPU: max |diff| 0.00e+00" in out
@@ -343,3 +356,30 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
     for line in ("model CPU offload:", "model CPU offload + fast path:", "sequential CPU offload:"):
         assert line in out
     assert out.count("max |diff| from no offload 0.00e+00") == 3 and out.rstrip().endswith("done")
+    runs = {(m[1], int(m[2])): m for m in TRAINING_LINE.finditer(out)}
+    assert sorted(runs) == [("compiled", 4), ("compiled", 8), ("eager", 4), ("eager", 8)], out
+    for (tag, batch), m in runs.items():
+        step_ms, rate, first_loss, last_loss = float(m[3]), float(m[4]), float(m[6]), float(m[7])
+        assert step_ms > 0 and rate == pytest.approx(batch * 1000 / step_ms, rel=0.01)
+        assert first_loss != last_loss and 0 < last_loss < 10  # the step trains: the loss moves, stays finite
+        if tag == "compiled":  # the eager backend runs the captured graphs: the same losses as eager, bit for bit
+            assert int(m[9]) >= 1 and float(m[10]) == 0.0
+
+
+def test_gpu_benchmark_reports_training_out_of_memory(capsys, fresh_dynamo) -> None:
+    """A training run out of memory is a result line; the other runs and the script go on."""
+    bench = _bench_gpu()
+    real = bench.train_run
+
+    def fake(a, device, batch, compiled):
+        if batch == 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(a, device, batch, compiled)
+
+    bench.train_run = fake
+    bench.main(["--device", "cpu", "--tiny", "--compile-backend", "eager", "--sections", "training", *TRAIN_FLAGS])
+    out = capsys.readouterr().out
+    for tag in ("eager   ", "compiled"):
+        assert f"training {tag} batch   8: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in out
+        assert f"training {tag} batch   4: step" in out
+    assert "fixture" not in out.split("sections training")[1] and out.rstrip().endswith("done")
