@@ -221,6 +221,10 @@ def test_two_processes_equal_one(cache: Path, data: Path, vae_dirs: tuple[Path, 
     info = load_latent_cache_info(out)
     assert info["num_skipped"] == 1 and info["num_examples"] == 9
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    # each process's rows stay in its own file (written by that process, never gathered by the main one)
+    shards = sorted(out.glob("*.arrow"))
+    assert [p.name for p in shards] == ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    assert [len(datasets.Dataset.from_file(str(p))) for p in shards] in ([5, 4], [4, 5])
 
 
 def test_latent_cache_dataset_items(cache: Path) -> None:

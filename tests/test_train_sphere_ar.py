@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARTransformer, SphereVAE
+from sphere_ar_hf.evaluation.sampling import image_labels, sample_images
+from sphere_ar_hf.seeding import image_seeds
 from sphere_ar_hf.training.checkpoints import (
     CHECKPOINT_MARKER,
     is_complete_checkpoint,
@@ -31,6 +33,7 @@ from sphere_ar_hf.training.checkpoints import (
 )
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.ema import EMA_WEIGHTS_NAME, ParameterEMA
+from sphere_ar_hf.training.evaluation_log import EvaluationLog, ImageMetric
 from sphere_ar_hf.training.optimization import official_param_groups
 from sphere_ar_hf.training.schedules import official_learning_rate
 from sphere_ar_hf.training.trainer import (
@@ -410,7 +413,8 @@ def test_evaluate_passes_class_labels_and_returns_the_model_loss(tmp_path, monke
     first = trainer.evaluate(eval_dataset=LatentsDataset(seed=1))
     second = trainer.evaluate(eval_dataset=LatentsDataset(seed=1))
     assert np.isfinite(first["eval_loss"]) and first["eval_loss"] == second["eval_loss"]  # same noise each time
-    assert seen and all(keys == ["class_labels", "generator", "latents"] for keys in seen)
+    # the noise is drawn before the model (eval mode: no label drop), so that a compiled forward is one graph
+    assert seen and all(keys == ["class_labels", "latents", "noise", "timesteps"] for keys in seen)
     state = trainer.generator.get_state()
     trainer.evaluate(eval_dataset=LatentsDataset(seed=1))
     assert torch.equal(trainer.generator.get_state(), state)  # evaluation leaves the training noise alone
@@ -667,7 +671,8 @@ def test_two_processes_train_on_disjoint_data_and_save_a_pipeline(assets, tmp_pa
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(PROBE), *example_cli(assets, out, num_train_epochs=2, save_strategy="no",
                                     per_device_train_batch_size=2, decay_start=4, logging_steps=2,
-                                    ddp_backend="gloo")]
+                                    ddp_backend="gloo", eval_images=9, eval_steps=8, eval_features="digits",
+                                    eval_num_inference_steps=2, per_device_eval_batch_size=8)]
     res = subprocess.run(cmd, env=subprocess_env(SPHERE_AR_PROBE_INDEX_DIR=str(index_dir)), capture_output=True,
                          text=True, cwd=tmp_path, timeout=TIMEOUT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -691,4 +696,11 @@ def test_two_processes_train_on_disjoint_data_and_save_a_pipeline(assets, tmp_pa
     images = pipe(["blue", 0], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+    # the evaluation at the last step, split over the two ranks (5 + 4 images), measured the final (EMA) weights
+    (record,) = EvaluationLog(out / "eval").records()
+    n = np.arange(9)
+    labels = image_labels(0, n, 4, "balanced")
+    samples = sample_images(pipe, labels, image_seeds(0, n), 8, num_inference_steps=2)
+    assert record["step"] == 8 and record["frechet_distance"] == pytest.approx(
+        ImageMetric("digits")(samples, labels)["frechet_distance"], rel=1e-6)
     shutil.rmtree(out)

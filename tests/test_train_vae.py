@@ -389,7 +389,8 @@ def test_help_lists_every_option(example, capsys):
     model_args, train_args, data_args = example.parse_args(["--output_dir", "x", "--dataset_name", "d"])
     assert (train_args.learning_rate, train_args.adam_beta1, train_args.adam_beta2) == (1e-4, 0.9, 0.95)
     assert (train_args.weight_decay, train_args.max_grad_norm, train_args.global_batch_size) == (0.05, 1.0, 256)
-    assert (train_args.num_train_epochs, train_args.mixed_precision, train_args.disc_start) == (100, "bf16", 20000)
+    # mixed precision: bf16 (official) where the GPU has native bf16 ("auto"; tests/test_gpu_traps.py)
+    assert (train_args.num_train_epochs, train_args.mixed_precision, train_args.disc_start) == (100, "auto", 20000)
     assert (train_args.kl_weight, train_args.disc_weight, train_args.reconstruction_loss) == (None, 0.5, "l1")
     assert data_args.resolution == 256 and model_args.latent_dim is None  # None: the SphereVAE default (16)
 

@@ -7,10 +7,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-__all__ = ["FeedForward", "Attention", "TransformerBlock", "KVCache", "Rope2D", "align_loaded", "align_tensors_",
-           "swiglu_hidden_size"]
+__all__ = ["FeedForward", "Attention", "RMSNorm", "TransformerBlock", "KVCache", "Rope2D", "align_loaded",
+           "align_tensors_", "swiglu_hidden_size"]
 
 CPU_ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator gives every new tensor
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose weight follows the input's dtype, so that under autocast (float32 weights, bf16
+    activations) ``F.rms_norm`` gets matching dtypes and runs the fused kernel instead of the unfused fallback.
+    In float32 it is exactly ``nn.RMSNorm``; the state-dict keys are the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if weight is not None and weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)  # as LlamaRMSNorm: the weight is applied in the activations' dtype
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
 def swiglu_hidden_size(dim: int, multiple_of: int = 256) -> int:
@@ -148,9 +160,9 @@ class TransformerBlock(GradientCheckpointingLayer):
 
     def __init__(self, dim: int, num_heads: int, hidden: int, causal: bool, eps: float = 1e-6):
         super().__init__()
-        self.attention_norm = nn.RMSNorm(dim, eps=eps)
+        self.attention_norm = RMSNorm(dim, eps=eps)
         self.attention = Attention(dim, num_heads, causal)
-        self.ffn_norm = nn.RMSNorm(dim, eps=eps)
+        self.ffn_norm = RMSNorm(dim, eps=eps)
         self.feed_forward = FeedForward(dim, hidden)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,

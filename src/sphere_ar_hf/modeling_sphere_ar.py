@@ -16,7 +16,7 @@ from transformers.utils import ModelOutput
 
 from .config_fields import TRANSFORMER_ARCHITECTURE, TransformerFields
 from .configuration_sphere_ar import SphereARConfig
-from .layers import KVCache, Rope2D, TransformerBlock, align_loaded, run_blocks
+from .layers import KVCache, RMSNorm, Rope2D, TransformerBlock, align_loaded, run_blocks
 from .loading import load_strictly, resolve_dtype, write_architecture
 from .scheduling_sphere_ar import flow_path
 
@@ -291,12 +291,12 @@ class SphereARTransformer(SphereARPreTrainedModel):
         self.gradient_checkpointing = False
         self.class_embedding = nn.Embedding(c.num_classes + 1, c.hidden_size * c.num_class_tokens)
         self.proj_in = nn.Linear(c.latent_dim, c.hidden_size)
-        self.input_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.input_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.layers = nn.ModuleList(
             TransformerBlock(c.hidden_size, c.num_attention_heads, c.intermediate_size, causal=True, eps=c.rms_norm_eps)
             for _ in range(c.num_hidden_layers)
         )
-        self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.head_pos_embedding = nn.Embedding(c.num_image_tokens, c.hidden_size)
         self.head = DiffusionHead(c.latent_dim, c.hidden_size, c.head_hidden_size, c.head_num_layers, c.head_num_adaln)
         for m in self.head.modules():
@@ -337,6 +337,25 @@ class SphereARTransformer(SphereARPreTrainedModel):
         drop = torch.rand(class_labels.shape, generator=generator, device=gdev).to(class_labels.device) < p
         return torch.where(drop, torch.full_like(class_labels, self.null_class_id), class_labels)
 
+    def draw_training_inputs(self, latents: torch.Tensor, class_labels: torch.Tensor,
+                             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The random draws of one training :meth:`forward`, in the order it makes them itself: in training mode
+        (with ``class_dropout_prob`` > 0) the label-drop mask, then ``timesteps = sigmoid(N(0, 1))`` and the
+        ``noise``, one row per token and ``diff_batch_mul`` copy. Drawn before a compiled ``forward`` (a generator
+        inside it breaks the graph), they are passed as keyword arguments:
+        ``model(x, y, **model.draw_training_inputs(x, y, g))`` equals ``model(x, y, generator=g)``."""
+        c = self.config
+        device = latents.device
+        gdev = generator.device if generator is not None else device
+        draws = {}
+        if self.training and c.class_dropout_prob > 0:
+            uniform = torch.rand(class_labels.reshape(-1).shape, generator=generator, device=gdev).to(device)
+            draws["label_drop_mask"] = uniform < c.class_dropout_prob
+        rows = latents.shape[0] * latents.shape[1] * c.diff_batch_mul
+        draws["timesteps"] = torch.randn(rows, generator=generator, device=gdev).to(device).sigmoid()
+        draws["noise"] = torch.randn(rows, latents.shape[-1], generator=generator, device=gdev).to(device)
+        return draws
+
     def get_input_embeddings(self) -> nn.Embedding:
         """The class embedding: class id (``num_classes`` is the null class) -> ``num_class_tokens`` input tokens."""
         return self.class_embedding
@@ -364,11 +383,14 @@ class SphereARTransformer(SphereARPreTrainedModel):
 
     def forward(self, latents: torch.Tensor, class_labels: torch.Tensor, generator: torch.Generator | None = None,
                 return_dict: bool | None = None, output_hidden_states: bool | None = None,
-                **kwargs) -> SphereARTransformerOutput | tuple:
+                label_drop_mask: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None, **kwargs) -> SphereARTransformerOutput | tuple:
         """Flow-matching training loss for sphere tokens ``latents`` (B, L, latent_dim) of classes ``class_labels``.
 
         In training mode labels are dropped to the null class with ``class_dropout_prob``. The head batch is
-        repeated ``diff_batch_mul`` times with independent ``t = sigmoid(N(0, 1))`` and noise. ``return_dict`` and
+        repeated ``diff_batch_mul`` times with independent ``t = sigmoid(N(0, 1))`` and noise, drawn from
+        ``generator`` unless given as ``timesteps`` and ``noise`` (with ``label_drop_mask``: see
+        :meth:`draw_training_inputs`, which keeps a compiled forward in one graph). ``return_dict`` and
         ``output_hidden_states`` default to the config's; the tuple holds the output's fields that are set, in
         order: ``(loss, head_condition[, hidden_states])``.
         """
@@ -379,15 +401,20 @@ class SphereARTransformer(SphereARPreTrainedModel):
             raise ValueError(f"latents must have shape (batch, {c.num_image_tokens}, {c.latent_dim}), "
                              f"got {tuple(latents.shape)}")
         class_labels = class_labels.to(latents.device).long().view(-1)
-        if self.training:
-            class_labels = self.drop_labels(class_labels, generator)
+        if timesteps is None or noise is None:
+            draws = self.draw_training_inputs(latents, class_labels, generator)
+            label_drop_mask, timesteps, noise = draws.get("label_drop_mask"), draws["timesteps"], draws["noise"]
+        rows = latents.shape[0] * c.num_image_tokens * c.diff_batch_mul
+        if timesteps.shape != (rows,) or noise.shape != (rows, c.latent_dim):
+            raise ValueError(f"timesteps and noise must have shapes ({rows},) and ({rows}, {c.latent_dim}), got "
+                             f"{tuple(timesteps.shape)} and {tuple(noise.shape)}")
+        if label_drop_mask is not None:
+            class_labels = torch.where(label_drop_mask.to(latents.device), self.null_class_id, class_labels)
         hidden_states = [] if output_hidden_states else None
         cond = self.compute_head_condition(latents, class_labels, hidden_states)
         z = cond.reshape(-1, cond.shape[-1]).repeat(c.diff_batch_mul, 1)
         target = latents.reshape(-1, c.latent_dim).float().repeat(c.diff_batch_mul, 1)
-        gdev = generator.device if generator is not None else target.device
-        t = torch.randn(target.shape[0], generator=generator, device=gdev).to(target.device).sigmoid()
-        noise = torch.randn(target.shape, generator=generator, device=gdev).to(target.device)
+        t, noise = timesteps.to(target.device), noise.to(target.device)
         x_t, v_target = flow_path(target, noise, t)
         v = self.head(x_t, t, z).float()
         loss = F.mse_loss(v, v_target)

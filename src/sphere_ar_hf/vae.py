@@ -18,7 +18,7 @@ from torch import nn
 
 from .config_fields import VAE_ARCHITECTURE, VAEFields, check_fields
 from .diagonal_gaussian import DiagonalGaussianDistribution
-from .layers import Rope2D, TransformerBlock, align_loaded, run_blocks, swiglu_hidden_size
+from .layers import RMSNorm, Rope2D, TransformerBlock, align_loaded, run_blocks, swiglu_hidden_size
 from .loading import load_strictly, resolve_dtype, stored_dtype, weights_folder, write_architecture
 from .options import POSTERIORS
 from .power_spherical import PowerSphericalDistribution, l2_normalize, project_to_sphere
@@ -193,7 +193,7 @@ class SphereVAE(ModelMixin, ConfigMixin):
         self.encoder_conv_in = nn.Conv2d(in_channels, cnn_channels[0], 3, padding=1, bias=False)
         self.down_blocks = nn.ModuleList(DownBlock(a, b) for a, b in zip(cnn_channels[:-1], cnn_channels[1:]))
         self.encoder_vit = ViT(depth=encoder_layers, **vit)
-        self.encoder_norm = nn.RMSNorm(z_channels, eps=rms_norm_eps)
+        self.encoder_norm = RMSNorm(z_channels, eps=rms_norm_eps)
         self.encoder_out = nn.Linear(z_channels, z_channels, bias=False)
         # a direction and a concentration, or a mean and a log-variance per dimension
         self.quant_proj = nn.Linear(z_channels, latent_dim + 1 if posterior == "power_spherical" else 2 * latent_dim)

@@ -12,6 +12,7 @@ posterior, the VAE config, latent_dim, the source's id2label and where the data 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
-from ..utils import check_output_folder, shared_staging_path, stage_folder, swap_folder_into_place
+from ..utils import atomic_write, check_output_folder, shared_staging_path, stage_folder, swap_folder_into_place
 from ..vae import POSTERIOR_CLASSES, SphereVAE, posterior_tokens
 from .argument_checks import check_arguments
 from .data import (
@@ -42,6 +43,7 @@ from .data import (
     pixels_to_tensor,
     resolve_num_classes,
 )
+from .device_setup import DEFAULT_DDP_TIMEOUT, process_group_kwargs
 
 __all__ = [
     "CACHE_INFO_FILE",
@@ -75,6 +77,9 @@ class CacheArguments:
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even if an accelerator is available."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar (main process)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache at output_dir."})
+    ddp_timeout: int = field(
+        default=DEFAULT_DDP_TIMEOUT,
+        metadata={"help": "Seconds a process waits at a collective (the slowest process's shard) before failing."})
 
 
 def data_inputs(data_args: Any) -> list[str]:
@@ -169,6 +174,43 @@ def _shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, start + div + (1 if rank < mod else 0)
 
 
+def _cache_info(vae: SphereVAE, data_args: DataArguments, num_classes: int | None,
+                id2label: dict[int, str] | None, stats: list[dict[str, int]]) -> dict[str, Any]:
+    """The cache's ``latent_cache.json``, from the per-process counts ``stats``."""
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "posterior": vae.config.posterior,
+        "latent_dim": vae.config.latent_dim,
+        "num_tokens": vae.num_tokens,
+        "image_size": vae.config.image_size,
+        "num_classes": num_classes,
+        "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
+        "num_examples": sum(s["written"] for s in stats),
+        "num_skipped": sum(s["skipped"] for s in stats),
+        "dtype": "float32",
+        "crop": "center",
+        "vae_config": json.loads(vae.to_json_string()),
+        "source": {k: v for k, v in asdict(data_args).items() if k not in ("latent_cache", "cache_dir")},
+    }
+
+
+def shard_file_name(rank: int, world_size: int) -> str:
+    """The Arrow file of process ``rank``'s rows, named as ``Dataset.save_to_disk`` names its shards."""
+    return f"data-{rank:05d}-of-{world_size:05d}.arrow"
+
+
+def write_shard_index(folder: Path, world_size: int, features: datasets.Features, description: str) -> None:
+    """Make ``folder``, which holds the Arrow files :func:`shard_file_name` of ``world_size`` processes, a
+    ``save_to_disk`` folder: ``state.json`` lists the files in rank order, ``dataset_info.json`` holds the features
+    and ``description``. No shard is opened, so no process ever holds the whole cache."""
+    datasets.DatasetInfo(description=description, features=features).write_to_directory(str(folder))
+    state = {"_data_files": [{"filename": shard_file_name(r, world_size)} for r in range(world_size)],
+             "_fingerprint": hashlib.sha256(description.encode()).hexdigest()[:16], "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    with atomic_write(folder / "state.json", "w") as f:
+        json.dump(state, f, indent=2)
+
+
 def cache_latents(
     vae: SphereVAE,
     data_args: DataArguments,
@@ -181,9 +223,11 @@ def cache_latents(
 ) -> Path:
     """Encode the center crops of the dataset of ``data_args`` (and their flips) into a latent cache.
 
-    With an ``accelerate.Accelerator`` each process encodes a contiguous shard; the main process concatenates
-    the shards and saves the result to a temporary folder, renamed to ``output_dir`` when complete. The folder
-    next to ``output_dir`` that holds the shards must be on a filesystem all processes share. ``overwrite``
+    With an ``accelerate.Accelerator`` each process encodes a contiguous shard into its own Arrow file of the
+    cache (``data-<rank>-of-<world>.arrow``); the main process then only writes the metadata that makes the folder
+    a ``save_to_disk`` folder (:func:`write_shard_index`), which ``datasets.load_from_disk`` opens memory-mapped: no
+    process reads, concatenates or copies another's shard. The temporary folder is renamed to ``output_dir`` when
+    complete; it lies next to ``output_dir`` and must be on a filesystem all processes share. ``overwrite``
     replaces only a latent cache that holds neither the data nor the VAE (``utils.check_output_folder``).
     The class count and names are the dataset's (a ``num_classes`` that differs from its ClassLabel is refused).
     The main process prints a summary and shows a progress bar (with ETA) over its shard (``disable_tqdm``).
@@ -215,11 +259,13 @@ def cache_latents(
     num_classes = resolve_num_classes(data_args, raw)
     # the shards of every process, then the finished cache, go to one staging folder beside output_dir
     partial = stage_folder(output_dir, shared=True) if is_main else shared_staging_path(output_dir)
+    staged = partial / "dataset"
     try:
+        if is_main:
+            staged.mkdir()
         barrier()
         vae = vae.to(device).eval().requires_grad_(False)
-        num_tokens, latent_dim = vae.num_tokens, vae.config.latent_dim
-        features = _cache_features(num_tokens, latent_dim, id2label, vae.config.posterior)
+        features = _cache_features(vae.num_tokens, vae.config.latent_dim, id2label, vae.config.posterior)
         start, end = _shard_bounds(len(raw), world, rank)
         shard = _CenterCropDataset(raw.select(range(start, end)), data_args, offset=start)
         loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
@@ -229,7 +275,7 @@ def cache_latents(
         skipped, written = 0, 0
         progress = tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True,
                         disable=disable_tqdm or not is_main)  # the main process's shard stands for all
-        with ArrowWriter(features=features, path=str(partial / f"shard-{rank:05d}.arrow")) as writer:
+        with ArrowWriter(features=features, path=str(staged / shard_file_name(rank, world))) as writer:
             for batch in progress:
                 skipped += batch["num_skipped"]
                 if "pixel_values" not in batch:
@@ -245,29 +291,10 @@ def cache_latents(
         barrier()
 
         if is_main:
-            shards = [datasets.Dataset.from_file(str(partial / f"shard-{r:05d}.arrow")) for r in range(world)]
             stats = [json.loads((partial / f"shard-{r:05d}.json").read_text()) for r in range(world)]
-            cache = datasets.concatenate_datasets(shards)
-            info = {
-                "format_version": CACHE_FORMAT_VERSION,
-                "posterior": vae.config.posterior,
-                "latent_dim": latent_dim,
-                "num_tokens": num_tokens,
-                "image_size": vae.config.image_size,
-                "num_classes": num_classes,
-                "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
-                "num_examples": len(cache),
-                "num_skipped": sum(s["skipped"] for s in stats),
-                "dtype": "float32",
-                "crop": "center",
-                "vae_config": json.loads(vae.to_json_string()),
-                "source": {k: v for k, v in asdict(data_args).items() if k not in ("latent_cache", "cache_dir")},
-            }
-            cache.info.description = json.dumps(info)
-            staged = partial / "dataset"
-            cache.save_to_disk(str(staged))
+            info = _cache_info(vae, data_args, num_classes, id2label, stats)
+            write_shard_index(staged, world, features, json.dumps(info))
             (staged / CACHE_INFO_FILE).write_text(json.dumps(info, indent=2))
-            del cache, shards
             swap_folder_into_place(staged, output_dir)  # overwrite: the old cache is deleted only after the swap
             logger.info("wrote a latent cache of %d images to %s (%d undecodable skipped)", info["num_examples"],
                         output_dir, info["num_skipped"])
@@ -380,7 +407,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     parser = HfArgumentParser((DataArguments, CacheArguments))
     data_args, cache_args = parser.parse_args_into_dataclasses(args=argv)
-    accelerator = Accelerator(mixed_precision=cache_args.mixed_precision, cpu=cache_args.cpu)
+    accelerator = Accelerator(mixed_precision=cache_args.mixed_precision, cpu=cache_args.cpu,
+                              kwargs_handlers=process_group_kwargs(cache_args.ddp_timeout))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     vae = load_vae(cache_args.pretrained_vae)

@@ -52,8 +52,10 @@ from .checkpoints import (
     mark_checkpoint_complete,
     resolve_resume_checkpoint,
 )
+from .device_setup import DEFAULT_DDP_TIMEOUT, check_ema_supported, native_bf16_gpu
 from .ema import EMACallback, _unwrap
 from .optimization import decay_parameter_names
+from .sample_evaluation import SampleEvaluationCallback, SampleEvaluationSettings
 from .schedules import OfficialLRLambda, OfficialLRScheduler
 
 __all__ = [
@@ -73,10 +75,6 @@ GENERATOR_STATE_NAME = "loss_generator_{}.safetensors"
 
 # ---------------------------------------------------------------------------------------------------------------
 # arguments
-
-
-def _cuda_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 @dataclass
@@ -113,8 +111,13 @@ class SphereARTrainingArguments(TrainingArguments):
                           "gets the EMA weights (<= 0: no EMA; official: 0.9999)."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 autocast (official). Default: on when a CUDA GPU with bf16 is used, else off.",
+        metadata={"help": "bf16 autocast (official). Default: on for a CUDA GPU with native bf16 (compute capability "
+                          ">= 8) unless --fp16 is given, else off (V100/T4 only emulate bf16: pass --fp16 there).",
                   "nargs": "?", "const": True})
+    ddp_timeout: int = field(
+        default=DEFAULT_DDP_TIMEOUT,
+        metadata={"help": "Seconds a process waits at a collective (e.g. while the main process writes a checkpoint "
+                          "or the pipeline) before the run fails (default 7200; TrainingArguments' is 1800)."})
     seed: int = field(default=0, metadata={"help": "Seed of the model init, the sampler and the loss noise."})
     dataloader_num_workers: int = field(default=16, metadata={"help": "DataLoader workers per process (official: 16)."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch (official)."})
@@ -158,10 +161,30 @@ class SphereARTrainingArguments(TrainingArguments):
     dataloader_pin_memory: bool | None = field(
         default=None, metadata={"help": "Pin the batches' memory (default: only when training on a CUDA device; on "
                                         "the CPU pinning does nothing but warn)."})
+    eval_images: int = field(
+        default=0,
+        metadata={"help": "See quality while it trains: every --eval_steps steps (and at the last one) sample this "
+                          "many images (fixed labels and seeds) with the EMA weights and log their Fréchet distance "
+                          "to TensorBoard and <output_dir>/eval/ (0: off)."})
+    eval_features: str = field(
+        default="inception",
+        metadata={"help": "Feature space of the evaluation: 'inception' (FID, IS; needs --eval_reference) or "
+                          "'digits' (the digits model's).", "choices": ["inception", "digits"]})
+    eval_reference: str | None = field(
+        default=None,
+        metadata={"help": "The reference of the evaluation: an .npz with mu/sigma (an ADM reference batch) or "
+                          "images (.npz or a folder; their statistics are computed once per run)."})
+    eval_inception_weights: str | None = field(
+        default=None, metadata={"help": "Inception weights file (default: torch-fidelity's, downloaded once)."})
+    eval_guidance_scale: float | None = field(
+        default=None, metadata={"help": "Guidance of the evaluation samples (default: the model config's)."})
+    eval_num_inference_steps: int = field(
+        default=100, metadata={"help": "Sampler steps per token of the evaluation samples (fewer: cheaper)."})
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation's labels and noise."})
 
     def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = _cuda_bf16() and not self.use_cpu
+        if self.bf16 is None:  # decided before TrainingArguments' check that fp16 and bf16 are not both on
+            self.bf16 = native_bf16_gpu() and not self.use_cpu and not self.fp16
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = torch.cuda.is_available() and not self.use_cpu
         super().__post_init__()
@@ -375,9 +398,11 @@ class SphereARTrainer(Trainer):
             args.save_total_limit = None
         callbacks = list(callbacks or [])
         ema_decay = float(getattr(args, "ema_decay", 0.0) or 0.0)
+        check_ema_supported(args, ema_decay)
         self.ema_callback = EMACallback(ema_decay) if ema_decay > 0 else None
         if self.ema_callback is not None:
             callbacks.append(self.ema_callback)  # before the completion marker: writes ema.safetensors on save
+        evaluation = SampleEvaluationSettings.from_training_args(args)
         if train_dataset is not None:
             callbacks.append(_DatasetEpochCallback(train_dataset))
         callbacks.append(_StartupSummaryCallback(self))
@@ -385,6 +410,8 @@ class SphereARTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          data_collator=data_collator or collate_training_batch, callbacks=callbacks, **kwargs)
         self.logging_dir = self._route_tensorboard()
+        if evaluation is not None:  # after the EMA's update of the step (an earlier callback)
+            self.add_callback(SampleEvaluationCallback(self, evaluation))
         # The loss is a per-batch mean over tokens and noise draws: the Trainer scales it for gradient
         # accumulation, and never counts items (batches have no "labels").
         self.model_accepts_loss_kwargs = False
@@ -476,7 +503,10 @@ class SphereARTrainer(Trainer):
             if "pixel_values" not in inputs:
                 raise ValueError(f"a training batch needs 'latents' or 'pixel_values', got keys {sorted(inputs)}")
             latents = self.encode_images(inputs["pixel_values"], generator)
-        outputs = model(latents=latents.float(), class_labels=inputs["class_labels"], generator=generator)
+        latents, labels = latents.float(), inputs["class_labels"]
+        # drawn here, outside the model: a generator inside forward splits a --torch_compile graph in five
+        draws = _unwrap(model).draw_training_inputs(latents, labels, generator)
+        outputs = model(latents=latents, class_labels=labels, **draws)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         return (loss, outputs) if return_outputs else loss
 

@@ -54,12 +54,14 @@ from .checkpoints import (
     rotate_checkpoints,
 )
 from .data import DataArguments, build_image_dataset, collate_images
+from .device_setup import DEFAULT_DDP_TIMEOUT, process_group_kwargs, resolve_mixed_precision
 from .latent_cache import data_inputs
 from .losses import DISC_LOSSES, GEN_LOSSES, REC_LOSSES, PatchGANDiscriminator, SphereVAELoss
 from .optimization import official_param_groups
 from .schedules import official_learning_rate
 
 __all__ = [
+    "LogMeter",
     "PairedDiscriminator",
     "ResumableDistributedSampler",
     "TrainState",
@@ -208,8 +210,15 @@ class VAETrainingArguments:
         default=False,
         metadata={"help": "Testing only: a random VGG16 in LPIPS (no download; the perceptual loss is meaningless)."},
     )
-    mixed_precision: Literal["no", "bf16"] = field(
-        default="bf16", metadata={"help": "'bf16' autocast (official) or 'no' (float32)."}
+    mixed_precision: Literal["auto", "no", "bf16"] = field(
+        default="auto",
+        metadata={"help": "'bf16' autocast (official), 'no' (float32), or 'auto': bf16 on a CUDA GPU with native bf16 "
+                          "(compute capability >= 8), else float32 (V100/T4 only emulate bf16, slower than float32)."}
+    )
+    ddp_timeout: int = field(
+        default=DEFAULT_DDP_TIMEOUT,
+        metadata={"help": "Seconds a process waits at a collective (e.g. while the main process writes a checkpoint) "
+                          "before the run fails."}
     )
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls/convolutions on GPU (official)."})
     dataloader_num_workers: int = field(
@@ -482,8 +491,12 @@ def _startup_summary(vae: nn.Module, discriminator: nn.Module, dataset: Any, max
     ])
 
 
-class _Meter:
-    """Per-key running means of logged values over a logging window (keys may appear mid-window)."""
+class LogMeter:
+    """Per-key running means of logged values over a logging window (keys may appear mid-window).
+
+    Tensors are summed as detached tensors where they live (no host read, so no GPU stall, per step); Python
+    numbers (the learning rate) stay Python numbers. :meth:`mean_tensor` gives the window's means as one tensor,
+    read once per logging interval."""
 
     def __init__(self) -> None:
         self.reset()
@@ -491,14 +504,23 @@ class _Meter:
     def add(self, values: dict[str, torch.Tensor | float]) -> None:
         self.steps += 1
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
             self.counts[key] = self.counts.get(key, 0) + 1
 
+    def mean_tensor(self, device: torch.device | str = "cpu") -> tuple[list[str], torch.Tensor]:
+        """The keys (sorted) and their means as one float32 tensor on ``device``."""
+        keys = sorted(self.sums)
+        sums = [torch.as_tensor(self.sums[k], dtype=torch.float32).to(device).reshape(()) for k in keys]
+        counts = torch.tensor([self.counts[k] for k in keys], dtype=torch.float32).to(device)
+        return keys, torch.stack(sums) / counts
+
     def means(self) -> dict[str, float]:
-        return {key: self.sums[key] / self.counts[key] for key in sorted(self.sums)}
+        keys, values = self.mean_tensor()
+        return dict(zip(keys, values.tolist()))
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.counts: dict[str, int] = {}
         self.steps = 0
 
@@ -513,14 +535,15 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
     for flag in ("pretrained_vae", "vae_config"):
         check_input_path(f"--{flag}", getattr(model_args, flag))
     args = training_args
-    if args.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {args.mixed_precision!r}")
+    if args.mixed_precision not in ("auto", "no", "bf16"):
+        raise ValueError(f"--mixed_precision {args.mixed_precision!r}: expected 'auto', 'no' or 'bf16'")
     if data_args.latent_cache:
         raise ValueError("the S-VAE trains on images; drop --latent_cache")
     output_dir = Path(args.output_dir)
     report_to = None if args.report_to in ("none", "", None) else args.report_to
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        kwargs_handlers=process_group_kwargs(args.ddp_timeout),
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
@@ -617,7 +640,7 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
 
     progress = tqdm(total=max_steps, initial=state.global_step, desc="S-VAE", unit="step", dynamic_ncols=True,
                     disable=args.disable_tqdm or not accelerator.is_main_process)
-    meter, t0 = _Meter(), time.time()
+    meter, t0 = LogMeter(), time.time()
     while state.global_step < max_steps:
         dataset.set_epoch(state.epoch)
         if sampler is not None:
@@ -743,12 +766,11 @@ def _train_step(accelerator: Any, model: nn.Module, paired: nn.Module, disc_inne
     return logs
 
 
-def _log(accelerator: Any, meter: _Meter, step: int, seconds: float) -> dict[str, float]:
+def _log(accelerator: Any, meter: LogMeter, step: int, seconds: float) -> dict[str, float]:
     """Log the window's means (averaged over processes) to the trackers and the logger; returns them."""
-    means = meter.means()  # the same keys on every process (all take the same steps)
-    local = torch.tensor(list(means.values()), dtype=torch.float32, device=accelerator.device)
+    keys, local = meter.mean_tensor(accelerator.device)  # the same keys on every process (all take the same steps)
     values = accelerator.reduce(local, reduction="mean")
-    logs = {f"train/{k}": float(v) for k, v in zip(means, values.tolist())}
+    logs = {f"train/{k}": float(v) for k, v in zip(keys, values.tolist())}  # the window's one host read
     logs["train/steps_per_sec"] = meter.steps / max(seconds, 1e-9)
     accelerator.log(logs, step=step)
     if accelerator.is_main_process:
