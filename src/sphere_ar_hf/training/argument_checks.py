@@ -47,7 +47,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "latent_dim", "patch_size", "z_channels", "encoder_layers", "decoder_layers",
                      "num_register_tokens", "num_attention_heads", "max_train_steps", "threads", "lora_rank",
                      "rank", "cnn_channels"], POSITIVE_INT),
-    **dict.fromkeys(["dataloader_num_workers", "disc_start", "shuffle_buffer_size"], NON_NEGATIVE_INT),
+    **dict.fromkeys(["dataloader_num_workers", "disc_start", "shuffle_buffer_size", "eval_images"],
+                    NON_NEGATIVE_INT),
+    "eval_num_inference_steps": POSITIVE_INT,
+    "eval_guidance_scale": _real(-1e6, 1e6),
     "num_train_epochs": POSITIVE_REAL,
     # optimisation
     **dict.fromkeys(["learning_rate", "min_lr", "weight_decay", "max_grad_norm", "reconstruction_weight",

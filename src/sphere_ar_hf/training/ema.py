@@ -8,8 +8,10 @@ resumed run continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -80,6 +82,20 @@ class ParameterEMA:
             targets = [by_name[n] for n in self.names]
         for t, s in zip(targets, self.shadow):
             t.copy_(s.to(t.dtype))
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """The averaged weights in the model for the duration of the block (e.g. to sample with them), its own
+        weights back afterwards, bit for bit."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.params]
+            self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``{parameter name: averaged tensor}`` (CPU, contiguous)."""
