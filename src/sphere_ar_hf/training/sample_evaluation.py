@@ -110,16 +110,16 @@ class SampleEvaluationCallback(TrainerCallback):
             indices = np.concatenate([p[0] for p in parts])
             images = np.concatenate([p[1] for p in parts])[np.argsort(indices, kind="stable")]
         self.last_step = state.global_step
-        if not state.is_world_process_zero:
-            return None
-        sampled = time.perf_counter() - t0
-        labels = image_labels(s.seed, np.arange(s.num_images), self.num_classes, "balanced")
-        metrics = self.metric(images, labels, name=f"step {state.global_step}")
-        seconds = time.perf_counter() - t0
-        record = self.log.append({"step": state.global_step, "epoch": state.epoch, **metrics,
-                                  "seconds": round(seconds, 3), "sampling_seconds": round(sampled, 3),
-                                  "settings": asdict(s)}, images)
-        self.report(state, record, images)
+        record = None
+        if state.is_world_process_zero:
+            sampled = time.perf_counter() - t0
+            labels = image_labels(s.seed, np.arange(s.num_images), self.num_classes, "balanced")
+            metrics = self.metric(images, labels, name=f"step {state.global_step}")
+            seconds = time.perf_counter() - t0
+            record = self.log.append({"step": state.global_step, "epoch": state.epoch, **metrics,
+                                      "seconds": round(seconds, 3), "sampling_seconds": round(sampled, 3),
+                                      "settings": asdict(s)}, images)
+        self.report(state, record, images, world)
         return record
 
     @property
@@ -142,13 +142,21 @@ class SampleEvaluationCallback(TrainerCallback):
                              guidance_scale=s.guidance_scale, cfg_schedule=s.cfg_schedule,
                              num_inference_steps=s.num_inference_steps)
 
-    def report(self, state: TrainerState, record: dict[str, Any], images: np.ndarray) -> None:
-        """The record to the Trainer's loggers (scalars) and to TensorBoard (the grid); its cost to stderr."""
+    def report(self, state: TrainerState, record: dict[str, Any] | None, images: np.ndarray, world: int) -> None:
+        """The record's numbers to the Trainer's loggers, on every rank (the Trainer's own logging steps stay in
+        step across ranks); on rank 0 the grid to TensorBoard and the cost to stderr."""
         from transformers.integrations import TensorBoardCallback
 
-        scalars = {f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch", "settings", "grid")
-                   and isinstance(v, (int, float))}
+        scalars = None if record is None else {
+            f"eval/{k}": v for k, v in record.items()
+            if k not in ("step", "epoch", "settings", "grid", "num_gen", "num_ref") and isinstance(v, (int, float))}
+        if world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            scalars = broadcast_object_list([scalars])[0]
         self.trainer.log(scalars)
+        if record is None:
+            return
         for callback in self.trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.add_image("eval/samples", image_grid(images), state.global_step, dataformats="HWC")
