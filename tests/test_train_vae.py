@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from sphere_ar_hf import SphereVAE
 from sphere_ar_hf.training.checkpoints import CHECKPOINT_MARKER, mark_checkpoint_complete, resolve_resume_checkpoint
-from sphere_ar_hf.training.data import DataArguments
+from sphere_ar_hf.training.data import DataArguments, build_image_dataset
+from sphere_ar_hf.training.evaluation_log import EvaluationLog
 from sphere_ar_hf.training.losses import (
     PatchGANDiscriminator,
     PerceptualLoss,
@@ -30,6 +31,7 @@ from sphere_ar_hf.training.losses import (
     vanilla_d_loss,
 )
 from sphere_ar_hf.training.optimization import official_param_groups
+from sphere_ar_hf.training.reconstruction_evaluation import ReconstructionEvaluation
 from sphere_ar_hf.training.schedules import official_learning_rate as lr_at
 from sphere_ar_hf.training.vae_trainer import (
     VAEModelArguments,
@@ -421,7 +423,7 @@ def test_resume_with_more_steps_follows_the_new_schedule_and_keeps_few_checkpoin
               "--max_train_samples", "16", "--global_batch_size", "4", "--perceptual_weight", "0",
               "--learning_rate", str(lr), "--min_lr", str(min_lr), "--lr_warmup_steps", "2", "--lr_decay_start", "2",
               "--logging_steps", "1", "--checkpointing_steps", "1", "--validation_steps", "1000",
-              "--num_validation_images", "0"]
+              "--num_validation_images", "0", "--eval_steps", "2", "--eval_images", "8", "--eval_features", "digits"]
     assert "--num_classes" not in common
     run = tmp_path / "run"
     example.main(["--output_dir", str(run), "--max_train_steps", "4", *common])
@@ -443,6 +445,18 @@ def test_resume_with_more_steps_follows_the_new_schedule_and_keeps_few_checkpoin
     assert "8/8 [" in err and "S-VAE:" in err  # tqdm: steps done / total [elapsed<remaining]
     assert not [r for r in caplog.records if "num_classes" in r.getMessage() and r.levelno >= logging.WARNING]
     assert str(run / "logs") in err and list((run / "logs").rglob("events.out.tfevents.*"))
+    # the reconstruction evaluation: every 2 steps over both runs, in TensorBoard and eval/; the last record is
+    # the saved S-VAE's reconstruction FD of the first 8 images
+    records = EvaluationLog(run / "eval").records()
+    assert [r["step"] for r in records] == [2, 4, 6, 8] and len(scalars(run, "eval/frechet_distance")) == 4
+    assert all((run / "eval" / r["grid"]).is_file() and r["num_images"] == 8 for r in records)
+    _reset_accelerate()
+    dataset = build_image_dataset(DataArguments(dataset_path=str(image_dataset), resolution=32, max_train_samples=16),
+                                  seed=0)
+    evaluation = ReconstructionEvaluation(dataset, 8, "digits", tmp_path / "again")
+    final = SphereVAE.from_pretrained(str(run / "vae"))
+    record, _ = evaluation(final, 8, 2)
+    assert record["frechet_distance"] == pytest.approx(records[-1]["frechet_distance"], rel=1e-5)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -72,8 +72,10 @@ class EvaluationLog:
                 if r.get("grid"):
                     (self.folder / r["grid"]).unlink(missing_ok=True)
 
-    def append(self, record: dict[str, Any], images: np.ndarray | None = None) -> dict[str, Any]:
-        """Add ``record`` (it must hold ``step``), with ``images`` saved as its grid; returns the stored record."""
+    def append(self, record: dict[str, Any], images: np.ndarray | None = None, columns: int | None = None
+               ) -> dict[str, Any]:
+        """Add ``record`` (it must hold ``step``), with ``images`` saved as its grid (``columns`` wide: default
+        square); returns the stored record."""
         record = dict(record)
         if images is not None and len(images):
             from PIL import Image
@@ -81,7 +83,7 @@ class EvaluationLog:
             name = f"step-{int(record['step']):08d}.png"
             self.folder.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.folder / name) as f:
-                Image.fromarray(image_grid(images)).save(f, format="PNG")
+                Image.fromarray(image_grid(images, columns)).save(f, format="PNG")
             record["grid"] = name
         self._write([r for r in self.records() if r["step"] != record["step"]] + [record])
         return record
@@ -97,7 +99,7 @@ class ImageMetric:
         inception_weights, device: as ``sphere-ar evaluate``.
     """
 
-    def __init__(self, features: str, reference: str | os.PathLike | None = None,
+    def __init__(self, features: str, reference: str | os.PathLike | ImageSet | None = None,
                  inception_weights: str | os.PathLike | None = None, device: str = "cpu"):
         if features not in FEATURE_SPACES:
             raise ValueError(f"eval_features must be one of {FEATURE_SPACES}, got {features!r}")
@@ -106,7 +108,7 @@ class ImageMetric:
                              "as VIRTUAL_imagenet256_labeled.npz, or a folder of real images)")
         self.features, self.inception_weights, self.device = features, inception_weights, device
         try:
-            self.reference = None if reference is None else ImageSet(reference)
+            self.reference = reference if reference is None or isinstance(reference, ImageSet) else ImageSet(reference)
         except FileNotFoundError:
             raise ValueError(f"eval_reference {reference}: no such file or folder") from None
         self.extractor = None  # digits: trained once, on the first call (it depends on the image size)

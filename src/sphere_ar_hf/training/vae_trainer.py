@@ -58,6 +58,7 @@ from .device_setup import DEFAULT_DDP_TIMEOUT, process_group_kwargs, resolve_mix
 from .latent_cache import data_inputs
 from .losses import DISC_LOSSES, GEN_LOSSES, REC_LOSSES, PatchGANDiscriminator, SphereVAELoss
 from .optimization import official_param_groups
+from .reconstruction_evaluation import ReconstructionEvaluation
 from .schedules import official_learning_rate
 
 __all__ = [
@@ -256,6 +257,18 @@ class VAETrainingArguments:
     )
     num_validation_images: int = field(
         default=8, metadata={"help": "Images in the preview (top row: inputs, bottom row: reconstructions)."}
+    )
+    eval_steps: int = field(
+        default=0,
+        metadata={"help": "Every N steps (and at the end) measure the reconstruction Fréchet distance of "
+                          "--eval_images fixed images (TensorBoard and <output_dir>/eval/; 0: off)."},
+    )
+    eval_images: int = field(default=0, metadata={"help": "Images of the reconstruction evaluation (0: off)."})
+    eval_features: Literal["inception", "digits"] = field(
+        default="inception", metadata={"help": "Feature space of the reconstruction evaluation: inception or digits."}
+    )
+    eval_inception_weights: str | None = field(
+        default=None, metadata={"help": "Inception weights file (default: torch-fidelity's, downloaded once)."}
     )
 
 
@@ -612,6 +625,8 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
             raise ValueError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     preview = _preview_batch(dataset, args.num_validation_images) if accelerator.is_main_process else None
+    evaluation = _reconstruction_evaluation(dataset, args, output_dir, device) if (
+        accelerator.is_main_process) else None
 
     state = TrainState(global_batch_size=args.global_batch_size, num_processes=world,
                        gradient_accumulation_steps=accum)
@@ -628,6 +643,8 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
             state.global_batch_size, state.num_processes, state.gradient_accumulation_steps = (
                 args.global_batch_size, world, accum)
         logger.info("resumed from %s at step %d (epoch %d)", path, state.global_step, state.epoch)
+        if evaluation is not None:  # the evaluations after the checkpoint are made again
+            evaluation.log.keep_until(state.global_step)
         last_saved = state.global_step
 
     if report_to:
@@ -683,6 +700,8 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
             if accelerator.is_main_process and preview is not None and (
                     step % args.validation_steps == 0 or step == max_steps):
                 _write_preview(accelerator, model, preview, output_dir / "previews" / f"step_{step:07d}.png", step)
+            if evaluation is not None and (step % args.eval_steps == 0 or step == max_steps):
+                _evaluate(accelerator, model, evaluation, step, state.epoch)
 
     progress.close()
     if last_saved != state.global_step:
@@ -784,3 +803,31 @@ def _write_preview(accelerator: Any, model: nn.Module, images: torch.Tensor, pat
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("previews/input_vs_reconstruction", grid, step)
+
+
+def _reconstruction_evaluation(dataset: Any, args: VAETrainingArguments, output_dir: Path, device: torch.device
+                               ) -> ReconstructionEvaluation | None:
+    """The reconstruction evaluation of ``--eval_images`` / ``--eval_steps`` (main process), or ``None`` when off."""
+    if args.eval_steps < 0:
+        raise ValueError(f"--eval_steps {args.eval_steps}: expected an integer >= 0 (0: off)")
+    if not args.eval_images and not args.eval_steps:
+        return None
+    if not (args.eval_images and args.eval_steps):
+        raise ValueError(f"--eval_steps {args.eval_steps} and --eval_images {args.eval_images}: set both (> 0) or "
+                         "neither")
+    return ReconstructionEvaluation(dataset, args.eval_images, args.eval_features, output_dir / "eval",
+                                    args.eval_inception_weights, "cuda" if device.type == "cuda" else "cpu")
+
+
+def _evaluate(accelerator: Any, model: nn.Module, evaluation: ReconstructionEvaluation, step: int,
+              epoch: int) -> None:
+    vae = accelerator.unwrap_model(model).vae
+    record, grid = evaluation(vae, step, epoch, accelerator.autocast())
+    accelerator.log({f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch", "num_gen", "num_ref")
+                     and isinstance(v, (int, float))}, step=step)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("eval/originals_over_reconstructions", grid, step, dataformats="HWC")
+    name = "frechet_distance" if "frechet_distance" in record else "fid"
+    logger.info("reconstruction evaluation at step %d: %s %.4f over %d images (%.1f s)", step, name, record[name],
+                record["num_images"], record["seconds"])
