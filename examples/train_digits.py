@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is robust on a busy 2-core machine; results depend on it)")
     p.add_argument("--reuse_vae", action="store_true", help="skip the S-VAE stage if <work_dir>/vae-run/vae exists")
+    g = p.add_argument_group("quality while it trains (needs --work_dir: the curves are written there)")
+    g.add_argument("--eval_images", type=int, default=0,
+                   help="images per evaluation: S-VAE reconstructions, SphereAR samples (100 steps, the recommended "
+                        "guidance), measured in the digits feature space (0: off)")
+    g.add_argument("--vae_eval_steps", type=int, default=100, help="S-VAE steps between evaluations")
+    g.add_argument("--ar_eval_steps", type=int, default=100, help="SphereAR steps between evaluations")
     g = p.add_argument_group("S-VAE")
     g.add_argument("--resolution", type=int, default=DIGITS_IMAGE_SIZE)
     g.add_argument("--latent_dim", type=int, default=16)
@@ -109,8 +115,10 @@ def train_vae_stage(args: argparse.Namespace, dataset: Path, run_dir: Path, num_
         lr_decay_start=max(1, max_steps // 2), min_lr=args.vae_lr / 20, weight_decay=0.0,
         perceptual_weight=0.0, kl_weight=args.kl_weight, disc_weight=args.disc_weight,
         disc_start=int(max_steps * args.disc_start_frac) + 1 if args.disc_weight > 0 else 10**9,
-        mixed_precision="no", dataloader_num_workers=0, logging_steps=max(1, steps_per_epoch * 5), report_to="none",
-        checkpointing_steps=10**9, validation_steps=10**9, num_validation_images=8)
+        mixed_precision="no", dataloader_num_workers=0, logging_steps=max(1, steps_per_epoch * 5),
+        report_to="tensorboard" if args.eval_images else "none", checkpointing_steps=10**9, validation_steps=10**9,
+        num_validation_images=8, eval_images=args.eval_images,
+        eval_steps=args.vae_eval_steps if args.eval_images else 0, eval_features="digits")
     data_args = _data_args(args, dataset)
     return train_vae(model_args, training_args, data_args)
 
@@ -135,12 +143,18 @@ def check_flags(args: argparse.Namespace) -> None:
 
     rules = {**dict.fromkeys(["threads", "resolution", "latent_dim", "cnn_channels", "vae_layers", "vae_heads",
                               "vae_epochs", "vae_batch_size", "ar_batch_size"], POSITIVE_INT),
-             **dict.fromkeys(["ar_warmup_steps", "ar_workers"], NON_NEGATIVE_INT),
+             **dict.fromkeys(["ar_warmup_steps", "ar_workers", "eval_images"], NON_NEGATIVE_INT),
+             **dict.fromkeys(["vae_eval_steps", "ar_eval_steps"], POSITIVE_INT),
              **dict.fromkeys(["vae_lr", "ar_lr", "kl_weight", "disc_weight"], RATE),
              "ar_epochs": POSITIVE_REAL, "disc_start_frac": PROBABILITY}
     for name, rule in rules.items():
         check_value(name, getattr(args, name), rule=rule)
     check_value("ema_decay", args.ema_decay)
+    if args.eval_images and args.work_dir is None:
+        raise ValueError(f"--eval_images {args.eval_images} needs --work_dir: the evaluation curves are written to "
+                         "<work_dir>/vae-run/eval and <work_dir>/ar-run/eval")
+    if args.eval_images == 1:
+        raise ValueError("--eval_images 1: expected 0 (off) or at least 2 (a covariance needs 2)")
     ar_config(args)
 
 
@@ -179,7 +193,9 @@ def train_ar_stage(args: argparse.Namespace, vae_dir: Path, cache: Path, run_dir
         per_device_train_batch_size=args.ar_batch_size, num_train_epochs=args.ar_epochs, learning_rate=args.ar_lr,
         min_lr=args.ar_lr / 20, warmup_steps=args.ar_warmup_steps, decay_start=max(args.ar_warmup_steps, steps // 3),
         weight_decay=0.05, ema_decay=args.ema_decay, dataloader_num_workers=args.ar_workers,
-        logging_steps=max(1, steps // 20), save_strategy="no", report_to="none", disable_tqdm=True)
+        logging_steps=max(1, steps // 20), save_strategy="no", report_to="tensorboard" if args.eval_images else "none",
+        disable_tqdm=True, eval_images=args.eval_images, eval_steps=args.ar_eval_steps, eval_features="digits",
+        per_device_eval_batch_size=256)
     model_args = ModelArguments(pretrained_vae=str(vae_dir), config_file=str(config_file))
     return train_sphere_ar(model_args, _data_args(args, cache.parent / "data", latent_cache=str(cache)),
                            training_args)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -56,9 +56,10 @@ class ReconstructionEvaluation:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def reconstruct(self, vae: torch.nn.Module, autocast: contextlib.AbstractContextManager | None = None
+    def reconstruct(self, vae: torch.nn.Module, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
                     ) -> np.ndarray:
-        """The originals through ``vae``'s posterior mode and decoder (uint8 NHWC), in eval mode."""
+        """The originals through ``vae``'s posterior mode and decoder (uint8 NHWC), in eval mode; ``autocast``
+        makes each batch's autocast context (e.g. ``accelerator.autocast``)."""
         was_training = vae.training
         vae.eval()
         out = []
@@ -66,7 +67,7 @@ class ReconstructionEvaluation:
             for i in range(0, len(self.originals), self.batch_size):
                 x = torch.from_numpy(self.originals[i:i + self.batch_size]).permute(0, 3, 1, 2).float()
                 x = (x / 127.5 - 1).to(vae.device)
-                with autocast or contextlib.nullcontext():
+                with autocast() if autocast is not None else contextlib.nullcontext():
                     recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
                 out.append(to_uint8_images(recon))
         finally:
@@ -74,7 +75,8 @@ class ReconstructionEvaluation:
         return np.concatenate(out)
 
     def __call__(self, vae: torch.nn.Module, step: int, epoch: float,
-                 autocast: contextlib.AbstractContextManager | None = None) -> tuple[dict[str, Any], np.ndarray]:
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+                 ) -> tuple[dict[str, Any], np.ndarray]:
         """Reconstruct, measure and record at ``step``; returns the record and its grid (uint8 HWC)."""
         t0 = time.perf_counter()
         recon = self.reconstruct(vae, autocast)

@@ -822,7 +822,7 @@ def _reconstruction_evaluation(dataset: Any, args: VAETrainingArguments, output_
 def _evaluate(accelerator: Any, model: nn.Module, evaluation: ReconstructionEvaluation, step: int,
               epoch: int) -> None:
     vae = accelerator.unwrap_model(model).vae
-    record, grid = evaluation(vae, step, epoch, accelerator.autocast())
+    record, grid = evaluation(vae, step, epoch, accelerator.autocast)
     accelerator.log({f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch", "num_gen", "num_ref")
                      and isinstance(v, (int, float))}, step=step)
     for tracker in accelerator.trackers:
