@@ -73,11 +73,30 @@ def test_trainer_flags_are_checked_before_any_work(tmp_path, monkeypatch, name, 
     (["--heads", "0"], ("--heads: must be an integer from 1",)),
     (["--num_class_tokens", "0"], ("--num_class_tokens: must be an integer from 1",)),
     (["--diff_batch_mul", "0"], ("--diff_batch_mul: must be an integer from 1",)),
+    (["--eval_images", "1"], ("--eval_images 1: expected 0 (off) or at least 2",)),
+    (["--eval_images", "-3"], ("--eval_images -3",)),
+    (["--eval_images", "50", "--ar_eval_steps", "0"], ("--ar_eval_steps 0",)),
 ])
 def test_the_digits_recipe_refuses_bad_flags_before_the_svae_stage(tmp_path, monkeypatch, argv, needles) -> None:
     monkeypatch.chdir(tmp_path)
     refused("train_digits", [*argv, "--output_dir", "out", "--work_dir", "work"], *needles)
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_digits_recipe_evaluations_need_a_work_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    refused("train_digits", ["--eval_images", "50", "--output_dir", "out"], "--eval_images 50 needs --work_dir")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("name", "argv", "needles"), [
+    ("train_vae", [*VAE, "--eval_images", "-1"], ("--eval_images -1",)),
+    ("train_sphere_ar", [*AR, "--eval_images", "-1"], ("--eval_images -1",)),
+    ("train_sphere_ar", [*AR, "--eval_num_inference_steps", "0"], ("--eval_num_inference_steps 0",)),
+])
+def test_evaluation_flags_are_checked_before_any_work(tmp_path, monkeypatch, name, argv, needles) -> None:
+    monkeypatch.chdir(tmp_path)
+    refused(name, argv, *needles)
 
 
 def test_config_files_must_be_json_objects(tmp_path) -> None:
