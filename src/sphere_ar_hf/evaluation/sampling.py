@@ -43,8 +43,8 @@ from ..seeding import LABEL_STREAM, image_seeds, stream_hash
 from ..utils import atomic_write, remove_stale_temporaries
 from .image_sets import write_npz
 
-__all__ = ["LABEL_MODES", "ROW_QUANTUM", "SamplingSettings", "image_labels", "image_seeds", "run_sampling",
-           "sample_images", "sampling_settings", "set_sampler", "to_uint8"]
+__all__ = ["LABEL_MODES", "ROW_QUANTUM", "SamplingSettings", "check_recorded_settings", "image_labels", "image_seeds",
+           "run_sampling", "sample_images", "sampling_settings", "set_sampler", "to_uint8"]
 
 ROW_QUANTUM = 8  # images per batch are padded to a multiple of this (see the module docstring)
 
@@ -172,6 +172,22 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
+def check_recorded_settings(record: Path, differences: Callable[[dict], list[str]], resume: bool, what: str
+                            ) -> bool:
+    """Whether ``record`` (the settings file of an earlier run in its folder) exists; if so, refuse in one line
+    unless ``resume`` and ``differences(recorded settings)`` is empty (each difference named)."""
+    if not record.is_file():
+        return False
+    folder = record.parent
+    if not resume:
+        raise ValueError(f"{folder} already holds {what} ({record.name}): pass --resume to continue it, or choose "
+                         "another folder")
+    diffs = differences(json.loads(record.read_text()))
+    if diffs:
+        raise ValueError(f"{folder}: --resume with other settings than the run there: " + "; ".join(diffs))
+    return True
+
+
 def _prepare(output_dir: Path, settings: SamplingSettings, resume: bool) -> None:
     """Checks every rank makes (read-only but for a probe file), so that all fail alike instead of hanging."""
     try:
@@ -184,14 +200,8 @@ def _prepare(output_dir: Path, settings: SamplingSettings, resume: bool) -> None
     for folder in (output_dir, output_dir / "shards", output_dir / "images"):  # what killed runs left half-written
         remove_stale_temporaries(folder)
     record = output_dir / "sampling.json"
-    if record.is_file():
-        if not resume:
-            raise ValueError(f"{output_dir} already holds a sampling run ({record.name}): pass --resume to "
-                             "continue it, or choose another folder")
-        diffs = settings.differences(json.loads(record.read_text()))
-        if diffs:
-            raise ValueError(f"{output_dir}: --resume with other settings than the run there: " + "; ".join(diffs))
-    elif (output_dir / "samples.npz").exists() or any((output_dir / "shards").iterdir()):
+    recorded = check_recorded_settings(record, settings.differences, resume, "a sampling run")
+    if not recorded and ((output_dir / "samples.npz").exists() or any((output_dir / "shards").iterdir())):
         raise ValueError(f"{output_dir} holds samples without {record.name}: choose an empty folder")
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from ..options import CFG_SCHEDULES, FEATURE_SPACES, LABEL_MODES, MAX_SEED, SAMPLERS
 from ..utils import atomic_write, remove_stale_temporaries
 from .evaluate import evaluate
-from .sampling import SamplingSettings, run_sampling, sampling_settings, set_sampler
+from .sampling import SamplingSettings, check_recorded_settings, run_sampling, sampling_settings, set_sampler
 
 __all__ = ["METRICS", "NOISE_SIGMAS", "SweepPoint", "SweepSettings", "evaluate_run", "format_table", "plot_sweep",
            "run_sweep", "summarize", "write_outputs"]
@@ -142,14 +142,7 @@ def _prepare(output_dir: Path, sweep: SweepSettings, resume: bool) -> None:
     """The checks every rank makes before anything is written."""
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir)
-    record = output_dir / "sweep_settings.json"
-    if record.is_file():
-        if not resume:
-            raise ValueError(f"{output_dir} already holds a sweep ({record.name}): pass --resume to continue it, or "
-                             "choose another folder")
-        diffs = sweep.differences(json.loads(record.read_text()))
-        if diffs:
-            raise ValueError(f"{output_dir}: --resume with other settings than the sweep there: " + "; ".join(diffs))
+    check_recorded_settings(output_dir / "sweep_settings.json", sweep.differences, resume, "a sweep")
 
 
 def evaluate_run(folder: Path, sweep: SweepSettings, device: Any = "cpu", batch_size: int = 64,

@@ -19,27 +19,29 @@ import numpy as np
 import torch
 
 from ..evaluation.image_sets import ImageSet
+from ..evaluation.sampling import to_uint8
 from .evaluation_log import EvaluationLog, ImageMetric, image_grid
 
-__all__ = ["ReconstructionEvaluation", "to_uint8_images"]
+__all__ = ["ReconstructionEvaluation", "first_pixel_values", "to_uint8_images"]
 
 GRID_COLUMNS = 8  # originals in the grid's first row(s), their reconstructions below
 
 
 def to_uint8_images(pixels: torch.Tensor) -> np.ndarray:
-    """NCHW images in [-1, 1] -> uint8 NHWC (rounded)."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """NCHW images in [-1, 1] -> uint8 NHWC (:func:`.evaluation.sampling.to_uint8`'s rounding)."""
+    return to_uint8(pixels.float().clamp(-1, 1).add(1).div(2))
 
 
-def first_images(dataset: Any, count: int) -> np.ndarray:
-    """The first ``count`` decodable images of epoch 0 (uint8 NHWC), fixed for the whole run."""
+def first_pixel_values(dataset: Any, count: int) -> torch.Tensor | None:
+    """The first ``count`` decodable images of epoch 0 (``pixel_values`` in [-1, 1], stacked), fixed for the whole
+    run and its resumes; ``None`` when ``count`` is 0 or nothing decodes."""
+    if count <= 0:
+        return None
     dataset.set_epoch(0)
     source: Iterable[Any] = iter(dataset) if isinstance(dataset, torch.utils.data.IterableDataset) else (
         dataset[i] for i in range(len(dataset)))
     items = [item["pixel_values"] for item in itertools.islice((x for x in source if x is not None), count)]
-    if len(items) < 2:
-        raise ValueError(f"--eval_images {count}: the dataset has {len(items)} decodable image(s); at least 2 needed")
-    return to_uint8_images(torch.stack(items))
+    return torch.stack(items) if items else None
 
 
 class ReconstructionEvaluation:
@@ -49,7 +51,11 @@ class ReconstructionEvaluation:
                  inception_weights: str | None = None, device: str = "cpu", batch_size: int = 32):
         if num_images < 2:
             raise ValueError(f"--eval_images: must be 0 (off) or at least 2 (a covariance needs 2), got {num_images}")
-        self.originals = first_images(dataset, num_images)
+        pixels = first_pixel_values(dataset, num_images)
+        if pixels is None or len(pixels) < 2:
+            raise ValueError(f"--eval_images {num_images}: the dataset has {0 if pixels is None else len(pixels)} "
+                             "decodable image(s); at least 2 are needed")
+        self.originals = to_uint8_images(pixels)
         reference = ImageSet.from_arrays(self.originals, name="the originals")
         self.metric = ImageMetric(features, reference, inception_weights, device)
         self.log = EvaluationLog(folder)

@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,7 +58,7 @@ from .device_setup import DEFAULT_DDP_TIMEOUT, process_group_kwargs, resolve_mix
 from .latent_cache import data_inputs
 from .losses import DISC_LOSSES, GEN_LOSSES, REC_LOSSES, PatchGANDiscriminator, SphereVAELoss
 from .optimization import official_param_groups
-from .reconstruction_evaluation import ReconstructionEvaluation
+from .reconstruction_evaluation import ReconstructionEvaluation, first_pixel_values
 from .schedules import official_learning_rate
 
 __all__ = [
@@ -466,17 +466,6 @@ def _tracker_config(*arg_objects: Any) -> dict[str, Any]:
     return config
 
 
-def _preview_batch(dataset: Any, count: int) -> torch.Tensor | None:
-    """The first ``count`` decodable images of epoch 0 (fixed for the whole run, resumes included)."""
-    if count <= 0:
-        return None
-    dataset.set_epoch(0)
-    source: Iterable[Any] = iter(dataset) if isinstance(dataset, torch.utils.data.IterableDataset) else (
-        dataset[i] for i in range(len(dataset)))
-    items = [item["pixel_values"] for item in itertools.islice((x for x in source if x is not None), count)]
-    return torch.stack(items) if items else None
-
-
 def _startup_summary(vae: nn.Module, discriminator: nn.Module, dataset: Any, max_steps: int,
                      steps_per_epoch: int | None, start_step: int, micro_bs: int, accum: int, world: int,
                      args: VAETrainingArguments, report_to: str | None) -> str:
@@ -624,28 +613,12 @@ def train_vae(model_args: VAEModelArguments, training_args: VAETrainingArguments
         if steps_per_epoch == 0:
             raise ValueError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    preview = _preview_batch(dataset, args.num_validation_images) if accelerator.is_main_process else None
+    preview = first_pixel_values(dataset, args.num_validation_images) if accelerator.is_main_process else None
     evaluation = _reconstruction_evaluation(dataset, args, output_dir, device) if (
         accelerator.is_main_process) else None
 
-    state = TrainState(global_batch_size=args.global_batch_size, num_processes=world,
-                       gradient_accumulation_steps=accum)
-    accelerator.register_for_checkpointing(state)
-    last_saved = -1
-    path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
-    if path is not None:
-        accelerator.load_state(path)
-        saved = (state.global_batch_size, state.num_processes, state.gradient_accumulation_steps)
-        if saved != (args.global_batch_size, world, accum):
-            logger.warning("checkpoint geometry (global batch, processes, accumulation) %s differs from %s: the "
-                           "data order after resuming differs from an uninterrupted run", saved,
-                           (args.global_batch_size, world, accum))
-            state.global_batch_size, state.num_processes, state.gradient_accumulation_steps = (
-                args.global_batch_size, world, accum)
-        logger.info("resumed from %s at step %d (epoch %d)", path, state.global_step, state.epoch)
-        if evaluation is not None:  # the evaluations after the checkpoint are made again
-            evaluation.log.keep_until(state.global_step)
-        last_saved = state.global_step
+    state = _resume(accelerator, args, output_dir, accum, evaluation)
+    last_saved = state.global_step if state.global_step else -1
 
     if report_to:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(model_args, args, data_args))
@@ -831,3 +804,28 @@ def _evaluate(accelerator: Any, model: nn.Module, evaluation: ReconstructionEval
     name = "frechet_distance" if "frechet_distance" in record else "fid"
     logger.info("reconstruction evaluation at step %d: %s %.4f over %d images (%.1f s)", step, name, record[name],
                 record["num_images"], record["seconds"])
+
+
+def _resume(accelerator: Any, args: VAETrainingArguments, output_dir: Path, accum: int,
+            evaluation: ReconstructionEvaluation | None) -> TrainState:
+    """The run's :class:`TrainState`, registered for checkpointing, loaded with the whole state from
+    ``--resume_from_checkpoint`` if any (the evaluations after that checkpoint are then made again)."""
+    world = accelerator.num_processes
+    state = TrainState(global_batch_size=args.global_batch_size, num_processes=world,
+                       gradient_accumulation_steps=accum)
+    accelerator.register_for_checkpointing(state)
+    path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    if path is None:
+        return state
+    accelerator.load_state(path)
+    saved = (state.global_batch_size, state.num_processes, state.gradient_accumulation_steps)
+    if saved != (args.global_batch_size, world, accum):
+        logger.warning("checkpoint geometry (global batch, processes, accumulation) %s differs from %s: the data "
+                       "order after resuming differs from an uninterrupted run", saved, (args.global_batch_size, world,
+                                                                                        accum))
+        state.global_batch_size, state.num_processes, state.gradient_accumulation_steps = (
+            args.global_batch_size, world, accum)
+    logger.info("resumed from %s at step %d (epoch %d)", path, state.global_step, state.epoch)
+    if evaluation is not None:
+        evaluation.log.keep_until(state.global_step)
+    return state
