@@ -328,13 +328,21 @@ class SphereARTransformer(SphereARPreTrainedModel):
     def _class_tokens(self, class_labels: torch.Tensor) -> torch.Tensor:
         return self.class_embedding(class_labels).view(class_labels.shape[0], self.config.num_class_tokens, -1)
 
-    def drop_labels(self, class_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability ``class_dropout_prob``."""
+    def label_drop_mask(self, class_labels: torch.Tensor, generator: torch.Generator | None = None
+                        ) -> torch.Tensor | None:
+        """Which labels become the null class: each with probability ``class_dropout_prob`` (one uniform draw per
+        label from ``generator``); ``None`` when the probability is 0 (nothing drawn)."""
         p = self.config.class_dropout_prob
         if p <= 0:
-            return class_labels
+            return None
         gdev = generator.device if generator is not None else class_labels.device
-        drop = torch.rand(class_labels.shape, generator=generator, device=gdev).to(class_labels.device) < p
+        return torch.rand(class_labels.shape, generator=generator, device=gdev).to(class_labels.device) < p
+
+    def drop_labels(self, class_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability ``class_dropout_prob``."""
+        drop = self.label_drop_mask(class_labels, generator)
+        if drop is None:
+            return class_labels
         return torch.where(drop, torch.full_like(class_labels, self.null_class_id), class_labels)
 
     def draw_training_inputs(self, latents: torch.Tensor, class_labels: torch.Tensor,
@@ -348,9 +356,9 @@ class SphereARTransformer(SphereARPreTrainedModel):
         device = latents.device
         gdev = generator.device if generator is not None else device
         draws = {}
-        if self.training and c.class_dropout_prob > 0:
-            uniform = torch.rand(class_labels.reshape(-1).shape, generator=generator, device=gdev).to(device)
-            draws["label_drop_mask"] = uniform < c.class_dropout_prob
+        mask = self.label_drop_mask(class_labels.reshape(-1).to(device), generator) if self.training else None
+        if mask is not None:
+            draws["label_drop_mask"] = mask
         rows = latents.shape[0] * latents.shape[1] * c.diff_batch_mul
         draws["timesteps"] = torch.randn(rows, generator=generator, device=gdev).to(device).sigmoid()
         draws["noise"] = torch.randn(rows, latents.shape[-1], generator=generator, device=gdev).to(device)
