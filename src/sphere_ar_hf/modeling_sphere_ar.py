@@ -265,7 +265,7 @@ class SphereARPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, DiffusionHead):
             module.reset_parameters()
-        elif isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module, "_is_head", False):
+        elif isinstance(module, (nn.Linear, nn.Embedding)) and module not in self.head_modules:
             module.weight.normal_(0.0, std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.zero_()
@@ -299,8 +299,7 @@ class SphereARTransformer(SphereARPreTrainedModel):
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.head_pos_embedding = nn.Embedding(c.num_image_tokens, c.hidden_size)
         self.head = DiffusionHead(c.latent_dim, c.hidden_size, c.head_hidden_size, c.head_num_layers, c.head_num_adaln)
-        for m in self.head.modules():
-            m._is_head = True
+        self.head_modules = frozenset(self.head.modules())  # initialised by DiffusionHead.reset_parameters only
         self.rope = Rope2D(c.hidden_size // c.num_attention_heads, c.grid_size, c.num_class_tokens, c.rope_theta,
                            drop_last=True)
         self.post_init()

@@ -147,7 +147,8 @@ class DigitClassifier:
         self.mlp = MLPClassifier(hidden_layer_sizes=hidden, alpha=1e-3, max_iter=max_iter, random_state=seed,
                                  early_stopping=False, tol=1e-5)
 
-    def _flat(self, images: Any) -> np.ndarray:
+    def flatten(self, images: Any) -> np.ndarray:
+        """Grayscale images at ``size``, one flat row each (N, size * size)."""
         return to_gray(images, self.size).reshape(-1, self.size * self.size)
 
     def fit(self, images: Any, labels: np.ndarray) -> DigitClassifier:
@@ -155,12 +156,13 @@ class DigitClassifier:
 
         from sklearn.exceptions import ConvergenceWarning
 
-        with warnings.catch_warnings(), self._limits():
+        with warnings.catch_warnings(), self.blas_limits():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            self.mlp.fit(self._flat(images), np.asarray(labels))
+            self.mlp.fit(self.flatten(images), np.asarray(labels))
         return self
 
-    def _limits(self):
+    def blas_limits(self):
+        """A context limiting BLAS to ``blas_threads`` threads."""
         from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
         return threadpool_limits(self.blas_threads)
@@ -171,16 +173,21 @@ class DigitClassifier:
         return cls(size=size, seed=seed).fit(upscale_digits(splits.train_images, size), splits.train_labels)
 
     def predict(self, images: Any) -> np.ndarray:
-        with self._limits():
-            return self.mlp.predict(self._flat(images))
+        with self.blas_limits():
+            return self.mlp.predict(self.flatten(images))
+
+    def probabilities(self, images: Any) -> np.ndarray:
+        """Class probabilities (N, classes)."""
+        with self.blas_limits():
+            return self.mlp.predict_proba(self.flatten(images))
 
     def accuracy(self, images: Any, labels: np.ndarray) -> float:
         return float(np.mean(self.predict(images) == np.asarray(labels)))
 
     def features(self, images: Any) -> np.ndarray:
         """The last hidden layer's (ReLU) activations, (N, hidden[-1]) float64."""
-        h = self._flat(images).astype(np.float64)
-        with self._limits():
+        h = self.flatten(images).astype(np.float64)
+        with self.blas_limits():
             for w, b in zip(self.mlp.coefs_[:-1], self.mlp.intercepts_[:-1]):
                 h = np.maximum(h @ w + b, 0.0)
         return h
@@ -197,8 +204,7 @@ class DigitFeatures:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         gray = to_gray(images, self.classifier.size)
         clf = self.classifier
-        with clf._limits():
-            probabilities = clf.mlp.predict_proba(clf._flat(gray))
+        probabilities = clf.probabilities(gray)
         return {"features": clf.features(gray), "probabilities": probabilities,
                 "predictions": clf.mlp.classes_[probabilities.argmax(axis=1)]}
 
