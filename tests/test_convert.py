@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from sphere_ar_hf import SphereARPipeline, convert_official_checkpoint, imagenet_id2label
 from sphere_ar_hf.cli import main
-from sphere_ar_hf.convert import _AR_RULES, _VAE_RULES, _rename
+from sphere_ar_hf.convert import AR_KEY_RULES, VAE_KEY_RULES, rename_key
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-tiny"
 AR, VAE = FIXTURE / "ar.pt", FIXTURE / "vae.pt"
@@ -391,9 +391,9 @@ def test_failed_overwrite_keeps_the_old_folder(converted, tmp_path, monkeypatch)
 def test_key_renaming_round_trips(ckpt) -> None:
     """Every official key maps to one of ours and back (the way back names missing keys in error messages)."""
     for key in ckpt["ema"]:
-        rules, name = (_VAE_RULES, key[4:]) if key.startswith("vae.") else (_AR_RULES, key)
+        rules, name = (VAE_KEY_RULES, key[4:]) if key.startswith("vae.") else (AR_KEY_RULES, key)
         if name in ("encoder.freqs_cis", "decoder.freqs_cis"):
             continue
-        ours = _rename(name, rules)
+        ours = rename_key(name, rules)
         assert ours is not None, key
-        assert _rename(ours, rules, reverse=True) == name, (key, ours)
+        assert rename_key(ours, rules, reverse=True) == name, (key, ours)

@@ -36,7 +36,7 @@ class ConversionError(ValueError):
 # Renaming rules as (official prefix, our prefix) templates; "{i}" stands for a block index. Both directions are
 # derived from them: official -> ours to convert, ours -> official to name a missing weight as the user's file does.
 # S-VAE (official keys without the leading "vae.")
-_VAE_RULES = [
+VAE_KEY_RULES = [
     ("encoder.conv_in.", "encoder_conv_in."),
     ("encoder.patchify.0.net.{i}.block.0.", "down_blocks.{i}.norm1."),
     ("encoder.patchify.0.net.{i}.block.2.", "down_blocks.{i}.conv1."),
@@ -65,7 +65,7 @@ _VAE_RULES = [
     ("post_quant_proj.", "post_quant_proj."),
 ]
 # AR transformer
-_AR_RULES = [
+AR_KEY_RULES = [
     ("cls_embedding.", "class_embedding."),
     ("proj_in.", "proj_in."),
     ("emb_norm.", "input_norm."),
@@ -89,7 +89,7 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
 
 
-def _rename(key: str, rules: list[tuple[str, str]], reverse: bool = False) -> str | None:
+def rename_key(key: str, rules: list[tuple[str, str]], reverse: bool = False) -> str | None:
     """``key`` renamed by the first matching rule (official -> ours, or ours -> official), or None."""
     for official, ours in rules:
         src, dst = (ours, official) if reverse else (official, ours)
@@ -328,7 +328,7 @@ def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], names: dict[
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing:
-        official = [prefix + (_rename(k, rules, reverse=True) or k) for k in missing]
+        official = [prefix + (rename_key(k, rules, reverse=True) or k) for k in missing]
         raise ConversionError(f"{what}: missing key{'s' if len(missing) > 1 else ''} "
                               f"{', '.join(official[:4])}{' ...' if len(missing) > 4 else ''} ({len(missing)} in all)")
     if unexpected:
@@ -350,7 +350,7 @@ def _map(sd: dict[str, torch.Tensor], rules, what: str, prefix: str = "",
     for k, v in sd.items():
         if k in ignored:
             continue
-        new = _rename(k, rules)
+        new = rename_key(k, rules)
         if new is None:
             raise ConversionError(f"{what}: unexpected key {prefix + k!r}")
         out[new], names[new] = v, prefix + k
@@ -429,10 +429,10 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, output: str | os.
                     raise ConversionError(f"S-VAE: vae.{k} has {vae_sd[k].shape[0]} positions, expected {rows} for "
                                           f"{vae_cfg['image_size']}px images")
         vae = _build(lambda: SphereVAE(**vae_cfg), "S-VAE")
-        _load_into(vae, *_map(vae_sd, _VAE_RULES, "S-VAE", "vae.", _VAE_IGNORED), "S-VAE", _VAE_RULES, "vae.")
+        _load_into(vae, *_map(vae_sd, VAE_KEY_RULES, "S-VAE", "vae.", _VAE_IGNORED), "S-VAE", VAE_KEY_RULES, "vae.")
     with _about(checkpoint):
         transformer = _build(lambda: SphereARTransformer(SphereARConfig(**ar_cfg)), "AR model")
-        _load_into(transformer, *_map(ar_sd, _AR_RULES, "AR model"), "AR model", _AR_RULES, "")
+        _load_into(transformer, *_map(ar_sd, AR_KEY_RULES, "AR model"), "AR model", AR_KEY_RULES, "")
     id2label = imagenet_id2label() if ar_cfg["num_classes"] == 1000 else None
     pipe = SphereARPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=SphereARScheduler(),
                             id2label=id2label)
