@@ -21,11 +21,13 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from sphere_ar_hf.training.data import DataArguments
-from sphere_ar_hf.training.vae_trainer import VAEModelArguments, VAETrainingArguments, train_vae
+from sphere_ar_hf.training.vae_arguments import VAEModelArguments, VAETrainingArguments
+from sphere_ar_hf.training.vae_trainer import train_vae
 from sphere_ar_hf.utils import run_main
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[VAEModelArguments, VAETrainingArguments, DataArguments]:
+    """The three argument dataclasses from the command line (or from one ``.json`` file)."""
     parser = HfArgumentParser((VAEModelArguments, VAETrainingArguments, DataArguments),
                               description=__doc__.split("\n\n")[0])
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -35,6 +37,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[VAEModelArguments, VA
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    """Train the S-VAE; returns its saved folder."""
     return train_vae(*parse_args(argv))
 
 

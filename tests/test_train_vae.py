@@ -33,13 +33,9 @@ from sphere_ar_hf.training.losses import (
 from sphere_ar_hf.training.optimization import official_param_groups
 from sphere_ar_hf.training.reconstruction_evaluation import ReconstructionEvaluation
 from sphere_ar_hf.training.schedules import official_learning_rate as lr_at
-from sphere_ar_hf.training.vae_trainer import (
-    VAEModelArguments,
-    VAETrainingArguments,
-    VAEWithPosterior,
-    build_vae,
-    save_checkpoint_atomically,
-)
+from sphere_ar_hf.training.vae_arguments import VAEModelArguments, VAETrainingArguments
+from sphere_ar_hf.training.vae_checkpoints import save_checkpoint_atomically
+from sphere_ar_hf.training.vae_models import VAEWithPosterior, build_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_vae.py"

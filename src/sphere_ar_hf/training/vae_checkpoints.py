@@ -1,0 +1,91 @@
+"""The S-VAE run's resumable position and its checkpoints: the sampler that starts mid-epoch, the state that
+``accelerate`` does not save itself, and the atomic ``save_state`` into ``checkpoint-<step>``."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DistributedSampler
+
+from ..utils import shared_staging_path, stage_folder, swap_folder_into_place
+from .checkpoints import mark_checkpoint_complete, rotate_checkpoints
+
+__all__ = [
+    "ResumableDistributedSampler",
+    "TrainState",
+    "save_checkpoint_atomically",
+]
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` (the official sampler: shuffled with ``seed + epoch``, sharded by rank) that can
+    start after the first ``start_index`` indices of this rank's share, to resume mid-epoch."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.start_index = 0
+
+    def set_start_index(self, start_index: int) -> None:
+        """Skip the first ``start_index`` indices of this rank's share (until set again)."""
+        self.start_index = int(start_index)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_index)
+
+
+@dataclass
+class TrainState:
+    """What ``accelerate`` does not save itself: the step, the data position and the batch geometry."""
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_batches_in_epoch: int = 0
+    global_batch_size: int = 0
+    num_processes: int = 0
+    gradient_accumulation_steps: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The fields, for ``accelerator.save_state``."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Set the fields from :meth:`state_dict`'s dict (``accelerator.load_state``)."""
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def save_checkpoint_atomically(accelerator: Any, output_dir: str | os.PathLike, step: int,
+                               extra: dict[str, Any] | None = None, total_limit: int | None = None,
+                               keep_every: int | None = None) -> Path:
+    """``accelerator.save_state`` into a staging folder (``utils.stage_folder(..., shared=True)``), add the
+    completion marker, then swap it into place as ``checkpoint-<step>`` (``utils.swap_folder_into_place``) and
+    keep the newest ``total_limit`` complete checkpoints and every ``keep_every``-th
+    (:func:`~.checkpoints.rotate_checkpoints`). Call on every process. An error removes the staging
+    folder; a run killed before the swap leaves only a hidden folder that ``resolve_resume_checkpoint`` ignores
+    and the next run removes."""
+    root = Path(output_dir)
+    final = root / f"checkpoint-{step}"
+    staged = stage_folder(final, shared=True) if accelerator.is_main_process else None
+    try:
+        accelerator.wait_for_everyone()
+        staged = staged or shared_staging_path(final)
+        accelerator.save_state(str(staged))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            mark_checkpoint_complete(staged, step, extra)
+            swap_folder_into_place(staged, final)
+            rotate_checkpoints(root, total_limit, keep_every)
+    finally:
+        if accelerator.is_main_process and staged is not None and staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
