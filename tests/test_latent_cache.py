@@ -18,7 +18,7 @@ from PIL import Image
 
 from sphere_ar_hf import SphereVAE
 from sphere_ar_hf.training import DataArguments, LatentCacheDataset, cache_latents, load_latent_cache_info, load_vae
-from sphere_ar_hf.training.data import center_crop, decode_image, pixels_to_tensor
+from sphere_ar_hf.training.image_transforms import center_crop, decode_image, pixels_to_tensor
 from sphere_ar_hf.training.latent_cache import encode_posteriors
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -25,6 +25,7 @@ from sphere_ar_hf.training import (
     load_image_dataset,
 )
 from sphere_ar_hf.training import data as D
+from sphere_ar_hf.training import image_transforms as T
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -345,7 +346,7 @@ def test_aug_ratio_zero_is_center_crop_with_half_flips(tmp_path: Path) -> None:
     image.save(tmp_path / "one" / "a" / "x.png")
     image.save(tmp_path / "one" / "b" / "y.png")
     ds = build_image_dataset(_args(tmp_path, train_data_dir=str(tmp_path / "one"), aug_ratio=0.0), seed=0)
-    center = D.pixels_to_tensor(D.center_crop(image, RES))
+    center = T.pixels_to_tensor(T.center_crop(image, RES))
     flipped = center.flip(-1)
     flips = 0
     for epoch in range(200):
@@ -373,11 +374,11 @@ def test_aug_ratio_zero_is_center_crop_with_half_flips(tmp_path: Path) -> None:
 
 def test_crops_shapes_and_scale_range() -> None:
     tiny = Image.fromarray(_rgb(7, 5, 0))
-    assert D.center_crop(tiny, RES).shape == (RES, RES, 3)
+    assert T.center_crop(tiny, RES).shape == (RES, RES, 3)
     for seed in range(20):
-        assert D.random_crop(tiny, RES, np.random.default_rng(seed)).shape == (RES, RES, 3)
+        assert T.random_crop(tiny, RES, np.random.default_rng(seed)).shape == (RES, RES, 3)
     wide = Image.fromarray(_rgb(3, 200, 1))
-    assert D.center_crop(wide, RES).shape == (RES, RES, 3)
+    assert T.center_crop(wide, RES).shape == (RES, RES, 3)
     # random crop short side drawn from [res, ceil(res / 0.8)]: a 40x40 crop region at most, so on a square image
     # scaled to 40 the crop keeps >= 80% of the side; check the drawn sizes cover the range
     sizes = {int(np.random.default_rng(s).integers(RES, int(np.ceil(RES / 0.8)) + 1)) for s in range(200)}
@@ -385,9 +386,9 @@ def test_crops_shapes_and_scale_range() -> None:
     for mode in ("1", "L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr", "I;16", "I", "F"):
         img = Image.fromarray(_rgb(9, 11, 2)).convert(mode) if mode not in ("I;16", "I", "F") else \
             Image.fromarray(_rgb(9, 11, 2)[..., 0].astype(np.uint16) * 257).convert(mode)
-        rgb = D.to_rgb(img)
+        rgb = T.to_rgb(img)
         assert rgb.mode == "RGB" and rgb.size == (11, 9), mode
-    sixteen = D.to_rgb(Image.fromarray(np.full((4, 4), 65535, np.uint16)))
+    sixteen = T.to_rgb(Image.fromarray(np.full((4, 4), 65535, np.uint16)))
     assert np.asarray(sixteen).min() == 255  # 16-bit white stays white
     transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert np.asarray(D.to_rgb(transparent)).min() == 255  # alpha composited on white
+    assert np.asarray(T.to_rgb(transparent)).min() == 255  # alpha composited on white

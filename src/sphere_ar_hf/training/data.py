@@ -1,22 +1,18 @@
-"""Image-classification data for SphereAR training: loading, validation and the official augmentation.
+"""Image-classification data for SphereAR training: the data arguments, loading and validation, the datasets.
 
 Any ``datasets`` dataset with an image column and an integer label column works: a Hub dataset
 (``dataset_name``, optionally streamed), a local imagefolder (``train_data_dir``) or a ``save_to_disk``
 folder (``dataset_path``). Images are decoded here with PIL (the ``Image`` feature is cast to
 ``decode=False``) so that an undecodable file is skipped and counted instead of crashing a run.
 
-The augmentation follows the official recipe: with probability ``aug_ratio`` a random crop whose short
-side is first resized to a size drawn from ``[res, res / 0.8]``, otherwise the ADM center crop; then a
-random horizontal flip; pixels scaled to [-1, 1]. ``aug_ratio`` decays linearly to 0 between two epochs.
-Every draw comes from a numpy ``Generator`` seeded from ``(seed, epoch, index)``.
+Each item is augmented as the official recipe does (:mod:`.image_transforms`: a random crop with probability
+``aug_ratio``, otherwise the ADM center crop; a random flip; pixels in [-1, 1]). ``aug_ratio`` decays linearly to 0
+between two epochs. Every draw comes from a numpy ``Generator`` seeded from ``(seed, epoch, index)``.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +21,15 @@ import datasets
 import datasets.distributed
 import numpy as np
 import torch
-from PIL import Image
+
+from .image_transforms import (
+    center_crop,
+    decode_image,
+    describe_image_value,
+    example_rng,
+    pixels_to_tensor,
+    transform_image,
+)
 
 __all__ = [
     "DataArguments",
@@ -33,24 +37,23 @@ __all__ = [
     "IterableImageDataset",
     "aug_ratio_at",
     "build_image_dataset",
-    "center_crop",
     "class_names",
     "collate_images",
-    "decode_image",
     "load_image_dataset",
-    "random_crop",
-    "resolve_num_classes",
     "probe_images",
+    "resolve_num_classes",
     "skipped_image_count",
-    "to_rgb",
-    "transform_image",
+    "undecoded_images",
+    # defined in .image_transforms; importable from here too (tests/test_ablation.py)
+    "center_crop",
+    "decode_image",
+    "pixels_to_tensor",
 ]
 
 logger = logging.getLogger(__name__)
 
-# The official recipe: random crops (short side in [res, res / MIN_CROP_FRAC]) with probability 1.0 until
-# ``aug_decay_start_epoch``, decaying linearly to 0 at ``aug_decay_end_epoch``.
-MIN_CROP_FRAC = 0.8
+# The official recipe: random crops with probability 1.0 until ``aug_decay_start_epoch``, decaying linearly to 0
+# at ``aug_decay_end_epoch``.
 DEFAULT_AUG_RATIO = 1.0
 
 _skipped = 0
@@ -130,103 +133,6 @@ def aug_ratio_at(epoch: int, args: DataArguments) -> float:
     else:
         factor = 1.0 - (epoch - start) / float(end - start)
     return float(min(1.0, max(0.0, args.aug_ratio * factor)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# decoding and the augmentation
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB: transparency is composited on white, 16-bit/float images are rescaled."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "F") or image.mode.startswith("I;"):
-        arr = np.asarray(image, dtype=np.float64)
-        if arr.size and arr.max() > 255:
-            arr = arr / 257.0  # 16-bit range to 8-bit
-        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def decode_image(value: Any) -> Image.Image:
-    """Decode an image value (``{"bytes", "path"}`` dict from ``Image(decode=False)``, bytes, path or PIL image)
-    into a fully loaded RGB PIL image. Raises on undecodable data."""
-    if isinstance(value, Image.Image):
-        image = value
-    else:
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-        elif isinstance(value, (bytes, bytearray)):
-            data, path = bytes(value), None
-        elif isinstance(value, (str, os.PathLike)):
-            data, path = None, value
-        else:
-            raise TypeError(f"cannot decode an image from {type(value).__name__}")
-        if data is not None:
-            image = Image.open(io.BytesIO(data))
-        elif path is not None:
-            with open(path, "rb") as f:
-                image = Image.open(io.BytesIO(f.read()))
-        else:
-            raise ValueError("image value has neither bytes nor path")
-    image.load()
-    return to_rgb(image)
-
-
-def _resize_short_side(image: Image.Image, short: int) -> Image.Image:
-    """ADM resizing: BOX-halve while the short side is >= 2x the target, then BICUBIC to the exact short side."""
-    while min(image.size) >= 2 * short:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = short / min(image.size)
-    return image.resize(tuple(max(short, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
-
-
-def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
-    """The ADM center crop: ``(resolution, resolution, 3)`` uint8 array (smaller images are upscaled)."""
-    arr = np.asarray(_resize_short_side(image, resolution))
-    top = (arr.shape[0] - resolution) // 2
-    left = (arr.shape[1] - resolution) // 2
-    return arr[top:top + resolution, left:left + resolution]
-
-
-def random_crop(image: Image.Image, resolution: int, rng: np.random.Generator,
-                min_crop_frac: float = MIN_CROP_FRAC) -> np.ndarray:
-    """The official random crop: resize the short side to a size drawn from ``[res, res / min_crop_frac]``,
-    then crop a uniformly placed ``(resolution, resolution, 3)`` uint8 window."""
-    low, high = resolution, math.ceil(resolution / min_crop_frac)
-    short = int(rng.integers(low, high + 1))
-    arr = np.asarray(_resize_short_side(image, short))
-    top = int(rng.integers(0, arr.shape[0] - resolution + 1))
-    left = int(rng.integers(0, arr.shape[1] - resolution + 1))
-    return arr[top:top + resolution, left:left + resolution]
-
-
-def transform_image(image: Image.Image, resolution: int, rng: np.random.Generator, aug_ratio: float,
-                    hflip: bool = True) -> torch.Tensor:
-    """Crop (random with probability ``aug_ratio``, else center), maybe flip, scale to a (3, res, res) tensor in
-    [-1, 1]. Draw order: crop choice, crop parameters, flip."""
-    use_random = rng.random() < aug_ratio
-    arr = random_crop(image, resolution, rng) if use_random else center_crop(image, resolution)
-    if hflip and int(rng.integers(0, 2)) == 1:
-        arr = arr[:, ::-1]
-    return pixels_to_tensor(arr)
-
-
-def pixels_to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 in [-1, 1]."""
-    chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    return torch.from_numpy((chw.astype(np.float32) / 255.0 - 0.5) * 2.0)
-
-
-def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The numpy generator for one example of one epoch."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(index)]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,7 +274,7 @@ def load_image_dataset(args: DataArguments, strict_num_classes: bool = False
         if args.max_train_samples is not None:
             ds = ds.take(args.max_train_samples)
         # decode=False before the lazy check: a mapped stream decodes its input with the features of that point
-        ds = _undecoded(ds, args.image_column)
+        ds = undecoded_images(ds, args.image_column)
         check = _StreamLabelCheck(args.label_column, args.image_column, num_classes)
         return ds.map(check, with_indices=True, features=ds.features)
 
@@ -390,21 +296,13 @@ def class_names(dataset: datasets.Dataset | datasets.IterableDataset, label_colu
     return None
 
 
-def _undecoded(ds: Any, image_column: str) -> Any:
-    """Cast the image column to ``Image(decode=False)`` so that decoding (and its failures) happen here."""
+def undecoded_images(ds: Any, image_column: str) -> Any:
+    """``ds`` with its image column cast to ``Image(decode=False)``, so that the datasets of this package decode the
+    images themselves (and skip an undecodable one instead of failing)."""
     features = ds.features
     if features is not None and isinstance(features.get(image_column), datasets.Image):
         return ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        if value.get("path"):
-            return str(value["path"])
-        if value.get("bytes") is not None:
-            return f"{len(value['bytes'])} bytes"
-    return type(value).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,7 +333,7 @@ class _Augmenter:
         try:
             image = decode_image(value)
         except Exception as err:  # any undecodable file: skip it, never crash the run
-            logger.warning("skipping undecodable image (example %d, %s): %s: %s", index, _describe(value),
+            logger.warning("skipping undecodable image (example %d, %s): %s: %s", index, describe_image_value(value),
                            type(err).__name__, err)
             return None
         rng = example_rng(self.seed, self.epoch, index)
@@ -455,7 +353,7 @@ class ImageDataset(_Augmenter, torch.utils.data.Dataset):
     def __init__(self, dataset: datasets.Dataset, args: DataArguments, seed: int = 0):
         super().__init__(args, seed)
         dataset = dataset.select_columns([args.image_column, args.label_column])
-        self.dataset = _undecoded(dataset, args.image_column)
+        self.dataset = undecoded_images(dataset, args.image_column)
         probe_images(self.dataset, args.image_column)
 
     def __len__(self) -> int:
@@ -476,7 +374,7 @@ class IterableImageDataset(_Augmenter, torch.utils.data.IterableDataset):
                  world_size: int = 1):
         super().__init__(args, seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.dataset = _undecoded(dataset, args.image_column)
+        self.dataset = undecoded_images(dataset, args.image_column)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -523,7 +421,7 @@ def probe_images(dataset: Any, column: str, count: int = PROBED_EXAMPLES) -> Non
             decode_image(value)
             return
         except Exception as err:  # noqa: BLE001  (whatever the decoder raises: the same test as make_item)
-            failures.append(f"{_describe(value)}: {type(err).__name__}")
+            failures.append(f"{describe_image_value(value)}: {type(err).__name__}")
     if failures:
         raise ValueError(f"--image_column {column!r}: none of the first {n} examples holds a decodable image "
                          f"(example 0: {failures[0]})")

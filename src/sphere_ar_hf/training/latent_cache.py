@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,18 +33,9 @@ from tqdm.auto import tqdm
 from ..utils import atomic_write, check_output_folder, shared_staging_path, stage_folder, swap_folder_into_place
 from ..vae import POSTERIOR_CLASSES, SphereVAE, posterior_tokens
 from .argument_checks import check_arguments
-from .data import (
-    DataArguments,
-    _describe,
-    _undecoded,
-    center_crop,
-    class_names,
-    decode_image,
-    load_image_dataset,
-    pixels_to_tensor,
-    resolve_num_classes,
-)
+from .data import DataArguments, class_names, load_image_dataset, resolve_num_classes, undecoded_images
 from .device_setup import DEFAULT_DDP_TIMEOUT, process_group_kwargs
+from .image_transforms import center_crop, decode_image, describe_image_value, pixels_to_tensor
 
 __all__ = [
     "CACHE_INFO_FILE",
@@ -125,7 +117,8 @@ class _CenterCropDataset(torch.utils.data.Dataset):
     """Center crops of a slice of the source dataset; None for an undecodable image."""
 
     def __init__(self, dataset: datasets.Dataset, args: DataArguments, offset: int):
-        self.dataset = _undecoded(dataset.select_columns([args.image_column, args.label_column]), args.image_column)
+        columns = dataset.select_columns([args.image_column, args.label_column])
+        self.dataset = undecoded_images(columns, args.image_column)
         self.args, self.offset = args, offset
 
     def __len__(self) -> int:
@@ -138,7 +131,7 @@ class _CenterCropDataset(torch.utils.data.Dataset):
             image = decode_image(row[self.args.image_column])
         except Exception as err:  # skipped and counted, never a crash
             logger.warning("skipping undecodable image (example %d, %s): %s: %s", index,
-                           _describe(row[self.args.image_column]), type(err).__name__, err)
+                           describe_image_value(row[self.args.image_column]), type(err).__name__, err)
             return None
         return {"pixel_values": pixels_to_tensor(center_crop(image, self.args.resolution)),
                 "class_labels": int(row[self.args.label_column]), "index": index}
@@ -233,12 +226,7 @@ def cache_latents(
     The main process prints a summary and shows a progress bar (with ETA) over its shard (``disable_tqdm``).
     Returns ``output_dir`` (on every process, after the cache is complete).
     """
-    check_arguments(data_args)
-    if data_args.streaming:
-        raise ValueError("the latent cache needs a map-style dataset; set streaming=False")
-    if data_args.resolution != vae.config.image_size:
-        raise ValueError(f"resolution {data_args.resolution} differs from the VAE's image_size "
-                         f"{vae.config.image_size}; set --resolution {vae.config.image_size}")
+    _check_cache_arguments(vae, data_args)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     is_main = rank == 0
     device = accelerator.device if accelerator is not None else next(vae.parameters()).device
@@ -272,37 +260,64 @@ def cache_latents(
         if is_main:
             print(_startup_summary(vae, len(raw), num_classes, batch_size, world, output_dir), file=sys.stderr,
                   flush=True)
-        skipped, written = 0, 0
-        progress = tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True,
-                        disable=disable_tqdm or not is_main)  # the main process's shard stands for all
-        with ArrowWriter(features=features, path=str(staged / shard_file_name(rank, world))) as writer:
-            for batch in progress:
-                skipped += batch["num_skipped"]
-                if "pixel_values" not in batch:
-                    continue
-                with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-                    post = encode_posteriors(vae, batch["pixel_values"].to(device))
-                writer.write_batch({**{k: v.numpy() for k, v in post.items()},
-                                    "class_labels": batch["class_labels"], "index": batch["index"]})
-                written += len(batch["index"])
-            writer.finalize()
+        autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+        # the main process's progress bar stands for all
+        written, skipped = _encode_shard(vae, loader, features, staged / shard_file_name(rank, world), device,
+                                         autocast, disable_tqdm or not is_main)
         (partial / f"shard-{rank:05d}.json").write_text(json.dumps({"written": written, "skipped": skipped}))
         logger.info("process %d encoded %d images (%d undecodable skipped)", rank, written, skipped)
         barrier()
-
         if is_main:
-            stats = [json.loads((partial / f"shard-{r:05d}.json").read_text()) for r in range(world)]
-            info = _cache_info(vae, data_args, num_classes, id2label, stats)
-            write_shard_index(staged, world, features, json.dumps(info))
-            (staged / CACHE_INFO_FILE).write_text(json.dumps(info, indent=2))
-            swap_folder_into_place(staged, output_dir)  # overwrite: the old cache is deleted only after the swap
-            logger.info("wrote a latent cache of %d images to %s (%d undecodable skipped)", info["num_examples"],
-                        output_dir, info["num_skipped"])
+            _finish_cache(partial, output_dir, world, features, vae, data_args, num_classes, id2label)
     finally:
         if is_main:
             shutil.rmtree(partial, ignore_errors=True)
     barrier()
     return output_dir
+
+
+def _check_cache_arguments(vae: SphereVAE, data_args: DataArguments) -> None:
+    """Refuse data arguments that the latent cache of ``vae`` cannot use."""
+    check_arguments(data_args)
+    if data_args.streaming:
+        raise ValueError("the latent cache needs a map-style dataset; set streaming=False")
+    if data_args.resolution != vae.config.image_size:
+        raise ValueError(f"resolution {data_args.resolution} differs from the VAE's image_size "
+                         f"{vae.config.image_size}; set --resolution {vae.config.image_size}")
+
+
+def _encode_shard(vae: SphereVAE, loader: torch.utils.data.DataLoader, features: datasets.Features, path: Path,
+                  device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
+                  disable_tqdm: bool) -> tuple[int, int]:
+    """Encode the batches of ``loader`` into the Arrow file ``path``; returns the images written and skipped."""
+    skipped, written = 0, 0
+    progress = tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True, disable=disable_tqdm)
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for batch in progress:
+            skipped += batch["num_skipped"]
+            if "pixel_values" not in batch:
+                continue
+            with autocast():
+                post = encode_posteriors(vae, batch["pixel_values"].to(device))
+            writer.write_batch({**{k: v.numpy() for k, v in post.items()},
+                                "class_labels": batch["class_labels"], "index": batch["index"]})
+            written += len(batch["index"])
+        writer.finalize()
+    return written, skipped
+
+
+def _finish_cache(partial: Path, output_dir: Path, world: int, features: datasets.Features, vae: SphereVAE,
+                  data_args: DataArguments, num_classes: int | None, id2label: dict[int, str] | None) -> None:
+    """Make the staged shards of ``world`` processes a ``save_to_disk`` folder with its ``latent_cache.json``, and
+    swap it into place as ``output_dir`` (an old cache there is deleted only after the swap). Main process."""
+    staged = partial / "dataset"
+    stats = [json.loads((partial / f"shard-{r:05d}.json").read_text()) for r in range(world)]
+    info = _cache_info(vae, data_args, num_classes, id2label, stats)
+    write_shard_index(staged, world, features, json.dumps(info))
+    (staged / CACHE_INFO_FILE).write_text(json.dumps(info, indent=2))
+    swap_folder_into_place(staged, output_dir)
+    logger.info("wrote a latent cache of %d images to %s (%d undecodable skipped)", info["num_examples"],
+                output_dir, info["num_skipped"])
 
 
 def _startup_summary(vae: SphereVAE, num_images: int, num_classes: int | None, batch_size: int, world: int,
