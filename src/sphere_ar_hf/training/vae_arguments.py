@@ -212,4 +212,3 @@ class VAETrainingArguments:
 def kl_weight(args: VAETrainingArguments, vae: SphereVAE) -> float:
     """``args.kl_weight``, or the default of the VAE's posterior (:data:`DEFAULT_KL_WEIGHTS`)."""
     return DEFAULT_KL_WEIGHTS[vae.config.posterior] if args.kl_weight is None else args.kl_weight
-

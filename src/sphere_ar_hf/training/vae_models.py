@@ -101,4 +101,3 @@ def posterior_generator(seed: int, step: int, micro_batch: int, rank: int, devic
     draws need no saved state and a resumed run repeats them exactly."""
     key = hashlib.sha256(f"sphere-vae/{seed}/{step}/{micro_batch}/{rank}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
-

@@ -121,4 +121,3 @@ class LogMeter:
         self.counts: dict[str, int] = {}
         self.steps = 0
         self.started = time.time()
-
