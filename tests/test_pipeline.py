@@ -262,6 +262,29 @@ def test_bad_call_arguments(tiny_pipeline: SphereARPipeline, kwargs: dict, error
         tiny_pipeline([0, 1], **kwargs)
 
 
+def test_the_guidance_scale_is_checked_by_the_config(tiny_pipeline: SphereARPipeline) -> None:
+    """``check_guidance_scale`` (configuration_sphere_ar) is the one check of a guidance scale: the config's
+    recommended value, the pipeline's argument, the CLI's --guidance-scale and the demo's slider call it."""
+    from sphere_ar_hf.configuration_sphere_ar import SphereARConfig, check_guidance_scale
+
+    assert check_guidance_scale(4) == 4.0 and type(check_guidance_scale(4)) is float
+    assert check_guidance_scale(np.float32(2.5)) == 2.5 and check_guidance_scale(-3.0e38) == -3.0e38
+    for bad, error, message in ((math.nan, ValueError, "got nan"), (1e39, ValueError, "got 1e+39"),
+                                (10**400, ValueError, "got an integer beyond the float range"),
+                                ("4", TypeError, "guidance_scale must be a float, got str"),
+                                (True, TypeError, "got bool"), (None, TypeError, "got NoneType")):
+        with pytest.raises(error) as e:
+            check_guidance_scale(bad)
+        text = str(e.value)
+        assert message in text and text.startswith("guidance_scale must be a") and "\n" not in text
+    with pytest.raises(ValueError, match=r"^guidance_scale: must be a finite float32 number .*got 1e\+39$"):
+        SphereARConfig(guidance_scale=1e39)  # the recommended scale too
+    # a numpy scale samples as the same float would
+    tokens = [tiny_pipeline([0, 1], guidance_scale=g, num_inference_steps=STEPS, generator=_gen(0),
+                            output_type="latent").images for g in (np.float32(3.0), 3.0)]
+    assert torch.equal(*tokens)
+
+
 @pytest.mark.parametrize(
     "shape",
     [(1, 3, 64, 64), (1, 3, 32, 16), (1, 1, 32, 32), (1, 4, 32, 32), (3, 32, 32), (1, 1, 3, 32, 32)],

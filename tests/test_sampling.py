@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sphere_ar_hf.cli import main as cli
 from sphere_ar_hf.evaluation import ImageSet, image_labels, image_seeds
@@ -135,6 +137,124 @@ def test_png_images_equal_the_npz(tmp_path) -> None:
     images = ImageSet(out / "samples.npz").images()
     for n in range(10):
         np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / f"{n:06d}.png")), images[n])
+
+
+# ----------------------------------------------------------------------------- alone = in a batch, bit for bit
+# Image k made alone equals image k made in a batch of 7 (same label, same per-image seed), bit for bit in its floats
+# before quantisation, through the batching helper and each front-end (generate, sample, the demo): each pipeline call
+# is padded to a multiple of ROW_QUANTUM images (sphere_ar_hf.batching). Without the padding the CPU's matrix products
+# round a batch of 1 and one of 7 differently (up to ~7e-7 on the digits model), and every test here fails.
+LABELS = [3, 1, 4, 1, 5, 9, 2]
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> Iterator[list[torch.Tensor]]:
+    """The decoder's float output of every pipeline call (one tensor per call, padding rows included), on one
+    thread (the commands run with --threads 1)."""
+    from sphere_ar_hf import SphereVAE
+
+    calls, real_decode = [], SphereVAE.decode
+
+    def decode(self, *args, **kwargs):
+        out = real_decode(self, *args, **kwargs)
+        calls.append(out.sample.detach().clone())
+        return out
+
+    monkeypatch.setattr(SphereVAE, "decode", decode)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield calls
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sphere_ar_hf import SphereARPipeline
+    from sphere_ar_hf.pretrained import bundled_model_path
+
+    pipe = SphereARPipeline.from_pretrained(bundled_model_path("digits"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _assert_alone_equals_batched(alone: list[torch.Tensor], batched: torch.Tensor) -> None:
+    assert len(alone) == len(LABELS) and len(batched) >= len(LABELS)
+    for k, image in enumerate(alone):
+        assert torch.equal(image, batched[k]), (k, float((image - batched[k]).abs().max()))
+
+
+def test_helper_makes_an_image_alone_as_in_a_batch_of_7(digits, decoded) -> None:
+    from sphere_ar_hf.batching import ROW_QUANTUM, generate_padded, padded_batches, padded_size
+    from sphere_ar_hf.seeding import image_generators
+
+    call = dict(num_inference_steps=2, guidance_scale=2.0)
+    batch = generate_padded(digits, LABELS, image_generators(7, 7), 7, output_type="pt", **call)
+    alone = [generate_padded(digits, [c], image_generators(7, [k]), 1, output_type="pt", **call)[0]
+             for k, c in enumerate(LABELS)]
+    _assert_alone_equals_batched(alone, batch)
+    assert [len(x) for x in decoded] == [ROW_QUANTUM] * 8  # each call padded to 8 images
+    _assert_alone_equals_batched([x[0] for x in decoded[1:]], decoded[0])
+    # every output type, in order; batches of 3 (3 calls of 8 images) give the same bits
+    pil = generate_padded(digits, LABELS, image_generators(7, 7), 3, **call)
+    assert [np.asarray(im).tobytes() for im in pil] == [
+        (x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy().tobytes() for x in batch]
+    np.testing.assert_array_equal(generate_padded(digits, LABELS, image_generators(7, 7), 3, output_type="np",
+                                                  **call), batch.permute(0, 2, 3, 1).numpy())
+    latents = generate_padded(digits, LABELS[:2], image_generators(7, 2), 1, output_type="latent", **call)
+    assert latents.shape == (2, digits.transformer.config.num_image_tokens, 16)
+    assert padded_size(1) == padded_size(8) == 8 and padded_size(9) == 16
+    seen = []
+    starts = [start for start, _ in padded_batches(digits, LABELS, image_generators(7, 7), 3,
+                                                   on_batch=lambda i, n: seen.append((i, n)), **call)]
+    assert starts == [0, 3, 6] and seen == [(0, 3), (1, 3), (2, 3)]
+    for args, message in (((LABELS, image_generators(7, 6), 3), "6 generators for 7 labels"),
+                          (([], [], 3), "at least one class label"),
+                          ((LABELS, image_generators(7, 7), 0), "batch_size must be an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
+            generate_padded(digits, *args, **call)
+
+
+def _command_alone_and_in_a_batch_of_7(argv: list[str], tmp_path: Path, decoded: list[torch.Tensor]) -> None:
+    """Run the command with --batch-size 1 (into tmp_path/one) and 7 (tmp_path/seven): the same floats."""
+    assert cli([*argv, "--threads", "1", "--batch-size", "1", "--output-dir", str(tmp_path / "one")]) == 0
+    alone = [x[0] for x in decoded]
+    decoded.clear()
+    assert cli([*argv, "--threads", "1", "--batch-size", "7", "--output-dir", str(tmp_path / "seven")]) == 0
+    (batch,) = decoded
+    _assert_alone_equals_batched(alone, batch)
+
+
+def test_generate_makes_an_image_alone_as_in_a_batch_of_7(tmp_path, decoded) -> None:
+    from PIL import Image
+
+    argv = ["generate", "--class-labels", *map(str, LABELS), "--steps", "2", "--seed", "7", "--scale", "1"]
+    _command_alone_and_in_a_batch_of_7(argv, tmp_path, decoded)
+    for k in range(len(LABELS)):
+        name = next((tmp_path / "one").glob(f"{k:03d}_*.png")).name
+        with Image.open(tmp_path / "one" / name) as a, Image.open(tmp_path / "seven" / name) as b:
+            assert a.tobytes() == b.tobytes()
+
+
+def test_sample_makes_an_image_alone_as_in_a_batch_of_7(tmp_path, decoded) -> None:
+    argv = ["sample", "--num-images", "7", "--labels", "uniform", "--seed", "7", "--steps", "2", "--device", "cpu"]
+    _command_alone_and_in_a_batch_of_7(argv, tmp_path, decoded)
+    assert _sha(tmp_path / "one" / "samples.npz") == _sha(tmp_path / "seven" / "samples.npz")
+
+
+def test_demo_makes_an_image_alone_as_in_a_batch_of_7(digits, decoded) -> None:
+    """Image k of a request has the seed of (S, k), so image 0 made alone is image 0 of a request of 7 images."""
+    from sphere_ar_hf.demo import DemoRunner
+
+    runner = DemoRunner(digits)
+    labels = [str(c) for c in LABELS]
+    alone, _ = runner.generate(labels[:1], 1, 2.0, "linear", 2, 7, progress=lambda *a, **k: None)
+    batch, _ = runner.generate(labels, 1, 2.0, "linear", 2, 7, progress=lambda *a, **k: None)
+    first, second = decoded
+    assert torch.equal(first[0], second[0]), float((first[0] - second[0]).abs().max())
+    assert len(first) == len(second) == 8  # each request in one call of 8 images
+    assert alone[0][0].tobytes() == batch[0][0].tobytes()
+    runner.generate(labels[:1], 7, 2.0, "linear", 2, 7, progress=lambda *a, **k: None)
+    assert torch.equal(decoded[2][0], first[0])  # image 0 of 7 images of one class: the same bits
 
 
 # ----------------------------------------------------------------------------- errors

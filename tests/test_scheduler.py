@@ -5,12 +5,13 @@ official code in test_parity.py)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from sphere_ar_hf import SphereARScheduler
-from sphere_ar_hf.scheduling_sphere_ar import guidance_at, update_step
+from sphere_ar_hf.scheduling_sphere_ar import check_num_inference_steps, guidance_at, update_step
 
 
 @pytest.mark.parametrize(("sampler", "steps", "evals"), [("euler_maruyama", 100, 101), ("euler_maruyama", 10, 11),
@@ -134,6 +135,19 @@ def test_config_round_trip_and_validation(tmp_path) -> None:
         SphereARScheduler(sampler="heun", time_shift=0.0)
     with pytest.raises(ValueError, match="num_inference_steps"):
         s.set_timesteps(0)
+
+
+def test_the_step_count_is_checked_by_the_scheduler() -> None:
+    """``check_num_inference_steps`` is the one check of a step count (set_timesteps, the pipeline, the CLI's
+    --steps and the demo's slider call it)."""
+    assert check_num_inference_steps(1) == 1 and check_num_inference_steps(10**9) == 10**9
+    for bad in (0, -1, 1.5, 2.0, "3", None, True):
+        message = f"num_inference_steps must be an integer >= 1, got {bad!r}"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            check_num_inference_steps(bad)
+    s = SphereARScheduler()
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1, got 2.0"):
+        s.set_timesteps(2.0)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun"])

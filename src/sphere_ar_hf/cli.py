@@ -22,14 +22,16 @@ from .cli_common import (
     CLIError,
     add_threads_argument,
     device_from_name,
-    finite_float,
+    guidance_option,
     load_pipeline,
+    number_argument,
     one_line,
     positive_int,
     quiet_libraries,
     resolve_model,
     seed_argument,
     set_threads,
+    steps_argument,
 )
 from .cli_sampling import add_evaluate_parser, add_sample_parser
 from .cli_sweep import add_sweep_parser
@@ -166,8 +168,10 @@ def _label_slug(pipe: SphereARPipeline, class_id: int) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """``sphere-ar generate``: one image per class label, made in padded batches (:mod:`.batching`), as PNGs."""
     from PIL import Image
 
+    from .batching import padded_batches
     from .seeding import image_generators
 
     if args.output is not None:
@@ -175,6 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             _image_format(args.output)  # fail before loading anything
         except CLIError as e:
             raise CLIError(f"--output {e}") from None
+    guidance = guidance_option(args.guidance_scale)  # before anything loads (None: the model's)
     threads = set_threads(args.threads)
     device = device_from_name(args.device)
     model = resolve_model(args.model)
@@ -185,35 +190,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model, args.dtype)
     _check_output_size(pipe.vae.config.image_size, args.scale, len(ids))
     pipe.to(device)
-    guidance = args.guidance_scale if args.guidance_scale is not None else float(pipe.transformer.config.guidance_scale)
+    guidance = guidance if guidance is not None else float(pipe.transformer.config.guidance_scale)
     (args.output_dir if args.output_dir is not None else args.output.parent).mkdir(parents=True, exist_ok=True)
 
+    def describe(index: int, count: int) -> None:
+        if count > 1:
+            pipe.set_progress_bar_config(desc=f"batch {index + 1}/{count}, tokens")
+
+    # one CPU generator per image, seeded from (seed, index), and each batch padded to a multiple of 8 images: on
+    # the CPU an image has the same bits whatever --batch-size and the other labels; seeds S and S + 1 share no image
+    batches = padded_batches(pipe, ids, image_generators(args.seed, len(ids)), args.batch_size, on_batch=describe,
+                             guidance_scale=guidance, cfg_schedule=args.cfg_schedule, num_inference_steps=args.steps,
+                             output_type="pil")
     images, written = [], []
-    n_batches = math.ceil(len(ids) / args.batch_size)
-    for b in range(n_batches):
-        start = b * args.batch_size
-        batch = ids[start:start + args.batch_size]
-        # one CPU generator per image, seeded from (seed, index): an image depends only on its seed, index, class
-        # and settings, not on --batch-size, and seeds S and S + 1 share no image
-        generators = image_generators(args.seed, range(start, start + len(batch)))
-        if n_batches > 1:
-            pipe.set_progress_bar_config(desc=f"batch {b + 1}/{n_batches}, tokens")
-        try:
-            out = pipe(batch, guidance_scale=guidance, cfg_schedule=args.cfg_schedule,
-                       num_inference_steps=args.steps, generator=generators, output_type="pil")
-        except (ValueError, TypeError) as e:  # a request the pipeline refuses (e.g. too large for the memory)
-            raise CLIError(one_line(e)) from None
-        except FloatingPointError as e:  # e.g. a float16 decoder overflow: a known, explained failure
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            return 1
-        for i, (class_id, image) in enumerate(zip(batch, out.images)):
-            scale = args.scale or _default_scale(max(image.size))
-            if scale > 1:
-                image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-            images.append(image)
-            if args.output_dir is not None:
-                name = f"{start + i:03d}_{_label_slug(pipe, class_id)}.png"
-                written.append(save_image_atomically(image, args.output_dir / name))
+    try:
+        for start, batch_images in batches:
+            for k, image in enumerate(batch_images, start):
+                scale = args.scale or _default_scale(max(image.size))
+                if scale > 1:
+                    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+                images.append(image)
+                if args.output_dir is not None:
+                    name = f"{k:03d}_{_label_slug(pipe, ids[k])}.png"
+                    written.append(save_image_atomically(image, args.output_dir / name))
+    except (ValueError, TypeError) as e:  # a request the pipeline refuses (e.g. too large for the memory)
+        raise CLIError(one_line(e)) from None
+    except FloatingPointError as e:  # e.g. a float16 decoder overflow: a known, explained failure
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
     grid_path = args.output if args.output is not None else args.output_dir / "grid.png"
     save_image_atomically(make_grid(images, args.grid_cols), grid_path)
     w, h = images[0].size
@@ -284,8 +288,8 @@ def add_generate_parser(sub, fmt) -> None:
         description="Generate one image per class label and write PNGs. Image k (counting from 0 over all "
                     "labels) uses its own CPU random generator seeded from a hash of (--seed, k), so an image "
                     "depends only on its seed, k, class and the sampling settings (and the device and dtype), not "
-                    "on --batch-size or the other labels (up to float rounding: at most 1/255 in a few pixels), and "
-                    "seeds S and S + 1 share no image.",
+                    "on --batch-size or the other labels (on the CPU not even in the last bit: each batch is padded "
+                    "to a multiple of 8 images), and seeds S and S + 1 share no image.",
         epilog="example: sphere-ar generate --model ./SphereAR-B --class-labels 207 360 'golden retriever' "
                "--output-dir samples/")
     gen.add_argument("--model", default=None, metavar="DIR",
@@ -294,20 +298,20 @@ def add_generate_parser(sub, fmt) -> None:
     gen.add_argument("--class-labels", required=True, nargs="+", metavar="LABEL",
                      help="class ids (0-999 for ImageNet) and/or class names, e.g. 207 360 'golden retriever' "
                           "(names are case-insensitive; any synonym of an ImageNet class works)")
-    gen.add_argument("--guidance-scale", type=finite_float, metavar="F", default=None,
+    gen.add_argument("--guidance-scale", type=number_argument, metavar="F", default=None,
                      help="classifier-free guidance scale; <= 1 disables guidance (default: the model's "
                           "recommended value, e.g. 4.5 for SphereAR-B)")
     gen.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="linear",
                      help="guidance over the tokens: 'linear' rises from 1 to --guidance-scale (official), "
                           "'constant' uses it for every token")
-    gen.add_argument("--steps", type=positive_int, metavar="N", default=100,
+    gen.add_argument("--steps", type=steps_argument, metavar="N", default=100,
                      help="sampler steps per token, as in the official sampler (fewer are faster and rougher)")
     gen.add_argument("--seed", type=seed_argument, metavar="S", default=0,
                      help="random seed: image k (from 0) uses a CPU torch.Generator seeded from a hash of (S, k), "
                           "so seeds S and S + 1 share no image")
     gen.add_argument("--batch-size", type=positive_int, metavar="N", default=16,
-                     help="images generated at once (memory vs. speed; the images do not depend on it, up to "
-                          "float rounding)")
+                     help="images generated at once, padded to a multiple of 8 (memory vs. speed; the images do "
+                          "not depend on it: on the CPU not even in the last bit)")
     gen.add_argument("--device", metavar="DEVICE", default=None,
                      help="torch device: cpu, cuda, cuda:1, mps, ... (default: cuda if available, else mps, else cpu)")
     gen.add_argument("--dtype", choices=DTYPES, default="float32",

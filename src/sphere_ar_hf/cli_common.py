@@ -16,9 +16,9 @@ from .options import DEFAULT_THREADS, MAX_SEED
 if TYPE_CHECKING:
     from .pipeline_sphere_ar import SphereARPipeline
 
-__all__ = ["CLIError", "DEFAULT_MODEL", "add_threads_argument", "device_from_name", "finite_float", "load_pipeline",
-           "one_line", "positive_int", "quiet_libraries", "resolve_model", "seed_argument", "set_threads",
-           "threads_argument"]
+__all__ = ["CLIError", "DEFAULT_MODEL", "add_threads_argument", "device_from_name", "finite_float", "guidance_option",
+           "load_pipeline", "number_argument", "one_line", "positive_int", "quiet_libraries", "resolve_model",
+           "seed_argument", "set_threads", "steps_argument", "threads_argument"]
 
 # the embedded digits model (package data): the commands work offline with no --model
 DEFAULT_MODEL: str | None = str(Path(__file__).parent / "pretrained" / "digits")
@@ -53,14 +53,45 @@ def seed_argument(text: str) -> int:
     return value
 
 
-def finite_float(text: str) -> float:
+def number_argument(text: str) -> float:
+    """A number (a float; what it may be is for its owner to check, e.g. :func:`guidance_option`)."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    """A finite number."""
+    value = number_argument(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def steps_argument(text: str) -> int:
+    """``--steps``: sampler steps per token, checked by their owner, the scheduler
+    (:func:`.scheduling_sphere_ar.check_num_inference_steps`)."""
+    from .scheduling_sphere_ar import check_num_inference_steps
+
+    try:
+        return check_num_inference_steps(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+
+
+def guidance_option(value: float | None) -> float | None:
+    """``--guidance-scale`` (``None``: the model's recommended scale) checked by its owner, the config
+    (:func:`.configuration_sphere_ar.check_guidance_scale`), before any weight loads; refused as a
+    :class:`CLIError` naming the flag."""
+    if value is None:
+        return None
+    from .configuration_sphere_ar import check_guidance_scale
+
+    try:
+        return check_guidance_scale(value)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--guidance-scale: {one_line(e)}") from None
 
 
 
@@ -127,16 +158,12 @@ def device_from_name(name: str | None):
 def load_pipeline(model: str, dtype: str = "float32") -> SphereARPipeline:
     """``SphereARPipeline.from_pretrained`` with quiet loading; load failures become :class:`CLIError`."""
     import torch
-    from diffusers.pipelines import pipeline_utils
 
     from .pipeline_sphere_ar import SphereARPipeline
 
-    torch_dtype = getattr(torch, dtype)
-    # newer diffusers call it `dtype` (and deprecate `torch_dtype`); older ones only know `torch_dtype`
-    kwargs = {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": torch_dtype}
-    try:
+    try:  # (SphereARPipeline.from_pretrained passes the dtype on under the name the installed diffusers takes)
         with quiet_libraries():
-            pipe = SphereARPipeline.from_pretrained(model, **kwargs)
+            pipe = SphereARPipeline.from_pretrained(model, dtype=getattr(torch, dtype))
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
         where = model if Path(model).exists() else f"{model} (no such local folder; tried the Hugging Face Hub)"
         raise CLIError(f"cannot load the pipeline from {where}: {one_line(e)}") from None

@@ -14,12 +14,15 @@ from .cli_common import (
     add_threads_argument,
     device_from_name,
     finite_float,
+    guidance_option,
     load_pipeline,
+    number_argument,
     one_line,
     positive_int,
     resolve_model,
     seed_argument,
     set_threads,
+    steps_argument,
 )
 from .options import CFG_SCHEDULES, DTYPES, FEATURE_SPACES, LABEL_MODES, SAMPLERS
 from .utils import plural
@@ -66,6 +69,7 @@ def model_id(model: str) -> str:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .evaluation.sampling import run_sampling, sampling_settings, set_sampler
 
+    guidance = guidance_option(args.guidance_scale)  # (None: the model's)
     threads = set_threads(args.threads)
     with process_group() as (rank, world, local_rank, barrier):
         device = sampling_device(args.device, world, local_rank)
@@ -78,7 +82,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         tf = pipe.transformer.config
-        guidance = args.guidance_scale if args.guidance_scale is not None else float(tf.guidance_scale)
+        guidance = guidance if guidance is not None else float(tf.guidance_scale)
         settings = sampling_settings(pipe, model_id(model), args.num_images, args.seed, args.labels, guidance,
                                      args.cfg_schedule, args.steps, args.dtype, args.shard_size)
         try:
@@ -140,11 +144,11 @@ def add_sample_parser(sub, fmt) -> None:
         epilog="example: torchrun --nproc_per_node 8 -m sphere_ar_hf.cli sample --model sphere-ar-b "
                "--num-images 50000 --output-dir samples/b --batch-size 256 --dtype bfloat16")
     add_sampling_options(p, "folder for sampling.json, shards/ and samples.npz (and images/ with --png)")
-    p.add_argument("--guidance-scale", type=finite_float, metavar="F", default=None,
+    p.add_argument("--guidance-scale", type=number_argument, metavar="F", default=None,
                    help="classifier-free guidance scale; <= 1 disables it (default: the model's recommended value)")
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="linear",
                    help="guidance over the tokens: 'linear' (official) or 'constant'")
-    p.add_argument("--steps", type=positive_int, metavar="K", default=100,
+    p.add_argument("--steps", type=steps_argument, metavar="K", default=100,
                    help="sampler steps per token (euler_maruyama: K + 1 head evaluations; heun: 2K - 1)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="per-token sampler (default: the model's scheduler, euler_maruyama for official weights)")

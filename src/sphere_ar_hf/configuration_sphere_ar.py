@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from transformers import AutoConfig, PreTrainedConfig
 
 from .config_fields import (
@@ -14,7 +17,29 @@ from .config_fields import (
 )
 from .layers import swiglu_hidden_size
 
-__all__ = ["SphereARConfig", "PRESETS"]
+__all__ = ["SphereARConfig", "PRESETS", "check_guidance_scale"]
+
+FLOAT32_MAX = 3.4028234663852886e38  # the guided velocity is computed in float32
+
+
+def check_guidance_scale(value: object) -> float:
+    """A classifier-free guidance scale as a float: any real number (not a bool) that is finite in float32 (<= 1
+    disables guidance). The one check of a guidance scale: the config's recommended value, the pipeline's
+    argument, the CLI's ``--guidance-scale`` and the demo's slider all come here.
+
+    Raises ``TypeError`` (not a real number) or ``ValueError`` (not finite in float32), one line naming
+    ``guidance_scale``, the value and what was expected.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"guidance_scale must be a float, got {type(value).__name__}")
+    try:
+        scale = float(value)
+    except OverflowError:  # an int beyond the float range
+        scale, value = math.inf, "an integer beyond the float range"
+    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
+        raise ValueError(f"guidance_scale must be a finite float32 number (the guided velocity is computed in "
+                         f"float32), got {value}")
+    return scale
 
 # official sizes (SphereAR/model.py); recommended guidance scales from the official sampling commands
 PRESETS: dict[str, dict] = {
@@ -104,6 +129,10 @@ class SphereARConfig(PreTrainedConfig):
         if self.head_num_layers % max(1, self.head_num_layers // self.head_num_adaln):
             raise ConfigFieldError(f"head_num_layers {self.head_num_layers} must be divisible into head_num_adaln "
                              f"{self.head_num_adaln} groups")
+        try:  # the recommended scale must be one the pipeline takes (the schema checked it is a finite number)
+            check_guidance_scale(self.guidance_scale)
+        except ValueError as e:
+            raise ConfigFieldError(str(e).replace("guidance_scale", "guidance_scale:", 1)) from None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

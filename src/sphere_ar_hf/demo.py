@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
+from .batching import generate_padded
 from .cli_common import add_threads_argument, positive_int, set_threads
-from .scheduling_sphere_ar import CFG_SCHEDULES
+from .configuration_sphere_ar import check_guidance_scale
+from .scheduling_sphere_ar import CFG_SCHEDULES, check_num_inference_steps
 from .seeding import MAX_SEED, image_generators
 from .utils import HelpFormatter
 
@@ -127,33 +129,50 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _integer(value: Any, name: str, low: int, high: int, high_text: str | None = None) -> int:
-    """``value`` as an int in ``[low, high]``: an integer, or an integral float (``3.0``, as JSON may send it).
-
-    Refused, with a one-line ``gr.Error`` naming ``name``: a bool, a string (even ``"3"``), a fractional or
-    non-finite float, ``None``, anything else, and an integer outside the bounds.
-    """
+def _as_integer(value: Any, name: str) -> int:
+    """``value`` as an int: an integer, or an integral float (``3.0``, as JSON may send it). Refused, with a
+    one-line ``gr.Error`` naming ``name``: a bool, a string (even ``"3"``), a fractional or non-finite float,
+    ``None`` and anything else."""
     if isinstance(value, float) and value.is_integer():  # False for NaN and the infinities
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _error(f"{name} must be an integer, got {_shown(value)}")
-    value = int(value)
+    return int(value)
+
+
+def _integer(value: Any, name: str, low: int, high: int, high_text: str | None = None) -> int:
+    """:func:`_as_integer` in ``[low, high]``, else a one-line ``gr.Error`` naming ``name``."""
+    value = _as_integer(value, name)
     if not low <= value <= high:
         raise _error(f"{name} must be between {low} and {high_text or high}, got {_shown(value)}")
     return value
 
 
-def _number(value: Any, name: str, low: float, high: float) -> float:
-    """``value`` as a finite float in ``[low, high]``; a bool, a string or anything but a real number is refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _error(f"{name} must be a number, got {_shown(value)}")
+def _guidance(value: Any, high: float) -> float:
+    """The guidance scale, checked by its owner (:func:`.configuration_sphere_ar.check_guidance_scale`) and kept
+    in the slider's range ``[1, high]``; refused in the slider's words."""
     try:
-        number = float(value)
-    except OverflowError:  # an int beyond the float range
-        number = math.inf
-    if not (math.isfinite(number) and low <= number <= high):
-        raise _error(f"{name} must be a finite number between {low:g} and {high:g}, got {_shown(value)}")
-    return number
+        guidance = check_guidance_scale(value)
+    except TypeError:
+        raise _error(f"guidance scale must be a number, got {_shown(value)}") from None
+    except ValueError:
+        guidance = math.nan
+    if not 1.0 <= guidance <= high:
+        raise _error(f"guidance scale must be a finite number between 1 and {high:g}, got {_shown(value)}")
+    return guidance
+
+
+def _steps(value: Any, high: int) -> int:
+    """The steps per token: an integer (or an integral float) checked by its owner
+    (:func:`.scheduling_sphere_ar.check_num_inference_steps`) and at most ``high``; refused in the slider's words."""
+    steps = _as_integer(value, "steps")
+    try:
+        fits = check_num_inference_steps(steps) <= high
+    except ValueError:
+        fits = False
+    if not fits:
+        raise _error(f"steps must be between 1 and {high}, got {_shown(steps)}")
+    return steps
 
 
 def validate_request(pipeline: SphereARPipeline, classes: Any, images_per_class: Any, guidance_scale: Any,
@@ -167,9 +186,9 @@ def validate_request(pipeline: SphereARPipeline, classes: Any, images_per_class:
     strings; the guidance scale is a finite number in ``[1, max_guidance]``.
     """
     per_class = _integer(images_per_class, "images per class", 1, max_images)
-    steps = _integer(steps, "steps", 1, max_steps)
+    steps = _steps(steps, max_steps)
     seed = _integer(seed, "seed", 0, MAX_SEED, "2**64 - 1")
-    guidance = _number(guidance_scale, "guidance scale", 1.0, max_guidance)
+    guidance = _guidance(guidance_scale, max_guidance)
     if not isinstance(cfg_schedule, str) or cfg_schedule not in CFG_SCHEDULES:
         raise _error(f"CFG schedule must be one of {', '.join(CFG_SCHEDULES)}, got {_shown(cfg_schedule)}")
     ids = _class_ids(pipeline, classes, max_images)
@@ -234,8 +253,9 @@ class DemoRunner:
         """Generate ``images_per_class`` images of each class from the raw request values (checked first).
 
         Image k uses its own CPU generator seeded from a hash of ``(seed, k)`` (``image_generators``, as
-        ``sphere-ar generate``), so an image depends only on its seed, index, class and settings (up to float
-        rounding: at most 1/255 in a few pixels), and seeds S and S + 1 share no image.
+        ``sphere-ar generate``), and the request is made in one call padded to a multiple of 8 images
+        (:mod:`.batching`), so an image depends only on its seed, index, class and settings (on the CPU not even in
+        the last bit on the rest of the request), and seeds S and S + 1 share no image.
         """
         labels, guidance, schedule, steps, seed = self.validate(classes, images_per_class, guidance_scale,
                                                                 cfg_schedule, steps, seed)
@@ -247,11 +267,11 @@ class DemoRunner:
 
         progress((0, tokens), desc="Sampling tokens", unit="tokens")
         start = time.perf_counter()
-        generators = image_generators(seed, len(labels))
-        try:
-            images = self.pipeline(labels, guidance_scale=guidance, cfg_schedule=schedule, num_inference_steps=steps,
-                                   generator=generators, output_type="pil", callback_on_step_end=report,
-                                   callback_on_step_end_tensor_inputs=()).images
+        try:  # one call, padded to a multiple of 8 images: an image does not depend on the rest of the request
+            images = generate_padded(self.pipeline, labels, image_generators(seed, len(labels)), len(labels),
+                                     guidance_scale=guidance, cfg_schedule=schedule, num_inference_steps=steps,
+                                     output_type="pil", callback_on_step_end=report,
+                                     callback_on_step_end_tensor_inputs=())
         except (FloatingPointError, ValueError, TypeError) as e:
             raise _error(" ".join(str(e).split())) from None
         seconds = time.perf_counter() - start

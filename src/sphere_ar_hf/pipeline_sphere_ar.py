@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 
+import diffusers
 import numpy as np
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from packaging.version import Version
 
+from .configuration_sphere_ar import check_guidance_scale
 from .fast_sampling import FastTokenSampler
 from .labels import build_label_index, resolve_label_ids
 from .loading import resolve_dtype
 from .modeling_sphere_ar import SphereARTransformer
-from .scheduling_sphere_ar import CFG_SCHEDULES, SphereARScheduler, apply_guidance, guidance_at
+from .options import CFG_SCHEDULES
+from .scheduling_sphere_ar import SphereARScheduler, apply_guidance, check_num_inference_steps, guidance_at
 from .vae import SphereVAE
 
 __all__ = ["SphereARPipeline"]
@@ -24,6 +27,8 @@ __all__ = ["SphereARPipeline"]
 LabelInput = int | str | Sequence[int | str] | np.ndarray | torch.Tensor
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 logger = logging.getLogger(__name__)
+# the dtype keyword of DiffusionPipeline.from_pretrained: `dtype` from diffusers 0.40 on, `torch_dtype` before
+DIFFUSERS_DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
 
 
 def _class_names(id2label: object) -> dict[int, str]:
@@ -174,7 +179,7 @@ class SphereARPipeline(DiffusionPipeline):
         _check_source(pretrained_model_name_or_path)
         dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         if dtype is not None:
-            kwargs["dtype"] = {"default": dtype} if dtype == "auto" else dtype
+            kwargs[DIFFUSERS_DTYPE_KWARG] = {"default": dtype} if dtype == "auto" else dtype
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -242,15 +247,10 @@ class SphereARPipeline(DiffusionPipeline):
         if not set(callback_on_step_end_tensor_inputs) <= set(self._callback_tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, "
                              f"got {list(callback_on_step_end_tensor_inputs)}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-            raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
-        if not math.isfinite(guidance_scale) or abs(guidance_scale) > torch.finfo(torch.float32).max:
-            raise ValueError(f"guidance_scale must be a finite float32 number (the guided velocity is computed in "
-                             f"float32), got {guidance_scale}")
+        check_guidance_scale(guidance_scale)
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        check_num_inference_steps(num_inference_steps)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if isinstance(generator, list):
@@ -267,9 +267,9 @@ class SphereARPipeline(DiffusionPipeline):
         """About the memory a call allocates beyond the weights: the KV cache, the head's :class:`.SamplingPlan`
         (time embeddings, a token's modulations), a token's noise, and the decoder's activations (all linear in
         ``batch_size``)."""
-        for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_num_inference_steps(num_inference_steps)
         tf = self.transformer
         rows = batch_size * (2 if guided else 1)
         heun = self.scheduler.config.sampler == "heun"  # (without building a grid: a billion steps are refused)
@@ -350,6 +350,7 @@ class SphereARPipeline(DiffusionPipeline):
             guidance_scale = float(self.transformer.config.guidance_scale)
         self.check_inputs(len(labels), guidance_scale, cfg_schedule, num_inference_steps, generator, output_type,
                           callback_on_step_end_tensor_inputs, callback_on_step_end)
+        guidance_scale = float(guidance_scale)  # (a numpy or other real scalar: a float in the arithmetic)
         device = self._execution_device  # under offload: where the hooks move each model when it runs
         self.check_memory(len(labels), num_inference_steps, guidance_scale > 1.0, output_type, device)
         latents = self._sample_tokens(labels, guidance_scale, cfg_schedule, num_inference_steps, generator, device,

@@ -21,9 +21,19 @@ from .config_fields import ConfigFieldError, SchedulerFields, check_config_file,
 from .options import CFG_SCHEDULES, SAMPLERS
 
 __all__ = ["CFG_SCHEDULES", "SAMPLERS", "SphereARScheduler", "SphereARSchedulerOutput", "StepTable", "flow_path",
-           "apply_guidance", "guidance_at", "draw_noise", "update_step"]
+           "apply_guidance", "check_num_inference_steps", "guidance_at", "draw_noise", "update_step"]
 
 STEP_KINDS = ("sde", "euler", "predict", "correct")  # what one step does (SphereARScheduler.step, update_step)
+
+
+def check_num_inference_steps(value: object) -> int:
+    """A count of sampler steps per token: an ``int`` (not a bool) >= 1, else a one-line ``ValueError`` naming
+    ``num_inference_steps`` and the value. The one check of a step count: :meth:`SphereARScheduler.set_timesteps`,
+    the pipeline, the CLI's ``--steps`` and the demo's slider all come here."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {value!r}")
+    return value
+
 
 def flow_path(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The point ``x_t`` on the straight path from noise (t=0) to data (t=1), and the target velocity."""
@@ -239,9 +249,7 @@ class SphereARScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Build the evaluation times and each step's sizes (float32 arithmetic, as the official sampler); resets
         the step index and the begin index."""
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = check_num_inference_steps(num_inference_steps)
         c = self.config
         times, step_sizes, kinds, var, noise_scale = _pass_values(c.sampler, num_inference_steps, c.last_step_size,
                                                                   c.time_shift)

@@ -8,12 +8,10 @@ of processes, the batch size or its batch-mates:
   pipeline draws from for this image alone;
 - its label is ``n % num_classes`` (``labels="balanced"``) or a hash of ``(S, n)`` modulo ``num_classes``
   (``"uniform"``, the official sampler's uniformly random labels, without its global RNG);
-- every batch is padded to a multiple of :data:`ROW_QUANTUM` images. A float32 matrix product on the CPU can
-  round a row differently depending on how many rows it has (MKL takes other kernels, and splits the work
-  differently across threads, for a few rows); with the row count a multiple of 16 (8 images, both halves of
-  classifier-free guidance) each row gets the same bits whatever the other rows and the thread count (measured
-  here for 1 to 48 images per batch and 1 and 2 threads, on the digits model and on SphereAR-B). On GPUs the
-  libraries choose kernels per shape, so images made with different batch sizes can differ in the last bits.
+- every batch is padded to a multiple of :data:`ROW_QUANTUM` images (:mod:`sphere_ar_hf.batching`, the rule
+  ``sphere-ar generate`` and the demo follow too): on the CPU each image gets the same bits whatever its
+  batch-mates and the thread count. On GPUs the libraries choose kernels per shape, so images made with different
+  batch sizes can differ in the last bits.
 
 A run writes ``DIR/sampling.json`` (the settings), then shards ``DIR/shards/{start}-{end}.npz`` of
 ``shard_size`` consecutive images, each written to a temporary name and renamed once complete, so that a crash
@@ -38,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..batching import ROW_QUANTUM, padded_batches, padded_size
 from ..options import LABEL_MODES
 from ..seeding import LABEL_STREAM, image_seeds, stream_hash
 from ..utils import atomic_write, remove_stale_temporaries
@@ -45,9 +44,6 @@ from .image_sets import write_npz
 
 __all__ = ["LABEL_MODES", "ROW_QUANTUM", "SamplingSettings", "check_recorded_settings", "image_labels", "image_seeds",
            "run_sampling", "sample_images", "sampling_settings", "set_sampler", "to_uint8"]
-
-ROW_QUANTUM = 8  # images per batch are padded to a multiple of this (see the module docstring)
-
 
 def image_labels(seed: int, indices: np.ndarray | Sequence[int], num_classes: int, mode: str = "uniform"
                  ) -> np.ndarray:
@@ -71,20 +67,17 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def sample_images(pipe, labels: np.ndarray | Sequence[int], seeds: np.ndarray | Sequence[int], batch_size: int = 32,
                   progress: Callable[[int], Any] | None = None, **call_kwargs) -> np.ndarray:
     """Images (uint8 NHWC) for ``labels`` with one generator per image seeded from ``seeds``, ``batch_size`` at a
-    time, each batch padded to a multiple of :data:`ROW_QUANTUM` (the padding is computed and dropped).
+    time, each batch padded to a multiple of :data:`ROW_QUANTUM` (:func:`.batching.padded_batches`).
     ``call_kwargs`` go to the pipeline (``guidance_scale``, ``cfg_schedule``, ``num_inference_steps``)."""
     labels, seeds = np.asarray(labels, dtype=np.int64), np.asarray(seeds, dtype=np.uint64)
     if labels.shape != seeds.shape or labels.ndim != 1:
         raise ValueError(f"labels and seeds must be 1-d of one length, got {labels.shape} and {seeds.shape}")
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds.tolist()]
     out = []
-    for i in range(0, len(labels), batch_size):
-        batch, batch_seeds = labels[i:i + batch_size].tolist(), seeds[i:i + batch_size].tolist()
-        pad = -len(batch) % ROW_QUANTUM
-        generators = [torch.Generator().manual_seed(int(s)) for s in batch_seeds + [0] * pad]
-        images = pipe(batch + batch[-1:] * pad, generator=generators, output_type="pt", **call_kwargs).images
-        out.append(to_uint8(images[:len(batch)]))
+    for _, images in padded_batches(pipe, labels.tolist(), generators, batch_size, output_type="pt", **call_kwargs):
+        out.append(to_uint8(images))  # each batch as uint8 at once: a shard's float images need not fit
         if progress is not None:
-            progress(len(batch))
+            progress(len(images))
     return np.concatenate(out)
 
 
@@ -215,7 +208,7 @@ def run_sampling(pipe, output_dir: str | os.PathLike, settings: SamplingSettings
     pipe.check_inputs(batch_size, settings.guidance_scale, settings.cfg_schedule, settings.num_inference_steps,
                       None, "np")  # before anything is recorded: a refused run leaves no sampling.json
     batch = min(batch_size, settings.num_images)
-    pipe.check_memory(batch + -batch % ROW_QUANTUM, settings.num_inference_steps, settings.guidance_scale > 1.0, "pt",
+    pipe.check_memory(padded_size(batch), settings.num_inference_steps, settings.guidance_scale > 1.0, "pt",
                       pipe.device)  # the largest batch sample_images makes, before anything is written
     check_sampling_size(output_dir, settings)
     _prepare(output_dir, settings, resume)
