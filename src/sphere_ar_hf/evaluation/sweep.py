@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from ..configuration_sphere_ar import check_guidance_scale
 from ..options import CFG_SCHEDULES, FEATURE_SPACES, LABEL_MODES, MAX_SEED, SAMPLERS
+from ..scheduling_sphere_ar import check_num_inference_steps
 from ..utils import atomic_write, remove_stale_temporaries
 from .evaluate import evaluate
 from .sampling import SamplingSettings, check_recorded_settings, run_sampling, sampling_settings, set_sampler
@@ -105,7 +107,7 @@ class SweepSettings:
         if not self.guidance_scales:
             raise ValueError("guidance_scales: none given; expected one or more scales")
         for g in self.guidance_scales:
-            if not math.isfinite(g) or g < 0:
+            if check_guidance_scale(g) < 0:
                 raise ValueError(f"guidance_scales: {g!r}; expected finite scales >= 0 (<= 1 disables guidance)")
         for name, values, allowed in (("guidance_scales", self.guidance_scales, None), ("steps", self.steps, None),
                                       ("samplers", self.samplers, SAMPLERS),
@@ -121,8 +123,8 @@ class SweepSettings:
             low = ", ".join(_number(g) for g in self.guidance_scales if g <= 1)
             raise ValueError(f"guidance_scales: {low} all disable guidance (<= 1), so they are one setting; "
                              "expected at most one of them")
-        if any(s < 1 for s in self.steps):
-            raise ValueError(f"steps: {min(self.steps)}; expected integers >= 1")
+        for steps in self.steps:
+            check_num_inference_steps(steps)
         if self.num_images < 2:
             raise ValueError(f"num_images: {self.num_images}; expected >= 2 (a covariance needs two images)")
         if self.seeds < 1 or self.seed < 0 or self.seed + self.seeds - 1 > MAX_SEED:
