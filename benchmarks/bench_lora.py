@@ -178,8 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_adapter(model: str, data: Path, out: Path, args: argparse.Namespace) -> tuple[Path, StepTimer]:
     """``examples/train_lora.py``'s run, in process."""
-    from sphere_ar_hf.lora import LoraArguments, LoraTrainingArguments, train_lora
     from sphere_ar_hf.training.data import DataArguments
+    from sphere_ar_hf.training.lora import LoraArguments, LoraTrainingArguments, train_lora
 
     timer = StepTimer()
     adapter = train_lora(

@@ -33,10 +33,11 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from sphere_ar_hf import SphereARConfig, SphereARTransformer, SphereVAE  # noqa: E402
+from sphere_ar_hf.training.arguments import SphereARTrainingArguments  # noqa: E402
 from sphere_ar_hf.training.data import DataArguments, build_image_dataset  # noqa: E402
 from sphere_ar_hf.training.ema import ParameterEMA  # noqa: E402
 from sphere_ar_hf.training.latent_cache import LatentCacheDataset, cache_latents  # noqa: E402
-from sphere_ar_hf.training.trainer import SphereARTrainer, SphereARTrainingArguments  # noqa: E402
+from sphere_ar_hf.training.trainer import SphereARTrainer  # noqa: E402
 
 TINY_AR = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_hidden_size=64, head_num_layers=2,
                head_num_adaln=1, num_class_tokens=4)

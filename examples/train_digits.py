@@ -182,7 +182,8 @@ def ar_config(args: argparse.Namespace):
 
 
 def train_ar_stage(args: argparse.Namespace, vae_dir: Path, cache: Path, run_dir: Path, num_train: int) -> Path:
-    from sphere_ar_hf.training.trainer import ModelArguments, SphereARTrainingArguments, train_sphere_ar
+    from sphere_ar_hf.training.arguments import ModelArguments, SphereARTrainingArguments
+    from sphere_ar_hf.training.trainer import train_sphere_ar
 
     config = ar_config(args)
     config_file = run_dir.parent / "ar_config.json"

@@ -27,8 +27,9 @@ import sys
 
 from transformers import HfArgumentParser
 
-from sphere_ar_hf.lora import LoraArguments, LoraTrainingArguments, train_lora
+from sphere_ar_hf.training.arguments import flags_in_errors
 from sphere_ar_hf.training.data import DataArguments
+from sphere_ar_hf.training.lora import LoraArguments, LoraTrainingArguments, train_lora
 from sphere_ar_hf.utils import ScriptHelpFormatter, run_main
 
 
@@ -43,10 +44,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoraArguments, DataArgume
 
 
 def main(argv: list[str] | None = None) -> str:
+    """Train the adapter; returns its folder."""
     lora_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
-    return str(train_lora(lora_args, data_args, training_args))
+    with flags_in_errors(adapter_output_dir="--adapter_output_dir", output_dir="--adapter_output_dir"):
+        return str(train_lora(lora_args, data_args, training_args))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import sys
 
 from transformers import HfArgumentParser
 
+from sphere_ar_hf.training.arguments import ModelArguments, SphereARTrainingArguments, flags_in_errors
 from sphere_ar_hf.training.data import DataArguments
-from sphere_ar_hf.training.trainer import ModelArguments, SphereARTrainingArguments, train_sphere_ar
+from sphere_ar_hf.training.trainer import train_sphere_ar
 from sphere_ar_hf.utils import ScriptHelpFormatter, run_main
 
 
@@ -42,10 +43,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Train the transformer and write the pipeline folder."""
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
-    train_sphere_ar(model_args, data_args, training_args)
+    with flags_in_errors(pipeline_output_dir="--pipeline_output_dir", output_dir="--pipeline_output_dir"):
+        train_sphere_ar(model_args, data_args, training_args)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARScheduler, Sp
 from sphere_ar_hf.diagonal_gaussian import DiagonalGaussianDistribution
 from sphere_ar_hf.evaluation.digits import load_digit_splits, write_digits_dataset
 from sphere_ar_hf.training import DataArguments, LatentCacheDataset, cache_latents, load_latent_cache_info
+from sphere_ar_hf.training.arguments import SphereARTrainingArguments
 from sphere_ar_hf.training.data import center_crop, decode_image, pixels_to_tensor
 from sphere_ar_hf.training.latent_cache import check_latent_cache
-from sphere_ar_hf.training.trainer import SphereARTrainer, SphereARTrainingArguments
+from sphere_ar_hf.training.trainer import SphereARTrainer
 from sphere_ar_hf.training.vae_trainer import DEFAULT_KL_WEIGHTS, VAETrainingArguments, kl_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")

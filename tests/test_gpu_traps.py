@@ -21,9 +21,10 @@ from sphere_ar_hf import SphereARConfig, SphereARTransformer, SphereVAE
 from sphere_ar_hf.layers import RMSNorm
 from sphere_ar_hf.scheduling_sphere_ar import flow_path
 from sphere_ar_hf.training import latent_cache
+from sphere_ar_hf.training.arguments import SphereARTrainingArguments
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.device_setup import check_ema_supported, resolve_mixed_precision
-from sphere_ar_hf.training.trainer import SphereARTrainer, SphereARTrainingArguments
+from sphere_ar_hf.training.trainer import SphereARTrainer
 from sphere_ar_hf.training.vae_trainer import LogMeter, VAEModelArguments, VAETrainingArguments, train_vae
 
 sys.path.insert(0, str(Path(__file__).parent))

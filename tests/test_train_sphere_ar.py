@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARTransformer, SphereVAE
 from sphere_ar_hf.evaluation.sampling import image_labels, sample_images
 from sphere_ar_hf.seeding import image_seeds
+from sphere_ar_hf.training.arguments import ModelArguments, SphereARTrainingArguments
 from sphere_ar_hf.training.checkpoints import (
     CHECKPOINT_MARKER,
     is_complete_checkpoint,
@@ -36,13 +37,8 @@ from sphere_ar_hf.training.ema import EMA_WEIGHTS_NAME, ParameterEMA
 from sphere_ar_hf.training.evaluation_log import EvaluationLog, ImageMetric
 from sphere_ar_hf.training.optimization import official_param_groups
 from sphere_ar_hf.training.schedules import official_learning_rate
-from sphere_ar_hf.training.trainer import (
-    ModelArguments,
-    SphereARTrainer,
-    SphereARTrainingArguments,
-    collate_training_batch,
-    train_sphere_ar,
-)
+from sphere_ar_hf.training.trainer import SphereARTrainer, collate_training_batch, train_sphere_ar
+from sphere_ar_hf.utils import OutputFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_sphere_ar.py"
@@ -200,7 +196,8 @@ def test_optimizer_groups_no_decay_on_the_official_params(tmp_path):
 
 
 def test_lora_decays_only_the_lora_matrices(tmp_path):
-    from sphere_ar_hf.lora import LoraTrainer, add_lora, build_lora_config
+    from sphere_ar_hf.lora import add_lora, build_lora_config
+    from sphere_ar_hf.training.lora import LoraTrainer
 
     peft_model = add_lora(tiny_model(), build_lora_config(rank=2, lora_head=True, class_rows=[1, 3]))
     trainer = LoraTrainer(model=peft_model, args=tiny_args(tmp_path, weight_decay=0.1),
@@ -220,7 +217,7 @@ def test_lora_decays_only_the_lora_matrices(tmp_path):
 def test_the_trainer_overrides_no_private_trainer_method():
     from transformers import Trainer
 
-    from sphere_ar_hf.lora import LoraTrainer
+    from sphere_ar_hf.training.lora import LoraTrainer
 
     for cls in (SphereARTrainer, LoraTrainer):
         private = [n for klass in cls.__mro__[:cls.__mro__.index(Trainer)] for n in vars(klass)
@@ -447,6 +444,9 @@ def test_save_pipeline_and_push_to_hub_upload_the_pipeline_folder(tmp_path, monk
     assert repo == "me/tiny-sphere-ar" and "README.md" in files and "remote_pipeline.py" in files
     assert {"model_index.json", "scheduler", "transformer", "vae"} <= set(files)
     assert SphereARPipeline.from_pretrained(str(out)).id2label[2] == "blue"
+    # the library names its parameter (the example script names its flag: test_output_folders)
+    with pytest.raises(OutputFolderError, match="an input of this run; choose another output_dir$"):
+        trainer.save_pipeline(tmp_path, inputs=[out])
 
 
 def test_undecodable_batch_becomes_a_zero_weight_step(tmp_path):

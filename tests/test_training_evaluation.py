@@ -18,8 +18,9 @@ from transformers import TrainerCallback
 from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARScheduler, SphereARTransformer, bundled_model_path
 from sphere_ar_hf.evaluation.sampling import image_labels, sample_images
 from sphere_ar_hf.seeding import image_seeds
+from sphere_ar_hf.training.arguments import SphereARTrainingArguments
 from sphere_ar_hf.training.evaluation_log import EvaluationLog, ImageMetric
-from sphere_ar_hf.training.trainer import SphereARTrainer, SphereARTrainingArguments
+from sphere_ar_hf.training.trainer import SphereARTrainer
 from sphere_ar_hf.vae import SphereVAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")

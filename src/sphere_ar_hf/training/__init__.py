@@ -1,5 +1,6 @@
 """Training utilities: data loading and augmentation, the latent cache, EMA, the AR Trainer, the S-VAE trainer."""
 
+from .arguments import ModelArguments, SphereARTrainingArguments
 from .checkpoints import resolve_resume_checkpoint
 from .data import (
     DataArguments,
@@ -14,12 +15,7 @@ from .data import (
 from .ema import EMACallback, ParameterEMA
 from .latent_cache import CacheArguments, LatentCacheDataset, cache_latents, load_latent_cache_info, load_vae
 from .losses import PatchGANDiscriminator, PerceptualLoss, SphereVAELoss
-from .trainer import (
-    ModelArguments,
-    SphereARTrainer,
-    SphereARTrainingArguments,
-    train_sphere_ar,
-)
+from .trainer import SphereARTrainer, train_sphere_ar
 from .vae_trainer import VAEModelArguments, VAETrainingArguments, train_vae
 
 __all__ = [

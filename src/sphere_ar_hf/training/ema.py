@@ -23,14 +23,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..utils import atomic_write
 
-__all__ = ["EMA_WEIGHTS_NAME", "EMACallback", "ParameterEMA"]
+__all__ = ["EMA_WEIGHTS_NAME", "EMACallback", "ParameterEMA", "unwrap_module"]
 
 logger = logging.getLogger(__name__)
 
 EMA_WEIGHTS_NAME = "ema.safetensors"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_module(model: nn.Module) -> nn.Module:
     """The plain module under DDP / ``torch.compile`` wrappers."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, nn.Module):
@@ -53,7 +53,7 @@ class ParameterEMA:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
         self.decay = float(decay)
-        model = _unwrap(model)
+        model = unwrap_module(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters to average")
@@ -75,7 +75,7 @@ class ParameterEMA:
         if model is None:
             targets = self.params
         else:
-            by_name = dict(_unwrap(model).named_parameters())
+            by_name = dict(unwrap_module(model).named_parameters())
             missing = [n for n in self.names if n not in by_name]
             if missing:
                 raise ValueError(f"the model has no parameters {missing[:5]} (EMA of a different architecture?)")
