@@ -15,10 +15,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, SpaceCard
 
-from sphere_ar_hf import SphereARPipeline, hub, remote_code
+from sphere_ar_hf import SphereARPipeline, cli_push, hub, remote_code
 from sphere_ar_hf.configuration_sphere_ar import PRESETS
+from sphere_ar_hf.hub import push as hub_push
 from sphere_ar_hf.labels import imagenet_id2label
 from sphere_ar_hf.pretrained import bundled_model_path
+from sphere_ar_hf.utils import format_millions
 
 REPO_ID = "someone/sphere-ar-test"
 ARXIV = "https://arxiv.org/abs/2509.24335"
@@ -72,7 +74,7 @@ def files_of(folder: Path) -> dict[str, str]:
 def push(*argv: str | Path) -> tuple[int, str, str]:
     """``sphere-ar push ARGV`` through a parser wired exactly as cli.py wires it."""
     parser = argparse.ArgumentParser(prog="sphere-ar")
-    hub.add_push_parser(parser.add_subparsers(dest="command", required=True))
+    cli_push.add_push_parser(parser.add_subparsers(dest="command", required=True))
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -104,7 +106,7 @@ class FakeHubApi:
 @pytest.fixture
 def fake_hub(monkeypatch) -> FakeHubApi:
     api = FakeHubApi()
-    monkeypatch.setattr(hub, "_hf_api", lambda token=None: api)
+    monkeypatch.setattr(hub_push, "hf_api", lambda token=None: api)
     return api
 
 
@@ -146,7 +148,7 @@ def test_imagenet_card(pipeline_dir, imagenet_dir, tiny_pipeline, tmp_path, card
     facts = hub.pipeline_facts(pipeline_dir)
     assert (facts["transformer_params"], facts["vae_params"]) == (n_tf, n_vae)
     assert facts["num_labels"] == facts["num_classes"] == 10 and facts["image_size"] == 32
-    assert f"{hub.format_millions(n_tf)} parameters" in body
+    assert f"{format_millions(n_tf)} parameters" in body
     assert "guidance_scale=4.5," in body and "generates 32×32 images of the 1000 ImageNet-1k classes" in body
 
 
@@ -197,7 +199,7 @@ def test_card_bad_inputs(pipeline_dir, tmp_path):
     with pytest.raises(hub.HubError, match="unknown card"):
         hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="mit", card="xl")
     for card in ("b", "l", "h", "digits"):  # the tiny model is none of these: an explicit card is refused
-        with pytest.raises(hub.HubError, match=f"--card {card} describes .* leave out --card"):
+        with pytest.raises(hub.HubError, match=f"`card='{card}'` describes .* leave out `card`"):
             hub.render_model_card(pipeline_dir, repo_id=REPO_ID, license="mit", card=card)
     with pytest.raises(hub.HubError, match="no model_index.json"):
         hub.render_model_card(tmp_path, repo_id=REPO_ID, license="mit")
@@ -325,6 +327,48 @@ def test_push_library_function(pipeline_dir):
     assert len(api.calls) == 2
 
 
+def test_pipelines_and_adapters_go_through_the_one_staged_upload(pipeline_dir, tmp_path, monkeypatch):
+    """push_pipeline and push_lora are thin wrappers over upload_staged: for each, one create_repo and one upload of
+    a folder staged beside its source, which is gone afterwards."""
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"base_model.model.layers.0.attention.wo.lora_A.weight": torch.zeros(2, 64)},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2.0, "target_modules": "x",
+                                                             "base_model_name_or_path": "someone/base"}))
+    staged, upload_staged = [], hub_push.upload_staged
+
+    def spy(source, fill, repo_id, **kwargs):
+        staged.append((Path(source), repo_id))
+        return upload_staged(source, fill, repo_id, **kwargs)
+
+    monkeypatch.setattr(hub_push, "upload_staged", spy)
+    for push_to, source, repo_id in ((hub.push_pipeline, pipeline_dir, REPO_ID),
+                                     (hub.push_lora, adapter, "someone/lora")):
+        api, before = FakeHubApi(), set(source.parent.iterdir())
+        assert push_to(source, repo_id, license="mit", api=api) == f"https://huggingface.co/{repo_id}"
+        assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
+        assert api.calls[0][1] == {"repo_id": repo_id, "repo_type": "model", "private": False, "exist_ok": True}
+        upload = api.calls[1][1]
+        stage = Path(upload["folder_path"])
+        assert stage.name == "repo" and stage.parent.name.startswith(f".{source.name}.push-")
+        assert stage.parent.parent == source.resolve().parent and not stage.parent.exists()
+        assert set(source.parent.iterdir()) == before and "README.md" in upload["files"]
+    assert staged == [(pipeline_dir, REPO_ID), (adapter, "someone/lora")]
+    assert "adapter_model.safetensors" in api.calls[1][1]["files"] and "delete_patterns" not in api.calls[1][1]
+
+
+def test_push_errors_name_the_flags():
+    """The library names its parameters in backquotes; `sphere-ar push` shows them as its flags."""
+    error = hub.HubError("`card='b'` describes the converted official SphereAR-B weights; leave out `card` (or pass "
+                         "`card='generic'`); `repo_id` 'x' is bad; `sphere-ar evaluate --json` and `other` stay")
+    assert cli_push.flag_message(error) == (
+        "--card b describes the converted official SphereAR-B weights; leave out --card (or pass --card generic); "
+        "--repo-id 'x' is bad; `sphere-ar evaluate --json` and `other` stay")
+
+
 def test_push_without_license_is_a_clear_error(pipeline_dir, tmp_path, fake_hub):
     for extra in ([], ["--dry-run", tmp_path / "out"]):
         code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, *extra)
@@ -356,7 +400,7 @@ def test_push_reports_hub_errors(pipeline_dir, monkeypatch):
 
     HfHubHTTPError.__module__ = "huggingface_hub.errors"
     api = FakeHubApi(fail=HfHubHTTPError("401 Unauthorized: invalid token"))
-    monkeypatch.setattr(hub, "_hf_api", lambda token=None: api)
+    monkeypatch.setattr(hub_push, "hf_api", lambda token=None: api)
     code, _, err = push("--pipeline", pipeline_dir, "--repo-id", REPO_ID, "--license", "mit")
     assert code == 2 and err.strip() == "error: the upload failed: 401 Unauthorized: invalid token"
 
@@ -368,7 +412,7 @@ def test_cli_wiring():
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert "push" in commands
     args = parser.parse_args(["push", "--pipeline", "p", "--repo-id", REPO_ID, "--license", "mit"])
-    assert args.func is hub.run_push
+    assert args.func is cli_push.run_push
 
 
 # ---- a model trained with our trainer: the generic card, the trainer's --push_to_hub ---------------------------------
@@ -397,9 +441,8 @@ def trained(tmp_path_factory) -> tuple[Path, FakeTrainerHub]:
     from PIL import Image
 
     from sphere_ar_hf import SphereARConfig, SphereVAE
-    from sphere_ar_hf.training.arguments import ModelArguments, SphereARTrainingArguments
     from sphere_ar_hf.training.data import DataArguments
-    from sphere_ar_hf.training.trainer import train_sphere_ar
+    from sphere_ar_hf.training.trainer import ModelArguments, SphereARTrainingArguments, train_sphere_ar
 
     root = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)
@@ -418,7 +461,7 @@ def trained(tmp_path_factory) -> tuple[Path, FakeTrainerHub]:
         dataloader_num_workers=0, disable_tqdm=True, ema_decay=0.0, push_to_hub=True,
         hub_model_id="someone/my-digits", hub_license="mit", hub_token="secret")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hub, "_hf_api", lambda token=None: api)
+        mp.setattr(hub_push, "hf_api", lambda token=None: api)
         mp.setattr(transformers.trainer, "hf_api", lambda: api)
         out = train_sphere_ar(ModelArguments(pretrained_vae=str(root / "vae"), config_file=str(root / "config.json")),
                               DataArguments(train_data_dir=str(root / "images"), resolution=32), args)
@@ -439,8 +482,8 @@ def test_push_of_a_trained_model_needs_no_card_and_claims_only_its_facts(trained
     pipe = SphereARPipeline.from_pretrained(folder)
     n_tf = sum(p.numel() for p in pipe.transformer.parameters())
     n_vae = sum(p.numel() for p in pipe.vae.parameters())
-    assert f"{hub.format_millions(n_tf)} parameters ({n_tf:,})" in text  # the real sizes
-    assert f"{hub.format_millions(n_vae)} parameters ({n_vae:,})" in text
+    assert f"{format_millions(n_tf)} parameters ({n_tf:,})" in text  # the real sizes
+    assert f"{format_millions(n_vae)} parameters ({n_vae:,})" in text
     assert "width 64, 2 causal layers" in text and "32×32" in text and "4 tokens of dimension 16" in text
     assert '["digit_0", "digit_1"]' in text  # the usage snippet uses its own class names
     # the trainer's record: the data (a local folder, by its name only), steps, epochs, the date
@@ -484,8 +527,7 @@ def test_trainer_push_to_hub_needs_a_license_before_training(tmp_path, monkeypat
     import transformers.trainer
 
     from sphere_ar_hf import SphereARConfig, SphereARTransformer
-    from sphere_ar_hf.training.arguments import SphereARTrainingArguments
-    from sphere_ar_hf.training.trainer import SphereARTrainer
+    from sphere_ar_hf.training.trainer import SphereARTrainer, SphereARTrainingArguments
 
     api = FakeTrainerHub()
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)

@@ -24,12 +24,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+import sphere_ar_hf
 from conftest import offline_browser
 from sphere_ar_hf import hub
 from sphere_ar_hf.cli import main
 from sphere_ar_hf.pretrained import bundled_model_path
 
-PACKAGE = Path(hub.__file__).resolve().parent
+PACKAGE = Path(sphere_ar_hf.__file__).resolve().parent
 START_TIMEOUT_S = 240  # importing torch, diffusers and gradio on a busy machine
 TIMEOUT_S = 90  # any single wait in the browser
 APP_NEEDS = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "numpy", "pillow",

@@ -1,6 +1,6 @@
 """The ``sphere-ar`` command line: ``convert`` (official checkpoint -> pipeline folder), ``generate`` (class labels
 -> PNG images), ``space``, and the parser of every subcommand (``sample`` / ``evaluate``: :mod:`.cli_sampling`;
-``push``: :mod:`.hub`).
+``push``: :mod:`.cli_push`).
 
 Errors in the inputs (a bad checkpoint, an unknown class name, a missing model folder, ...) print one line
 ``error: <message>`` on stderr and exit with status 2; nothing is left half-written (files and folders are written
@@ -33,6 +33,7 @@ from .cli_common import (
     set_threads,
     steps_argument,
 )
+from .cli_push import add_push_parser
 from .cli_sampling import add_evaluate_parser, add_sample_parser
 from .cli_sweep import add_sweep_parser
 from .options import CFG_SCHEDULES, DTYPES
@@ -244,8 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub, fmt)
     add_evaluate_parser(sub, fmt)
     add_sweep_parser(sub, fmt)
-
-    from .hub import add_push_parser
 
     add_push_parser(sub, formatter_class=fmt)
     add_space_parser(sub, fmt)

@@ -25,8 +25,9 @@ method patched on it. Unloading and merging use PEFT's public layer methods (``m
 transformer, folder)`` loads it directly. While adapters are injected, ``SphereARTransformer.save_pretrained``
 refuses to write the base weights with PEFT's keys mixed in (it checks the same ``peft_config`` marker).
 
-Training an adapter (``train_lora``, behind ``examples/train_lora.py``) lives in :mod:`sphere_ar_hf.training.lora`;
-this module imports no training code.
+Training (:func:`train_lora`, behind ``examples/train_lora.py``) reuses :class:`SphereARTrainer`: images are
+encoded on the fly by the pipeline's frozen VAE (or read from a latent cache), and the adapter is written as
+``adapter_model.safetensors`` + ``adapter_config.json`` to a folder that appears only once complete.
 
 Needs ``peft`` (the ``[lora]`` extra).
 """
@@ -37,22 +38,36 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback, TrainingArguments
 
+from .hub.cards import (
+    ADAPTER_FILES,
+    CLASS_EMBEDDING,
+    TRAINING_INFO_FILE,
+    load_style,
+    public_model_name,
+    render_lora_card,
+)
+from .hub.push import push_lora  # re-exported: LoRA training calls it from here
 from .modeling_sphere_ar import SphereARTransformer
+from .training.trainer import SphereARTrainer, SphereARTrainingArguments, collate_training_batch
 
 __all__ = [
     "HEAD_TARGETS",
     "TRUNK_TARGETS",
+    "LoraArguments",
+    "LoraTrainer",
+    "LoraTrainingArguments",
+    "RelabelingCollator",
     "add_lora",
     "adapter_parameter_count",
     "build_lora_config",
@@ -61,8 +76,8 @@ __all__ = [
     "merge_lora",
     "public_model_name",
     "push_lora",
-    "render_lora_card",
     "save_lora",
+    "train_lora",
     "unload_lora",
 ]
 
@@ -73,9 +88,6 @@ TRUNK_TARGETS = r"layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2))"
 #: every linear of the diffusion head
 HEAD_TARGETS = (r"head\.(time_embed\.linear_[12]|cond_embed|input_proj|res_blocks\.\d+\.(w1|w2)|adaln\.\d+|"
                 r"final_adaln|final_linear)")
-CLASS_EMBEDDING = "class_embedding"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-TRAINING_INFO_FILE = "training_info.json"  # save_lora's record of the run (training facts, a style score)
 
 
 def _peft():
@@ -210,21 +222,6 @@ def adapter_parameter_count(target: Any, adapter_name: str | None = None) -> int
 # saving, loading, merging
 
 
-def public_model_name(name: str | os.PathLike | None) -> str | None:
-    """How a card and ``adapter_config.json`` name a base model: a Hub repo id as it is, a folder of the Hub cache
-    (``models--owner--name/snapshots/...``) as its repo id, any other local folder by its name (never an absolute
-    local path)."""
-    if name is None:
-        return None
-    path = Path(str(name)).expanduser()
-    if not (path.is_absolute() or path.exists()):
-        return str(name)
-    for part in path.resolve().parts[::-1]:
-        if part.startswith("models--") and part.count("--") >= 2:
-            return part[len("models--"):].replace("--", "/", 1)
-    return path.resolve().name
-
-
 def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True,
               base_model_name_or_path: str | None = None, adapter_name: str | None = None,
               inputs: Sequence[str | os.PathLike | None] = (), training_info: Mapping[str, Any] | None = None,
@@ -258,7 +255,7 @@ def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True
     elif config.base_model_name_or_path:
         config.base_model_name_or_path = public_model_name(config.base_model_name_or_path)
     record = {**({"training": dict(training_info)} if training_info else {}),
-              **({"style": _load_style(style)} if style is not None else {})}
+              **({"style": load_style(style)} if style is not None else {})}
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / ADAPTER_FILES[0]), metadata={"format": "pt"})
@@ -276,98 +273,7 @@ def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True
             (tmp / "README.md").write_text(str(card), encoding="utf-8")
 
     return write_folder_atomically(output_dir, write, overwrite=overwrite, kind="lora",
-                                   inputs=[base_model_name_or_path, *inputs], option="output_dir")
-
-
-def _load_style(style: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    """The style score of a ``benchmarks/bench_lora.py --json`` result (file or object): the style's name and the
-    score of the base model's, the adapter's and the training data's images."""
-    data = dict(style) if isinstance(style, Mapping) else json.loads(Path(style).read_text(encoding="utf-8"))
-    generated = data.get("generated") or {}
-    out = {"style": data.get("style"), "base": (generated.get("base") or {}).get("style"),
-           "adapted": (generated.get("adapted") or {}).get("style"), "data": data.get("real_restyled_style")}
-    if not isinstance(out["style"], str) or not isinstance(out["adapted"], int | float):
-        raise ValueError(f"{style if not isinstance(style, Mapping) else 'style'}: not a benchmarks/bench_lora.py "
-                         "--json result (expected \"style\" and generated.adapted.style)")
-    return out
-
-
-def _read_adapter_facts(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{folder}: no adapter_config.json, so not a LoRA adapter folder")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    info = folder / TRAINING_INFO_FILE
-    return config, (json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {})
-
-
-def render_lora_card(adapter_dir: str | os.PathLike, *, repo_id: str | None = None, license: str | None = None,
-                     template_dir: str | os.PathLike | None = None) -> Any:
-    """The model card (``huggingface_hub.ModelCard``) of an adapter folder, from ``hub_cards/model_card_lora.md``:
-    the base model (a repo id or a folder name), rank, alpha, target modules, trained class rows, the stored
-    values, and what ``training_info.json`` records (data, steps, date; the style score if measured).
-    ``repo_id``: where it is pushed (the usage snippet); ``license``: a Hub license id, if stated."""
-    from huggingface_hub import ModelCard, ModelCardData
-    from safetensors import safe_open
-
-    from .hub import _REPO_ID, ARXIV_ID, HUB_CARDS_DIR, _check_license, _training_rows
-
-    folder = Path(adapter_dir)
-    config, info = _read_adapter_facts(folder)
-    templates = Path(template_dir) if template_dir is not None else HUB_CARDS_DIR
-    template = templates / "model_card_lora.md"
-    if not template.is_file():
-        raise FileNotFoundError(f"the card template {template} is missing (it lives in the source checkout's "
-                                "hub_cards/)")
-    license = _check_license(license, None, None) if license is not None else None
-    base = public_model_name(config.get("base_model_name_or_path")) or "unknown"
-    values = 0
-    if (weights := folder / ADAPTER_FILES[0]).is_file():
-        with safe_open(str(weights), "pt") as f:
-            values = sum(int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys())
-    training = info.get("training") or {}
-    dataset = training.get("hub_dataset")
-    data = ModelCardData(library_name="peft", license=license, base_model=base if _REPO_ID.fullmatch(base) else None,
-                         tags=["sphere-ar", "lora", "class-conditional", "image-generation", f"arxiv:{ARXIV_ID}"],
-                         datasets=[dataset] if isinstance(dataset, str) and _REPO_ID.fullmatch(dataset) else None)
-    rank, alpha = config.get("r"), config.get("lora_alpha")
-    targets = config.get("target_modules")
-    style = info.get("style") or {}
-    style_rows = [(name, f"{style[key]:.4g}") for key, name in (("base", "base model"), ("adapted", "with the adapter"),
-                                                                ("data", "training data")) if
-                  isinstance(style.get(key), int | float)]
-    rows = (config.get("trainable_token_indices") or {}).get(CLASS_EMBEDDING)
-    return ModelCard.from_template(
-        data, template_path=str(template), model_name=(repo_id or folder.resolve().name).split("/")[-1],
-        base_model=base, adapter_ref=repo_id or folder.resolve().name, rank=rank, alpha=alpha,
-        scale=f"{alpha / rank:g}" if rank and alpha else "?", dropout=config.get("lora_dropout", 0.0),
-        targets=targets if isinstance(targets, str) else ", ".join(sorted(targets or [])),
-        class_rows=", ".join(map(str, rows)) if rows else "", adapter_values=values,
-        training_rows=_training_rows(training), style_rows=style_rows,
-        style_name=f"style {style.get('style')!r}" if style else "", license=license, arxiv_id=ARXIV_ID)
-
-
-def push_lora(adapter_dir: str | os.PathLike, repo_id: str, *, license: str | None, private: bool = False,
-              commit_message: str | None = None, api: Any = None, token: str | None = None,
-              revision: str | None = None) -> str:
-    """Upload an adapter folder to the Hub model repository ``repo_id`` (created if needed) with its card rendered
-    for that repository and ``license`` (required, a Hub license id); returns its URL."""
-    from .hub import _check_license, _check_repo_id, _hf_api
-
-    folder = Path(adapter_dir)
-    _read_adapter_facts(folder)
-    repo_id, license = _check_repo_id(repo_id), _check_license(license, None, None)
-    card = render_lora_card(folder, repo_id=repo_id, license=license)
-    api = api if api is not None else _hf_api(token)
-    with tempfile.TemporaryDirectory(prefix="sphere-ar-lora-push-") as tmp:
-        stage = Path(tmp) / "repo"
-        shutil.copytree(folder, stage, ignore=shutil.ignore_patterns(".*", "README.md"))
-        (stage / "README.md").write_text(str(card), encoding="utf-8")
-        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(stage),
-                          commit_message=commit_message or "Upload SphereAR LoRA adapter",
-                          **({"revision": revision} if revision else {}))
-    return f"https://huggingface.co/{repo_id}"
+                                   inputs=[base_model_name_or_path, *inputs], option="--adapter_output_dir")
 
 
 def load_lora(target: Any, adapter: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
@@ -429,3 +335,151 @@ def merge_lora(target: Any) -> SphereARTransformer:
 def unload_lora(target: Any) -> SphereARTransformer:
     """Remove the loaded adapter: the original linears (and class embedding) are put back, bit for bit."""
     return _release(target, merge=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class LoraArguments:
+    """The base pipeline and the adapter's shape (``HfArgumentParser``-ready)."""
+
+    pretrained_model: str = field(
+        metadata={"help": "The base pipeline (a folder or Hub repo id with transformer/ and vae/); its frozen VAE "
+                          "encodes the training images."})
+    adapter_output_dir: str | None = field(
+        default=None, metadata={"help": "Where the adapter is written (default: <output_dir>/adapter)."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank; scale 1)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_head: bool = field(default=False, metadata={"help": "Also adapt the diffusion head's linears."})
+    train_class_embeddings: list[int] | None = field(
+        default=None,
+        metadata={"help": "Class ids whose class-embedding rows are trained too (re-purposed classes; "
+                          "num_classes is the null class). Only these rows are stored in the adapter."})
+    class_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "The base model's class id for each dataset label (dataset label i trains class "
+                          "class_ids[i], e.g. one imagefolder class re-purposing class 7). Default: the dataset's "
+                          "labels are the model's class ids."})
+    target_modules: str | None = field(
+        default=None, metadata={"help": "A full-module-name regex that replaces the default LoRA targets."})
+
+
+@dataclass
+class LoraTrainingArguments(SphereARTrainingArguments):
+    """:class:`SphereARTrainingArguments` with defaults for a short adapter run."""
+
+    output_dir: str | None = field(default="lora-results", metadata={"help": "Checkpoints, logs and the adapter."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Training epochs."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    min_lr: float = field(default=1e-4, metadata={"help": "Learning rate at the end of the cosine decay."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float in (0, 1): a ratio)."})
+    decay_start: int = field(default=1, metadata={"help": "Step where the cosine decay starts (<= 0: none)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA matrices."})
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the adapter weights (<= 0: none)."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'epoch' or 'steps'."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers ('none' for none)."})
+    logging_steps: float = field(default=50, metadata={"help": "Log every N optimizer steps."})
+
+
+class RelabelingCollator:
+    """:func:`collate_training_batch`, then dataset label ``i`` -> class id ``class_ids[i]``."""
+
+    def __init__(self, class_ids: Sequence[int]):
+        self.table = torch.tensor([int(c) for c in class_ids], dtype=torch.long)
+
+    def __call__(self, items: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+        batch = collate_training_batch(items)
+        if "class_labels" in batch:
+            batch["class_labels"] = self.table[batch["class_labels"].long()]
+        return batch
+
+
+class LoraTrainer(SphereARTrainer):
+    """:class:`SphereARTrainer` for a PEFT-wrapped transformer. Its weight-decay rule
+    (``training.optimization``) leaves, of the trainable adapter, exactly the LoRA matrices decayed: the class
+    rows live in ``class_embedding``, which is never decayed."""
+
+
+def _load_pipeline(path: str) -> Any:
+    from .pipeline_sphere_ar import SphereARPipeline
+
+    return SphereARPipeline.from_pretrained(path)
+
+
+def train_lora(lora_args: LoraArguments, data_args: Any, training_args: TrainingArguments,
+               callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Train a LoRA adapter on the base pipeline's transformer and write it; returns the adapter folder.
+
+    ``data_args`` is a :class:`~sphere_ar_hf.training.data.DataArguments`: images (encoded on the fly by the
+    pipeline's frozen VAE, at its resolution) or a latent cache made with the same VAE. Labels are the base
+    model's class ids, or are mapped to them by ``lora_args.class_ids``. ``callbacks`` go to the trainer.
+    """
+    from transformers import set_seed
+
+    from .training.argument_checks import check_arguments
+    from .training.data import build_image_dataset
+    from .training.latent_cache import LatentCacheDataset, check_latent_cache, data_inputs
+    from .utils import check_output_folder
+
+    check_arguments(lora_args, training_args, data_args)
+    out = Path(lora_args.adapter_output_dir or Path(training_args.output_dir) / "adapter")
+    inputs = [lora_args.pretrained_model, *data_inputs(data_args)]
+    check_output_folder(out, True, kind="lora", inputs=inputs, option="--adapter_output_dir")  # before training
+    set_seed(training_args.seed)
+    pipe = _load_pipeline(lora_args.pretrained_model)
+    transformer, vae = pipe.transformer.float(), pipe.vae.float()
+    num_classes = transformer.config.num_classes
+    collator = None
+    if lora_args.class_ids:
+        bad = [c for c in lora_args.class_ids if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"class_ids must lie in [0, {num_classes}), got {bad}")
+        collator = RelabelingCollator(lora_args.class_ids)
+    data_classes = len(lora_args.class_ids) if lora_args.class_ids else num_classes
+    if data_args.latent_cache:
+        check_latent_cache(data_args.latent_cache, vae)
+        dataset = LatentCacheDataset(data_args.latent_cache, seed=training_args.seed, hflip=data_args.hflip,
+                                     normalize=transformer.config.normalize_tokens)
+        if dataset.num_classes > data_classes:
+            raise ValueError(f"latent cache {data_args.latent_cache} has {dataset.num_classes} classes, but "
+                             f"{data_classes} are mapped to the base model's classes")
+    else:
+        data_args.resolution = vae.config.image_size
+        if data_args.num_classes != data_classes:
+            logger.info("num_classes set to %d (%s)", data_classes,
+                        "class_ids" if lora_args.class_ids else "the base model's")
+            data_args.num_classes = data_classes
+        dataset = build_image_dataset(data_args, seed=training_args.seed)
+    config = build_lora_config(lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout,
+                               lora_args.lora_head, lora_args.train_class_embeddings, lora_args.target_modules,
+                               num_classes)
+    n_base = sum(p.numel() for p in transformer.parameters())
+    peft_model = add_lora(transformer, config)
+    n_adapter = adapter_parameter_count(peft_model)
+    logger.info("LoRA adapter: %d values (%.2f%% of the transformer's %d)", n_adapter, 100 * n_adapter / n_base,
+                n_base)
+    trainer = LoraTrainer(model=peft_model, args=training_args, vae=vae, train_dataset=dataset,
+                          data_collator=collator, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if training_args.should_save:
+        from .training.trainer import _public_name, training_data_record
+
+        record = trainer.training_record({**training_data_record(data_args, dataset),
+                                          "init": _public_name(lora_args.pretrained_model)})
+        save_lora(peft_model, out, base_model_name_or_path=lora_args.pretrained_model, inputs=inputs,
+                  training_info=record)
+        logger.info("wrote the adapter to %s", out)
+        if training_args.push_to_hub:
+            repo_id = trainer.hub_model_id or training_args.hub_model_id or Path(training_args.output_dir).name
+            url = push_lora(out, repo_id, license=getattr(training_args, "hub_license", None),
+                            private=bool(training_args.hub_private_repo), commit_message="End of training",
+                            token=training_args.hub_token, revision=training_args.hub_revision)
+            logger.info("pushed the adapter to %s", url)
+    trainer.accelerator.wait_for_everyone()
+    return out
+

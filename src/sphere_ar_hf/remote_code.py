@@ -15,21 +15,23 @@ where this package is not installed, and the way back to the package's classes w
 
 With the package installed, ``SphereARPipeline.load_config`` maps such a folder's entries back to the package
 (:func:`package_model_index`) and ``SphereARPipeline.download`` fetches no code (:func:`download_pipeline`), so its
-code is never run. This module imports nothing from the package (see above).
+code is never run. This module imports nothing from the package (see above); its reader of relative imports
+(:func:`relative_imports`) also serves :mod:`.hub.space`, which walks the modules a Space needs.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
-import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["COMPONENTS", "ENTRY", "PIPELINE", "download_pipeline", "package_model_index", "remote_modules",
-           "write_remote_code"]
+__all__ = ["COMPONENTS", "ENTRY", "PIPELINE", "RelativeImport", "download_pipeline", "package_model_index",
+           "relative_imports", "remote_modules", "write_remote_code"]
 
 ENTRY = "remote_pipeline"  # the module model_index.json names for the pipeline
 PIPELINE = "SphereARPipeline"
@@ -40,7 +42,6 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "scheduler": ("scheduling_sphere_ar", "SphereARScheduler"),
 }
 _THIS = __name__.rpartition(".")[2]
-_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)  # what diffusers copies
 
 
 def __getattr__(name: str) -> type:
@@ -55,10 +56,47 @@ def __getattr__(name: str) -> type:
                           "with DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)") from e
 
 
+class RelativeImport(NamedTuple):
+    """One relative ``from`` statement: ``from ..x.y import a, b`` is ``(2, "x.y", ("a", "b"), at_import)``."""
+
+    level: int  # the leading dots
+    module: str | None  # None for ``from . import a``
+    names: tuple[str, ...]
+    at_import: bool  # runs when the module is imported (not inside a function)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _walk_imports(tree: ast.AST, in_function: bool, type_checking: bool) -> Iterator[RelativeImport]:
+    for node in ast.iter_child_nodes(tree):
+        if not type_checking and isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                yield from _walk_imports(ast.Module(body=[child], type_ignores=[]), in_function, type_checking)
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level:
+            yield RelativeImport(node.level, node.module, tuple(a.name for a in node.names), not in_function)
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        yield from _walk_imports(node, inner, type_checking)
+
+
+def relative_imports(path: str | os.PathLike, *, type_checking: bool = False) -> list[RelativeImport]:
+    """The relative imports of the module file ``path``, at module level or lazy (in a function), in source order.
+    Those under ``if TYPE_CHECKING:`` never run and are left out, unless ``type_checking`` (diffusers, which reads
+    the source as text, copies them too)."""
+    path = Path(path)
+    return list(_walk_imports(ast.parse(path.read_text(encoding="utf-8"), str(path)), False, type_checking))
+
+
 def remote_modules(source: str | os.PathLike | None = None) -> list[str]:
-    """The modules a remote-code folder carries at its root: :data:`ENTRY` and the modules it imports."""
-    text = (Path(source or Path(__file__).parent) / f"{ENTRY}.py").read_text(encoding="utf-8")
-    return [ENTRY, *sorted(set(_RELATIVE_IMPORT.findall(text)))]
+    """The modules a remote-code folder carries at its root: :data:`ENTRY` and the modules it imports.
+
+    Those are what diffusers copies beside the loaded file: the modules of its ``from .x import`` lines (one dot,
+    one name; module level, lazy or under ``TYPE_CHECKING``), not the modules those import in turn."""
+    found = relative_imports(Path(source or Path(__file__).parent) / f"{ENTRY}.py", type_checking=True)
+    return [ENTRY, *sorted({i.module for i in found if i.level == 1 and i.module and "." not in i.module})]
 
 
 def _read_json(path: Path) -> dict:
