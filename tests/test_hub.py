@@ -441,8 +441,9 @@ def trained(tmp_path_factory) -> tuple[Path, FakeTrainerHub]:
     from PIL import Image
 
     from sphere_ar_hf import SphereARConfig, SphereVAE
+    from sphere_ar_hf.training.arguments import ModelArguments, SphereARTrainingArguments
     from sphere_ar_hf.training.data import DataArguments
-    from sphere_ar_hf.training.trainer import ModelArguments, SphereARTrainingArguments, train_sphere_ar
+    from sphere_ar_hf.training.trainer import train_sphere_ar
 
     root = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)
@@ -527,7 +528,8 @@ def test_trainer_push_to_hub_needs_a_license_before_training(tmp_path, monkeypat
     import transformers.trainer
 
     from sphere_ar_hf import SphereARConfig, SphereARTransformer
-    from sphere_ar_hf.training.trainer import SphereARTrainer, SphereARTrainingArguments
+    from sphere_ar_hf.training.arguments import SphereARTrainingArguments
+    from sphere_ar_hf.training.trainer import SphereARTrainer
 
     api = FakeTrainerHub()
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)

@@ -256,6 +256,35 @@ def test_load_errors(make_pipeline, tmp_path):
         load_lora(torch.nn.Linear(2, 2), tmp_path)
 
 
+LOAD_ONLY = """
+import sys
+from sphere_ar_hf import SphereARPipeline
+from sphere_ar_hf.lora import adapter_parameter_count, load_lora, merge_lora, unload_lora
+pipe = SphereARPipeline.from_pretrained(sys.argv[1])
+load_lora(pipe, sys.argv[2])
+assert adapter_parameter_count(pipe) > 0
+unload_lora(pipe)
+load_lora(pipe, sys.argv[2])
+merge_lora(pipe)
+print(" ".join(sorted(m for m in sys.modules if m.startswith(("sphere_ar_hf.training", "transformers.trainer")))))
+"""
+
+
+def test_loading_an_adapter_imports_no_training_code(make_pipeline, adapter_dir, tmp_path):
+    """The adapter API (``sphere_ar_hf.lora``) stands apart from LoRA training (``sphere_ar_hf.training.lora``): a
+    fresh process that loads, unloads and merges an adapter imports neither our training code nor the Trainer."""
+    import os
+    import subprocess
+    import sys
+
+    make_pipeline().save_pretrained(str(tmp_path / "base"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_ONLY, str(tmp_path / "base"), str(adapter_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [], proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the example
 
@@ -474,6 +503,23 @@ def test_train_lora_push_to_hub(example, make_pipeline, tmp_path, monkeypatch):
     assert "| Optimizer steps | 2 |" in card.text and "images (a local image folder)" in card.text
     assert str(tmp_path) not in card.text and str(tmp_path).encode() not in upload["files"]["adapter_config.json"]
     assert (adapter / "README.md").is_file() and (adapter / "training_info.json").is_file()
+
+
+def test_refused_adapter_folder_names_the_parameter_or_the_flag(example, make_pipeline, adapter_dir, tmp_path):
+    """``save_lora`` names its parameter (``output_dir``); the example script names its flag."""
+    from sphere_ar_hf.utils import OutputFolderError
+
+    pipe = make_pipeline()
+    load_lora(pipe, adapter_dir)
+    with pytest.raises(OutputFolderError, match="an input of this run; choose another output_dir$"):
+        save_lora(pipe, tmp_path, inputs=[adapter_dir])
+    base_dir = tmp_path / "base"
+    make_pipeline().save_pretrained(str(base_dir))
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    with pytest.raises(OutputFolderError, match="an input of this run; choose another --adapter_output_dir$"):
+        example.main(["--pretrained_model", str(base_dir), "--train_data_dir", str(tmp_path / "images"),
+                      "--adapter_output_dir", str(tmp_path), "--output_dir", str(tmp_path / "run"), "--use_cpu"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_example_help_shows_its_command_lines_as_written(example, capsys):

@@ -25,9 +25,8 @@ method patched on it. Unloading and merging use PEFT's public layer methods (``m
 transformer, folder)`` loads it directly. While adapters are injected, ``SphereARTransformer.save_pretrained``
 refuses to write the base weights with PEFT's keys mixed in (it checks the same ``peft_config`` marker).
 
-Training (:func:`train_lora`, behind ``examples/train_lora.py``) reuses :class:`SphereARTrainer`: images are
-encoded on the fly by the pipeline's frozen VAE (or read from a latent cache), and the adapter is written as
-``adapter_model.safetensors`` + ``adapter_config.json`` to a folder that appears only once complete.
+Training an adapter (``train_lora``, behind ``examples/train_lora.py``) lives in :mod:`sphere_ar_hf.training.lora`;
+this module imports no training code.
 
 Needs ``peft`` (the ``[lora]`` extra).
 """
@@ -41,13 +40,11 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainingArguments
 
 from .hub.cards import (
     ADAPTER_FILES,
@@ -59,15 +56,10 @@ from .hub.cards import (
 )
 from .hub.push import push_lora  # re-exported: LoRA training calls it from here
 from .modeling_sphere_ar import SphereARTransformer
-from .training.trainer import SphereARTrainer, SphereARTrainingArguments, collate_training_batch
 
 __all__ = [
     "HEAD_TARGETS",
     "TRUNK_TARGETS",
-    "LoraArguments",
-    "LoraTrainer",
-    "LoraTrainingArguments",
-    "RelabelingCollator",
     "add_lora",
     "adapter_parameter_count",
     "build_lora_config",
@@ -77,7 +69,6 @@ __all__ = [
     "public_model_name",
     "push_lora",
     "save_lora",
-    "train_lora",
     "unload_lora",
 ]
 
@@ -273,7 +264,7 @@ def save_lora(target: Any, output_dir: str | os.PathLike, overwrite: bool = True
             (tmp / "README.md").write_text(str(card), encoding="utf-8")
 
     return write_folder_atomically(output_dir, write, overwrite=overwrite, kind="lora",
-                                   inputs=[base_model_name_or_path, *inputs], option="--adapter_output_dir")
+                                   inputs=[base_model_name_or_path, *inputs], option="output_dir")
 
 
 def load_lora(target: Any, adapter: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
@@ -335,151 +326,3 @@ def merge_lora(target: Any) -> SphereARTransformer:
 def unload_lora(target: Any) -> SphereARTransformer:
     """Remove the loaded adapter: the original linears (and class embedding) are put back, bit for bit."""
     return _release(target, merge=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# training
-
-
-@dataclass
-class LoraArguments:
-    """The base pipeline and the adapter's shape (``HfArgumentParser``-ready)."""
-
-    pretrained_model: str = field(
-        metadata={"help": "The base pipeline (a folder or Hub repo id with transformer/ and vae/); its frozen VAE "
-                          "encodes the training images."})
-    adapter_output_dir: str | None = field(
-        default=None, metadata={"help": "Where the adapter is written (default: <output_dir>/adapter)."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank; scale 1)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-    lora_head: bool = field(default=False, metadata={"help": "Also adapt the diffusion head's linears."})
-    train_class_embeddings: list[int] | None = field(
-        default=None,
-        metadata={"help": "Class ids whose class-embedding rows are trained too (re-purposed classes; "
-                          "num_classes is the null class). Only these rows are stored in the adapter."})
-    class_ids: list[int] | None = field(
-        default=None,
-        metadata={"help": "The base model's class id for each dataset label (dataset label i trains class "
-                          "class_ids[i], e.g. one imagefolder class re-purposing class 7). Default: the dataset's "
-                          "labels are the model's class ids."})
-    target_modules: str | None = field(
-        default=None, metadata={"help": "A full-module-name regex that replaces the default LoRA targets."})
-
-
-@dataclass
-class LoraTrainingArguments(SphereARTrainingArguments):
-    """:class:`SphereARTrainingArguments` with defaults for a short adapter run."""
-
-    output_dir: str | None = field(default="lora-results", metadata={"help": "Checkpoints, logs and the adapter."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
-    num_train_epochs: float = field(default=10.0, metadata={"help": "Training epochs."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
-    min_lr: float = field(default=1e-4, metadata={"help": "Learning rate at the end of the cosine decay."})
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float in (0, 1): a ratio)."})
-    decay_start: int = field(default=1, metadata={"help": "Step where the cosine decay starts (<= 0: none)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA matrices."})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the adapter weights (<= 0: none)."})
-    dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoints: 'no', 'epoch' or 'steps'."})
-    report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers ('none' for none)."})
-    logging_steps: float = field(default=50, metadata={"help": "Log every N optimizer steps."})
-
-
-class RelabelingCollator:
-    """:func:`collate_training_batch`, then dataset label ``i`` -> class id ``class_ids[i]``."""
-
-    def __init__(self, class_ids: Sequence[int]):
-        self.table = torch.tensor([int(c) for c in class_ids], dtype=torch.long)
-
-    def __call__(self, items: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
-        batch = collate_training_batch(items)
-        if "class_labels" in batch:
-            batch["class_labels"] = self.table[batch["class_labels"].long()]
-        return batch
-
-
-class LoraTrainer(SphereARTrainer):
-    """:class:`SphereARTrainer` for a PEFT-wrapped transformer. Its weight-decay rule
-    (``training.optimization``) leaves, of the trainable adapter, exactly the LoRA matrices decayed: the class
-    rows live in ``class_embedding``, which is never decayed."""
-
-
-def _load_pipeline(path: str) -> Any:
-    from .pipeline_sphere_ar import SphereARPipeline
-
-    return SphereARPipeline.from_pretrained(path)
-
-
-def train_lora(lora_args: LoraArguments, data_args: Any, training_args: TrainingArguments,
-               callbacks: list[TrainerCallback] | None = None) -> Path:
-    """Train a LoRA adapter on the base pipeline's transformer and write it; returns the adapter folder.
-
-    ``data_args`` is a :class:`~sphere_ar_hf.training.data.DataArguments`: images (encoded on the fly by the
-    pipeline's frozen VAE, at its resolution) or a latent cache made with the same VAE. Labels are the base
-    model's class ids, or are mapped to them by ``lora_args.class_ids``. ``callbacks`` go to the trainer.
-    """
-    from transformers import set_seed
-
-    from .training.argument_checks import check_arguments
-    from .training.data import build_image_dataset
-    from .training.latent_cache import LatentCacheDataset, check_latent_cache, data_inputs
-    from .utils import check_output_folder
-
-    check_arguments(lora_args, training_args, data_args)
-    out = Path(lora_args.adapter_output_dir or Path(training_args.output_dir) / "adapter")
-    inputs = [lora_args.pretrained_model, *data_inputs(data_args)]
-    check_output_folder(out, True, kind="lora", inputs=inputs, option="--adapter_output_dir")  # before training
-    set_seed(training_args.seed)
-    pipe = _load_pipeline(lora_args.pretrained_model)
-    transformer, vae = pipe.transformer.float(), pipe.vae.float()
-    num_classes = transformer.config.num_classes
-    collator = None
-    if lora_args.class_ids:
-        bad = [c for c in lora_args.class_ids if not 0 <= c < num_classes]
-        if bad:
-            raise ValueError(f"class_ids must lie in [0, {num_classes}), got {bad}")
-        collator = RelabelingCollator(lora_args.class_ids)
-    data_classes = len(lora_args.class_ids) if lora_args.class_ids else num_classes
-    if data_args.latent_cache:
-        check_latent_cache(data_args.latent_cache, vae)
-        dataset = LatentCacheDataset(data_args.latent_cache, seed=training_args.seed, hflip=data_args.hflip,
-                                     normalize=transformer.config.normalize_tokens)
-        if dataset.num_classes > data_classes:
-            raise ValueError(f"latent cache {data_args.latent_cache} has {dataset.num_classes} classes, but "
-                             f"{data_classes} are mapped to the base model's classes")
-    else:
-        data_args.resolution = vae.config.image_size
-        if data_args.num_classes != data_classes:
-            logger.info("num_classes set to %d (%s)", data_classes,
-                        "class_ids" if lora_args.class_ids else "the base model's")
-            data_args.num_classes = data_classes
-        dataset = build_image_dataset(data_args, seed=training_args.seed)
-    config = build_lora_config(lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout,
-                               lora_args.lora_head, lora_args.train_class_embeddings, lora_args.target_modules,
-                               num_classes)
-    n_base = sum(p.numel() for p in transformer.parameters())
-    peft_model = add_lora(transformer, config)
-    n_adapter = adapter_parameter_count(peft_model)
-    logger.info("LoRA adapter: %d values (%.2f%% of the transformer's %d)", n_adapter, 100 * n_adapter / n_base,
-                n_base)
-    trainer = LoraTrainer(model=peft_model, args=training_args, vae=vae, train_dataset=dataset,
-                          data_collator=collator, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if training_args.should_save:
-        from .training.trainer import _public_name, training_data_record
-
-        record = trainer.training_record({**training_data_record(data_args, dataset),
-                                          "init": _public_name(lora_args.pretrained_model)})
-        save_lora(peft_model, out, base_model_name_or_path=lora_args.pretrained_model, inputs=inputs,
-                  training_info=record)
-        logger.info("wrote the adapter to %s", out)
-        if training_args.push_to_hub:
-            repo_id = trainer.hub_model_id or training_args.hub_model_id or Path(training_args.output_dir).name
-            url = push_lora(out, repo_id, license=getattr(training_args, "hub_license", None),
-                            private=bool(training_args.hub_private_repo), commit_message="End of training",
-                            token=training_args.hub_token, revision=training_args.hub_revision)
-            logger.info("pushed the adapter to %s", url)
-    trainer.accelerator.wait_for_everyone()
-    return out
-
