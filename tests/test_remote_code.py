@@ -24,7 +24,8 @@ from sphere_ar_hf.remote_code import COMPONENTS, ENTRY, package_model_index, rem
 
 PACKAGE_DIR = Path(sphere_ar_hf.__file__).parent
 REPO_ID = "someone/sphere-ar-tiny"
-ALLOWED_IMPORTS = {"torch", "diffusers", "transformers", "numpy", "safetensors", "huggingface_hub", "PIL"}
+ALLOWED_IMPORTS = {"torch", "diffusers", "transformers", "numpy", "safetensors", "huggingface_hub", "PIL",
+                   "packaging"}  # packaging: diffusers imports it itself (through huggingface_hub's requirement)
 SEED, STEPS, LABEL = 0, 2, 3
 
 # runs in a fresh interpreter where sphere_ar_hf cannot be imported (whatever sys.path or the editable install say):

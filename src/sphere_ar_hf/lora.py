@@ -54,7 +54,6 @@ from .hub.cards import (
     public_model_name,
     render_lora_card,
 )
-from .hub.push import push_lora  # re-exported: LoRA training calls it from here
 from .modeling_sphere_ar import SphereARTransformer
 
 __all__ = [
@@ -66,8 +65,6 @@ __all__ = [
     "get_lora_model",
     "load_lora",
     "merge_lora",
-    "public_model_name",
-    "push_lora",
     "save_lora",
     "unload_lora",
 ]

@@ -117,7 +117,7 @@ class LoraTrainer(SphereARTrainer):
         main process."""
         if not self.args.should_save:
             return None
-        from ..lora import push_lora
+        from ..hub.push import push_lora
 
         url = push_lora(folder, self.hub_repo_id(), license=getattr(self.args, "hub_license", None),
                         private=bool(self.args.hub_private_repo), commit_message="End of training",

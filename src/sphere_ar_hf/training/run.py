@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments, set_seed
 
-from ..lora import public_model_name
+from ..hub.cards import public_model_name
 from ..utils import check_output_folder
 from ..vae import SphereVAE
 from .argument_checks import check_arguments, check_input_path
