@@ -37,7 +37,7 @@ from .cli_push import add_push_parser
 from .cli_sampling import add_evaluate_parser, add_sample_parser
 from .cli_sweep import add_sweep_parser
 from .options import CFG_SCHEDULES, DTYPES
-from .utils import HelpFormatter, atomic_write, format_millions, plural
+from .utils import HelpFormatter, OutputFolderError, atomic_write, format_millions, plural
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -335,14 +335,15 @@ def add_generate_parser(sub, fmt) -> None:
 # ---- space ----------------------------------------------------------------------------------------------------
 def cmd_space(args: argparse.Namespace) -> int:
     """Write a Hugging Face Space folder (``sphere-ar space``); see :func:`.hub.build_space_folder`."""
+    from .cli_push import flag_message
     from .hub import HubError, build_space_folder
 
     try:
         out = build_space_folder(args.output, model=args.model, title=args.title, license=args.license,
                                  license_name=args.license_name, license_link=args.license_link,
                                  overwrite=args.overwrite)
-    except HubError as e:
-        raise CLIError(one_line(e)) from None
+    except (HubError, OutputFolderError) as e:
+        raise CLIError(flag_message(e)) from None
     tops = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
     serves = "model/ (a copy of the pipeline)" if (out / "model").is_dir() else (args.model or "")
     print(f"wrote {out} ({', '.join(tops)}): a Gradio Space that serves {serves}; upload it with "

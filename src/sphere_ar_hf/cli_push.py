@@ -19,7 +19,8 @@ __all__ = ["FLAGS", "add_push_parser", "flag_message", "run_push"]
 
 #: the library's parameters (as :class:`.hub.HubError` messages name them, in backquotes) -> this command's flags
 FLAGS = {"pipeline": "--pipeline", "repo_id": "--repo-id", "license": "--license", "license_name": "--license-name",
-         "license_link": "--license-link", "card": "--card", "metrics": "--metrics"}
+         "license_link": "--license-link", "card": "--card", "metrics": "--metrics", "model": "--model",
+         "output": "--output"}
 _PARAMETER = re.compile(r"`(\w+)(?:=(?:'([^'`]*)'|([^`]*)))?`")
 
 

@@ -296,8 +296,8 @@ def check_license(license: str | None, license_name: str | None, license_link: s
     if not _LICENSE.fullmatch(value):
         raise HubError(f"license {license!r} is not a Hub license id (e.g. mit, apache-2.0, cc-by-nc-4.0, other)")
     if value == "other" and not (license_name and license_link):
-        raise HubError("license 'other' needs a license name and a link to its text (license_name, license_link / "
-                       "--license-name, --license-link)")
+        raise HubError("license 'other' needs a license name and a link to its text (`license_name`, "
+                       "`license_link`)")
     return value
 
 

@@ -140,7 +140,7 @@ def _space_model(model: str | os.PathLike | None) -> tuple[Path | None, str]:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise HubError(f"{model}: not a folder (--model takes a pipeline folder or a Hub repository id)")
+            raise HubError(f"{model}: not a folder (`model` takes a pipeline folder or a Hub repository id)")
         pipeline_facts(path)  # a SphereAR pipeline folder, with weights
         return path, f"a copy of `{path.resolve().name}`"
     if REPO_ID_PATTERN.fullmatch(str(model)) and not str(model).startswith("."):
@@ -226,6 +226,6 @@ def build_space_folder(output: str | os.PathLike, *, license: str | None = None,
             shutil.copytree(folder, tmp / SPACE_MODEL, ignore=shutil.ignore_patterns(".*", "__pycache__", "*.pyc"))
 
     return write_folder_atomically(out, fill, overwrite=overwrite, kind=space_folder_kind(template_dir),
-                                   inputs=[space, source, folder], option="--output")
+                                   inputs=[space, source, folder], option="`output`")
 
 
