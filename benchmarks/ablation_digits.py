@@ -18,9 +18,12 @@ steps and seeds; only the options below differ), through the project's own train
 training seed; ``gaussian_ar_norm`` reuses the VAE of ``gaussian_dec_norm``. Each pipeline is measured as
 ``sphere-ar sample --labels balanced --seed S`` + ``sphere-ar evaluate --features digits`` measure it (the same library
 functions): the Fréchet distance of the digit classifier's features to the held-out real test split, and the
-classifier's accuracy, at guidance 1 / 2 / 3 / 4.5 / 6 / 8 and 100 steps. Spreads are over ``--train-seeds``
-(independent training runs: different initialisation, data order and noise; the sampling seed is the training
-seed).
+classifier's accuracy, at guidance 1 / 2 / 3 / 4.5 / 6 / 8 and 100 steps (``--sampler`` / ``--time-shift`` /
+``--steps``: another sampler of the scheduler). Spreads are over ``--train-seeds`` (independent training runs:
+different initialisation, data order and noise; the sampling seed is the training seed). The same sampling pass
+records, per decoding position, the generated tokens' norm and within-class variance
+(``variance_collapse.token_statistics``: each evaluation row's ``tokens``), and every S-VAE's encoded train split
+gives the real tokens' (``real-tokens.json``): ``benchmarks/ablation_tokens.py`` plots them.
 
 Jobs run in ``--jobs`` processes of ``--threads`` torch threads each; every job writes its result atomically and a
 rerun skips it, so an interrupted run resumes. A model's evaluation file holds one row per guidance scale, named by
@@ -33,6 +36,7 @@ subset never overwrites the committed ``docs/ablation_digits.*``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -46,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-for extra in (ROOT / "src", ROOT / "examples"):
+for extra in (ROOT / "src", ROOT / "examples", ROOT / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
@@ -75,21 +79,29 @@ VARIANTS = {
 PAPER_FID = {"gaussian": 2.97, "gaussian_dec_norm": 2.89, "gaussian_ar_norm": 2.68, "sphere": 2.52}
 
 
+def output_arguments(p: argparse.ArgumentParser, name: str, work_help: str, writes: str) -> None:
+    """``--work-dir`` (default ``runs/<name>``), ``--out`` (default ``<work-dir>/report``; the committed run:
+    ``docs/<name>``) and ``--from-json`` of an ablation benchmark."""
+    p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / name, help=work_help + " (kept: a rerun resumes)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"writes {writes} (default: <work-dir>/report; the committed run is docs/{name})")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="re-render the outputs from a summary JSON this script wrote; trains nothing")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "ablation_digits",
-                   help="runs, pipelines and per-job results (kept: a rerun resumes)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="writes <out>.md, <out>.png and <out>.json (default: <work-dir>/report; the committed run "
-                        "is docs/ablation_digits)")
-    p.add_argument("--from-json", type=Path, default=None,
-                   help="re-render <out>.md and <out>.png from a summary JSON this script wrote; trains nothing")
+    output_arguments(p, "ablation_digits", "runs, pipelines and per-job results",
+                     "<out>.md, <out>.png and <out>.json")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--guidance-scales", type=float, nargs="+", default=list(GUIDANCE_SCALES))
     p.add_argument("--n-per-class", type=int, default=100, help="generated images per class and guidance scale")
     p.add_argument("--steps", type=int, default=100, help="sampling steps per token")
+    p.add_argument("--sampler", choices=["euler_maruyama", "euler", "heun"], default="euler_maruyama",
+                   help="the scheduler's per-token sampler (the official default: euler_maruyama)")
+    p.add_argument("--time-shift", type=float, default=1.0, help="the scheduler's time shift (heun: 0.5)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--jobs", type=int, default=2, help="jobs in parallel (1: in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
@@ -113,6 +125,15 @@ def _finish(done: Path, record: dict) -> dict:
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, done)
     return record
+
+
+@functools.cache
+def digit_features(size: int):
+    """The digits feature space at ``size`` px (its classifier fitted once per process: jobs run in this process
+    with ``--jobs 1`` share it; it is seeded, so every fit is the same)."""
+    from sphere_ar_hf.evaluation.digits import DigitFeatures
+
+    return DigitFeatures(size)
 
 
 def _threads(n: int) -> None:
@@ -176,31 +197,52 @@ def ar_job(work: str, variant: str, seed: int, recipe_args: str, threads: int) -
     return _finish(run / "done.json", {"pipeline": str(pipeline), "seconds": time.perf_counter() - t0})
 
 
+def eval_path(work: str | Path, variant: str, seed: int, steps: int, n_per_class: int,
+              sampler: str = "euler_maruyama", time_shift: float = 1.0, sample_seed: int | None = None) -> Path:
+    """The evaluation file of one pipeline: ``eval-{steps}steps-{n}.json`` for the official sampler (as before),
+    the sampler and time shift in the name for another, ``-sample{k}`` for a sampling seed other than the
+    training seed."""
+    name = f"eval-{steps}steps-{n_per_class}" if (sampler, time_shift) == ("euler_maruyama", 1.0) else \
+        f"eval-{sampler}{steps}-shift{time_shift:g}-{n_per_class}"
+    return Path(work) / f"seed{seed}" / variant / (name + ("" if sample_seed is None else f"-sample{sample_seed}")
+                                                   + ".json")
+
+
 def eval_job(work: str, variant: str, seed: int, guidance_scales: list[float], n_per_class: int, steps: int,
-             batch_size: int, threads: int) -> dict:
-    """Sample and measure one pipeline at every guidance scale (``sphere-ar sample`` + ``evaluate``'s functions)."""
+             batch_size: int, threads: int, sampler: str = "euler_maruyama", time_shift: float = 1.0,
+             sample_seed: int | None = None) -> dict:
+    """Sample and measure one pipeline at every guidance scale (``sphere-ar sample`` + ``evaluate``'s functions),
+    with the sampling seed ``sample_seed`` (default: the training seed); each row also holds the generated tokens'
+    statistics per decoding position, recorded during the same sampling pass."""
     _threads(threads)
+    from variance_collapse import TokenRecorder, token_statistics
+
     from sphere_ar_hf import SphereARPipeline
     from sphere_ar_hf.evaluation import ImageSet, evaluate_digits, image_labels, image_seeds, sample_images
-    from sphere_ar_hf.evaluation.digits import DigitFeatures
+    from sphere_ar_hf.evaluation.sampling import set_sampler
 
-    out = Path(work) / f"seed{seed}" / variant / f"eval-{steps}steps-{n_per_class}.json"
+    out = eval_path(work, variant, seed, steps, n_per_class, sampler, time_shift, sample_seed)
     have = {r["guidance_scale"]: r for r in (json.loads(out.read_text())["rows"] if out.is_file() else [])}
     pipeline = json.loads((Path(work) / f"seed{seed}" / variant / "done.json").read_text())["pipeline"]
     pipe = SphereARPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
-    extractor = DigitFeatures(pipe.vae.config.image_size)
+    set_sampler(pipe, sampler, time_shift)
+    extractor = digit_features(pipe.vae.config.image_size)
     indices = np.arange(10 * n_per_class)
     labels = image_labels(seed, indices, pipe.transformer.config.num_classes, "balanced")
+    seeds = image_seeds(seed if sample_seed is None else sample_seed, indices)
     for g in (g for g in guidance_scales if g not in have):
         t = time.perf_counter()
-        images = sample_images(pipe, labels, image_seeds(seed, indices), batch_size, guidance_scale=g,
-                               num_inference_steps=steps)
+        recorder = TokenRecorder(len(labels), batch_size, pipe.transformer.config.num_image_tokens, g)
+        images = sample_images(pipe, labels, seeds, batch_size, guidance_scale=g, num_inference_steps=steps,
+                               callback_on_step_end=recorder)
         m = evaluate_digits(ImageSet.from_arrays(images, labels), extractor=extractor, with_precision_recall=False)
         have[g] = {"guidance_scale": g, "frechet_distance": m["frechet_distance"], "accuracy": m["accuracy"],
-                   "num_images": len(images), "seconds": time.perf_counter() - t}
+                   "num_images": len(images), "seconds": time.perf_counter() - t,
+                   "tokens": token_statistics(recorder.tokens(), labels)}
     rows = [have[g] for g in sorted(have)]
-    return _finish(out, {"variant": variant, "seed": seed, "rows": rows,
+    return _finish(out, {"variant": variant, "seed": seed, "sample_seed": seed if sample_seed is None else sample_seed,
+                         "sampler": sampler, "time_shift": time_shift, "steps": steps, "rows": rows,
                          "seconds": sum(r["seconds"] for r in rows)})
 
 
@@ -217,7 +259,7 @@ def reconstruction_job(work: str, kind: str, seed: int, n: int, threads: int) ->
     import torch
 
     from sphere_ar_hf.evaluation import ImageSet, evaluate_digits, to_uint8
-    from sphere_ar_hf.evaluation.digits import DigitFeatures, load_digit_splits, upscale_digits
+    from sphere_ar_hf.evaluation.digits import load_digit_splits, upscale_digits
     from sphere_ar_hf.training.latent_cache import load_vae
 
     run = Path(work) / f"seed{seed}" / f"vae-{kind}"
@@ -231,18 +273,33 @@ def reconstruction_job(work: str, kind: str, seed: int, n: int, threads: int) ->
         recon = vae.decode(dist.sample(torch.Generator().manual_seed(seed))).sample
     images = to_uint8((recon.float() / 2 + 0.5).clamp(0, 1))
     m = evaluate_digits(ImageSet.from_arrays(images, splits.train_labels[pick]),
-                        extractor=DigitFeatures(vae.config.image_size), with_precision_recall=False)
+                        extractor=digit_features(vae.config.image_size), with_precision_recall=False)
     return _finish(run / f"reconstruction-{n}.json", {"frechet_distance": m["frechet_distance"],
                                                       "accuracy": m["accuracy"], "n": int(len(pick))})
+
+
+def real_tokens_job(work: str, kind: str, seed: int, threads: int) -> dict:
+    """The real tokens' statistics per position: the train split through the S-VAE (one posterior draw each), as
+    the AR models were trained on them: ``raw`` (``normalize_tokens=False``) and ``projected`` onto the sphere."""
+    _threads(threads)
+    from variance_collapse import real_tokens, token_statistics
+
+    from sphere_ar_hf.training.latent_cache import load_vae
+
+    run = Path(work) / f"seed{seed}" / f"vae-{kind}"
+    vae = load_vae(json.loads((run / "done.json").read_text())["vae"]).eval()
+    return _finish(run / "real-tokens.json", {
+        name: token_statistics(*real_tokens(vae, normalize)) for name, normalize in (("raw", False),
+                                                                                     ("projected", True))})
 
 
 def baseline_job(work: str, n: int, threads: int) -> dict:
     """The real-vs-real yardstick: a random train subset of the generated sample's size vs the test split."""
     _threads(threads)
     from sphere_ar_hf.evaluation import feature_statistics, frechet_distance
-    from sphere_ar_hf.evaluation.digits import DIGITS_IMAGE_SIZE, DigitFeatures, reference_images
+    from sphere_ar_hf.evaluation.digits import DIGITS_IMAGE_SIZE, reference_images
 
-    extractor = DigitFeatures(DIGITS_IMAGE_SIZE)
+    extractor = digit_features(DIGITS_IMAGE_SIZE)
     train = extractor(reference_images(DIGITS_IMAGE_SIZE, "train"))["features"]
     test = feature_statistics(extractor(reference_images(DIGITS_IMAGE_SIZE, "test"))["features"])
     pick = np.random.default_rng(0).choice(len(train), min(n, len(train)), replace=False)
@@ -262,6 +319,7 @@ class Job:
     args: tuple
     after: tuple[str, ...] = ()
     needs: tuple[float, ...] = ()  # an evaluation: the guidance scales its file must hold
+    cost: float = 1.0  # what it counts for on the progress bar (1: a job; ablation_tokens: estimated seconds)
 
     def finished(self) -> bool:
         if not self.needs:
@@ -281,12 +339,16 @@ def plan(args: argparse.Namespace) -> list[Job]:
         jobs += [Job(f"reconstruction {k} seed {s}", d / f"vae-{k}" / f"reconstruction-{10 * args.n_per_class}.json",
                      reconstruction_job, (work, k, s, 10 * args.n_per_class, args.threads), (f"vae {k} seed {s}",))
                  for k in vaes]
+        jobs += [Job(f"real tokens {k} seed {s}", d / f"vae-{k}" / "real-tokens.json", real_tokens_job,
+                     (work, k, s, args.threads), (f"vae {k} seed {s}",)) for k in vaes]
         for v in args.variants:
             jobs.append(Job(f"ar {v} seed {s}", d / v / "done.json", ar_job,
                             (work, v, s, args.recipe_args, args.threads), (f"vae {VARIANTS[v].vae} seed {s}",)))
-            jobs.append(Job(f"eval {v} seed {s}", d / v / f"eval-{args.steps}steps-{args.n_per_class}.json", eval_job,
+            jobs.append(Job(f"eval {v} seed {s}", eval_path(work, v, s, args.steps, args.n_per_class, args.sampler,
+                                                            args.time_shift), eval_job,
                             (work, v, s, list(args.guidance_scales), args.n_per_class, args.steps, args.batch_size,
-                             args.threads), (f"ar {v} seed {s}",), tuple(args.guidance_scales)))
+                             args.threads, args.sampler, args.time_shift), (f"ar {v} seed {s}",),
+                            tuple(args.guidance_scales)))
     return jobs
 
 
@@ -301,12 +363,13 @@ def run_jobs(jobs: list[Job], workers: int) -> float:
     t0 = time.perf_counter()
     done = {j.name for j in jobs if j.finished()}
     todo = [j for j in jobs if j.name not in done]
-    bar = tqdm(total=len(jobs), initial=len(done), desc="ablation", unit="job", dynamic_ncols=True)
+    bar = tqdm(total=sum(j.cost for j in jobs), initial=sum(j.cost for j in jobs if j.name in done),
+               desc="ablation", unit="job" if all(j.cost == 1.0 for j in jobs) else "s", dynamic_ncols=True)
     if workers <= 1:
         for job in todo:  # plan() lists every job after its dependencies
             bar.set_postfix_str(job.name)
             job.fn(*job.args)
-            bar.update()
+            bar.update(job.cost)
         bar.close()
         return time.perf_counter() - t0
     import multiprocessing as mp
@@ -323,7 +386,7 @@ def run_jobs(jobs: list[Job], workers: int) -> float:
                 job = running.pop(future)
                 future.result()  # a failed job stops the run (finished jobs stay finished)
                 done.add(job.name)
-                bar.update()
+                bar.update(job.cost)
     bar.close()
     return time.perf_counter() - t0
 
@@ -337,7 +400,8 @@ def summarize(args: argparse.Namespace) -> dict:
         per_seed = []
         for s in args.train_seeds:
             d = args.work_dir / f"seed{s}"
-            per_seed.append(json.loads((d / v / f"eval-{args.steps}steps-{args.n_per_class}.json").read_text()))
+            per_seed.append(json.loads(eval_path(args.work_dir, v, s, args.steps, args.n_per_class, args.sampler,
+                                                 args.time_shift).read_text()))
             out["train_seconds"] += json.loads((d / v / "done.json").read_text())["seconds"]
             out["eval_seconds"] += per_seed[-1]["seconds"]
         by_scale = [{r["guidance_scale"]: r for r in seed_result["rows"]} for seed_result in per_seed]
@@ -375,7 +439,7 @@ def write_table(summary: dict, path: Path) -> str:
     lines = [f"Fréchet distance in the digit classifier's feature space (lower is better): mean ± standard "
              f"deviation over the training seeds, then the standard error of the mean; every cell has {seeds} "
              f"training seed{'s' if seeds != 1 else ''} (one model each, sampled with its own seed; min-max in the "
-             f"plot); {10 * s['n_per_class']} images per point, {s['steps']} steps, linear CFG schedule. Real train "
+             f"plot); {10 * s['n_per_class']} images per point, {sampler_text(s)}, linear CFG schedule. Real train "
              f"subset vs real test, same n: {summary['baseline']['same_n_vs_test']:.2f}.", "",
              "| variant | " + " | ".join(f"w = {g:g}" for g in s["guidance_scales"])
              + " | best | paper FID (L, 256 px) |",
@@ -408,6 +472,15 @@ def write_table(summary: dict, path: Path) -> str:
     return text
 
 
+def sampler_text(settings: dict) -> str:
+    """``100 steps`` (the official sampler), or the sampler, its steps and time shift (a summary written before
+    ``--sampler`` existed used the official one)."""
+    sampler, shift = settings.get("sampler", "euler_maruyama"), settings.get("time_shift", 1.0)
+    if (sampler, shift) == ("euler_maruyama", 1.0):
+        return f"{settings['steps']} steps"
+    return f"{sampler}, {settings['steps']} steps, time shift {shift:g}"
+
+
 def write_plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -415,6 +488,17 @@ def write_plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    seeds = len(summary["settings"]["train_seeds"])
+    plot_fd(ax, summary,
+            f"Digits: Gaussian vs hyperspherical latents ({seeds} training seed{'s' if seeds != 1 else ''})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_fd(ax, summary: dict, title: str, legend: bool = True) -> None:
+    """Fréchet distance against guidance on ``ax``: per variant the mean and min-max over seeds, its S-VAE's
+    reconstruction floor (dotted) and the real-vs-real yardstick (dashed)."""
     floors_drawn = set()
     for v, data in summary["variants"].items():
         g = [r["guidance_scale"] for r in data["rows"]]
@@ -428,15 +512,24 @@ def write_plot(summary: dict, path: Path) -> None:
             ax.axhline(floor, color=line.get_color(), ls=":", lw=1)
     ax.axhline(summary["baseline"]["same_n_vs_test"], color="gray", ls="--", lw=1, label="real vs real, same n")
     ax.plot([], [], color="gray", ls=":", lw=1, label="its S-VAE's reconstructions (dotted)")
-    seeds = len(summary["settings"]["train_seeds"])
-    ax.set(xlabel="classifier-free guidance scale", ylabel="Fréchet distance (digit features)",
-           title=f"Digits: Gaussian vs hyperspherical latents ({seeds} training seed{'s' if seeds != 1 else ''})")
+    ax.set(xlabel="classifier-free guidance scale", ylabel="Fréchet distance (digit features)")
+    ax.set_title(title, fontsize=9)
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    if legend:
+        ax.legend(fontsize=8)
+
+
+def prepare_data(work_dir: Path) -> None:
+    """The train split as the recipe's dataset, written once into ``work_dir`` for every job."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if not (work_dir / "data.json").is_file():
+        from sphere_ar_hf.evaluation.digits import DIGITS_IMAGE_SIZE, load_digit_splits, write_digits_dataset
+
+        splits = load_digit_splits()
+        shutil.rmtree(work_dir / "data", ignore_errors=True)
+        write_digits_dataset(splits.train_images, splits.train_labels, work_dir / "data", DIGITS_IMAGE_SIZE)
+        _finish(work_dir / "data.json", {"num_train": len(splits.train_labels)})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -450,14 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {out}.md and .png from {args.from_json}")
         return summary
     t0 = time.perf_counter()
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    if not (args.work_dir / "data.json").is_file():  # the train split, written once for every job
-        from sphere_ar_hf.evaluation.digits import DIGITS_IMAGE_SIZE, load_digit_splits, write_digits_dataset
-
-        splits = load_digit_splits()
-        shutil.rmtree(args.work_dir / "data", ignore_errors=True)
-        write_digits_dataset(splits.train_images, splits.train_labels, args.work_dir / "data", DIGITS_IMAGE_SIZE)
-        _finish(args.work_dir / "data.json", {"num_train": len(splits.train_labels)})
+    prepare_data(args.work_dir)
     seconds = run_jobs(plan(args), args.jobs)
     summary = summarize(args)
     summary["wall_seconds_this_run"] = seconds

@@ -325,6 +325,92 @@ def test_both_ablation_benchmarks_run_end_to_end_and_resume(tmp_path: Path, caps
     assert "real (encoded)" in (tmp_path / "docs" / "collapse.md").read_text()
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_the_token_recorder_keeps_each_images_tokens_as_the_pipeline_makes_them(guidance_scale: float) -> None:
+    collapse = _load("variance_collapse")
+    from sphere_ar_hf.evaluation import image_seeds, sample_images
+
+    pipe = _pipeline(normalize_tokens=False)
+    labels, seeds = np.array([3, 1, 4, 1, 5]), image_seeds(0, np.arange(5))
+    recorder = collapse.TokenRecorder(5, 3, pipe.transformer.config.num_image_tokens, guidance_scale)
+    kw = dict(guidance_scale=guidance_scale, num_inference_steps=2)
+    images = sample_images(pipe, labels, seeds, 3, callback_on_step_end=recorder, **kw)  # calls of 3 and 2 (padded)
+    tokens = recorder.tokens()
+    assert tokens.shape == (5, 4, 16) and len(images) == 5
+    alone = pipe(labels.tolist(), generator=[_gen(int(s)) for s in seeds], output_type="latent", **kw).images
+    torch.testing.assert_close(tokens, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="recorded 0 of 2"):
+        collapse.TokenRecorder(5, 3, 4, guidance_scale).tokens()
+
+
+def test_the_ablation_by_tokens_per_image_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    tokens = _load("ablation_tokens")
+    work, out = tmp_path / "work", tmp_path / "docs" / "tokens"
+    argv = ["--work-dir", str(work), "--out", str(out), "--tokens", "16", "--train-seeds", "0", "1",
+            "--guidance-scales", "1", "3", "--n-per-class", "2", "--vae-epochs", "1", "--ar-epochs", "0.5",
+            "--recipe-args", " ".join(TINY_RECIPE[4:-2] + ["--vae_batch_size", "128", "--ar_batch_size", "128"]),
+            "--check-tokens", "16", "--check-variants", "sphere",
+            "--check-guidance", "3", "--check-seeds", "2", "--check-n-per-class", "1", "--jobs", "1"]
+    summary = tokens.main(argv)
+    assert list(summary["tokens"]) == ["16"] and summary["recipe"]["16"].startswith("--cnn_channels 16 32 64 ")
+    data = summary["tokens"]["16"]
+    assert set(data["variants"]) == {"gaussian", "sphere"}
+    for v in data["variants"].values():
+        assert [r["guidance_scale"] for r in v["rows"]] == [1.0, 3.0]
+        for r in v["rows"]:
+            assert len(r["fd"]) == 2 and all(math.isfinite(x) and x > 0 for x in r["fd"])
+            assert math.isfinite(r["fd_sem"]) and r["fd_min"] <= r["fd_mean"] <= r["fd_max"]
+    assert [g["guidance_scale"] for g in summary["gaps"]["16"]] == [1.0, 3.0]
+    assert all(math.isfinite(g["difference"]) and math.isfinite(g["se"]) for g in summary["gaps"]["16"])
+    # 16 px digits through a patch-4 S-VAE: a 4x4 grid, in the VAE and the AR model
+    pipeline = Path(json.loads((work / "tokens16" / "seed1" / "sphere" / "done.json").read_text())["pipeline"])
+    assert json.loads((pipeline / "vae" / "config.json").read_text())["cnn_channels"] == [16, 32, 64]
+    ar = json.loads((pipeline / "transformer" / "config.json").read_text())
+    assert (ar["image_size"], ar["patch_size"], ar["diff_batch_mul"]) == (16, 4, 1)
+    # the sampler check: both samplers, each sampling seed, the paired difference
+    check = summary["check"]["variants"]["sphere"]
+    assert summary["check"]["samplers"] == ["heun:5:0.5", "euler_maruyama:100:1"]
+    for side in ("run", "reference"):
+        assert len(check[side]["fd"]["values"]) == 2 and all(math.isfinite(x) for x in check[side]["fd"]["values"])
+    assert math.isfinite(check["fd_difference"]["mean"]) and isinstance(check["fd_difference"]["within_noise"], bool)
+    # the tokens per decoding position, generated (each guidance scale) and real, for every variant
+    collapse = summary["collapse"]["16"]
+    assert collapse["radius"] == RADIUS
+    for v, entry in collapse["variants"].items():
+        curves = [entry["real"], *entry["generated"].values(), *entry["per_seed"]["real"],
+                  *(s for seeds in entry["per_seed"]["generated"].values() for s in seeds)]
+        assert len(curves) == 1 + 2 + 2 + 2 * 2
+        for stats in curves:
+            assert {k: len(x) for k, x in stats.items()} == {"norm_mean": 16, "norm_std": 16, "within_class_var": 16}
+            assert all(math.isfinite(x) for xs in stats.values() for x in xs)
+        on_sphere = np.allclose(entry["generated"]["3"]["norm_mean"], RADIUS, atol=1e-4)
+        assert on_sphere == (v == "sphere") and np.allclose(entry["real"]["norm_mean"], RADIUS, atol=1e-4) == on_sphere
+        lo, hi = entry["generated_range"]["3"]["within_class_var"]
+        assert np.all(np.array(lo) <= entry["generated"]["3"]["within_class_var"]) and np.all(
+            np.array(hi) >= entry["generated"]["3"]["within_class_var"])
+    table = out.with_suffix(".md").read_text()
+    assert "| 16 | diagonal-Gaussian VAE |" in table and "The sampler check" in table and "The gap" in table
+    assert "real (encoded)" in (tmp_path / "docs" / "tokens_collapse.md").read_text()
+    for path in (out.with_suffix(".png"), tmp_path / "docs" / "tokens_collapse.png"):
+        assert path.stat().st_size > 0
+    assert json.loads(out.with_suffix(".json").read_text())["gaps"] == json.loads(json.dumps(summary["gaps"]))
+
+    # resumable: a rerun trains and samples nothing; a lost check file is redone alone, with the same numbers
+    files = {p: p.stat().st_mtime_ns for p in work.rglob("*.json")}
+    lost = next(work.rglob("eval-100steps-1-sample1.json"))  # the official sampler: the old name
+    lost.unlink()
+    again = tokens.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*.json") if p != lost} == \
+        {p: t for p, t in files.items() if p != lost}
+    assert again["collapse"] == summary["collapse"]
+    for side in ("run", "reference"):  # the same images again (their seconds differ)
+        for metric in ("fd", "accuracy"):
+            assert again["check"]["variants"]["sphere"][side][metric] == check[side][metric]
+    # re-rendered from the JSON alone
+    tokens.main(["--from-json", str(out.with_suffix(".json")), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again.md").read_text() == table
+
+
 @pytest.mark.parametrize(("normalize_tokens", "normalize_decoder_input", "phrase"), [
     (False, False, "a diagonal-Gaussian VAE's, not projected when sampled (nor by the decoder)"),
     (False, True, "a diagonal-Gaussian VAE's, not projected when sampled (the decoder projects its input"),
