@@ -141,13 +141,16 @@ def test_batch_bound_follows_the_free_memory(tiny_pipeline, monkeypatch) -> None
 
 
 def test_cli_refuses_a_batch_that_does_not_fit(folder, tmp_path, monkeypatch) -> None:
+    # generate pads each call to a multiple of 8 images (batching.ROW_QUANTUM): the padded call is what must fit
     pipe = SphereARPipeline.from_pretrained(folder)
-    two = pipe.sampling_bytes(2, 1, guided=True)
-    monkeypatch.setattr(pipeline_module, "_free_memory", lambda device: two)
-    argv = ("generate", "--model", folder, "--class-labels", "1", "2", "3", "--steps", "1")
-    code, _, err = run(*argv, "--batch-size", "3", "--output", tmp_path / "a.png")
-    assert code == 2 and "at most 2 images fit in one call" in error_line(err) and "--batch-size" in err
-    code, _, err = run(*argv, "--batch-size", "2", "--output", tmp_path / "b.png")
+    eight = pipe.sampling_bytes(8, 1, guided=True)
+    monkeypatch.setattr(pipeline_module, "_free_memory", lambda device: eight)
+    argv = ("generate", "--model", folder, "--class-labels", *map(str, range(10)), "--steps", "1")
+    code, _, err = run(*argv, "--batch-size", "9", "--output", tmp_path / "a.png")
+    line = error_line(err)
+    assert code == 2 and line.startswith("error: --batch-size 9: each call makes 16 images"), line
+    assert "at most 8 images fit in one call" in line
+    code, _, err = run(*argv, "--batch-size", "8", "--output", tmp_path / "b.png")
     assert code == 0, err
     assert (tmp_path / "b.png").is_file() and not (tmp_path / "a.png").exists()
 

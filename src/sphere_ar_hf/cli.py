@@ -172,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """``sphere-ar generate``: one image per class label, made in padded batches (:mod:`.batching`), as PNGs."""
     from PIL import Image
 
-    from .batching import padded_batches
+    from .batching import ROW_QUANTUM, padded_batches, padded_size
     from .seeding import image_generators
 
     if args.output is not None:
@@ -198,6 +198,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if count > 1:
             pipe.set_progress_bar_config(desc=f"batch {index + 1}/{count}, tokens")
 
+    per_call = padded_size(min(args.batch_size, len(ids)))
+    try:  # the padded call is what must fit: say so, before the first token
+        pipe.check_memory(per_call, args.steps, guidance > 1.0, "pil", pipe.device)
+    except ValueError as e:
+        raise CLIError(f"--batch-size {args.batch_size}: each call makes {per_call} images (padded to a multiple of "
+                       f"{ROW_QUANTUM}, so that an image does not depend on its batch-mates); {one_line(e)}") from None
     # one CPU generator per image, seeded from (seed, index), and each batch padded to a multiple of 8 images: on
     # the CPU an image has the same bits whatever --batch-size and the other labels; seeds S and S + 1 share no image
     batches = padded_batches(pipe, ids, image_generators(args.seed, len(ids)), args.batch_size, on_batch=describe,
