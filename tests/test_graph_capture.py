@@ -1,0 +1,156 @@
+"""The CUDA-graph token loop (:class:`.CapturedToken`, ``FastTokenSampler.captured``) on the CPU, with CUDA graphs
+emulated as they behave: capture records the operators run on fixed tensors, and a replay runs the same operators on
+the same tensors again. Whatever a graph reads is what sat at the captured tensors at replay time: an input not copied
+into its static buffer, an output not copied out before the next replay, or a weight swapped for a new tensor is
+stale here as on a GPU. (What the emulation cannot show, memory pools, streams and timings, bench_gpu.py measures.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from sphere_ar_hf import fast_sampling
+from sphere_ar_hf.fast_sampling import FastTokenSampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LABELS = [1, 7, 3]
+
+
+class EmulatedGraph:
+    """A stand-in for ``torch.cuda.CUDAGraph``: the operators captured into it, replayed on the same tensors."""
+
+    captures = 0
+
+    def __init__(self):
+        self.ops: list[tuple] = []
+
+    def replay(self) -> None:
+        for func, args, kwargs, out in self.ops:
+            result = func(*args, **kwargs)
+            for old, new in zip(tree_leaves(out), tree_leaves(result)):
+                if isinstance(old, torch.Tensor) and old is not new:
+                    old.copy_(new)  # a fresh output lands where the captured one was
+
+
+class Recorder(TorchDispatchMode):
+    """Records every operator into ``graph`` (and runs it: a capture's outputs are the captured tensors)."""
+
+    def __init__(self, graph: EmulatedGraph):
+        super().__init__()
+        self.graph = graph
+
+    @classmethod
+    def is_infra_mode(cls) -> bool:  # torch.compile'd code runs under it (as under a real capture)
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.graph.ops.append((func, args, kwargs, out))
+        return out
+
+
+@contextlib.contextmanager
+def capture(graph: EmulatedGraph, **_):
+    EmulatedGraph.captures += 1
+    with Recorder(graph):
+        yield
+
+
+class Stream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+@pytest.fixture
+def emulated_cuda_graphs():
+    """``torch.cuda``'s graph and stream calls emulated, and the fast sampler's CUDA branch taken on the CPU."""
+    torch._dynamo.reset()
+    EmulatedGraph.captures = 0
+
+    def cuda_branch(self, plan, table, z, noise, guidance):  # FastTokenSampler.__call__ where z is on CUDA
+        inputs = (plan.time_embeddings, table.scalars, z, noise, guidance)
+        return self.captured(table, plan.head, inputs)(*inputs)
+
+    with mock.patch.multiple(torch.cuda, CUDAGraph=EmulatedGraph, graph=capture, Stream=Stream,
+                             stream=lambda s: contextlib.nullcontext(), current_stream=Stream), \
+            mock.patch.object(FastTokenSampler, "__call__", cuda_branch):
+        yield
+    torch._dynamo.reset()
+
+
+def _latents(pipe, generator=None, **kwargs) -> torch.Tensor:
+    generator = [torch.Generator().manual_seed(i) for i in range(len(LABELS))] if generator is None else generator
+    kwargs = {"num_inference_steps": 4, "guidance_scale": 3.0, "output_type": "latent", **kwargs}
+    return pipe(LABELS, generator=generator, **kwargs).images
+
+
+def _uncaptured(pipe, **kwargs) -> torch.Tensor:
+    """The same fast path without capture (the steps one compiled call each, as on CUDA: no scans)."""
+    with mock.patch.object(FastTokenSampler, "__call__", lambda self, plan, table, z, noise, guidance:
+                           self.run_token(table.kinds, table.noise_rows, plan.head, plan.time_embeddings,
+                                          table.scalars, z, noise, guidance)):
+        return _latents(pipe, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "heun"])
+def test_replayed_token_loops_give_the_uncaptured_images(make_pipeline, emulated_cuda_graphs, sampler) -> None:
+    """One capture per shape (the unguided first token and the guided ones), replayed for every later token and
+    call with that token's condition, noise and guidance: the images of the uncaptured fast path, bit for bit, and
+    the eager sampler's to float rounding."""
+    pipe = make_pipeline()
+    pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, sampler=sampler)
+    eager = _latents(pipe)
+    pipe.enable_torch_compile(backend="eager")
+    first = _latents(pipe)
+    assert EmulatedGraph.captures == 2  # the unguided first token (3 rows) and the guided tokens (6 rows)
+    again, other = _latents(pipe), _latents(pipe, [torch.Generator().manual_seed(9 + i) for i in range(3)])
+    assert EmulatedGraph.captures == 2  # later calls of these shapes replay
+    assert torch.equal(first, again) and torch.equal(first, _uncaptured(pipe))
+    assert (first - eager).abs().max() <= 1e-4
+    assert (other - first).abs().max() > 1e-2  # the new noise was copied in, not the captured one replayed
+    stronger = _latents(pipe, guidance_scale=6.0)
+    assert EmulatedGraph.captures == 2 and torch.equal(stronger, _uncaptured(pipe, guidance_scale=6.0))
+
+
+def test_new_step_counts_capture_again_and_old_graphs_are_dropped(make_pipeline, emulated_cuda_graphs) -> None:
+    pipe = make_pipeline()
+    pipe.enable_torch_compile(backend="eager")
+    for steps in (4, 5, 6, 4):
+        assert torch.equal(_latents(pipe, num_inference_steps=steps),
+                           _uncaptured(pipe, num_inference_steps=steps))
+    # 2 shapes per step count; the 4-step graphs were dropped (at most MAX_GRAPHS kept) and captured again
+    assert EmulatedGraph.captures == 8 and len(pipe._compiled_sampler.graphs) == fast_sampling.MAX_GRAPHS
+
+
+def test_loaded_weights_are_read_by_the_replay(make_pipeline, emulated_cuda_graphs) -> None:
+    """Weights loaded in place are read where the graph reads them; new weight tensors make a new graph."""
+    pipe, donor = make_pipeline(), make_pipeline(seed=1)
+    pipe.enable_torch_compile(backend="eager")
+    _latents(pipe)
+    pipe.transformer.load_state_dict(donor.transformer.state_dict())  # in place: the same addresses
+    assert EmulatedGraph.captures == 2 and torch.equal(_latents(pipe), _uncaptured(pipe))
+    assert EmulatedGraph.captures == 2
+    pipe.transformer.load_state_dict(make_pipeline(seed=2).transformer.state_dict(), assign=True)  # new tensors
+    assert torch.equal(_latents(pipe), _uncaptured(pipe)) and EmulatedGraph.captures == 4
+
+
+def test_the_emulation_sees_a_stale_input(make_pipeline, emulated_cuda_graphs) -> None:
+    """The control: a replay that skips copying the token's inputs in replays the first token's, and its images
+    differ (so the tests above cannot pass by blindness)."""
+    pipe = make_pipeline()
+    pipe.enable_torch_compile(backend="eager")
+    want = _uncaptured(pipe)
+    def replay_only(self, *inputs):
+        self.graph.replay()
+        return self.output.clone()
+
+    with mock.patch.object(fast_sampling.CapturedToken, "__call__", replay_only):
+        stale = _latents(pipe)
+    assert (stale - want).abs().max() > 1e-2
