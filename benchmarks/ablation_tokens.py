@@ -54,6 +54,7 @@ for extra in (ROOT / "src", ROOT / "examples", ROOT / "benchmarks"):
         sys.path.insert(0, str(extra))
 
 import ablation_digits as ablation  # noqa: E402
+from ablation_report import plot_fd, sampler_text  # noqa: E402
 
 TOKENS = (4, 16, 64)
 # per token count: the S-VAE's CNN stages (patch 2^(stages - 1) on the 16 px digits) and the head's noisy targets
@@ -303,7 +304,7 @@ def write_table(summary: dict, path: Path) -> str:
     lines = [f"Fréchet distance in the digit classifier's feature space (lower is better): mean ± standard deviation "
              f"over {seeds} training seed{'s' if seeds != 1 else ''} (each a model trained from scratch, S-VAE "
              f"included, sampled with its own seed), then the standard error of the mean; "
-             f"{10 * s['n_per_class']} images per cell, {ablation.sampler_text(s)}, linear CFG schedule. Real train "
+             f"{10 * s['n_per_class']} images per cell, {sampler_text(s)}, linear CFG schedule. Real train "
              f"subset vs real test, same n: {any_tokens['baseline']['same_n_vs_test']:.2f}. Recipe per token count: "
              + "; ".join(f"{t}: `{r}`" for t, r in summary["recipe"].items()) + ".", "", head, rule]
     for tokens, data in summary["tokens"].items():
@@ -370,7 +371,7 @@ def write_plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels) + extra, figsize=(4.2 * (len(panels) + extra), 4.0), dpi=120,
                              squeeze=False)
     for i, (tokens, data) in enumerate(panels):
-        ablation.plot_fd(axes[0, i], data, f"{tokens} tokens per image", legend=i == 0)
+        plot_fd(axes[0, i], data, f"{tokens} tokens per image", legend=i == 0)
     if extra:
         ax = axes[0, -1]
         counts = [int(t) for t in summary["gaps"]]

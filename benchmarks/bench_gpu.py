@@ -20,18 +20,10 @@ rough time estimate per part. Then, in order:
    images would take at the best rate.
 3. **Offload, end to end**: ``enable_model_cpu_offload()`` and ``enable_sequential_cpu_offload()`` on the
    fixture's pipeline (eager, and model offload with the fast path) against the same path's images without offload.
-4. **A training step of SphereAR-B at 256 px from cached latents** (random tokens on the radius-4 sphere, 256 of 16
-   dims, random labels; a fresh ``SphereARTransformer(SphereARConfig.from_preset("SphereAR-B", image_size=256))``
-   per run): the trainer's step, i.e. the model's ``forward(latents=, class_labels=, generator=)`` (its loss,
-   called as ``SphereARTrainer.compute_loss`` calls it, with one generator on the device) under ``--train-dtype``
-   autocast (bfloat16), backward, clipping at 1.0, AdamW with the official groups (``fused=True`` on CUDA) and the
-   EMA update; eager and ``torch.compile``d (``--compile-backend``, the whole model as ``--torch_compile`` does) at
-   each ``--train-batch`` (64, the official per-GPU batch, and 128). Per run: the median step time over
-   ``--train-steps`` timed steps after the first step and ``--train-warmup`` more (CUDA events per step, one
-   ``torch.cuda.synchronize`` before and after the timed steps), the mean, images/s, the first step's time (the
-   compile), the peak GPU memory (``torch.cuda.max_memory_allocated``), the first and last loss, whether all
-   were finite; compiled runs also the graphs compiled (the generator's draws break the graph) and the largest
-   difference from the eager run's losses. A run out of memory prints ``out of memory`` and the script goes on.
+4. **A training step of SphereAR-B at 256 px from cached latents**: the trainer's step (the model's loss as
+   ``SphereARTrainer.compute_loss`` calls it, ``--train-dtype`` autocast, backward, clipping, fused AdamW, EMA),
+   eager and ``torch.compile``d at each ``--train-batch`` (64 and 128): median step time, images/s, first step,
+   peak memory, losses; out of memory is a result line. What each number is: benchmarks/README.md.
 
 On the CPU (``--device cpu``, with ``--tiny``: a tiny random model at 32 px) the same code runs, the offload paths
 with the CPU standing in for the accelerator (``device="cpu"``), training without fused AdamW at batches 8 and 16
