@@ -22,8 +22,8 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
-from conftest import TINY_AR, TINY_ID2LABEL, TINY_VAE, randomize_zero_params
-from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARScheduler, SphereARTransformer, SphereVAE
+from conftest import build_tiny_pipeline
+from sphere_ar_hf import SphereARPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LABELS = [3, 7]
@@ -89,14 +89,11 @@ def fake_cuda(monkeypatch) -> FakeCuda:
 
 def _pipeline(dtype: torch.dtype, on: FakeCuda | None) -> SphereARPipeline:
     """The tiny pipeline in ``dtype``, on the fake CUDA device of ``on`` (``None``: on the CPU)."""
-    torch.manual_seed(0)
-    transformer = randomize_zero_params(SphereARTransformer(SphereARConfig(**TINY_AR))).eval().to(dtype)
-    vae = SphereVAE(**TINY_VAE).eval().to(dtype)
-    if on is not None:
-        transformer, vae = on.model(transformer), on.model(vae)
-    pipe = SphereARPipeline(transformer=transformer, vae=vae, scheduler=SphereARScheduler(num_inference_steps=4),
-                            id2label=dict(TINY_ID2LABEL))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = build_tiny_pipeline()
+    for model in (pipe.transformer, pipe.vae):
+        model.to(dtype)
+        if on is not None:
+            on.model(model)
     return pipe
 
 

@@ -73,14 +73,9 @@ def emulated_cuda_graphs():
     """``torch.cuda``'s graph and stream calls emulated, and the fast sampler's CUDA branch taken on the CPU."""
     torch._dynamo.reset()
     EmulatedGraph.captures = 0
-
-    def cuda_branch(self, plan, table, z, noise, guidance):  # FastTokenSampler.__call__ where z is on CUDA
-        inputs = (plan.time_embeddings, table.scalars, z, noise, guidance)
-        return self.captured(table, plan.head, inputs)(*inputs)
-
     with mock.patch.multiple(torch.cuda, CUDAGraph=EmulatedGraph, graph=capture, Stream=Stream,
                              stream=lambda s: contextlib.nullcontext(), current_stream=Stream), \
-            mock.patch.object(FastTokenSampler, "__call__", cuda_branch):
+            mock.patch.object(FastTokenSampler, "captures", lambda self, device: True):
         yield
     torch._dynamo.reset()
 
@@ -92,10 +87,9 @@ def _latents(pipe, generator=None, **kwargs) -> torch.Tensor:
 
 
 def _uncaptured(pipe, **kwargs) -> torch.Tensor:
-    """The same fast path without capture (the steps one compiled call each, as on CUDA: no scans)."""
-    with mock.patch.object(FastTokenSampler, "__call__", lambda self, plan, table, z, noise, guidance:
-                           self.run_token(table.kinds, table.noise_rows, plan.head, plan.time_embeddings,
-                                          table.scalars, z, noise, guidance)):
+    """The same fast path with each token's loop run as the function a graph would capture (no capture)."""
+    with mock.patch.object(FastTokenSampler, "captured", lambda self, table, head, inputs:
+                           self.token_loop(table, head)):
         return _latents(pipe, **kwargs)
 
 

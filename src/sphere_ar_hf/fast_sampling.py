@@ -235,9 +235,19 @@ class FastTokenSampler:
                  guidance: torch.Tensor | None) -> torch.Tensor:
         head = plan.head
         inputs = (plan.time_embeddings, table.scalars, z, noise, guidance)
-        if not (self.cuda_graph and z.device.type == "cuda"):  # scans on the CPU (on CUDA their loop reads the device)
-            return self.run_token(table.kinds, table.noise_rows, head, *inputs, scan_runs=z.device.type == "cpu")
-        return self.captured(table, head, inputs)(*inputs)
+        if self.captures(z.device):
+            return self.captured(table, head, inputs)(*inputs)
+        # scans on the CPU (on CUDA their loop test reads the device)
+        return self.run_token(table.kinds, table.noise_rows, head, *inputs, scan_runs=z.device.type == "cpu")
+
+    def captures(self, device: torch.device) -> bool:
+        """Whether a token's loop on ``device`` runs as a captured CUDA graph."""
+        return self.cuda_graph and device.type == "cuda"
+
+    def token_loop(self, table: StepTable, head: DiffusionHead) -> Callable[..., torch.Tensor]:
+        """The function a graph captures: ``(time_embeddings, scalars, z, noise, guidance)`` -> the token's final
+        state, one compiled call per step (no scans)."""
+        return lambda *inputs: self.run_token(table.kinds, table.noise_rows, head, *inputs)
 
     def captured(self, table: StepTable, head: DiffusionHead, inputs: tuple) -> CapturedToken:
         """The captured loop for these shapes, step kinds and weight addresses (captured on first use)."""
@@ -248,6 +258,6 @@ class FastTokenSampler:
             if graph is None:
                 while len(self.graphs) >= MAX_GRAPHS:
                     self.graphs.popitem(last=False)
-                graph = CapturedToken(lambda *x: self.run_token(table.kinds, table.noise_rows, head, *x), inputs)
+                graph = CapturedToken(self.token_loop(table, head), inputs)
             self.graphs[key] = graph
         return graph
