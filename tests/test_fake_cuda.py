@@ -24,9 +24,18 @@ from torch.overrides import TorchFunctionMode
 
 from conftest import build_tiny_pipeline
 from sphere_ar_hf import SphereARPipeline
+from sphere_ar_hf.fast_sampling import trunk_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LABELS = [3, 7]
+
+
+def enable_fast_path(pipe: SphereARPipeline) -> None:
+    """The compiled steps (dynamo's eager backend: inductor needs a real GPU), no graph capture. The trunk step runs
+    uncompiled: dynamo cannot trace :class:`FakeCuda`'s factories (it skips ``FakeTensorMode.from_tensor``); the
+    compiled trunk step runs the same model code, and is tested on the CPU (tests/test_fast_sampling.py)."""
+    pipe.enable_torch_compile(backend="eager", cuda_graph=False)
+    pipe._compiled_sampler.trunk = trunk_step
 
 
 def _is_cuda(device: object) -> bool:
@@ -121,8 +130,8 @@ def _generator(kind: str) -> torch.Generator | list[torch.Generator] | None:
 def test_token_loop_on_cuda_keeps_every_tensor_there_and_reads_it_once(fake_cuda, dtype, fast, generator) -> None:
     pipe = _pipeline(dtype, fake_cuda)
     assert pipe._execution_device.type == "cuda"
-    if fast:  # the compiled steps (dynamo's eager backend: inductor needs a real GPU); no graph capture
-        pipe.enable_torch_compile(backend="eager", cuda_graph=False)
+    if fast:
+        enable_fast_path(pipe)
     call = lambda: pipe(LABELS, generator=_generator(generator), num_inference_steps=4, output_type="latent")  # noqa: E731
     assert first_device_read(fake_cuda, call) == AFTER_THE_LOOP
 
@@ -131,7 +140,7 @@ def _offloaded(monkeypatch, fast: bool) -> SphereARPipeline:
     """The tiny pipeline on the CPU under diffusers' ``enable_model_cpu_offload(device="cuda")``."""
     pipe = _pipeline(torch.float32, None)
     if fast:
-        pipe.enable_torch_compile(backend="eager", cuda_graph=False)
+        enable_fast_path(pipe)
     with monkeypatch.context() as patch:  # (only here: torch's own code would then initialise the missing driver)
         patch.setattr(torch.cuda, "is_available", lambda: True)
         pipe.enable_model_cpu_offload(device="cuda")

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 TOKENS = 4  # the tiny pipeline's tokens per image
+TRUNK_GRAPHS = 2  # the fast path's trunk step (dynamic shapes): one for every token and batch size, one for the last
+# token (its keys fill the cache: dynamo specialises the full slice)
 
 
 def _gens(n: int, seed: int = 0) -> list[torch.Generator]:
@@ -109,7 +111,7 @@ def test_cpu_fast_path_scans_runs_of_steps(make_pipeline, fresh_dynamo) -> None:
     pipe = make_pipeline()
     pipe.enable_torch_compile(backend="eager")
     fast = pipe._compiled_sampler
-    calls = {"runs": 0, "steps": 0}
+    calls, trunk = {"runs": 0, "steps": 0}, fast.trunk
 
     def counted(table, name):
         for kind, fn in list(table.items()):
@@ -126,6 +128,11 @@ def test_cpu_fast_path_scans_runs_of_steps(make_pipeline, fresh_dynamo) -> None:
     _latents(pipe, [1, 7], num_inference_steps=5)  # 5 SDE steps: a scan of 4, then one step, then Euler
     assert calls == {"runs": TOKENS, "steps": 2 * TOKENS}, calls
     calls.update(runs=0, steps=0)
+    trunk_calls = []
+    with mock.patch.object(fast, "trunk", lambda *args: trunk_calls.append(args[2]) or trunk(*args)):
+        assert torch.equal(_latents(pipe, [1, 7]), scanned)  # the trunk steps between tokens: compiled
+    assert trunk_calls == list(range(TOKENS - 1)), trunk_calls
+    calls.update(runs=0, steps=0)
     run_token = fast.run_token
     with mock.patch.object(fast, "run_token", lambda *args, scan_runs: run_token(*args, scan_runs=False)):
         stepped = _latents(pipe, [1, 7])  # the same loop, one compiled call per step
@@ -141,10 +148,11 @@ def test_fast_path_recompiles_a_bounded_number_of_times(make_pipeline, fresh_dyn
         before = compiled_graphs()
         _latents(pipe, list(range(batch)))
         counts.append(compiled_graphs() - before)
-    # the first shape: one graph per step function used (SDE / Euler step, guided or not); the second batch size:
-    # each once more with a dynamic batch size; batch 1 (guided: one row, specialised by dynamo): the guided ones
-    # again; a shape seen before, or any other batch size, never compiles again
-    assert counts[0] == 4 and counts[2] <= 4 and counts[6] <= 2, counts
+    # the first shape: one graph per step function used (SDE / Euler step, guided or not) and the trunk step's
+    # (dynamic: one for every token and batch size); the second batch size: each step function once more with a
+    # dynamic batch size; batch 1 (guided: one row, specialised by dynamo): the guided ones again; a shape seen
+    # before, or any other batch size, never compiles again
+    assert counts[0] == 4 + TRUNK_GRAPHS and counts[2] <= 4 and counts[6] <= 2, counts
     assert counts[1] == counts[3] == counts[4] == counts[5] == counts[7] == counts[8] == 0, counts
 
 

@@ -113,7 +113,7 @@ def test_cli_guidance_overflow_is_one_line(folder, tmp_path) -> None:
 def test_kv_cache_estimate_is_the_allocation(tiny_pipeline) -> None:
     tf = tiny_pipeline.transformer
     cache = tf.allocate_kv_cache(6)
-    assert tf.kv_cache_bytes(6) == cache.k.nbytes + cache.v.nbytes
+    assert tf.kv_cache_bytes(6) == cache.nbytes
     assert tf.kv_cache_bytes(6, torch.bfloat16) * 2 == tf.kv_cache_bytes(6)
 
 

@@ -16,6 +16,10 @@ Where the host's cost per step is paid:
   without a Python call, guard check and wrapper per step (measured 108 against 200 us per step on the digits model
   at batch 1). Heun's alternating steps run one compiled call each.
 
+Between tokens, the trunk step (:meth:`.SphereARTransformer.decode_step`, feeding the token back through the KV
+cache) is compiled too (:func:`trunk_step`, with a dynamic token index and batch size: two graphs in all, one for
+the last token, whose keys fill the cache), where no offload hook moves the transformer per call.
+
 The same code runs on the CPU (the tests) and under the CUDA graph capture: what only a GPU runs is
 :class:`CapturedToken` (capture, copy-in, replay).
 """
@@ -30,7 +34,8 @@ import torch
 from torch import nn
 from torch._higher_order_ops import scan
 
-from .modeling_sphere_ar import DiffusionHead, SamplingPlan
+from .layers import KVCache
+from .modeling_sphere_ar import DiffusionHead, SamplingPlan, SphereARTransformer
 from .scheduling_sphere_ar import StepTable, apply_guidance, update_step
 
 __all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "RUN_FUNCTIONS", "guided_velocity",
@@ -134,6 +139,12 @@ RUN_FUNCTIONS: dict[tuple[str, bool], Callable] = {
     ("euler", False): euler_run_unguided}
 
 
+def trunk_step(transformer: SphereARTransformer, token: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
+    """One trunk step, :meth:`.SphereARTransformer.decode_step`: the function the fast path compiles with dynamic
+    shapes (one graph for every token index and batch size, and one for the last index)."""
+    return transformer.decode_step(token, index, cache)
+
+
 def step_runs(kinds: tuple[str, ...]) -> list[tuple[str, int, int]]:
     """``kinds`` as runs of one kind: ``(kind, first step, step after the last)``."""
     runs: list[tuple[str, int, int]] = []
@@ -191,6 +202,7 @@ class FastTokenSampler:
         self.compile_kwargs = compile_kwargs
         self.steps = {kind: torch.compile(fn, **compile_kwargs) for kind, fn in STEP_FUNCTIONS.items()}
         self.runs = {kind: torch.compile(fn, **compile_kwargs) for kind, fn in RUN_FUNCTIONS.items()}
+        self.trunk = torch.compile(trunk_step, **{"dynamic": True, **compile_kwargs})
         self.cuda_graph = cuda_graph
         self.graphs: OrderedDict[tuple, CapturedToken] = OrderedDict()
         self.lock = threading.Lock()
@@ -200,6 +212,15 @@ class FastTokenSampler:
         """False where sequential offload hooks sit inside the transformer's head (each module call moves its
         weights: nothing to compile or capture); the pipeline then samples eagerly."""
         return not any(hasattr(m, "_hf_hook") for m in transformer.head.modules())
+
+    def decode_step(self, transformer: SphereARTransformer, token: torch.Tensor, index: int,
+                    cache: KVCache) -> torch.Tensor:
+        """:meth:`.SphereARTransformer.decode_step`, compiled (eager where an offload hook moves the transformer per
+        call: its hook is not traced)."""
+        if hasattr(transformer, "_hf_hook"):
+            return transformer.decode_step(token, index, cache)
+        with torch._dynamo.config.patch(specialize_float=True):  # float attributes (norm eps) stay constants
+            return self.trunk(transformer, token, index, cache)
 
     def run_token(self, kinds: tuple[str, ...], noise_rows: tuple[int | None, ...], head: DiffusionHead,
                   time_embeddings: torch.Tensor, scalars: torch.Tensor, z: torch.Tensor, noise: torch.Tensor,

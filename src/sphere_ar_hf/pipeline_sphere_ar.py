@@ -220,10 +220,10 @@ class SphereARPipeline(DiffusionPipeline):
     def enable_torch_compile(self, cuda_graph: bool = True, **compile_kwargs) -> None:
         """Opt in to the fast sampler (:class:`.FastTokenSampler`): one ``torch.compile``-d function per sampler
         step (the head's velocity, the guidance and the scheduler update together) in a token loop that never waits
-        for the device; on CUDA with ``cuda_graph``, each token's whole step loop is captured once per (batch,
-        steps, dtype) and replayed as a CUDA graph. ``compile_kwargs`` go to
-        ``torch.compile`` (default: inductor, ``fullgraph=True`` for the steps). The first call of a shape compiles
-        (seconds to minutes); its images agree with the eager sampler's to float rounding.
+        for the device, and a compiled trunk step between tokens; on CUDA with ``cuda_graph``, each token's whole
+        step loop is captured once per (batch, steps, dtype) and replayed as a CUDA graph. ``compile_kwargs`` go to
+        ``torch.compile`` (default: inductor, ``fullgraph=True``; the trunk step ``dynamic=True``). The first call
+        of a shape compiles (seconds to minutes); its images agree with the eager sampler's to float rounding.
         :meth:`disable_torch_compile` returns to the eager sampler (the official arithmetic, bit for bit)."""
         self._compiled_sampler = FastTokenSampler(cuda_graph=cuda_graph, **compile_kwargs)
 
@@ -415,7 +415,7 @@ class SphereARPipeline(DiffusionPipeline):
                     token = self._callback_token(callback, i, token, callback_inputs)
                 tokens.append(token[:batch])
                 if i + 1 < num_tokens:
-                    z = tf.decode_step(token, i, cache)
+                    z = tf.decode_step(token, i, cache) if fast is None else fast.decode_step(tf, token, i, cache)
                 bar.update()
         return torch.stack(tokens, dim=1)
 
