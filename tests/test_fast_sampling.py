@@ -173,6 +173,20 @@ def test_inductor_fast_path_issues_few_host_operators(make_pipeline, fresh_dynam
     assert (fast - eager).abs().max() <= 1e-4
 
 
+def test_the_sampling_benchmark_times_both_paths(fresh_dynamo, capsys) -> None:
+    """benchmarks/bench_sampling.py as its README runs it, shortened (4 steps): both paths time, count and agree
+    (its timers sit outside the compiled trunk step)."""
+    bench = _bench()
+    bench.main(bench.parse_args(["--models", "digits", "--paths", "eager,fast", "--batch-sizes", "1", "--steps", "4",
+                                 "--repeats", "1", "--count-ops"]))
+    out = capsys.readouterr().out
+    assert re.search(r"^fast +batch +1: .* \[trunk +\d", out, re.M), out
+    fast_ops = float(re.search(r"^fast: ([\d.]+) host-issued", out, re.M).group(1))
+    eager_ops = float(re.search(r"^eager: ([\d.]+) host-issued", out, re.M).group(1))
+    assert fast_ops < eager_ops / 2, out
+    assert float(re.search(r"largest image difference \(same seeds, \[0, 1\] scale\) ([\d.e+-]+)", out).group(1)) < 1e-4
+
+
 def test_top_level_operator_count() -> None:
     bench = _bench()
     a, b = torch.randn(4, 4), torch.randn(4, 4)
