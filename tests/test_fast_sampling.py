@@ -23,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 TOKENS = 4  # the tiny pipeline's tokens per image
-TRUNK_GRAPHS = 2  # the fast path's trunk step (dynamic shapes): one for every token and batch size, one for the last
-# token (its keys fill the cache: dynamo specialises the full slice)
+TRUNK_GRAPHS = 1  # the fast path's trunk step (dynamic shapes): one for every token and batch size (the cache has a
+# spare position: no token's keys fill it, which dynamo would specialise)
 
 
 def _gens(n: int, seed: int = 0) -> list[torch.Generator]:

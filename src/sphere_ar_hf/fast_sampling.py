@@ -17,8 +17,8 @@ Where the host's cost per step is paid:
   at batch 1). Heun's alternating steps run one compiled call each.
 
 Between tokens, the trunk step (:meth:`.SphereARTransformer.decode_step`, feeding the token back through the KV
-cache) is compiled too (:func:`trunk_step`, with a dynamic token index and batch size: two graphs in all, one for
-the last token, whose keys fill the cache), where no offload hook moves the transformer per call.
+cache) is compiled too (:func:`trunk_step`, with a dynamic token index and batch size: one graph for every token
+and batch size), where no offload hook moves the transformer per call.
 
 The same code runs on the CPU (the tests) and under the CUDA graph capture: what only a GPU runs is
 :class:`CapturedToken` (capture, copy-in, replay).
@@ -141,7 +141,7 @@ RUN_FUNCTIONS: dict[tuple[str, bool], Callable] = {
 
 def trunk_step(transformer: SphereARTransformer, token: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
     """One trunk step, :meth:`.SphereARTransformer.decode_step`: the function the fast path compiles with dynamic
-    shapes (one graph for every token index and batch size, and one for the last index)."""
+    shapes (one graph for every token index and batch size)."""
     return transformer.decode_step(token, index, cache)
 
 

@@ -432,7 +432,7 @@ class SphereARTransformer(SphereARPreTrainedModel):
     # ---- incremental decoding -------------------------------------------------------------------------------
     def allocate_kv_cache(self, batch_size: int, device: torch.device | None = None,
                           dtype: torch.dtype | None = None) -> KVCache:
-        """A preallocated cache for one whole sequence (class tokens + L - 1 latent tokens)."""
+        """A preallocated cache for one whole sequence (class tokens + L - 1 latent tokens, and one spare position)."""
         p = self.proj_in.weight
         return KVCache(*self._kv_cache_dims(batch_size), device or p.device, dtype or p.dtype)
 
@@ -443,7 +443,9 @@ class SphereARTransformer(SphereARPreTrainedModel):
 
     def _kv_cache_dims(self, batch_size: int) -> tuple[int, int, int, int, int]:
         c = self.config
-        return (c.num_hidden_layers, batch_size, c.num_attention_heads, len(self.rope),
+        # one position more than the sequence: no token's keys end at the cache's last position, so the slices the
+        # compiled trunk step reads are one shape class for every token (else dynamo compiles the last one apart)
+        return (c.num_hidden_layers, batch_size, c.num_attention_heads, len(self.rope) + 1,
                 c.hidden_size // c.num_attention_heads)
 
     def _decode(self, x: torch.Tensor, start: int, cache: KVCache, token_index: int) -> torch.Tensor:
