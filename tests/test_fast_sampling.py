@@ -154,6 +154,10 @@ def test_fast_path_recompiles_a_bounded_number_of_times(make_pipeline, fresh_dyn
     # before, or any other batch size, never compiles again
     assert counts[0] == 4 + TRUNK_GRAPHS and counts[2] <= 4 and counts[6] <= 2, counts
     assert counts[1] == counts[3] == counts[4] == counts[5] == counts[7] == counts[8] == 0, counts
+    pipe.enable_torch_compile(backend="eager")  # a new sampler shares the compiled functions
+    before = compiled_graphs()
+    _latents(pipe, [0, 1])
+    assert compiled_graphs() == before
 
 
 def test_inductor_fast_path_issues_few_host_operators(make_pipeline, fresh_dynamo) -> None:
