@@ -105,6 +105,27 @@ def test_fast_path_matches_eager(make_pipeline, fresh_dynamo, sampler: str, per_
     assert torch.equal(run(), eager)
 
 
+def test_fast_path_samples_through_lora_adapters(make_pipeline, fresh_dynamo) -> None:
+    """PEFT adapters on the trunk and the head: the compiled steps and trunk step trace them (fullgraph) and give
+    the eager sampler's images; the adapters matter."""
+    from sphere_ar_hf.lora import add_lora, build_lora_config
+
+    pipe, plain = make_pipeline(), make_pipeline()
+    add_lora(pipe.transformer, build_lora_config(rank=4, lora_head=True))
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:  # (zero at init: the adapters would change nothing)
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    eager = _latents(pipe, [1, 7])
+    pipe.enable_torch_compile(backend="eager")
+    trunk, trunk_calls = pipe._compiled_sampler.trunk, []
+    with mock.patch.object(pipe._compiled_sampler, "trunk", lambda *args: trunk_calls.append(1) or trunk(*args)):
+        fast = _latents(pipe, [1, 7])
+    assert len(trunk_calls) == TOKENS - 1 and compiled_graphs() >= 1
+    assert (fast - eager).abs().max() <= 1e-4
+    assert (fast - _latents(plain, [1, 7])).abs().max() > 1e-2
+
+
 def test_cpu_fast_path_scans_runs_of_steps(make_pipeline, fresh_dynamo) -> None:
     """On the CPU a run of SDE steps is one compiled scan (two steps per iteration), the final Euler step one
     compiled step; an odd run ends with single steps. Same states as stepping one call at a time."""
