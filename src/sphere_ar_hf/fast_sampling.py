@@ -37,6 +37,7 @@ from torch._higher_order_ops import scan
 from .layers import KVCache
 from .modeling_sphere_ar import DiffusionHead, SamplingPlan, SphereARTransformer
 from .scheduling_sphere_ar import StepTable, apply_guidance, update_step
+from .thin_products import ThinProducts
 
 __all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "RUN_FUNCTIONS", "guided_velocity",
            "unguided_velocity"]
@@ -199,6 +200,10 @@ class FastTokenSampler:
             raise ValueError(f"mode={compile_kwargs['mode']!r} makes torch.compile capture CUDA graphs itself: pass "
                              "cuda_graph=False with it, or leave mode unset (the token loop is captured whole)")
         compile_kwargs.setdefault("fullgraph", True)
+        if compile_kwargs.get("backend", "inductor") == "inductor" and compile_kwargs.get("mode") is None:
+            # inductor's options (torch.compile takes them or a mode, not both)
+            options = {"post_grad_custom_pre_pass": ThinProducts(), **compile_kwargs.get("options", {})}
+            compile_kwargs["options"] = options
         self.compile_kwargs = compile_kwargs
         self.steps = {kind: torch.compile(fn, **compile_kwargs) for kind, fn in STEP_FUNCTIONS.items()}
         self.runs = {kind: torch.compile(fn, **compile_kwargs) for kind, fn in RUN_FUNCTIONS.items()}
