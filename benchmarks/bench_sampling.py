@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--paths", type=names, default=["eager"], help="'eager' (default), 'fast' or 'eager,fast'")
     ap.add_argument("--count-ops", action="store_true", help="host-issued torch operators per head evaluation")
     ap.add_argument("--fd", type=int, default=0, metavar="N", help="digits: Fréchet distances of N images per seed")
+    ap.add_argument("--fd-seeds", type=int, default=8, metavar="S", help="with --fd: seeds 0 .. S-1 (default 8)")
     ap.add_argument("--steps", type=int, default=100, help="sampler steps per token (default 100)")
     ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.replace(",", " ").split()], default=[1, 8, 32],
                     help="e.g. '1,8,32' (default)")
@@ -414,28 +415,40 @@ def bench_model(name: str, pipe: SphereARPipeline, a: argparse.Namespace) -> Non
     pipe.disable_torch_compile()
 
 
+def mean_std_se(values: list[float], fmt: str = ".3f") -> str:
+    """``mean ± std (SE se)`` of ``values`` (sample std, standard error std / sqrt(n)), each formatted by ``fmt``."""
+    t = torch.tensor(values, dtype=torch.float64)
+    std = t.std().item() if len(values) > 1 else float("nan")
+    return f"{t.mean().item():{fmt}} ± {std:{fmt}} (SE {std / len(values) ** 0.5:{fmt}})"
+
+
 def frechet_report(pipe: SphereARPipeline, a: argparse.Namespace) -> None:
-    """The digits Fréchet distance of ``--fd`` images per seed (0, 1, 2), eager and fast, and how far the fast
-    path's uint8 images are from eager's of the same seed."""
+    """The digits Fréchet distance of ``--fd`` images per seed (``--fd-seeds`` seeds from 0), eager and fast: per
+    seed, mean ± std and standard error, the paired difference fast - eager, and how far the fast path's uint8
+    images are from eager's of the same seed."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("eval_digits", Path(__file__).with_name("eval_digits.py"))
     ed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ed)
     extractor = ed.DigitFeatures(pipe.vae.config.image_size)
-    images = {}
+    images, fds = {}, {}
+    seeds = range(a.fd_seeds)
     for path in ("eager", "fast"):
         set_path(pipe, path)
-        fds = []
-        for seed in (0, 1, 2):
+        for seed in seeds:
             images[path, seed], labels, _ = ed.generate(pipe, a.fd, seed, max(a.batch_sizes), a.guidance_scale,
                                                         a.steps)
             m = ed.evaluate_digits(ed.ImageSet.from_arrays(images[path, seed], labels), extractor=extractor,
                                    with_precision_recall=False)
-            fds.append(m["frechet_distance"])
-        print(f"digits Fréchet distance, {a.fd} images, seeds 0 1 2, {path}: "
-              + ", ".join(f"{fd:.3f}" for fd in fds) + f" (spread {min(fds):.3f}..{max(fds):.3f})", flush=True)
-    for seed in (0, 1, 2):
+            fds[path, seed] = m["frechet_distance"]
+        values = [fds[path, seed] for seed in seeds]
+        print(f"digits Fréchet distance, {a.fd} images, seeds 0..{a.fd_seeds - 1}, {path}: "
+              + ", ".join(f"{fd:.3f}" for fd in values) + f"; {mean_std_se(values)}", flush=True)
+    diffs = [fds["fast", seed] - fds["eager", seed] for seed in seeds]
+    print(f"digits Fréchet distance, fast - eager (same seed): {mean_std_se(diffs, '.1e')}; largest |difference| "
+          f"{max(abs(d) for d in diffs):.1e}", flush=True)
+    for seed in seeds:
         d = abs(images["fast", seed].astype(int) - images["eager", seed].astype(int))
         print(f"seed {seed}: fast vs eager uint8 images: max difference {d.max()} levels, "
               f"{100 * (d > 0).mean():.3f}% of the values differ", flush=True)

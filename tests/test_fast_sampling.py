@@ -200,17 +200,23 @@ def test_inductor_fast_path_issues_few_host_operators(make_pipeline, fresh_dynam
 
 
 def test_the_sampling_benchmark_times_both_paths(fresh_dynamo, capsys) -> None:
-    """benchmarks/bench_sampling.py as its README runs it, shortened (4 steps): both paths time, count and agree
-    (its timers sit outside the compiled trunk step)."""
+    """benchmarks/bench_sampling.py as its README runs it, shortened (4 steps, 64 images for the Fréchet distance,
+    2 seeds): both paths time, count and agree (its timers sit outside the compiled trunk step)."""
     bench = _bench()
     bench.main(bench.parse_args(["--models", "digits", "--paths", "eager,fast", "--batch-sizes", "1", "--steps", "4",
-                                 "--repeats", "1", "--count-ops"]))
+                                 "--repeats", "1", "--count-ops", "--fd", "64", "--fd-seeds", "2"]))
     out = capsys.readouterr().out
     assert re.search(r"^fast +batch +1: .* \[trunk +\d", out, re.M), out
     fast_ops = float(re.search(r"^fast: ([\d.]+) host-issued", out, re.M).group(1))
     eager_ops = float(re.search(r"^eager: ([\d.]+) host-issued", out, re.M).group(1))
     assert fast_ops < eager_ops / 2, out
     assert float(re.search(r"largest image difference \(same seeds, \[0, 1\] scale\) ([\d.e+-]+)", out).group(1)) < 1e-4
+    for path in ("eager", "fast"):  # Fréchet distances per seed, then mean ± std (SE)
+        assert re.search(rf"^digits Fréchet distance, 64 images, seeds 0..1, {path}: [\d.]+, [\d.]+; [\d.]+ ± [\d.]+ "
+                         r"\(SE [\d.]+\)$", out, re.M), out
+    number = r"-?[\d.]+(e[+-]\d+)?"
+    assert re.search(rf"^digits Fréchet distance, fast - eager \(same seed\): {number} ± {number} \(SE {number}\)", out,
+                     re.M), out
 
 
 def test_top_level_operator_count() -> None:

@@ -222,8 +222,10 @@ class SphereARPipeline(DiffusionPipeline):
         step (the head's velocity, the guidance and the scheduler update together) in a token loop that never waits
         for the device, and a compiled trunk step between tokens; on CUDA with ``cuda_graph``, each token's whole
         step loop is captured once per (batch, steps, dtype) and replayed as a CUDA graph. ``compile_kwargs`` go to
-        ``torch.compile`` (default: inductor, ``fullgraph=True``; the trunk step ``dynamic=True``). The first call
-        of a shape compiles (seconds to minutes); its images agree with the eager sampler's to float rounding.
+        ``torch.compile`` (default: inductor, ``fullgraph=True``; the trunk step ``dynamic=True``; inductor's
+        ``options`` are merged with the sampler's :class:`.thin_products.ThinProducts` pass, left out with a
+        ``mode``). The first call of a shape compiles (seconds to minutes); its images agree with the eager sampler's
+        to float rounding.
         :meth:`disable_torch_compile` returns to the eager sampler (the official arithmetic, bit for bit)."""
         self._compiled_sampler = FastTokenSampler(cuda_graph=cuda_graph, **compile_kwargs)
 

@@ -21,6 +21,7 @@ from .pipeline_sphere_ar import SphereARPipeline as _SphereARPipeline
 from .power_spherical import project_to_sphere  # noqa: F401
 from .remote_code import write_remote_code
 from .scheduling_sphere_ar import SphereARScheduler
+from .thin_products import ThinProducts  # noqa: F401
 from .vae import SphereVAE
 
 __all__ = ["SphereARConfig", "SphereARPipeline", "SphereARScheduler", "SphereARTransformer", "SphereVAE"]
