@@ -22,9 +22,8 @@ its matrix products) that
 ``torch.profiler`` records over one whole pipeline call (``output_type="latent"``: setup and token loop, no
 decoder), divided by the call's head evaluations (tokens x evaluations per token).
 
-``--fd N``: the digits model's Fréchet distance (benchmarks/eval_digits.py's feature space and baseline) of N
-images, eager with seeds 0, 1, 2 (the seed spread) and the fast path with the same seeds; and the largest
-difference between the fast path's images and eager's of the same seed.
+``--fd N``: the digits model's Fréchet distance (eval_digits.py's feature space) of N images for ``--fd-seeds``
+seeds, eager and fast (mean ± std, SE, the paired difference), and how far the fast images are from eager's.
 
 ``--official PATH``: a checkout of github.com/guolinke/SphereAR, e.g. from the local mirror:
 
@@ -415,38 +414,27 @@ def bench_model(name: str, pipe: SphereARPipeline, a: argparse.Namespace) -> Non
     pipe.disable_torch_compile()
 
 
-def mean_std_se(values: list[float], fmt: str = ".3f") -> str:
-    """``mean ± std (SE se)`` of ``values`` (sample std, standard error std / sqrt(n)), each formatted by ``fmt``."""
-    t = torch.tensor(values, dtype=torch.float64)
-    std = t.std().item() if len(values) > 1 else float("nan")
-    return f"{t.mean().item():{fmt}} ± {std:{fmt}} (SE {std / len(values) ** 0.5:{fmt}})"
-
-
 def frechet_report(pipe: SphereARPipeline, a: argparse.Namespace) -> None:
-    """The digits Fréchet distance of ``--fd`` images per seed (``--fd-seeds`` seeds from 0), eager and fast: per
-    seed, mean ± std and standard error, the paired difference fast - eager, and how far the fast path's uint8
-    images are from eager's of the same seed."""
+    """``--fd``: the digits Fréchet distances of both paths and their uint8 images' differences (module docstring)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("eval_digits", Path(__file__).with_name("eval_digits.py"))
     ed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ed)
     extractor = ed.DigitFeatures(pipe.vae.config.image_size)
-    images, fds = {}, {}
-    seeds = range(a.fd_seeds)
+    images, fds, seeds = {}, {}, range(a.fd_seeds)
     for path in ("eager", "fast"):
         set_path(pipe, path)
         for seed in seeds:
             images[path, seed], labels, _ = ed.generate(pipe, a.fd, seed, max(a.batch_sizes), a.guidance_scale,
                                                         a.steps)
-            m = ed.evaluate_digits(ed.ImageSet.from_arrays(images[path, seed], labels), extractor=extractor,
-                                   with_precision_recall=False)
-            fds[path, seed] = m["frechet_distance"]
+            fds[path, seed] = ed.evaluate_digits(ed.ImageSet.from_arrays(images[path, seed], labels),
+                                                 extractor=extractor, with_precision_recall=False)["frechet_distance"]
         values = [fds[path, seed] for seed in seeds]
         print(f"digits Fréchet distance, {a.fd} images, seeds 0..{a.fd_seeds - 1}, {path}: "
-              + ", ".join(f"{fd:.3f}" for fd in values) + f"; {mean_std_se(values)}", flush=True)
+              + ", ".join(f"{fd:.3f}" for fd in values) + f"; {ed.mean_std_se(values)}", flush=True)
     diffs = [fds["fast", seed] - fds["eager", seed] for seed in seeds]
-    print(f"digits Fréchet distance, fast - eager (same seed): {mean_std_se(diffs, '.1e')}; largest |difference| "
+    print(f"digits Fréchet distance, fast - eager (same seed): {ed.mean_std_se(diffs, '.1e')}; largest |difference| "
           f"{max(abs(d) for d in diffs):.1e}", flush=True)
     for seed in seeds:
         d = abs(images["fast", seed].astype(int) - images["eager", seed].astype(int))

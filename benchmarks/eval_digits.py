@@ -93,6 +93,12 @@ def write_grid(images: np.ndarray, labels: np.ndarray, path: Path, cols: int, sc
     save_image_atomically(make_grid(tiles, cols, padding=2, background=(64, 64, 64)), path)
 
 
+def mean_std_se(values: list[float], fmt: str = ".3f") -> str:
+    """``mean ± std (SE se)`` of ``values`` (sample std, standard error std / sqrt(n)), each formatted by ``fmt``."""
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+    return f"{float(np.mean(values)):{fmt}} ± {std:{fmt}} (SE {std / len(values) ** 0.5:{fmt}})"
+
+
 class Baselines:
     """Real-vs-real Fréchet distances: the full train split vs the test split, and a random train subset of the
     generated sample's size vs the test split (the distance grows as samples shrink: the fair yardstick of a
