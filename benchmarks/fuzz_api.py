@@ -118,6 +118,10 @@ def object_cases(model: Path, pipe: Callable[[], object]) -> Iterator[Case]:
                     (RuntimeError,))  # diffusers' kind of error for it
     yield other("enable_torch_compile(mode='reduce-overhead')",
                 lambda: pipe().enable_torch_compile(mode="reduce-overhead"), "cuda_graph")
+    yield other("enable_torch_compile(options='max-autotune')",
+                lambda: pipe().enable_torch_compile(options="max-autotune"), "options", (TypeError,))
+    yield other("enable_torch_compile(cuda_graph='yes')", lambda: pipe().enable_torch_compile(cuda_graph="yes"),
+                "cuda_graph", (TypeError,))
 
 
 def demo_cases(model: Path) -> Iterator[Case]:

@@ -1,7 +1,7 @@
 """Red-team the package and print what happened, as a table: mutated pipeline folders, bad CLI and example-script
 invocations, misuses of the Python API, and writers killed with SIGKILL.
 
-    python benchmarks/fuzz_robustness.py            # every case (1,062; about 40 s on 1 thread)
+    python benchmarks/fuzz_robustness.py            # every case (1,064; about 40 s on 1 thread)
     python benchmarks/fuzz_robustness.py --quick    # every 10th case (the test suite runs this)
     python benchmarks/fuzz_robustness.py --show "traceback-type error"   # list the cases of one row ('bad': all
                                                                          # but works and clean error)

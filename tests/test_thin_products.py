@@ -75,6 +75,8 @@ def test_the_heads_thin_projections_in_the_fast_path(make_pipeline) -> None:
 
 
 def test_user_options_keep_the_pass_and_a_mode_replaces_it(make_pipeline) -> None:
+    """A user's inductor options are merged with the pass; a mode or another backend leaves it out; bad values are
+    one-line TypeErrors."""
     pipe = make_pipeline()
     pipe.enable_torch_compile(options={"max_autotune": False})
     options = pipe._compiled_sampler.compile_kwargs["options"]
@@ -83,3 +85,7 @@ def test_user_options_keep_the_pass_and_a_mode_replaces_it(make_pipeline) -> Non
     assert "options" not in pipe._compiled_sampler.compile_kwargs
     pipe.enable_torch_compile(backend="eager")  # options are inductor's
     assert "options" not in pipe._compiled_sampler.compile_kwargs
+    with pytest.raises(TypeError, match=r"^options='max-autotune': expected a dict of inductor settings"):
+        pipe.enable_torch_compile(options="max-autotune")
+    with pytest.raises(TypeError, match=r"^cuda_graph='yes': expected True or False$"):
+        pipe.enable_torch_compile(cuda_graph="yes")

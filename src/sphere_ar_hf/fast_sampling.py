@@ -196,6 +196,11 @@ class FastTokenSampler:
     """
 
     def __init__(self, cuda_graph: bool = True, **compile_kwargs):
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph={cuda_graph!r}: expected True or False")
+        if not isinstance(compile_kwargs.get("options", {}), dict):
+            raise TypeError(f"options={compile_kwargs['options']!r}: expected a dict of inductor settings "
+                            "(torch.compile's options)")
         if cuda_graph and compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune"):
             raise ValueError(f"mode={compile_kwargs['mode']!r} makes torch.compile capture CUDA graphs itself: pass "
                              "cuda_graph=False with it, or leave mode unset (the token loop is captured whole)")
