@@ -129,6 +129,30 @@ def test_kill9_then_resume_gives_the_same_file_without_redoing_shards(tmp_path) 
     assert _sha(reference / "samples.npz") != _sha(killed / "samples.npz")  # the settings matter
 
 
+def test_sample_with_the_fast_sampler(tmp_path, capsys) -> None:
+    """``--compile``: eager's images to float rounding, the same file for any batch size, recorded in sampling.json
+    (a resume must match it; a record from before the setting existed reads as eager)."""
+    eager, fast, fast8 = tmp_path / "eager", tmp_path / "fast", tmp_path / "fast8"
+    assert cli(["sample", *SAMPLE, "--output-dir", str(eager), "--batch-size", "16"]) == 0
+    assert cli(["sample", *SAMPLE, "--output-dir", str(fast), "--batch-size", "16", "--compile"]) == 0
+    assert "6 steps (compiled)" in capsys.readouterr().out
+    assert cli(["sample", *SAMPLE, "--output-dir", str(fast8), "--batch-size", "8", "--compile"]) == 0
+    assert _sha(fast / "samples.npz") == _sha(fast8 / "samples.npz")
+    a, b = ImageSet(eager / "samples.npz").images().astype(int), ImageSet(fast / "samples.npz").images().astype(int)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+    assert json.loads((fast / "sampling.json").read_text())["fast_sampler"] is True
+    assert json.loads((eager / "sampling.json").read_text())["fast_sampler"] is False
+    capsys.readouterr()
+    assert cli(["sample", *SAMPLE, "--output-dir", str(fast), "--resume"]) == 2
+    assert "fast_sampler: True there, False now" in capsys.readouterr().err
+    record = json.loads((eager / "sampling.json").read_text())
+    del record["fast_sampler"]  # as runs recorded it before the setting existed
+    (eager / "sampling.json").write_text(json.dumps(record))
+    before = _sha(eager / "samples.npz")
+    assert cli(["sample", *SAMPLE, "--output-dir", str(eager), "--resume"]) == 0
+    assert _sha(eager / "samples.npz") == before
+
+
 def test_png_images_equal_the_npz(tmp_path) -> None:
     from PIL import Image
 

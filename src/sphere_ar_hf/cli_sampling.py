@@ -81,10 +81,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise CLIError(one_line(e)) from None
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        if args.compile:
+            pipe.enable_torch_compile()
         tf = pipe.transformer.config
         guidance = guidance if guidance is not None else float(tf.guidance_scale)
         settings = sampling_settings(pipe, model_id(model), args.num_images, args.seed, args.labels, guidance,
-                                     args.cfg_schedule, args.steps, args.dtype, args.shard_size)
+                                     args.cfg_schedule, args.steps, args.dtype, args.shard_size, args.compile)
         try:
             final = run_sampling(pipe, args.output_dir, settings, batch_size=args.batch_size, resume=args.resume,
                                  png=args.png, rank=rank, world_size=world, barrier=barrier)
@@ -93,7 +95,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"wrote {final}: {plural(args.num_images, 'image')}, {plural(world, 'process', 'processes')} of "
               f"{plural(threads, 'thread')}, "
-              f"{settings.sampler} {plural(args.steps, 'step')}, guidance {guidance:g} {args.cfg_schedule}, "
+              f"{settings.sampler} {plural(args.steps, 'step')}{' (compiled)' if args.compile else ''}, "
+              f"guidance {guidance:g} {args.cfg_schedule}, "
               f"labels {args.labels}, seed {args.seed}")
     return 0
 
@@ -142,7 +145,7 @@ def add_sample_parser(sub, fmt) -> None:
                     "processes and batch size. Shards are written atomically; --resume continues a run that "
                     "crashed or was killed, redoing only unfinished shards.",
         epilog="example: torchrun --nproc_per_node 8 -m sphere_ar_hf.cli sample --model sphere-ar-b "
-               "--num-images 50000 --output-dir samples/b --batch-size 256 --dtype bfloat16")
+               "--num-images 50000 --output-dir samples/b --batch-size 256 --dtype bfloat16 --compile")
     add_sampling_options(p, "folder for sampling.json, shards/ and samples.npz (and images/ with --png)")
     p.add_argument("--guidance-scale", type=number_argument, metavar="F", default=None,
                    help="classifier-free guidance scale; <= 1 disables it (default: the model's recommended value)")
@@ -153,6 +156,9 @@ def add_sample_parser(sub, fmt) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="per-token sampler (default: the model's scheduler, euler_maruyama for official weights)")
     p.add_argument("--png", action="store_true", help="also write each image to DIR/images/{n:06d}.png")
+    p.add_argument("--compile", action="store_true",
+                   help="the fast sampler (pipe.enable_torch_compile(): compiled steps, on CUDA each token's steps "
+                        "one CUDA graph); the first batch compiles (minutes); images equal to float rounding")
     p.set_defaults(func=cmd_sample)
 
 

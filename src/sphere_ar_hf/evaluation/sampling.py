@@ -13,6 +13,9 @@ of processes, the batch size or its batch-mates:
   batch-mates and the thread count. On GPUs the libraries choose kernels per shape, so images made with different
   batch sizes can differ in the last bits.
 
+With ``fast_sampler`` (``pipe.enable_torch_compile()`` on) the images equal eager's to float rounding only, so a
+run records it among its settings.
+
 A run writes ``DIR/sampling.json`` (the settings), then shards ``DIR/shards/{start}-{end}.npz`` of
 ``shard_size`` consecutive images, each written to a temporary name and renamed once complete, so that a crash
 or ``kill -9`` loses at most the shards in progress and ``resume=True`` redoes only those. Shard ``j`` belongs to
@@ -29,7 +32,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +101,13 @@ class SamplingSettings:
     shard_size: int
     num_classes: int
     image_size: int
+    fast_sampler: bool = False  # pipe.enable_torch_compile(): the same images up to float rounding, not bit for bit
 
     def differences(self, other: dict) -> list[str]:
-        mine = asdict(self)
-        return [f"{k}: {other.get(k)!r} there, {v!r} now" for k, v in mine.items() if other.get(k) != v]
+        """Each setting that differs from ``other`` (a recorded run's; a setting it lacks has its default)."""
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        recorded = {k: other.get(k, defaults.get(k)) for k in asdict(self)}
+        return [f"{k}: {recorded[k]!r} there, {v!r} now" for k, v in asdict(self).items() if recorded[k] != v]
 
 
 def set_sampler(pipe, sampler: str | None = None, time_shift: float | None = None) -> None:
@@ -116,14 +122,16 @@ def set_sampler(pipe, sampler: str | None = None, time_shift: float | None = Non
 
 
 def sampling_settings(pipe, model: str, num_images: int, seed: int, labels: str, guidance_scale: float,
-                      cfg_schedule: str, num_inference_steps: int, dtype: str, shard_size: int) -> SamplingSettings:
-    """The :class:`SamplingSettings` of a run of ``pipe`` (its sampler, time shift, classes and image size)."""
+                      cfg_schedule: str, num_inference_steps: int, dtype: str, shard_size: int,
+                      fast_sampler: bool = False) -> SamplingSettings:
+    """The :class:`SamplingSettings` of a run of ``pipe`` (its sampler, time shift, classes and image size);
+    ``fast_sampler``: the run samples with ``pipe.enable_torch_compile()`` on."""
     return SamplingSettings(
         model=model, num_images=num_images, seed=seed, labels=labels, guidance_scale=guidance_scale,
         cfg_schedule=cfg_schedule, sampler=pipe.scheduler.config.sampler,
         time_shift=float(pipe.scheduler.config.time_shift), num_inference_steps=num_inference_steps, dtype=dtype,
         shard_size=shard_size, num_classes=pipe.transformer.config.num_classes,
-        image_size=pipe.vae.config.image_size)
+        image_size=pipe.vae.config.image_size, fast_sampler=fast_sampler)
 
 
 def _shard_path(output_dir: Path, start: int, end: int) -> Path:
