@@ -520,6 +520,24 @@ def test_command_line_errors_and_defaults(capsys, tmp_path):
     assert (args.host, args.port, args.model, args.max_images, args.max_steps) == ("127.0.0.1", 7860, None, 16, 200)
 
 
+def test_compile_flag_serves_the_fast_sampler():
+    """``--compile``: the same gallery as without it, to one uint8 level, with progress after every token."""
+    import numpy as np
+
+    galleries, progress = [], []
+    for argv in ([], ["--compile"]):
+        demo, _ = create_demo([*argv, "--port", str(_free_port())])
+        try:
+            assert (demo.runner.pipeline._compiled_sampler is not None) == bool(argv)
+            progress.append(_ProgressRecorder())
+            gallery, _ = demo.runner.generate(["7", "3"], 1, 2.0, "linear", 4, 0, progress=progress[-1])
+            galleries.append(np.stack([np.asarray(image, dtype=int) for image, _ in gallery]))
+        finally:
+            demo.close()
+    assert np.abs(galleries[0] - galleries[1]).max() <= 1
+    assert len(progress[1].calls) == len(progress[0].calls) > 0
+
+
 def test_space_app_is_a_thin_wrapper(monkeypatch, tmp_path):
     """The ``app.py`` that ``sphere-ar space`` fills in from ``hub_cards/space/app.py`` (the whole Space, started
     with the package blocked: tests/test_space.py)."""

@@ -405,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=positive_int, default=200, help="most sampler steps per token")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="the steps slider's start value (default: the scheduler's num_inference_steps)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the fast sampler (pipe.enable_torch_compile()): each new request size or step count "
+                             "compiles first (seconds to minutes), later ones are faster; on CUDA, CUDA graphs")
     parser.add_argument("--concurrency-limit", type=positive_int, default=1, help="requests processed at once")
     parser.add_argument("--queue-size", type=positive_int, default=16, help="requests that may wait in the queue")
     add_threads_argument(parser)
@@ -435,6 +438,8 @@ def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str,
     except (RuntimeError, ValueError, AssertionError) as e:
         raise CLIError(f"--device {args.device}: {' '.join(str(e).split())}") from None
     pipeline.set_progress_bar_config(disable=True)
+    if args.compile:
+        pipeline.enable_torch_compile()
     demo = build_demo(pipeline, model_name=name, max_images=args.max_images, max_steps=args.max_steps,
                       default_steps=args.steps, concurrency_limit=args.concurrency_limit,
                       max_queue_size=args.queue_size)
