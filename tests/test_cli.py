@@ -206,6 +206,26 @@ def test_generate_without_model_uses_the_embedded_digits_model(tmp_path) -> None
         assert im.width >= 2 * 16 and im.height >= 16  # two 16 px digits side by side
 
 
+def test_generate_with_the_fast_sampler(tmp_path) -> None:
+    """``--compile``: the compiled sampler runs (dynamo compiles its graphs), eager's grid to one uint8 level."""
+    import numpy as np
+    import torch
+    from torch._dynamo.utils import counters
+
+    grids = []
+    torch._dynamo.reset()
+    for extra in ((), ("--compile",)):
+        out, graphs = tmp_path / f"grid{len(extra)}.png", counters["stats"]["unique_graphs"]
+        code, _, err = run("generate", "--class-labels", "3", "7", "--steps", "4", "--seed", "1", "--output", out,
+                           *extra)
+        assert code == 0, err
+        assert (counters["stats"]["unique_graphs"] > graphs) == bool(extra)
+        with Image.open(out) as im:
+            grids.append(np.asarray(im, dtype=int))
+    torch._dynamo.reset()
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 1
+
+
 def test_help_imports_no_heavy_library() -> None:
     # `sphere-ar --help` and each command's --help start in a fraction of a second: the package's names and the
     # command line load torch, diffusers and transformers only when a command runs

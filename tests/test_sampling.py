@@ -132,11 +132,16 @@ def test_kill9_then_resume_gives_the_same_file_without_redoing_shards(tmp_path) 
 def test_sample_with_the_fast_sampler(tmp_path, capsys) -> None:
     """``--compile``: eager's images to float rounding, the same file for any batch size, recorded in sampling.json
     (a resume must match it; a record from before the setting existed reads as eager)."""
+    from torch._dynamo.utils import counters
+
     eager, fast, fast8 = tmp_path / "eager", tmp_path / "fast", tmp_path / "fast8"
     assert cli(["sample", *SAMPLE, "--output-dir", str(eager), "--batch-size", "16"]) == 0
+    torch._dynamo.reset()
     assert cli(["sample", *SAMPLE, "--output-dir", str(fast), "--batch-size", "16", "--compile"]) == 0
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled sampler ran
     assert "6 steps (compiled)" in capsys.readouterr().out
     assert cli(["sample", *SAMPLE, "--output-dir", str(fast8), "--batch-size", "8", "--compile"]) == 0
+    torch._dynamo.reset()
     assert _sha(fast / "samples.npz") == _sha(fast8 / "samples.npz")
     a, b = ImageSet(eager / "samples.npz").images().astype(int), ImageSet(fast / "samples.npz").images().astype(int)
     assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
