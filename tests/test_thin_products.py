@@ -89,3 +89,31 @@ def test_user_options_keep_the_pass_and_a_mode_replaces_it(make_pipeline) -> Non
         pipe.enable_torch_compile(options="max-autotune")
     with pytest.raises(TypeError, match=r"^cuda_graph='yes': expected True or False$"):
         pipe.enable_torch_compile(cuda_graph="yes")
+
+
+def test_the_pass_on_a_graph() -> None:
+    """Only ``mm``/``addmm`` whose weight has a side <= THIN, and only nodes with fake values, are rewritten."""
+    from torch import fx
+
+    aten = torch.ops.aten
+
+    def graph(k: int, n: int, with_values: bool = True) -> fx.Graph:
+        g = fx.Graph()
+        a, b, bias = g.placeholder("a"), g.placeholder("b"), g.placeholder("bias")
+        if with_values:
+            a.meta["val"], b.meta["val"], bias.meta["val"] = torch.ones(3, k), torch.ones(k, n), torch.ones(n)
+        g.output((g.call_function(aten.addmm.default, (bias, a, b)), g.call_function(aten.mm.default, (a, b)),
+                  g.call_function(aten.addmm.default, (bias, a, b), {"beta": 2})))
+        return g
+
+    def targets(g: fx.Graph) -> list:
+        return [node.target for node in g.nodes if node.op == "call_function"]
+
+    thin = graph(THIN, 64)
+    ThinProducts()(thin)
+    assert targets(thin).count(aten.sum.dim_IntList) == 2 and targets(thin).count(aten.mm.default) == 0
+    assert targets(thin).count(aten.addmm.default) == 1  # with beta: left alone
+    for g in (graph(THIN + 1, 64), graph(THIN, 64, with_values=False)):
+        before = targets(g)
+        ThinProducts()(g)
+        assert targets(g) == before

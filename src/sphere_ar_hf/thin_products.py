@@ -34,10 +34,16 @@ def product_operands(node: fx.Node) -> tuple[fx.Node | None, fx.Node, fx.Node] |
     return None
 
 
-def is_thin(b: fx.Node) -> bool:
-    """Whether the right operand ``b`` (K, N) has a static side of at most :data:`THIN`."""
+def is_thin(operands: tuple[fx.Node | None, fx.Node, fx.Node]) -> bool:
+    """Whether the right operand ``b`` (K, N) of ``(bias, a, b)`` has a static side of at most :data:`THIN` (and
+    every operand its fake value, which the rewrite needs)."""
+    bias, a, b = operands
+    if not all(isinstance(x, fx.Node) and "val" in x.meta for x in (a, b)):
+        return False
+    if isinstance(bias, fx.Node) and "val" not in bias.meta:
+        return False
     sides = b.meta["val"].shape
-    return all(isinstance(s, int) for s in sides) and min(sides) <= THIN
+    return len(sides) == 2 and all(isinstance(s, int) for s in sides) and min(sides) <= THIN
 
 
 class ThinProducts(CustomGraphPass):
@@ -46,7 +52,7 @@ class ThinProducts(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         for node in list(graph.nodes):
             operands = product_operands(node)
-            if operands is None or not is_thin(operands[2]):
+            if operands is None or not is_thin(operands):
                 continue
             bias, a, b = operands
             with graph.inserting_before(node):
