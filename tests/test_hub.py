@@ -134,7 +134,7 @@ def test_imagenet_card(pipeline_dir, imagenet_dir, tiny_pipeline, tmp_path, card
     body = parsed.text
     assert ARXIV in body
     assert f"# {name}" in body
-    assert f'SphereARPipeline.from_pretrained("{REPO_ID}")' in body
+    assert f'SphereARPipeline.from_pretrained("{REPO_ID}")' in body and "pipe.enable_torch_compile()" in body
     assert f'DiffusionPipeline.from_pretrained("{REPO_ID}", trust_remote_code=True)' in body
     assert f"| **{name}** (this model) | **" in body and f"**{fid}**" in body
     for row in ("| SphereAR-B |", "| SphereAR-L |", "| SphereAR-H |"):
