@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .cli_common import (
     CLIError,
+    add_compile_argument,
     add_threads_argument,
     device_from_name,
     guidance_option,
@@ -325,9 +326,7 @@ def add_generate_parser(sub, fmt) -> None:
                      help="weights and compute dtype (bfloat16 is faster on GPUs; float16 may overflow in the "
                           "decoder)")
     add_threads_argument(gen)
-    gen.add_argument("--compile", action="store_true",
-                     help="the fast sampler (pipe.enable_torch_compile()): worth it for many images; each batch "
-                          "size compiles first (seconds to minutes); images equal to float rounding")
+    add_compile_argument(gen)
     gen.add_argument("--scale", type=positive_int, metavar="N", default=None,
                      help="enlarge each image N times (nearest neighbour; 1 keeps the model's size; default: the "
                           "smallest factor that makes it at least 128 px, e.g. 8 for the 16 px digits, 1 at 256 px)")

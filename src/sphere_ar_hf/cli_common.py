@@ -16,9 +16,9 @@ from .options import DEFAULT_THREADS, MAX_SEED
 if TYPE_CHECKING:
     from .pipeline_sphere_ar import SphereARPipeline
 
-__all__ = ["CLIError", "DEFAULT_MODEL", "add_threads_argument", "device_from_name", "finite_float", "guidance_option",
-           "load_pipeline", "number_argument", "one_line", "positive_int", "quiet_libraries", "resolve_model",
-           "seed_argument", "set_threads", "steps_argument", "threads_argument"]
+__all__ = ["CLIError", "DEFAULT_MODEL", "add_compile_argument", "add_threads_argument", "device_from_name",
+           "finite_float", "guidance_option", "load_pipeline", "number_argument", "one_line", "positive_int",
+           "quiet_libraries", "resolve_model", "seed_argument", "set_threads", "steps_argument", "threads_argument"]
 
 # the embedded digits model (package data): the commands work offline with no --model
 DEFAULT_MODEL: str | None = str(Path(__file__).parent / "pretrained" / "digits")
@@ -211,3 +211,9 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
                              "from batch 32 on)")
 
 
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    """``--compile``: the fast sampler, ``pipe.enable_torch_compile()`` (``generate``, ``sample`` and the demo)."""
+    parser.add_argument("--compile", action="store_true",
+                        help="the fast sampler (pipe.enable_torch_compile(): compiled steps; on CUDA each token's "
+                             "steps one CUDA graph): each new batch size compiles first (seconds to minutes), later "
+                             "batches are faster; images equal to float rounding")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .cli_common import (
     CLIError,
+    add_compile_argument,
     add_threads_argument,
     device_from_name,
     finite_float,
@@ -156,9 +157,7 @@ def add_sample_parser(sub, fmt) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="per-token sampler (default: the model's scheduler, euler_maruyama for official weights)")
     p.add_argument("--png", action="store_true", help="also write each image to DIR/images/{n:06d}.png")
-    p.add_argument("--compile", action="store_true",
-                   help="the fast sampler (pipe.enable_torch_compile(): compiled steps, on CUDA each token's steps "
-                        "one CUDA graph); the first batch compiles (minutes); images equal to float rounding")
+    add_compile_argument(p)
     p.set_defaults(func=cmd_sample)
 
 

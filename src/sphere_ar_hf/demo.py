@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from .batching import generate_padded
-from .cli_common import add_threads_argument, positive_int, set_threads
+from .cli_common import add_compile_argument, add_threads_argument, positive_int, set_threads
 from .configuration_sphere_ar import check_guidance_scale
 from .scheduling_sphere_ar import CFG_SCHEDULES, check_num_inference_steps
 from .seeding import MAX_SEED, image_generators
@@ -405,9 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=positive_int, default=200, help="most sampler steps per token")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="the steps slider's start value (default: the scheduler's num_inference_steps)")
-    parser.add_argument("--compile", action="store_true",
-                        help="the fast sampler (pipe.enable_torch_compile()): each new request size or step count "
-                             "compiles first (seconds to minutes), later ones are faster; on CUDA, CUDA graphs")
+    add_compile_argument(parser)
     parser.add_argument("--concurrency-limit", type=positive_int, default=1, help="requests processed at once")
     parser.add_argument("--queue-size", type=positive_int, default=16, help="requests that may wait in the queue")
     add_threads_argument(parser)

@@ -106,8 +106,8 @@ class SamplingSettings:
     def differences(self, other: dict) -> list[str]:
         """Each setting that differs from ``other`` (a recorded run's; a setting it lacks has its default)."""
         defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
-        recorded = {k: other.get(k, defaults.get(k)) for k in asdict(self)}
-        return [f"{k}: {recorded[k]!r} there, {v!r} now" for k, v in asdict(self).items() if recorded[k] != v]
+        return [f"{k}: {there!r} there, {v!r} now" for k, v in asdict(self).items()
+                if (there := other.get(k, defaults.get(k))) != v]
 
 
 def set_sampler(pipe, sampler: str | None = None, time_shift: float | None = None) -> None:
