@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,8 +48,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
+for folder in (ROOT / "src", ROOT / "benchmarks"):  # the package; the other parts and bench_sampling's count
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+import gpu_training  # noqa: E402
+from gpu_report import FAILURES, attempt, finish, log, sync  # noqa: E402
 
 from sphere_ar_hf import (  # noqa: E402
     SphereARConfig,
@@ -104,18 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - START:6.1f} s] {message}", flush=True)
-
-
-START = time.perf_counter()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def generators(n: int, seed: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(n)]
 
@@ -142,6 +132,8 @@ def fixture_pipeline(a: argparse.Namespace) -> SphereARPipeline:
 
 
 def fixture_parity(a: argparse.Namespace, device: torch.device) -> SphereARPipeline:
+    """Per sampling setting of the fixture: the eager tokens on the CPU and on ``device``, the fast path's on
+    ``device``, and the device's images against the official CPU images (a path that fails is a ``FAILED`` line)."""
     from safetensors.torch import load_file
 
     pipe = fixture_pipeline(a)
@@ -153,19 +145,33 @@ def fixture_parity(a: argparse.Namespace, device: torch.device) -> SphereARPipel
         labels = expected[f"sample_{tag}_labels"].tolist()
         on = {}
         for where, path in (("cpu", "eager"), (device.type, "eager"), (device.type, "graph")):
-            pipe.to(where)
-            set_path(pipe, path, a.compile_backend)
-            g = torch.Generator().manual_seed(int(seed))
-            on[where, path] = pipe(labels, generator=g, **kw).images.float().cpu()
-        reference = ((expected[f"sample_{tag}"] + 1) / 2).clamp(0, 1)
-        images = (pipe.vae.to("cpu").decode(on[device.type, "eager"]).sample / 2 + 0.5).clamp(0, 1)
+            with attempt(f"fixture {tag}: {path} on {where}"):
+                pipe.to(where)
+                set_path(pipe, path, a.compile_backend)
+                g = torch.Generator().manual_seed(int(seed))
+                on[where, path] = pipe(labels, generator=g, **kw).images.float().cpu()
         pipe.to(device)
-        cpu, eager, fast = on["cpu", "eager"], on[device.type, "eager"], on[device.type, "graph"]
-        log(f"fixture {tag}: {device.type} fp32 eager tokens vs CPU: max |diff| {(eager - cpu).abs().max():.2e}; "
-            f"fast path vs CPU eager: {(fast - cpu).abs().max():.2e}; {device.type} images vs the official "
-            f"CPU images: max {(images - reference).abs().max():.2e}, mean {(images - reference).abs().mean():.2e}")
+        reference = ((expected[f"sample_{tag}"] + 1) / 2).clamp(0, 1)
+        log(f"fixture {tag}: {fixture_line(pipe, on, reference, device.type)}")
     pipe.disable_torch_compile()
     return pipe
+
+
+def fixture_line(pipe: SphereARPipeline, on: dict, reference: torch.Tensor, device: str) -> str:
+    """What the paths that ran give: tokens against the CPU's, the device's images against the official ones."""
+    cpu, eager, fast = on.get(("cpu", "eager")), on.get((device, "eager")), on.get((device, "graph"))
+    parts = []
+    if cpu is not None and eager is not None:
+        parts.append(f"{device} fp32 eager tokens vs CPU: max |diff| {(eager - cpu).abs().max():.2e}")
+    if cpu is not None and fast is not None:
+        parts.append(f"fast path vs CPU eager: {(fast - cpu).abs().max():.2e}")
+    if eager is not None:
+        with torch.no_grad():
+            images = (pipe.vae.to("cpu").decode(eager).sample / 2 + 0.5).clamp(0, 1)
+        pipe.vae.to(pipe.transformer.device)
+        d = (images - reference).abs()
+        parts.append(f"{device} images vs the official CPU images: max {d.max():.2e}, mean {d.mean():.2e}")
+    return "; ".join(parts) or "no path ran"
 
 
 # ---- 2. throughput -------------------------------------------------------------------------------------------
@@ -256,25 +262,28 @@ def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.devi
     for path in ("eager", "compiled", "graph"):
         set_path(pipe, path, a.compile_backend)
         for b in a.batch_sizes:
-            rates[path, b], images[path, b] = timed_batch(pipe, a, device, path, b)
+            with attempt(f"{path} batch {b}"):
+                rates[path, b], images[path, b] = timed_batch(pipe, a, device, path, b)
         small = [(7 * i + 1) % pipe.transformer.config.num_classes for i in range(min(a.batch_sizes))]
-        found: list[str] = []
-        with sync_check(pipe, device, found):
-            sample(pipe, small, a.steps, a.seed + 2)
-        ops = host_ops(pipe, small[:8], a.profile_steps)
-        log(f"{path:8s}: {ops:.2f} host-issued torch operators per head evaluation (batch {len(small[:8])}, "
-            f"{a.profile_steps} steps); synchronising calls inside the token loop: {found[0] if found else 'none'}")
+        with attempt(f"{path}: synchronisation check and operator count"):
+            found: list[str] = []
+            with sync_check(pipe, device, found):
+                sample(pipe, small, a.steps, a.seed + 2)
+            ops = host_ops(pipe, small[:8], a.profile_steps)
+            log(f"{path:8s}: {ops:.2f} host-issued torch operators per head evaluation (batch {len(small[:8])}, "
+                f"{a.profile_steps} steps); synchronising calls inside the token loop: "
+                f"{found[0] if found else 'none'}")
     pipe.disable_torch_compile()
     return {"rates": rates, "images": images}
 
 
-def precision_distance(reference: SphereARPipeline, a: argparse.Namespace, images: torch.Tensor,
+def precision_distance(reference: SphereARPipeline, a: argparse.Namespace, path: str, images: torch.Tensor,
                        batch: int) -> None:
     """The ``--dtype`` images against those of the float32 model they were cast from (eager, same seeds)."""
     labels = [(7 * i + 1) % reference.transformer.config.num_classes for i in range(batch)]
     fp32 = sample(reference, labels, a.steps, a.seed + 1)
     d = (images - fp32).abs()
-    log(f"{a.dtype} graph-path images vs float32 eager (batch {batch}, same seeds): max {d.max():.3f}, mean "
+    log(f"{a.dtype} {path}-path images vs float32 eager (batch {batch}, same seeds): max {d.max():.3f}, mean "
         f"{d.mean():.4f}, mean per image of the largest pixel difference {d.flatten(1).amax(1).mean():.3f}")
 
 
@@ -299,16 +308,16 @@ def offload(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device)
     pipe.to(device)
     references = {}
     for mode, fast in (("model", False), ("model", True), ("sequential", False)):
-        set_path(pipe, "graph" if fast else "eager", a.compile_backend)
-        if fast not in references:  # the same path without offload
-            references[fast] = sample(pipe, labels, 20, a.seed, **kw)
-        reference = references[fast]
-        enable_offload(pipe, mode, device)
-        t0 = time.perf_counter()
-        images = sample(pipe, labels, 20, a.seed, **kw)
-        log(f"{mode} CPU offload{' + fast path' if fast else ''}: {time.perf_counter() - t0:.1f} s, max |diff| from "
-            f"no offload {(images - reference).abs().max():.2e}; transformer afterwards on "
-            f"{pipe.transformer.device.type}")
+        with attempt(f"{mode} CPU offload{' + fast path' if fast else ''}"):
+            set_path(pipe, "graph" if fast else "eager", a.compile_backend)
+            if fast not in references:  # the same path without offload
+                references[fast] = sample(pipe, labels, 20, a.seed, **kw)
+            enable_offload(pipe, mode, device)
+            t0 = time.perf_counter()
+            images = sample(pipe, labels, 20, a.seed, **kw)
+            log(f"{mode} CPU offload{' + fast path' if fast else ''}: {time.perf_counter() - t0:.1f} s, max |diff| "
+                f"from no offload {(images - references[fast]).abs().max():.2e}; transformer afterwards on "
+                f"{pipe.transformer.device.type}")
         pipe.remove_all_hooks()
         pipe.to(device)
     pipe.disable_torch_compile()
@@ -318,136 +327,6 @@ def offload(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device)
 def training_config(a: argparse.Namespace) -> SphereARConfig:
     """SphereAR-B at ``--image-size``, or the tiny model with ``--tiny``."""
     return SphereARConfig(**TINY_AR) if a.tiny else SphereARConfig.from_preset("SphereAR-B", image_size=a.image_size)
-
-
-def cached_latents(config: SphereARConfig, batch: int, count: int, device: torch.device,
-                   seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` batches as the latent cache yields them: tokens on the radius-sqrt(d) sphere, class labels."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (batch, config.num_image_tokens, config.latent_dim)
-    out = []
-    for _ in range(count):
-        x = torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1) * config.latent_dim ** 0.5
-        labels = torch.randint(0, config.num_classes, (batch,), generator=g)
-        out.append((x.to(device), labels.to(device)))
-    return out
-
-
-class StepTimer:
-    """Per-step times without synchronising inside the timed region: CUDA events on a GPU, the clock on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda, self.marks = device.type == "cuda", []
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def seconds(self) -> list[float]:
-        """Each step's time; call after the closing ``torch.cuda.synchronize``."""
-        pairs = zip(self.marks, self.marks[1:])
-        return [s.elapsed_time(e) / 1000 if self.cuda else e - s for s, e in pairs]
-
-
-def train_run(a: argparse.Namespace, device: torch.device, batch: int, compiled: bool) -> dict:
-    """The trainer's step (``model(latents=, class_labels=, generator=)`` under bf16 autocast, backward, clipping
-    at 1.0, AdamW with the official groups, the EMA update) on a fresh model: the first step, ``--train-warmup``
-    steps, then ``--train-steps`` timed steps."""
-    from sphere_ar_hf.training.ema import ParameterEMA
-    from sphere_ar_hf.training.optimization import official_param_groups
-
-    torch.manual_seed(a.seed)
-    model = SphereARTransformer(training_config(a)).to(device).train()
-    optimizer = torch.optim.AdamW(official_param_groups(model, 0.05), lr=3e-4, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
-    ema = ParameterEMA(model, 0.9999)
-    forward = torch.compile(model, backend=a.compile_backend) if compiled else model
-    generator = torch.Generator(device=device).manual_seed(a.seed)  # as the trainer's: one per process, on device
-    batches = cached_latents(model.config, batch, 4, device, a.seed)
-    autocast = dict(device_type=device.type, dtype=DTYPES[a.train_dtype], enabled=a.train_dtype != "float32")
-    losses: list[torch.Tensor] = []
-
-    def step(i: int) -> None:
-        latents, labels = batches[i % len(batches)]
-        with torch.autocast(**autocast):
-            outputs = forward(latents=latents, class_labels=labels, generator=generator)
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update()
-        losses.append(loss.detach())
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t0 = time.perf_counter()
-    step(0)
-    sync(device)
-    first = time.perf_counter() - t0
-    for i in range(1, 1 + a.train_warmup):
-        step(i)
-    timer = StepTimer(device)
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(1 + a.train_warmup, 1 + a.train_warmup + a.train_steps):
-        timer.mark()
-        step(i)
-    timer.mark()
-    sync(device)
-    wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return dict(times=timer.seconds(), wall=wall, first=first, peak=peak, losses=torch.stack(losses).float().cpu())
-
-
-def training(a: argparse.Namespace, device: torch.device) -> None:
-    """Eager and ``torch.compile``d training steps at each ``--train-batch``; out of memory is a result line."""
-    from torch._dynamo.utils import counters
-
-    config = training_config(a)
-    fused = "fused" if device.type == "cuda" else "not fused"
-    log(f"training {'tiny' if a.tiny else 'SphereAR-B'} at {config.image_size} px from cached latents "
-        f"({config.num_image_tokens} tokens of {config.latent_dim} dims on the radius-{config.latent_dim ** 0.5:g} "
-        f"sphere, random labels): {a.train_dtype} autocast, AdamW ({fused}, official groups, lr 3e-4), clipping "
-        f"1.0, EMA 0.9999; {a.train_warmup} warm-up + {a.train_steps} timed steps")
-    eager_losses: dict[int, torch.Tensor] = {}
-    for compiled in (False, True):
-        tag = "compiled" if compiled else "eager"
-        for b in a.train_batch:
-            torch.compiler.reset()  # each compiled run compiles its own static shapes, as a training run would
-            graphs = counters["stats"]["unique_graphs"]
-            try:
-                r = train_run(a, device, b, compiled)
-                r["graphs"] = counters["stats"]["unique_graphs"] - graphs
-            except torch.cuda.OutOfMemoryError as e:
-                log(f"training {tag:8s} batch {b:3d}: out of memory ({str(e).splitlines()[0][:120]})")
-                continue
-            finally:
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            log(training_line(a, tag, b, r, eager_losses.get(b)))
-            eager_losses.setdefault(b, r["losses"])
-
-
-def training_line(a: argparse.Namespace, tag: str, b: int, r: dict, eager: torch.Tensor | None) -> str:
-    """One run's result line: step time, images/s, first step, peak memory, the losses."""
-    median, losses = statistics.median(r["times"]), r["losses"]
-    peak = "n/a" if r["peak"] != r["peak"] else f"{r['peak']:.2f} GiB"
-    extra = ""
-    if tag == "compiled":
-        extra = f"; {r['graphs']} graphs compiled (graph breaks + 1)"
-        if eager is not None:
-            extra += f", max |loss - eager loss| over the steps {(losses - eager).abs().max():.2e}"
-    return (f"training {tag:8s} batch {b:3d}: step {1000 * median:8.2f} ms (median of {len(r['times'])}; mean "
-            f"{1000 * r['wall'] / a.train_steps:.2f}), {b / median:8.1f} images/s, first step {r['first']:6.1f} s, "
-            f"peak GPU memory {peak}; loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {a.train_steps}: "
-            f"{losses[-a.train_steps:].mean():.4f}, finite: {bool(losses.isfinite().all())}){extra}")
 
 
 def budget(a: argparse.Namespace) -> str:
@@ -465,35 +344,44 @@ def sampling(a: argparse.Namespace, device: torch.device) -> None:
     pipe = copy.deepcopy(reference).to(device)
     pipe.to(DTYPES[a.dtype])
     result = throughput(pipe, a, device)
-    best = max(result["rates"].values())
-    log(f"50,000 images at the best rate ({best:.1f} images/s): {50_000 / best / 60:.1f} minutes")
     del pipe
+    if result["rates"]:
+        (path, b), best = max(result["rates"].items(), key=lambda item: item[1])
+        log(f"50,000 images at the best rate ({best:.1f} images/s, {path} at batch {b}): "
+            f"{50_000 / best / 60:.1f} minutes")
     small = min(a.batch_sizes)
-    precision_distance(reference.to(device), a, result["images"]["graph", small], small)
+    ran = [path for path in ("graph", "compiled", "eager") if (path, small) in result["images"]]
+    if ran:
+        with attempt("distance from float32"):
+            precision_distance(reference.to(device), a, ran[0], result["images"][ran[0], small], small)
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     device = torch.device(a.device)
-    sys.path.insert(0, str(Path(__file__).parent))  # bench_sampling's operator count
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     log(f"torch {torch.__version__} on {name}; sections {','.join(a.sections)}; {a.steps} steps, batches "
         f"{a.batch_sizes}, {a.dtype}; training batches {a.train_batch}")
     if device.type == "cuda" and not a.tiny:
         log(budget(a))
+    FAILURES.clear()
     fixture = None
     if {"fixture", "offload"} & set(a.sections) and (a.fixture / "ar.pt").is_file():
-        fixture = fixture_parity(a, device) if "fixture" in a.sections else fixture_pipeline(a)
+        with attempt("fixture"):
+            fixture = fixture_parity(a, device) if "fixture" in a.sections else fixture_pipeline(a)
     elif {"fixture", "offload"} & set(a.sections):
         log(f"no fixture at {a.fixture}: part 1 skipped, part 3 runs on a tiny random model (pass --fixture)")
     if "sampling" in a.sections:
-        sampling(a, device)
+        with attempt("sampling"):
+            sampling(a, device)
     if "offload" in a.sections:
-        offload(fixture or build_model(argparse.Namespace(**{**vars(a), "tiny": True})), a, device)
+        with attempt("offload"):
+            offload(fixture or build_model(argparse.Namespace(**{**vars(a), "tiny": True})), a, device)
     del fixture
     if "training" in a.sections:
-        training(a, device)
-    log("done")
+        with attempt("training"):
+            gpu_training.training(a, training_config(a), device)
+    finish()
 
 
 if __name__ == "__main__":

@@ -422,20 +422,54 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
             assert int(m[9]) >= 1 and float(m[10]) == 0.0
 
 
-def test_gpu_benchmark_reports_training_out_of_memory(capsys, fresh_dynamo) -> None:
+def test_gpu_benchmark_reports_training_out_of_memory(capsys, fresh_dynamo, monkeypatch) -> None:
     """A training run out of memory is a result line; the other runs and the script go on."""
     bench = _bench_gpu()
-    real = bench.train_run
+    real = bench.gpu_training.train_run
 
-    def fake(a, device, batch, compiled):
+    def fake(a, config, device, batch, compiled):
         if batch == 8:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(a, device, batch, compiled)
+        return real(a, config, device, batch, compiled)
 
-    bench.train_run = fake
+    monkeypatch.setattr(bench.gpu_training, "train_run", fake)
     bench.main(["--device", "cpu", "--tiny", "--compile-backend", "eager", "--sections", "training", *TRAIN_FLAGS])
     out = capsys.readouterr().out
     for tag in ("eager   ", "compiled"):
         assert f"training {tag} batch   8: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in out
         assert f"training {tag} batch   4: step" in out
-    assert "fixture" not in out.split("sections training")[1] and out.rstrip().endswith("done")
+    assert out.rstrip().endswith("done")
+
+
+def test_gpu_benchmark_goes_on_after_a_failed_part(capsys, fresh_dynamo, monkeypatch) -> None:
+    """A part that raises is a FAILED line naming it and its error; the parts after it still run, and the script
+    ends by naming every failed part, with exit status 1 (a device is lent for minutes: one run shows all)."""
+    from conftest import FIXTURE_DIR
+
+    bench = _bench_gpu()
+    real = bench.timed_batch
+
+    def broken_capture(pipe, a, device, path, b):
+        if path == "graph":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+        return real(pipe, a, device, path, b)
+
+    monkeypatch.setattr(bench, "timed_batch", broken_capture)
+    monkeypatch.setattr(bench, "offload", lambda *args: 1 / 0)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--tiny", "--batch-sizes", "2,3", "--steps", "2", "--compile-backend", "eager",
+                    "--fixture", str(FIXTURE_DIR), "--sections", "sampling,offload,training", *TRAIN_FLAGS])
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    capture_error = "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    for b in (2, 3):
+        assert f"FAILED graph batch {b}: {capture_error}\n" in out
+        assert f"eager    batch   {b}:" in out and f"compiled batch   {b}:" in out  # the other paths ran
+    assert "graph   : " in out  # the graph path's own check and count still ran
+    assert re.search(r"50,000 images at the best rate \([\d.]+ images/s, (eager|compiled) at batch [23]\)", out)
+    assert "bfloat16 compiled-path images vs float32 eager (batch 2" in out  # the next-best path's images
+    assert "FAILED offload: ZeroDivisionError: division by zero" in out
+    assert len(list(TRAINING_LINE.finditer(out))) == 4  # the part after the failed one ran whole
+    last = out.rstrip().splitlines()[-1]
+    assert "done; 3 part(s) failed: graph batch 2: RuntimeError" in last
+    assert "graph batch 3: RuntimeError" in last and "offload: ZeroDivisionError" in last

@@ -139,6 +139,24 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 # ---------------------------------------------------------------------------------------------------------------
 # arguments, optimizer, schedule, EMA
+def test_light_training_modules_import_without_the_train_extra() -> None:
+    """``sphere_ar_hf.training``'s names load on first use: the EMA and the optimizer's groups import where
+    ``datasets``, ``lpips`` and ``peft`` are missing (the GPU machine has no ``datasets``); every public name
+    resolves."""
+    code = ("import sys\n"
+            "for m in ('datasets', 'lpips', 'peft'): sys.modules[m] = None  # as if not installed\n"
+            "from sphere_ar_hf.training import ParameterEMA\n"
+            "from sphere_ar_hf.training.optimization import official_param_groups\n"
+            "print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('sphere_ar_hf.training.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['ema', 'optimization']", out  # not the data, trainer or loss modules
+    import sphere_ar_hf.training as training
+
+    for name in training.__all__:
+        assert getattr(training, name).__module__.startswith("sphere_ar_hf.training."), name
+    assert set(training.__all__) <= set(dir(training))
+    with pytest.raises(AttributeError, match="has no attribute 'Trainer'"):
+        _ = training.Trainer
 
 
 def test_defaults_are_the_official_recipe(tmp_path):
