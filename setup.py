@@ -16,7 +16,7 @@ setup(
                                    "pretrained/*/*/*.safetensors"]},
     include_package_data=True,
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # sampling, eager and fast, ran on 2.6-2.14 (README, Install)
         "transformers>=5.0",
         "diffusers>=0.35",
         "accelerate>=1.0",

@@ -13,11 +13,11 @@ rough time estimate per part. Then, in order:
    same for the fast path.
 2. **SphereAR-B at 256 px** (random weights, ``--dtype`` bfloat16): images/s and ms per token at ``--batch-sizes``
    (64 and 256) for the eager sampler, the compiled step (``enable_torch_compile(cuda_graph=False)``) and the
-   graph-captured token loop (``enable_torch_compile()``); the first call's time (compile and capture), the peak
-   GPU memory; the host operators per head evaluation (torch.profiler, as benchmarks/bench_sampling.py counts
-   them); whether a synchronising CUDA call ran inside the token loop (``torch.cuda.set_sync_debug_mode``); the
-   bfloat16 images' distance from float32 ones (same weights and seeds, eager float32); and the time 50,000
-   images would take at the best rate.
+   graph-captured token loop (``enable_torch_compile()``); the first call's time (compile and capture), the graphs the
+   timed call compiled (0: no recompilation), the peak GPU memory; the host operators per head evaluation
+   (torch.profiler, as benchmarks/bench_sampling.py counts them); whether a synchronising CUDA call ran inside the
+   token loop (``torch.cuda.set_sync_debug_mode``); the bfloat16 images' distance from float32 ones (same weights and
+   seeds, eager float32); and the time 50,000 images would take at the best rate.
 3. **Offload, end to end**: ``enable_model_cpu_offload()`` and ``enable_sequential_cpu_offload()`` on the
    fixture's pipeline (eager, and model offload with the fast path) against the same path's images without offload.
 4. **A training step of SphereAR-B at 256 px from cached latents**: the trainer's step (the model's loss as
@@ -52,6 +52,7 @@ for folder in (ROOT / "src", ROOT / "benchmarks"):  # the package; the other par
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+import bench_sampling  # noqa: E402
 import gpu_training  # noqa: E402
 from gpu_report import FAILURES, attempt, finish, log, sync  # noqa: E402
 
@@ -224,7 +225,6 @@ def sync_check(pipe: SphereARPipeline, device: torch.device, found: list[str]):
 
 
 def host_ops(pipe: SphereARPipeline, labels: list[int], steps: int) -> float:
-    import bench_sampling
     from torch.profiler import ProfilerActivity, profile
 
     kw = dict(num_inference_steps=steps, generator=generators(len(labels), 0), output_type="latent")
@@ -244,13 +244,15 @@ def timed_batch(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.dev
     t0 = time.perf_counter()
     sample(pipe, labels, 2 if path == "eager" else a.steps, a.seed)
     sync(device)
-    first, t0 = time.perf_counter() - t0, time.perf_counter()
+    first, graphs = time.perf_counter() - t0, bench_sampling.compiled_graphs()
+    t0 = time.perf_counter()
     images = sample(pipe, labels, a.steps, a.seed + 1)
     sync(device)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     tokens = pipe.transformer.config.num_image_tokens
-    compile_note = f"; first call {first:6.1f} s (compile / capture ~{max(0.0, first - wall):5.1f} s)"
+    compile_note = (f"; first call {first:6.1f} s (compile / capture ~{max(0.0, first - wall):5.1f} s), graphs "
+                    f"compiled by the timed call: {bench_sampling.compiled_graphs() - graphs}")
     log(f"{path:8s} batch {b:3d}: {b / wall:8.2f} images/s, {1000 * wall / tokens:7.2f} ms/token"
         f"{compile_note if path != 'eager' else ''}; peak GPU memory {peak:.2f} GiB")
     return b / wall, images

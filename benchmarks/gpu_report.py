@@ -40,7 +40,9 @@ def attempt(part: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - a failed part is a result; the next part still runs
-        message = (str(e).strip().splitlines() or [""])[0][:300]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # the first line, and the second where the first only announces it ("backend='inductor' raised:")
+        message = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])[:300]
         FAILURES.append(f"{part}: {type(e).__name__}: {message}")
         log(f"FAILED {FAILURES[-1]}")
         traceback.print_exc()

@@ -14,7 +14,8 @@ Where the host's cost per step is paid:
 - on the CPU, a run of steps of one kind (the 100 SDE steps of the default sampler, the Euler steps of
   ``sampler="euler"``) is one compiled call, a ``scan`` over the steps (:data:`RUN_FUNCTIONS`): the compiled step
   without a Python call, guard check and wrapper per step (measured 108 against 200 us per step on the digits model
-  at batch 1). Heun's alternating steps run one compiled call each.
+  at batch 1). Heun's alternating steps run one compiled call each, and so does every step with a torch older than
+  2.10, whose inductor cannot compile the scan (:data:`SCANS_COMPILE`).
 
 Between tokens, the trunk step (:meth:`.SphereARTransformer.decode_step`, feeding the token back through the KV
 cache) is compiled too (:func:`trunk_step`, with a dynamic token index and batch size: one graph for every token
@@ -44,6 +45,9 @@ __all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "RUN_FUNCTIONS
 
 MAX_GRAPHS = 4  # captured token loops kept per sampler (each holds its own memory pool)
 UNROLL = 2  # steps per iteration of a scan (each iteration's loop test reads a value: 2 host operators)
+# inductor compiles a ``scan`` (as a while loop) from torch 2.10 on (2.6-2.7: "scan is not an OpOverload", 2.8-2.9:
+# its loop test is unsupported); with an older torch the CPU runs a token's steps one compiled call each, as CUDA does
+SCANS_COMPILE = torch.__version__ >= "2.10"
 
 
 def guided_velocity(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],
@@ -269,7 +273,8 @@ class FastTokenSampler:
         if self.captures(z.device):
             return self.captured(table, head, inputs)(*inputs)
         # scans on the CPU (on CUDA their loop test reads the device)
-        return self.run_token(table.kinds, table.noise_rows, head, *inputs, scan_runs=z.device.type == "cpu")
+        scan_runs = z.device.type == "cpu" and SCANS_COMPILE
+        return self.run_token(table.kinds, table.noise_rows, head, *inputs, scan_runs=scan_runs)
 
     def captures(self, device: torch.device) -> bool:
         """Whether a token's loop on ``device`` runs as a captured CUDA graph."""

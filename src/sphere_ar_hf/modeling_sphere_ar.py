@@ -452,7 +452,8 @@ class SphereARTransformer(SphereARPreTrainedModel):
         cos, sin = self.rope.get(x.device)
         end = start + x.shape[1]
         x = run_blocks(self.layers, self.input_norm(x), (cos[start:end], sin[start:end]), cache, start)
-        position = torch.full((1,), token_index, dtype=torch.long, device=x.device)  # a kernel: no copy, no wait
+        # a kernel, no copy or wait; arange, not full: torch 2.6's compile specialises full's value (a graph per token)
+        position = torch.arange(token_index, token_index + 1, device=x.device)
         return self.norm(x[:, -1]) + self.head_pos_embedding(position)  # the module (its offload hook), not .weight
 
     @offload_entry_point
