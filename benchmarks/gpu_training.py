@@ -51,9 +51,10 @@ class StepTimer:
 
 def train_run(a: argparse.Namespace, config: SphereARConfig, device: torch.device, batch: int,
               compiled: bool) -> dict:
-    """The trainer's step (``model(latents=, class_labels=, generator=)`` under bf16 autocast, backward, clipping
-    at 1.0, AdamW with the official groups, the EMA update) on a fresh model: the first step, ``--train-warmup``
-    steps, then ``--train-steps`` timed steps."""
+    """The trainer's step (``draw_training_inputs`` outside the model, then ``model(latents=, class_labels=,
+    **draws)``, as ``SphereARTrainer.compute_loss`` makes it, under bf16 autocast; backward, clipping at 1.0, AdamW
+    with the official groups, the EMA update) on a fresh model: the first step, ``--train-warmup`` steps, then
+    ``--train-steps`` timed steps."""
     from sphere_ar_hf.training.ema import ParameterEMA
     from sphere_ar_hf.training.optimization import official_param_groups
 
@@ -70,8 +71,9 @@ def train_run(a: argparse.Namespace, config: SphereARConfig, device: torch.devic
 
     def step(i: int) -> None:
         latents, labels = batches[i % len(batches)]
-        with torch.autocast(**autocast):
-            outputs = forward(latents=latents, class_labels=labels, generator=generator)
+        with torch.autocast(**autocast):  # the draws outside the model, as compute_loss makes them (one graph)
+            draws = model.draw_training_inputs(latents, labels, generator)
+            outputs = forward(latents=latents, class_labels=labels, **draws)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -439,7 +439,9 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
         assert step_ms > 0 and rate == pytest.approx(batch * 1000 / step_ms, rel=0.01)
         assert first_loss != last_loss and 0 < last_loss < 10  # the step trains: the loss moves, stays finite
         if tag == "compiled":  # the eager backend runs the captured graphs: the same losses as eager, bit for bit
-            assert int(m[9]) >= 1 and float(m[10]) == 0.0
+            # the draws outside the model: no graph break (a second graph once the first call has cached the
+            # rope tables; with the generator inside forward it was 7)
+            assert int(m[9]) in (1, 2) and float(m[10]) == 0.0
 
 
 def test_gpu_benchmark_reports_training_out_of_memory(capsys, fresh_dynamo, monkeypatch) -> None:
