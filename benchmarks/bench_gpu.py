@@ -270,7 +270,7 @@ def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.devi
         with attempt(f"{path}: synchronisation check and operator count"):
             found: list[str] = []
             with sync_check(pipe, device, found):
-                sample(pipe, small, a.steps, a.seed + 2)
+                sample(pipe, small, a.steps, a.seed + 2)  # shapes captured / compiled above: steady state only
             ops = host_ops(pipe, small[:8], a.profile_steps)
             log(f"{path:8s}: {ops:.2f} host-issued torch operators per head evaluation (batch {len(small[:8])}, "
                 f"{a.profile_steps} steps); synchronising calls inside the token loop: "
