@@ -17,7 +17,9 @@ rough time estimate per part. Then, in order:
    timed call compiled (0: no recompilation), the peak GPU memory; the host operators per head evaluation
    (torch.profiler, as benchmarks/bench_sampling.py counts them); whether a synchronising CUDA call ran inside the
    token loop (``torch.cuda.set_sync_debug_mode``); the bfloat16 images' distance from float32 ones (same weights and
-   seeds, eager float32); and the time 50,000 images would take at the best rate.
+   seeds, eager float32); the trunk steps alone at the largest batch, eager and compiled (their ms per token, and
+   how long the host took to issue them: whether the trunk step is bound by the host, which capturing it too would
+   remove); and the time 50,000 images would take at the best rate.
 3. **Offload, end to end**: ``enable_model_cpu_offload()`` and ``enable_sequential_cpu_offload()`` on the
    fixture's pipeline (eager, and model offload with the fast path) against the same path's images without offload.
 4. **A training step of SphereAR-B at 256 px from cached latents**: the trainer's step (the model's loss as
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import sys
 import time
 from pathlib import Path
@@ -64,6 +67,7 @@ from sphere_ar_hf import (  # noqa: E402
     SphereVAE,
     convert_official_checkpoint,
 )
+from sphere_ar_hf.fast_sampling import FastTokenSampler  # noqa: E402
 
 TINY_AR = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_hidden_size=64, head_num_layers=2,
                head_num_adaln=1, image_size=32, patch_size=16, num_classes=10, num_class_tokens=4)
@@ -258,6 +262,35 @@ def timed_batch(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.dev
     return b / wall, images
 
 
+def trunk_alone(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device, path: str, b: int) -> None:
+    """The trunk steps of one call alone (guided: 2b rows), eager or compiled as ``path`` runs them: their wall time
+    per token, and how long the host took to issue them. Issue time near the wall time: bound by the host (what
+    capturing the trunk step as a CUDA graph would remove); far below it: bound by the GPU. Set against the whole
+    call's ms per token, it says what share of a token the trunk takes."""
+    tf = pipe.transformer
+    # a new sampler shares the pipeline's compiled trunk step (one code object): nothing compiles again
+    fast = None if path == "eager" else FastTokenSampler(cuda_graph=False, backend=a.compile_backend)
+    step = tf.decode_step if fast is None else functools.partial(fast.decode_step, tf)
+    labels = torch.tensor([(7 * i + 1) % tf.config.num_classes for i in range(b)] + [tf.null_class_id] * b)
+    g = torch.Generator().manual_seed(0)
+    token = pipe.vae.normalize(torch.randn(2 * b, tf.config.latent_dim, generator=g)).to(device, tf.dtype)
+    with torch.no_grad():
+        cache = tf.allocate_kv_cache(2 * b, device=device)
+        tf.prefill(labels.to(device), cache)
+        for i in range(2):  # warm: a compiled step's first calls compile
+            step(token, i, cache)
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(tf.config.num_image_tokens - 1):
+            step(token, i, cache)
+        issued = time.perf_counter() - t0
+        sync(device)
+        wall = time.perf_counter() - t0
+    tokens = tf.config.num_image_tokens - 1
+    log(f"{path:8s} batch {b:3d}: trunk steps alone {1000 * wall / tokens:7.3f} ms per token (issued by the host in "
+        f"{1000 * issued / tokens:7.3f} ms)")
+
+
 def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device) -> dict:
     """Every path at every batch size; per path, a sync-checked call and the host operators per evaluation."""
     rates, images = {}, {}
@@ -266,6 +299,9 @@ def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.devi
         for b in a.batch_sizes:
             with attempt(f"{path} batch {b}"):
                 rates[path, b], images[path, b] = timed_batch(pipe, a, device, path, b)
+        if path != "compiled":  # the graph path's trunk step is the compiled path's
+            with attempt(f"{path}: trunk steps alone"):
+                trunk_alone(pipe, a, device, path, max(a.batch_sizes))
         small = [(7 * i + 1) % pipe.transformer.config.num_classes for i in range(min(a.batch_sizes))]
         with attempt(f"{path}: synchronisation check and operator count"):
             found: list[str] = []

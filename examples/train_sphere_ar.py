@@ -10,7 +10,8 @@ betas (0.9, 0.95), weight decay 0.05, 20k warm-up steps then cosine decay to 1e-
     # or from a latent cache written by examples/cache_latents.py:
     ... --latent_cache imagenet-latents
 
-Every ``transformers.TrainingArguments`` flag works (``--torch_compile``, ``--activation_checkpointing``,
+Every ``transformers.TrainingArguments`` flag works (``--torch_compile``, ``--activation_checkpointing``
+(transformers >= 5.23; ``--gradient_checkpointing`` before),
 ``--save_steps``, ``--push_to_hub --hub_model_id``, ...); ``--help`` lists them all. Checkpoints are marked
 complete only once fully written; ``--resume_from_checkpoint latest`` resumes from the newest complete one (or
 starts fresh); the newest 3 are kept (``--save_total_limit``, ``--keep_checkpoints_every N``). The classes and

@@ -122,6 +122,37 @@ def test_class_dropout_probability(make_transformer) -> None:
     assert abs(frac - p) <= 4 * math.sqrt(p * (1 - p) / n)
 
 
+def _graphs_of_two_calls(fn, *args, **kwargs) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``fn`` compiled (the eager backend: dynamo's graphs, eager kernels) and called twice: the graphs compiled,
+    both results."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]  # a running count: reset() keeps it
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    first = compiled(*args, **kwargs)
+    second = compiled(*args, **kwargs)
+    graphs = counters["stats"]["unique_graphs"] - before
+    torch._dynamo.reset()
+    return graphs, first, second
+
+
+def test_compiled_training_forward_is_one_graph(make_tokens, make_transformer, make_vae) -> None:
+    """A fresh model's compiled forward compiles once: its first call builds the rope tables inside the graph
+    instead of caching them (a cache filled by the first call fails its guard on the second: two graphs)."""
+    model = make_transformer().train()
+    latents, labels = make_tokens(4, NUM_TOKENS), torch.tensor([1, 2, 3, 4])
+    draws = model.draw_training_inputs(latents, labels, _gen(0))
+    graphs, first, second = _graphs_of_two_calls(model, latents, labels, **draws)
+    assert graphs == 1 and not model.rope._cache
+    eager = model(latents, labels, **draws).loss  # the eager call builds and keeps the tables
+    assert torch.equal(first.loss, second.loss) and torch.equal(first.loss, eager) and model.rope._cache
+    vae = make_vae()
+    with torch.no_grad():
+        graphs, first, second = _graphs_of_two_calls(vae, _images(2), sample_posterior=False)
+        assert graphs == 1 and torch.equal(first.sample, vae(_images(2), sample_posterior=False).sample)
+
+
 # ----------------------------------------------------------------------------- gradient checkpointing
 
 

@@ -31,9 +31,9 @@ def swiglu_hidden_size(dim: int, multiple_of: int = 256) -> int:
     return -(-hidden // multiple_of) * multiple_of
 
 
-def grid_positions(grid_size: int) -> torch.Tensor:
+def grid_positions(grid_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(x, y) patch centres of a ``grid_size`` x ``grid_size`` raster, in patch units, as in the official code."""
-    centers = torch.arange(grid_size, dtype=torch.float32, device="cpu") + 0.5
+    centers = torch.arange(grid_size, dtype=torch.float32, device=device) + 0.5
     gy, gx = torch.meshgrid(centers, centers, indexing="ij")
     return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
 
@@ -55,21 +55,27 @@ class Rope2D:
     def __len__(self) -> int:
         return self.length
 
-    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # built on the CPU explicitly: models may be constructed under a meta-device context
+    def _tables(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         quarter, half = self.head_dim // 4, self.head_dim // 2
-        exps = torch.arange(0, half, 2, device="cpu")[:quarter].float() / half
+        exps = torch.arange(0, half, 2, device=device)[:quarter].float() / half
         freqs = 1.0 / (self.theta**exps)
-        pos = torch.cat([torch.zeros(self.num_prefix, 2, device="cpu"), grid_positions(self.grid_size) + 1.0])
+        pos = torch.cat([torch.zeros(self.num_prefix, 2, device=device), grid_positions(self.grid_size, device) + 1.0])
         angles = torch.outer(pos.flatten(), freqs).view(pos.shape[0], -1)[: self.length]  # (seq, hd/2): x then y
         return angles.cos(), angles.sin()
 
     def get(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos``, ``sin`` tables ``(seq, head_dim // 2)`` on ``device`` (built once per device)."""
-        if device not in self._cache:
+        """``cos``, ``sin`` tables ``(seq, head_dim // 2)`` on ``device`` (built once per device).
+
+        Eager calls build them on the CPU (models may be constructed under a meta-device context) and keep them. A
+        ``torch.compile``-d call that finds none builds them inside its graph and keeps nothing: filling the cache
+        from a compiled call would fail the graph's own guard on its next call (a second compile)."""
+        tables = self._cache.get(device)
+        if tables is None:
+            if torch.compiler.is_compiling():
+                return self._tables(device)
             cos, sin = self._tables()
-            self._cache[device] = (cos.to(device), sin.to(device))
-        return self._cache[device]
+            tables = self._cache[device] = (cos.to(device), sin.to(device))
+        return tables
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
