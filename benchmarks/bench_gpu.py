@@ -12,14 +12,15 @@ rough time estimate per part. Then, in order:
    a CPU generator) against the CPU's, and its images against the official CPU images stored in the fixture; the
    same for the fast path.
 2. **SphereAR-B at 256 px** (random weights, ``--dtype`` bfloat16): images/s and ms per token at ``--batch-sizes``
-   (64 and 256) for the eager sampler, the compiled step (``enable_torch_compile(cuda_graph=False)``) and the
-   graph-captured token loop (``enable_torch_compile()``); the first call's time (compile and capture), the graphs the
-   timed call compiled (0: no recompilation), the peak GPU memory; the host operators per head evaluation
-   (torch.profiler, as benchmarks/bench_sampling.py counts them); whether a synchronising CUDA call ran inside the
-   token loop (``torch.cuda.set_sync_debug_mode``); the bfloat16 images' distance from float32 ones (same weights and
-   seeds, eager float32); the trunk steps alone at the largest batch, eager and compiled (their ms per token, and
-   how long the host took to issue them: whether the trunk step is bound by the host, which capturing it too would
-   remove); and the time 50,000 images would take at the best rate.
+   (64 and 256) for the graph-captured token loop (``enable_torch_compile()``), the compiled step
+   (``enable_torch_compile(cuda_graph=False)``) and the eager sampler, in that order (``--paths``: the fast paths
+   first, so that a run cut short by its time limit still has their numbers); the first call's time (compile and
+   capture), the graphs the timed call compiled (0: no recompilation), the peak GPU memory; the host operators per
+   head evaluation (torch.profiler, as benchmarks/bench_sampling.py counts them); whether a synchronising CUDA call
+   ran inside the token loop (``torch.cuda.set_sync_debug_mode``); the bfloat16 images' distance from float32 ones
+   (same weights and seeds, eager float32); the trunk steps alone at the largest batch, eager and compiled (their
+   ms per token, and how long the host took to issue them: whether the trunk step is bound by the host, which
+   capturing it too would remove); and the time 50,000 images would take at the best rate.
 3. **Offload, end to end**: ``enable_model_cpu_offload()`` and ``enable_sequential_cpu_offload()`` on the
    fixture's pipeline (eager, and model offload with the fast path) against the same path's images without offload.
 4. **A training step of SphereAR-B at 256 px from cached latents**: the trainer's step (the model's loss as
@@ -74,6 +75,7 @@ TINY_AR = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_
 TINY_VAE = dict(image_size=32, patch_size=16, z_channels=64, cnn_channels=(32, 32, 32, 32, 64), encoder_layers=1,
                 decoder_layers=1)
 SECTIONS = ("fixture", "sampling", "offload", "training")
+PATHS = ("graph", "compiled", "eager")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -84,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--fixture", type=Path, default=ROOT.parent / "shared" / "fixtures" / "official-tiny")
     ap.add_argument("--batch-sizes", type=ints, default=[64, 256])
+    ap.add_argument("--paths", type=words, default=list(PATHS),
+                    help=f"sampling paths of part 2, in this order (default: {','.join(PATHS)}: the captured loop "
+                         "first, so that a run cut short still has its numbers)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--profile-steps", type=int, default=20, help="steps of the profiled call (operator counts)")
     ap.add_argument("--image-size", type=int, default=256)
@@ -105,9 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, full, tiny in (("train_batch", [64, 128], [8, 16]), ("train_steps", 20, 5), ("train_warmup", 3, 1)):
         if getattr(a, name) is None:
             setattr(a, name, tiny if a.tiny else full)
-    unknown = sorted(set(a.sections) - set(SECTIONS))
-    if unknown:
-        ap.error(f"--sections: unknown {unknown}; expected some of {','.join(SECTIONS)}")
+    for name, known in (("sections", SECTIONS), ("paths", PATHS)):
+        unknown = sorted(set(getattr(a, name)) - set(known))
+        if unknown:
+            ap.error(f"--{name}: unknown {unknown}; expected some of {','.join(known)}")
     return a
 
 
@@ -294,12 +300,12 @@ def trunk_alone(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.dev
 def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device) -> dict:
     """Every path at every batch size; per path, a sync-checked call and the host operators per evaluation."""
     rates, images = {}, {}
-    for path in ("eager", "compiled", "graph"):
+    for path in a.paths:
         set_path(pipe, path, a.compile_backend)
         for b in a.batch_sizes:
             with attempt(f"{path} batch {b}"):
                 rates[path, b], images[path, b] = timed_batch(pipe, a, device, path, b)
-        if path != "compiled":  # the graph path's trunk step is the compiled path's
+        if path == "eager" or path == next(p for p in a.paths if p != "eager"):  # the fast paths share theirs
             with attempt(f"{path}: trunk steps alone"):
                 trunk_alone(pipe, a, device, path, max(a.batch_sizes))
         small = [(7 * i + 1) % pipe.transformer.config.num_classes for i in range(min(a.batch_sizes))]
