@@ -69,13 +69,12 @@ class Rope2D:
         Eager calls build them on the CPU (models may be constructed under a meta-device context) and keep them. A
         ``torch.compile``-d call that finds none builds them inside its graph and keeps nothing: filling the cache
         from a compiled call would fail the graph's own guard on its next call (a second compile)."""
-        tables = self._cache.get(device)
-        if tables is None:
+        if device not in self._cache:
             if torch.compiler.is_compiling():
                 return self._tables(device)
             cos, sin = self._tables()
-            tables = self._cache[device] = (cos.to(device), sin.to(device))
-        return tables
+            self._cache[device] = (cos.to(device), sin.to(device))
+        return self._cache[device]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
