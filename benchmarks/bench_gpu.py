@@ -376,9 +376,9 @@ def training_config(a: argparse.Namespace) -> SphereARConfig:
 def budget(a: argparse.Namespace) -> str:
     """A rough estimate of the run's minutes on an H200 (guesses until measured there). Sampling: eager is bound by
     its host, ~110 operators per head evaluation at ~10 us each, ~120 ms per token, ~30 s per 100-step call at any
-    batch size; with its 4 full calls, the profile and the float32 reference about 3 min; the compiled and the
-    graph paths' compiles and captures about 3.5 min more."""
-    guess = {"fixture": 0.5, "sampling": 6.5, "offload": 0.7,
+    batch size; with its 4 full calls, the profile and the float32 reference about 3 min; the fast paths' compile
+    (once: the compiled path reuses the graph path's compiled functions) and captures about 2.5 min more."""
+    guess = {"fixture": 0.5, "sampling": 5.5, "offload": 0.7,
              "training": sum(1.2 + 0.15 * b / 64 for b in a.train_batch)}
     parts = {k: v for k, v in guess.items() if k in a.sections}
     return (f"time budget, estimated for an H200 (not measured): "

@@ -217,6 +217,12 @@ def test_inductor_fast_path_issues_few_host_operators(make_pipeline, fresh_dynam
     assert compiled_graphs() == graphs  # no recompilation for a call of the same shape
     assert eager_ops >= 30 and fast_ops <= 12, (eager_ops, fast_ops)
     assert (fast - eager).abs().max() <= 1e-4
+    # a new sampler with the same settings shares the compiled functions: inductor's options made torch.compile
+    # build a new backend per call, and dynamo compiles again for a new backend
+    for cuda_graph in (True, False):
+        pipe.enable_torch_compile(cuda_graph=cuda_graph)
+        again = _latents(pipe, [4], _gens(1), num_inference_steps=steps, cfg_schedule="constant")
+        assert compiled_graphs() == graphs and torch.equal(again, fast)
 
 
 def test_the_sampling_benchmark_times_both_paths(fresh_dynamo, capsys) -> None:

@@ -161,6 +161,38 @@ def step_runs(kinds: tuple[str, ...]) -> list[tuple[str, int, int]]:
     return runs
 
 
+COMPILED: dict[tuple, tuple[dict, dict, dict, Callable]] = {}  # compiled_functions' shared sets, by their settings
+COMPILED_LOCK = threading.Lock()
+
+
+def compiled_functions(compile_kwargs: dict) -> tuple[dict, dict, dict, Callable]:
+    """The settings used (with inductor and no ``mode``, its ``options`` gain the :class:`.ThinProducts` pass), and
+    the step functions, the run functions and the trunk step ``torch.compile``-d with them: one set per distinct
+    settings in the process, shared by every sampler made with them. ``torch.compile`` makes a new backend object per
+    call where it takes ``options`` (always, with the default inductor), and dynamo compiles a function again for a
+    new backend object (its backend-match guard): without the sharing, a second ``enable_torch_compile()`` would
+    compile every graph again. Settings that cannot be hashed (an option holding a list) get a set of their own."""
+    try:
+        key = tuple(sorted((name, tuple(sorted(value.items())) if isinstance(value, dict) else value)
+                           for name, value in compile_kwargs.items()))
+        hash(key)
+    except TypeError:
+        key = None
+    with COMPILED_LOCK:
+        if key in COMPILED:
+            return COMPILED[key]
+        kwargs = dict(compile_kwargs)
+        if kwargs.get("backend", "inductor") == "inductor" and kwargs.get("mode") is None:
+            # inductor's options (torch.compile takes them or a mode, not both)
+            kwargs["options"] = {"post_grad_custom_pre_pass": ThinProducts(), **kwargs.get("options", {})}
+        built = (kwargs, {kind: torch.compile(fn, **kwargs) for kind, fn in STEP_FUNCTIONS.items()},
+                 {kind: torch.compile(fn, **kwargs) for kind, fn in RUN_FUNCTIONS.items()},
+                 torch.compile(trunk_step, **{"dynamic": True, **kwargs}))
+        if key is not None:
+            COMPILED[key] = built
+        return built
+
+
 class CapturedToken:
     """A token's step loop captured as one CUDA graph, with static input buffers: a call copies its inputs in
     (without waiting), replays the graph and returns a copy of its output. The time embeddings and step scalars are
@@ -209,14 +241,7 @@ class FastTokenSampler:
             raise ValueError(f"mode={compile_kwargs['mode']!r} makes torch.compile capture CUDA graphs itself: pass "
                              "cuda_graph=False with it, or leave mode unset (the token loop is captured whole)")
         compile_kwargs.setdefault("fullgraph", True)
-        if compile_kwargs.get("backend", "inductor") == "inductor" and compile_kwargs.get("mode") is None:
-            # inductor's options (torch.compile takes them or a mode, not both)
-            options = {"post_grad_custom_pre_pass": ThinProducts(), **compile_kwargs.get("options", {})}
-            compile_kwargs["options"] = options
-        self.compile_kwargs = compile_kwargs
-        self.steps = {kind: torch.compile(fn, **compile_kwargs) for kind, fn in STEP_FUNCTIONS.items()}
-        self.runs = {kind: torch.compile(fn, **compile_kwargs) for kind, fn in RUN_FUNCTIONS.items()}
-        self.trunk = torch.compile(trunk_step, **{"dynamic": True, **compile_kwargs})
+        self.compile_kwargs, self.steps, self.runs, self.trunk = compiled_functions(compile_kwargs)
         self.cuda_graph = cuda_graph
         self.graphs: OrderedDict[tuple, CapturedToken] = OrderedDict()
         self.lock = threading.Lock()
