@@ -67,8 +67,8 @@ class Rope2D:
         """``cos``, ``sin`` tables ``(seq, head_dim // 2)`` on ``device`` (built once per device).
 
         Eager calls build them on the CPU (models may be constructed under a meta-device context) and keep them. A
-        ``torch.compile``-d call that finds none builds them inside its graph and keeps nothing: filling the cache
-        from a compiled call would fail the graph's own guard on its next call (a second compile)."""
+        ``torch.compile``-d call that finds none builds them inside its graph and keeps nothing: a compiled call that
+        filled the cache would fail its own graph's guard on its next call (a second compile)."""
         if device not in self._cache:
             if torch.compiler.is_compiling():
                 return self._tables(device)
