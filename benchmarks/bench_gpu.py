@@ -279,7 +279,9 @@ def trunk_alone(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.dev
     step = tf.decode_step if fast is None else functools.partial(fast.decode_step, tf)
     labels = torch.tensor([(7 * i + 1) % tf.config.num_classes for i in range(b)] + [tf.null_class_id] * b)
     g = torch.Generator().manual_seed(0)
-    token = pipe.vae.normalize(torch.randn(2 * b, tf.config.latent_dim, generator=g)).to(device, tf.dtype)
+    # float32, as the sampler's tokens are (decode_step casts): the shapes and dtypes the pipeline's call compiled
+    token = pipe.vae.normalize(torch.randn(2 * b, tf.config.latent_dim, generator=g)).to(device)
+    graphs = bench_sampling.compiled_graphs()
     with torch.no_grad():
         cache = tf.allocate_kv_cache(2 * b, device=device)
         tf.prefill(labels.to(device), cache)
@@ -294,7 +296,7 @@ def trunk_alone(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.dev
         wall = time.perf_counter() - t0
     tokens = tf.config.num_image_tokens - 1
     log(f"{path:8s} batch {b:3d}: trunk steps alone {1000 * wall / tokens:7.3f} ms per token (issued by the host in "
-        f"{1000 * issued / tokens:7.3f} ms)")
+        f"{1000 * issued / tokens:7.3f} ms); graphs compiled: {bench_sampling.compiled_graphs() - graphs}")
 
 
 def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device) -> dict:
