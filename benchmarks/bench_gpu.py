@@ -121,6 +121,11 @@ def generators(n: int, seed: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(n)]
 
 
+def class_labels(pipe: SphereARPipeline, n: int) -> list[int]:
+    """``n`` spread-out class ids of ``pipe``'s model (the same for every path and run)."""
+    return [(7 * i + 1) % pipe.transformer.config.num_classes for i in range(n)]
+
+
 def sample(pipe: SphereARPipeline, labels: list[int], steps: int, seed: int, **kwargs) -> torch.Tensor:
     kwargs.setdefault("generator", generators(len(labels), seed))
     return pipe(labels, num_inference_steps=steps, output_type="pt", **kwargs).images.float().cpu()
@@ -248,7 +253,7 @@ def timed_batch(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.dev
                 b: int) -> tuple[float, torch.Tensor]:
     """One batch size of one path: a first call (the fast paths compile / capture there; eager warms up with 2
     steps), then a timed call. Prints the rate, ms per token, the first call's time and the peak memory."""
-    labels = [(7 * i + 1) % pipe.transformer.config.num_classes for i in range(b)]
+    labels = class_labels(pipe, b)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -277,7 +282,7 @@ def trunk_alone(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.dev
     # a new sampler shares the pipeline's compiled trunk step (one code object): nothing compiles again
     fast = None if path == "eager" else FastTokenSampler(cuda_graph=False, backend=a.compile_backend)
     step = tf.decode_step if fast is None else functools.partial(fast.decode_step, tf)
-    labels = torch.tensor([(7 * i + 1) % tf.config.num_classes for i in range(b)] + [tf.null_class_id] * b)
+    labels = torch.tensor(class_labels(pipe, b) + [tf.null_class_id] * b)  # rows [conditional; unconditional]
     g = torch.Generator().manual_seed(0)
     # float32, as the sampler's tokens are (decode_step casts): the shapes and dtypes the pipeline's call compiled
     token = pipe.vae.normalize(torch.randn(2 * b, tf.config.latent_dim, generator=g)).to(device)
@@ -302,15 +307,16 @@ def trunk_alone(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.dev
 def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device) -> dict:
     """Every path at every batch size; per path, a sync-checked call and the host operators per evaluation."""
     rates, images = {}, {}
+    trunk_paths = {"eager", next((p for p in a.paths if p != "eager"), "")}  # the fast paths share one trunk step
     for path in a.paths:
         set_path(pipe, path, a.compile_backend)
         for b in a.batch_sizes:
             with attempt(f"{path} batch {b}"):
                 rates[path, b], images[path, b] = timed_batch(pipe, a, device, path, b)
-        if path == "eager" or path == next(p for p in a.paths if p != "eager"):  # the fast paths share theirs
+        if path in trunk_paths:
             with attempt(f"{path}: trunk steps alone"):
                 trunk_alone(pipe, a, device, path, max(a.batch_sizes))
-        small = [(7 * i + 1) % pipe.transformer.config.num_classes for i in range(min(a.batch_sizes))]
+        small = class_labels(pipe, min(a.batch_sizes))
         with attempt(f"{path}: synchronisation check and operator count"):
             found: list[str] = []
             with sync_check(pipe, device, found):
@@ -326,7 +332,7 @@ def throughput(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.devi
 def precision_distance(reference: SphereARPipeline, a: argparse.Namespace, path: str, images: torch.Tensor,
                        batch: int) -> None:
     """The ``--dtype`` images against those of the float32 model they were cast from (eager, same seeds)."""
-    labels = [(7 * i + 1) % reference.transformer.config.num_classes for i in range(batch)]
+    labels = class_labels(reference, batch)
     fp32 = sample(reference, labels, a.steps, a.seed + 1)
     d = (images - fp32).abs()
     log(f"{a.dtype} {path}-path images vs float32 eager (batch {batch}, same seeds): max {d.max():.3f}, mean "

@@ -25,6 +25,13 @@ TINY_ID2LABEL = {0: "zero, nil", 1: "one", 2: "two", 3: "three", 4: "four", 5: "
                  8: "eight", 9: "nine"}
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process (a running count: ``torch._dynamo.reset()`` keeps it)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 @torch.no_grad()
 def randomize_zero_params(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Give every all-zero parameter (the head's zero-initialised adaLN / output layers, biases) random values.

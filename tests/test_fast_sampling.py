@@ -16,6 +16,7 @@ import torch
 from accelerate import cpu_offload
 from accelerate.hooks import CpuOffload, ModelHook, add_hook_to_module
 
+from conftest import compiled_graphs
 from sphere_ar_hf import SphereARScheduler, SphereARTransformer
 from sphere_ar_hf.modeling_sphere_ar import SamplingPlan
 
@@ -49,12 +50,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
 
 
 # ----------------------------------------------------------------------------- the plan

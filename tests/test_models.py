@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, Trainer, TrainingArguments
 from transformers.utils import ModelOutput
 
 import sphere_ar_hf  # noqa: F401  (registers the auto classes)
+from conftest import compiled_graphs
 from sphere_ar_hf import SphereARConfig, SphereARTransformer, SphereVAE
 
 NUM_TOKENS = 4  # the tiny config: 32 px images of 16 px patches
@@ -125,14 +126,12 @@ def test_class_dropout_probability(make_transformer) -> None:
 def _graphs_of_two_calls(fn, *args, **kwargs) -> tuple[int, torch.Tensor, torch.Tensor]:
     """``fn`` compiled (the eager backend: dynamo's graphs, eager kernels) and called twice: the graphs compiled,
     both results."""
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
-    before = counters["stats"]["unique_graphs"]  # a running count: reset() keeps it
+    before = compiled_graphs()
     compiled = torch.compile(fn, backend="eager", fullgraph=True)
     first = compiled(*args, **kwargs)
     second = compiled(*args, **kwargs)
-    graphs = counters["stats"]["unique_graphs"] - before
+    graphs = compiled_graphs() - before
     torch._dynamo.reset()
     return graphs, first, second
 

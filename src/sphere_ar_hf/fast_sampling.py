@@ -47,7 +47,7 @@ MAX_GRAPHS = 4  # captured token loops kept per sampler (each holds its own memo
 UNROLL = 2  # steps per iteration of a scan (each iteration's loop test reads a value: 2 host operators)
 # inductor compiles a ``scan`` (as a while loop) from torch 2.10 on (2.6-2.7: "scan is not an OpOverload", 2.8-2.9:
 # its loop test is unsupported); with an older torch the CPU runs a token's steps one compiled call each, as CUDA does
-SCANS_COMPILE = torch.__version__ >= "2.10"
+SCANS_COMPILE = torch.__version__ >= "2.10"  # a TorchVersion: compared as a version (2.9.1 < 2.10), not as text
 
 
 def guided_velocity(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],
