@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import pytest
 import torch
 
-from conftest import build_tiny_pipeline, offline_browser  # noqa: E402
+from conftest import build_tiny_pipeline, free_port, offline_browser  # noqa: E402
 from sphere_ar_hf import imagenet_id2label  # noqa: E402
 from sphere_ar_hf.demo import (  # noqa: E402
     API_NAME,
@@ -107,11 +107,6 @@ def isolated(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -128,7 +123,7 @@ def server(tiny_model_dir):
     else:
         model = [] if DEMO_MODEL == "bundled" else ["--model", DEMO_MODEL]
     for attempt in range(3):  # another process may take the free port between the probe and the bind
-        demo, launch_kwargs = create_demo([*model, "--port", str(_free_port())])
+        demo, launch_kwargs = create_demo([*model, "--port", str(free_port())])
         assert launch_kwargs["server_name"] == "127.0.0.1"
         try:
             demo.launch(**launch_kwargs, prevent_thread_lock=True, quiet=True)
@@ -526,7 +521,7 @@ def test_compile_flag_serves_the_fast_sampler():
 
     galleries, progress = [], []
     for argv in ([], ["--compile"]):
-        demo, _ = create_demo([*argv, "--port", str(_free_port())])
+        demo, _ = create_demo([*argv, "--port", str(free_port())])
         try:
             assert (demo.runner.pipeline._compiled_sampler is not None) == bool(argv)
             progress.append(_ProgressRecorder())

@@ -157,7 +157,7 @@ def test_hostile_pickle_in_a_model_folder(folder, tmp_path, component: str) -> N
     marker = tmp_path / "pwned"
     (edited / component / WEIGHTS[component]).unlink()
     torch.save({"weight": _Payload(marker)}, edited / component / PICKLES[component])
-    expect_refusal(edited, component, "refused", "weights_only=True", "save the weights as safetensors")
+    expect_refusal(edited, component, "refused", "weights_only=True", "save the weights as safetensors", "makedirs")
     assert not marker.exists()
 
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
 from sphere_ar_hf.cli import main as cli
 from sphere_ar_hf.evaluation import ImageSet, image_labels, image_seeds
 
@@ -32,11 +32,6 @@ def _env(threads: int) -> dict[str, str]:
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     return env
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sha(path: Path) -> str:
@@ -82,7 +77,7 @@ def test_two_processes_write_the_same_file_as_one_with_another_batch_size(tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     torchrun = Path(sys.executable).with_name("torchrun")
     res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                          str(_free_port()), "-m", "sphere_ar_hf.cli", "sample", *SAMPLE, "--output-dir", str(two),
+                          str(free_port()), "-m", "sphere_ar_hf.cli", "sample", *SAMPLE, "--output-dir", str(two),
                           "--batch-size", "5"], env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 processes" in res.stdout and "rank 1: shard" in res.stderr

@@ -13,7 +13,6 @@ import filecmp
 import importlib.metadata
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,7 +24,7 @@ import pytest
 import yaml
 
 import sphere_ar_hf
-from conftest import offline_browser
+from conftest import free_port, offline_browser
 from sphere_ar_hf import hub
 from sphere_ar_hf.cli import main
 from sphere_ar_hf.pretrained import bundled_model_path
@@ -171,11 +170,6 @@ def test_python_api_keeps_working(tmp_path):
 
 
 # ---- the Space, started with the package blocked, in a browser -----------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _blocked_env(space: Path, hooks: Path, log: Path, port: int | None = None) -> dict[str, str]:
     hooks.mkdir(exist_ok=True)
@@ -203,7 +197,7 @@ def test_the_installed_package_is_blocked(space, tmp_path):
 def test_space_app_serves_images_with_the_package_blocked(space, tmp_path):
     from PIL import Image
 
-    port, log, output = _free_port(), tmp_path / "imports.log", tmp_path / "app.log"
+    port, log, output = free_port(), tmp_path / "imports.log", tmp_path / "app.log"
     env = _blocked_env(space, tmp_path / "hooks", log, port)
     origin = f"http://127.0.0.1:{port}"
     with open(output, "w") as out:

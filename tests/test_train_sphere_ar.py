@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from conftest import free_port
 from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARTransformer, SphereVAE
 from sphere_ar_hf.evaluation.sampling import image_labels, sample_images
 from sphere_ar_hf.seeding import image_seeds
@@ -676,17 +676,12 @@ def test_training_from_a_latent_cache(assets, tmp_path):
     assert pipe.id2label == dict(enumerate(CLASS_NAMES)) and pipe.transformer.config.num_classes == 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_processes_train_on_disjoint_data_and_save_a_pipeline(assets, tmp_path):
     index_dir, out = tmp_path / "indices", tmp_path / "ddp"
     index_dir.mkdir()
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(PROBE), *example_cli(assets, out, num_train_epochs=2, save_strategy="no",
                                     per_device_train_batch_size=2, decay_start=4, logging_steps=2,
                                     ddp_backend="gloo", eval_images=9, eval_steps=8, eval_features="digits",

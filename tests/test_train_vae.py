@@ -8,6 +8,9 @@ import json
 import logging
 import math
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from sphere_ar_hf import SphereVAE
 from sphere_ar_hf.training.checkpoints import CHECKPOINT_MARKER, mark_checkpoint_complete, resolve_resume_checkpoint
 from sphere_ar_hf.training.data import DataArguments, build_image_dataset
@@ -505,3 +509,85 @@ def test_resume_equals_uninterrupted_run(example, image_dataset, tmp_path):
         out = vae(torch.zeros(1, 3, 32, 32), sample_posterior=False).sample
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
     assert PatchGANDiscriminator.from_pretrained(str(split / "discriminator")).config.base_channels == 16
+
+
+class _RunsCode:
+    """Pickled, it calls ``os.mkdir(path)`` when loaded with ``weights_only=False``."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_resume_unpickles_no_code(example, image_dataset, tmp_path):
+    """The run's position travels as JSON in the checkpoint marker, not as an object accelerate unpickles with
+    ``weights_only=False``. A checkpoint of the earlier format (the position in ``custom_checkpoint_0.pkl``)
+    resumes to the same weights; one whose pickle would run code is refused in one line, and the code never runs."""
+    common = [*TINY_ARGS, "--dataset_path", str(image_dataset), "--max_train_samples", "16", "--global_batch_size",
+              "4", "--gradient_accumulation_steps", "2", "--perceptual_weight", "0", "--learning_rate", "1e-3",
+              "--logging_steps", "1", "--checkpointing_steps", "1", "--validation_steps", "100",
+              "--num_validation_images", "0", "--max_train_steps", "2"]
+    run = tmp_path / "run"
+    example.main(["--output_dir", str(run), *common])
+    marker = json.loads((run / "checkpoint-1" / CHECKPOINT_MARKER).read_text())
+    assert marker["train_state"] == {"global_step": 1, "epoch": 0, "micro_batches_in_epoch": 2,
+                                     "global_batch_size": 4, "num_processes": 1, "gradient_accumulation_steps": 2}
+    assert not list(run.rglob("custom_checkpoint_*"))
+
+    legacy = tmp_path / "legacy" / "checkpoint-1"
+    shutil.copytree(run / "checkpoint-1", legacy)
+    torch.save(marker["train_state"], legacy / "custom_checkpoint_0.pkl")  # what accelerate wrote
+    (legacy / CHECKPOINT_MARKER).unlink()
+    mark_checkpoint_complete(legacy, 1, {"epoch": 0})
+    _reset_accelerate()
+    example.main(["--output_dir", str(legacy.parent), "--resume_from_checkpoint", "latest", *common])
+    a, b = _weights(run / "vae"), _weights(legacy.parent / "vae")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {p.name for p in legacy.iterdir()} == {p.name for p in (run / "checkpoint-1").iterdir()} | {
+        "custom_checkpoint_0.pkl"}  # untouched: no link folder left inside
+
+    evil = tmp_path / "evil" / "checkpoint-1"
+    shutil.copytree(legacy, evil)
+    flag = tmp_path / "code-ran"
+    torch.save(_RunsCode(flag), evil / "custom_checkpoint_0.pkl")
+    (evil / CHECKPOINT_MARKER).unlink()
+    mark_checkpoint_complete(evil, 1, {"epoch": 0})
+    _reset_accelerate()
+    with pytest.raises(ValueError, match=r"custom_checkpoint_0\.pkl: the run's position could not be read") as e:
+        example.main(["--output_dir", str(evil.parent), "--resume_from_checkpoint", "latest", *common])
+    assert "\n" not in str(e.value) and not flag.exists() and not (evil.parent / "vae").exists()
+
+
+def test_two_processes_train_and_resume_as_one_run(image_dataset, tmp_path):
+    """``torchrun`` with two processes (gloo): 4 steps straight equal 2 steps, then a resume to 4, bit for bit
+    (every rank's RNG state saved and restored); the final S-VAE loads and reconstructs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    common = [*TINY_ARGS, "--dataset_path", str(image_dataset), "--global_batch_size", "8",
+              "--gradient_accumulation_steps", "2", "--disc_start", "2", "--learning_rate", "1e-3",
+              "--checkpointing_steps", "2", "--logging_steps", "1", "--validation_steps", "100",
+              "--num_validation_images", "0", "--report_to", "none"]
+
+    def torchrun(out: Path, *extra: str) -> str:
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(EXAMPLE), "--output_dir", str(out), *common, *extra]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stderr
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert "2 per device x 2 processes x 2 accumulation = 8 per step" in torchrun(full, "--max_train_steps", "4")
+    torchrun(split, "--max_train_steps", "2")
+    assert {p.name for p in (split / "checkpoint-2").glob("random_states_*.pkl")} == {"random_states_0.pkl",
+                                                                                      "random_states_1.pkl"}
+    assert "resuming at step 2" in torchrun(split, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    for name in ("vae", "discriminator", "checkpoint-4"):
+        a, b = _weights(full / name), _weights(split / name)
+        assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), name
+    vae = SphereVAE.from_pretrained(str(split / "vae"))
+    with torch.no_grad():
+        out = vae(torch.zeros(1, 3, 32, 32), sample_posterior=False).sample
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()

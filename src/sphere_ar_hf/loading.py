@@ -228,7 +228,8 @@ def _unreadable(error: BaseException) -> BaseException | None:
 
 def _unreadable_message(cause: BaseException) -> str:
     if isinstance(cause, pickle.UnpicklingError):
-        lines = [line.strip() for line in str(cause).splitlines() if "Unsupported global" in line or "error:" in line]
+        lines = [line.strip() for line in str(cause).splitlines()
+                 if "unsupported global" in line.lower() or "error:" in line]  # torch words it both ways
         why = lines[0] if lines else "it holds objects other than tensors"
         return (f"a pickled weights file that does not load with torch.load(weights_only=True) was refused ({why}); "
                 "only plain tensors are loaded from pickles: save the weights as safetensors")

@@ -1,24 +1,35 @@
 """The S-VAE run's resumable position and its checkpoints: the sampler that starts mid-epoch, the state that
-``accelerate`` does not save itself, and the atomic ``save_state`` into ``checkpoint-<step>``."""
+``accelerate`` does not save itself, and the atomic ``save_state`` into ``checkpoint-<step>``.
+
+:class:`TrainState` travels as JSON in the checkpoint's completion marker, not as an object registered with
+``accelerator.register_for_checkpointing``: ``accelerate`` unpickles registered objects with
+``weights_only=False``, so a checkpoint folder from elsewhere could run code on resume.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import os
+import pickle
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DistributedSampler
 
 from ..utils import shared_staging_path, stage_folder, swap_folder_into_place
-from .checkpoints import mark_checkpoint_complete, rotate_checkpoints
+from .checkpoints import CHECKPOINT_MARKER, mark_checkpoint_complete, rotate_checkpoints
 
 __all__ = [
     "ResumableDistributedSampler",
     "TrainState",
+    "accelerate_state_folder",
     "save_checkpoint_atomically",
 ]
 
@@ -58,20 +69,58 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Set the fields from :meth:`state_dict`'s dict (``accelerator.load_state``)."""
+        """Set the fields from :meth:`state_dict`'s dict."""
         for key, value in state.items():
             setattr(self, key, int(value))
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Set the fields from the completion marker of ``folder`` (a complete ``checkpoint-<step>``). A checkpoint
+        written before the state moved there holds it in accelerate's ``custom_checkpoint_0.pkl``, which is read
+        with ``torch.load(weights_only=True)`` (a dict of integers): a pickle that would run code is refused."""
+        folder = Path(folder)
+        saved = json.loads((folder / CHECKPOINT_MARKER).read_text()).get("train_state")
+        if saved is None:
+            legacy = folder / "custom_checkpoint_0.pkl"
+            try:
+                saved = torch.load(legacy, map_location="cpu", weights_only=True)
+            except (OSError, pickle.UnpicklingError, RuntimeError) as e:
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                why = next((line for line in lines if "unsupported global" in line.lower()), lines[0] if lines else
+                           type(e).__name__)
+                raise ValueError(f"{legacy}: the run's position could not be read as plain data ({why}); expected "
+                                 "a checkpoint written by this trainer") from None
+        if not isinstance(saved, dict) or set(saved) != set(self.state_dict()) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in saved.values()):
+            raise ValueError(f"{folder}: train_state {saved!r}: expected the integers {sorted(self.state_dict())}")
+        self.load_state_dict(saved)
+
+
+@contextlib.contextmanager
+def accelerate_state_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """``folder`` for ``accelerator.load_state`` with no object registered for checkpointing. A checkpoint written
+    before :class:`TrainState` moved into the marker also holds ``custom_checkpoint_0.pkl``, which ``load_state``
+    would refuse to skip: it then gets a temporary folder of links to every other file (removed afterwards; the
+    checkpoint itself is not touched)."""
+    folder = Path(folder)
+    if not list(folder.glob("custom_checkpoint_*.pkl")):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="sphere-ar-resume-") as links:
+        for path in folder.iterdir():
+            if not path.name.startswith("custom_checkpoint_"):
+                (Path(links) / path.name).symlink_to(path.resolve())
+        yield Path(links)
 
 
 def save_checkpoint_atomically(accelerator: Any, output_dir: str | os.PathLike, step: int,
                                extra: dict[str, Any] | None = None, total_limit: int | None = None,
                                keep_every: int | None = None) -> Path:
     """``accelerator.save_state`` into a staging folder (``utils.stage_folder(..., shared=True)``), add the
-    completion marker, then swap it into place as ``checkpoint-<step>`` (``utils.swap_folder_into_place``) and
-    keep the newest ``total_limit`` complete checkpoints and every ``keep_every``-th
-    (:func:`~.checkpoints.rotate_checkpoints`). Call on every process. An error removes the staging
-    folder; a run killed before the swap leaves only a hidden folder that ``resolve_resume_checkpoint`` ignores
-    and the next run removes."""
+    completion marker (with ``extra``: the trainer passes its :class:`TrainState` as ``{"train_state": ...}``),
+    then swap it into place as ``checkpoint-<step>`` (``utils.swap_folder_into_place``) and keep the newest
+    ``total_limit`` complete checkpoints and every ``keep_every``-th (:func:`~.checkpoints.rotate_checkpoints`).
+    Call on every process. An error removes the staging folder; a run killed before the swap leaves only a hidden
+    folder that ``resolve_resume_checkpoint`` ignores and the next run removes."""
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     staged = stage_folder(final, shared=True) if accelerator.is_main_process else None

@@ -46,7 +46,12 @@ from .optimization import official_param_groups
 from .reconstruction_evaluation import ReconstructionEvaluation, first_pixel_values
 from .schedules import official_learning_rate
 from .vae_arguments import DEFAULT_KL_WEIGHTS, VAEModelArguments, VAETrainingArguments, kl_weight
-from .vae_checkpoints import ResumableDistributedSampler, TrainState, save_checkpoint_atomically
+from .vae_checkpoints import (
+    ResumableDistributedSampler,
+    TrainState,
+    accelerate_state_folder,
+    save_checkpoint_atomically,
+)
 from .vae_models import PairedDiscriminator, VAEWithPosterior, build_discriminator, build_vae, posterior_generator
 from .vae_reporting import LogMeter, save_preview, startup_summary, tracker_config
 
@@ -316,7 +321,8 @@ def _after_step(setup: _Setup, models: _Models, data: _Data, state: TrainState, 
 def _save_checkpoint(setup: _Setup, state: TrainState) -> None:
     """``checkpoint-<step>`` of the whole state (with the epoch in its marker), rotated as the arguments say."""
     args = setup.args
-    save_checkpoint_atomically(setup.accelerator, setup.output_dir, state.global_step, extra={"epoch": state.epoch},
+    save_checkpoint_atomically(setup.accelerator, setup.output_dir, state.global_step,
+                               extra={"epoch": state.epoch, "train_state": state.state_dict()},
                                total_limit=args.checkpoints_total_limit, keep_every=args.keep_checkpoints_every)
 
 
@@ -454,16 +460,17 @@ def _evaluate(accelerator: Any, model: nn.Module, evaluation: ReconstructionEval
 
 def _resume(accelerator: Any, args: VAETrainingArguments, output_dir: Path, accum: int,
             evaluation: ReconstructionEvaluation | None) -> TrainState:
-    """The run's :class:`TrainState`, registered for checkpointing, loaded with the whole state from
-    ``--resume_from_checkpoint`` if any (the evaluations after that checkpoint are then made again)."""
+    """The run's :class:`TrainState`, loaded with the whole state from ``--resume_from_checkpoint`` if any (the
+    evaluations after that checkpoint are then made again)."""
     world = accelerator.num_processes
     state = TrainState(global_batch_size=args.global_batch_size, num_processes=world,
                        gradient_accumulation_steps=accum)
-    accelerator.register_for_checkpointing(state)
     path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
     if path is None:
         return state
-    accelerator.load_state(path)
+    state.load_checkpoint(path)  # before load_state: a checkpoint it refuses changes nothing
+    with accelerate_state_folder(path) as folder:
+        accelerator.load_state(str(folder))
     saved = (state.global_batch_size, state.num_processes, state.gradient_accumulation_steps)
     if saved != (args.global_batch_size, world, accum):
         logger.warning("checkpoint geometry (global batch, processes, accumulation) %s differs from %s: the data "
