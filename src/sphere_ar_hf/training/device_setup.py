@@ -1,5 +1,6 @@
-"""What the trainers decide from the hardware and the launcher: native bf16, the process-group timeout, and
-whether parameters are sharded (FSDP, DeepSpeed ZeRO-3), which the EMA does not support.
+"""What the trainers decide from the hardware and the launcher: native bf16, the process-group timeout, whether
+the launched processes form one job, and whether parameters are sharded (FSDP, DeepSpeed ZeRO-3), which the EMA
+does not support.
 
 Each is a GPU- or cluster-only condition that a CPU test reaches by monkeypatching ``torch.cuda`` or the
 environment, so they live here, small and separate from the training loops.
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_DDP_TIMEOUT", "check_ema_supported", "native_bf16_gpu", "process_group_kwargs",
+__all__ = ["DEFAULT_DDP_TIMEOUT", "check_ema_supported", "check_one_job", "native_bf16_gpu", "process_group_kwargs",
            "resolve_mixed_precision"]
 
 # Seconds a collective may wait before the process group gives up: long enough for the main process to write a
@@ -48,6 +49,18 @@ def process_group_kwargs(timeout_s: int) -> list[Any]:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s <= 0:
         raise ValueError(f"--ddp_timeout {timeout_s!r}: expected a positive number of seconds")
     return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+
+
+def check_one_job(distributed: bool, cpu_option: str) -> None:
+    """Refuse a launch of several processes (``WORLD_SIZE`` > 1) that do not form one distributed job
+    (``distributed``: what accelerate or the Trainer set up). On a machine without GPUs, accelerate and the Trainer
+    run each process of a ``torchrun`` launch alone unless told to use the CPU: every process would then train on
+    all the data and write the same files. ``cpu_option`` is the script's way to say so."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and not distributed:
+        raise ValueError(f"WORLD_SIZE={launched}: the {launched} launched processes would each run alone (no GPU "
+                         f"found) and overwrite each other's files; on a machine without GPUs pass {cpu_option} "
+                         "(or set ACCELERATE_USE_CPU=true)")
 
 
 def _env_flag(name: str) -> bool:

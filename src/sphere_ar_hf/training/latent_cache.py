@@ -34,7 +34,7 @@ from ..utils import atomic_write, check_output_folder, shared_staging_path, stag
 from ..vae import POSTERIOR_CLASSES, SphereVAE, posterior_tokens
 from .argument_checks import check_arguments
 from .data import DataArguments, class_names, load_image_dataset, resolve_num_classes, undecoded_images
-from .device_setup import DEFAULT_DDP_TIMEOUT, process_group_kwargs
+from .device_setup import DEFAULT_DDP_TIMEOUT, check_one_job, process_group_kwargs
 from .image_transforms import center_crop, decode_image, describe_image_value, pixels_to_tensor
 
 __all__ = [
@@ -417,13 +417,14 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
 def main(argv: list[str] | None = None) -> Path:
     """Command line: ``python examples/cache_latents.py --pretrained_vae ... --output_dir ... <data arguments>``."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((DataArguments, CacheArguments))
     data_args, cache_args = parser.parse_args_into_dataclasses(args=argv)
     accelerator = Accelerator(mixed_precision=cache_args.mixed_precision, cpu=cache_args.cpu,
                               kwargs_handlers=process_group_kwargs(cache_args.ddp_timeout))
+    check_one_job(accelerator.distributed_type != DistributedType.NO, "--cpu")
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     vae = load_vae(cache_args.pretrained_vae)

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.training_args import ParallelMode
 
 from ..hub.cards import public_model_name
 from ..utils import check_output_folder
 from ..vae import SphereVAE
 from .argument_checks import check_arguments, check_input_path
 from .data import build_image_dataset, class_names, resolve_num_classes
+from .device_setup import check_one_job
 from .latent_cache import LatentCacheDataset, check_latent_cache
 
 __all__ = ["TrainingData", "load_training_data", "prepare_run", "train_and_save", "training_data_record"]
@@ -37,6 +39,7 @@ def prepare_run(args: Any, training_args: TrainingArguments, data_args: Any, out
     the argument ``parameter``) must be writable without replacing any of ``inputs`` (``utils.check_output_folder``).
     """
     check_arguments(args, training_args, data_args)
+    check_one_job(training_args.parallel_mode != ParallelMode.NOT_PARALLEL, "--use_cpu")
     for name in input_paths:
         check_input_path(f"--{name}", getattr(args, name))
     check_output_folder(output_dir, True, kind=kind, inputs=inputs, option=parameter)

@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from ..vae import SphereVAE
 from .argument_checks import check_arguments, check_input_path
 from .checkpoints import resolve_resume_checkpoint
 from .data import DataArguments, build_image_dataset, collate_images
-from .device_setup import process_group_kwargs, resolve_mixed_precision
+from .device_setup import check_one_job, process_group_kwargs, resolve_mixed_precision
 from .latent_cache import data_inputs
 from .losses import PatchGANDiscriminator, SphereVAELoss
 from .optimization import official_param_groups
@@ -137,7 +136,7 @@ def _check_run_arguments(model_args: VAEModelArguments, args: VAETrainingArgumen
 def _set_up(model_args: VAEModelArguments, args: VAETrainingArguments, data_args: DataArguments) -> _Setup:
     """Start accelerate and logging, fix the batch geometry, refuse final folders that would replace an input, and
     (main process) prepare ``output_dir`` with ``training_args.json``."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from accelerate.utils import ProjectConfiguration
 
     _check_run_arguments(model_args, args, data_args)
@@ -152,10 +151,7 @@ def _set_up(model_args: VAEModelArguments, args: VAETrainingArguments, data_args
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
                         if accelerator.is_main_process else logging.WARNING)
     device, world = accelerator.device, accelerator.num_processes
-    if int(os.environ.get("WORLD_SIZE", "1")) > world:
-        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate runs {world}: every "
-                           "process would train alone and overwrite the same files (on CPU-only machines set "
-                           "ACCELERATE_USE_CPU=true)")
+    check_one_job(accelerator.distributed_type != DistributedType.NO, "ACCELERATE_USE_CPU=true")
     if args.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
