@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from sphere_ar_hf import SphereARPipeline, convert_official_checkpoint, imagenet_id2label
 from sphere_ar_hf.cli import main
-from sphere_ar_hf.convert import AR_KEY_RULES, VAE_KEY_RULES, rename_key
+from sphere_ar_hf.official_checkpoint import AR_KEY_RULES, VAE_KEY_RULES, rename_key
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official-tiny"
 AR, VAE = FIXTURE / "ar.pt", FIXTURE / "vae.pt"
@@ -218,10 +218,10 @@ BAD_CHECKPOINTS = {
 
 _CONVERT_IN_A_BOX = """
 import sys
-import sphere_ar_hf.convert
+import sphere_ar_hf.official_checkpoint
 from sphere_ar_hf.cli import main
 if sys.argv[1] == "no-guard":  # the converter as it was: no tensor-size check
-    sphere_ar_hf.convert._check_tensor_sizes = lambda *args, **kwargs: None
+    sphere_ar_hf.official_checkpoint._check_tensor_sizes = lambda *args, **kwargs: None
 sys.exit(main(sys.argv[2:]))
 """
 _ADDRESS_SPACE = 16 * 2**30  # a broken guard fails the test (allocation error) instead of taking the memory

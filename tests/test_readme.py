@@ -1,11 +1,12 @@
 """Every Python block of the README runs as written: each in a fresh interpreter, offline, in a folder that holds
 what the README's names refer to (a converted pipeline `sphere-ar-b`, an adapter `my-lora`, a pushed folder
-`you/sphere-ar-b`, built here from the official-format tiny fixture)."""
+`you/sphere-ar-b`, the Hub cache of `guolinke/SphereAR`, built here from the official-format tiny fixture)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,13 @@ def workdir(tmp_path_factory) -> Path:
 
     work = tmp_path_factory.mktemp("readme")
     pipe = convert_official_checkpoint(FIXTURE / "ar.pt", work / "sphere-ar-b")
+    # guolinke/SphereAR in a Hub cache, as a download leaves it: from_single_file's URL is read from it, offline
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    model = work / "hub-cache" / "models--guolinke--SphereAR"
+    (model / "snapshots" / commit).mkdir(parents=True)
+    shutil.copyfile(FIXTURE / "ar.pt", model / "snapshots" / commit / "SphereAR_B.pt")
+    (model / "refs").mkdir()
+    (model / "refs" / "main").write_text(commit)
     save_lora(add_lora(pipe.transformer, build_lora_config(rank=4)), work / "my-lora")
     build_push_folder(work / "sphere-ar-b", work / "you" / "sphere-ar-b", repo_id="you/sphere-ar-b", license="mit")
     return work
@@ -38,7 +46,7 @@ def test_the_readme_has_python_blocks() -> None:
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs(workdir: Path, index: int) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_CACHE": str(workdir / "hub-cache")}
     done = subprocess.run([sys.executable, "-c", BLOCKS[index]], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, f"README block {index}:\n{BLOCKS[index]}\n{done.stderr[-3000:]}"

@@ -125,11 +125,15 @@ def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> Path:
 # ---- convert --------------------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import ConversionError, convert_official_checkpoint
+    from .single_file import resolve_checkpoint
 
     info: dict = {}
     try:
+        checkpoint = resolve_checkpoint(args.checkpoint, "--checkpoint")  # a file, or one on the Hub
+        vae_checkpoint = None if args.vae_checkpoint is None else resolve_checkpoint(args.vae_checkpoint,
+                                                                                     "--vae-checkpoint")
         with quiet_libraries():
-            pipe = convert_official_checkpoint(args.checkpoint, args.output, vae_checkpoint=args.vae_checkpoint,
+            pipe = convert_official_checkpoint(checkpoint, args.output, vae_checkpoint=vae_checkpoint,
                                                use_ema=not args.no_ema, num_heads=args.num_heads,
                                                vae_num_heads=args.vae_num_heads, overwrite=args.overwrite, info=info)
     except ConversionError as e:
@@ -267,13 +271,15 @@ def add_convert_parser(sub, fmt) -> None:
                     "(model_index.json, transformer/, vae/, scheduler/; safetensors weights) that "
                     "`sphere-ar generate --model` and SphereARPipeline.from_pretrained load. The checkpoint is read "
                     "weights-only: a pickle that would run code is refused. The folder is written atomically.")
-    conv.add_argument("--checkpoint", required=True, type=Path, metavar="PATH",
+    conv.add_argument("--checkpoint", required=True, metavar="PATH",
                       help="official AR checkpoint (.pt): {'ema', 'model', 'epochs', 'args'} or a bare state dict; "
-                           "it normally includes the S-VAE ('vae.*') weights")
+                           "it normally includes the S-VAE ('vae.*') weights. A local file, or a file on the Hub "
+                           "(downloaded into its cache): https://huggingface.co/guolinke/SphereAR/blob/main/"
+                           "SphereAR_B.pt or guolinke/SphereAR/SphereAR_B.pt")
     conv.add_argument("--output", required=True, type=Path, metavar="DIR", help="pipeline folder to write")
-    conv.add_argument("--vae-checkpoint", type=Path, metavar="PATH", default=None,
-                      help="official S-VAE checkpoint (vae.pt) whose weights replace the checkpoint's 'vae.*' "
-                           "weights (default: those in --checkpoint)")
+    conv.add_argument("--vae-checkpoint", metavar="PATH", default=None,
+                      help="official S-VAE checkpoint (vae.pt; a local file or a file on the Hub, as --checkpoint) "
+                           "whose weights replace the checkpoint's 'vae.*' weights (default: those in --checkpoint)")
     conv.add_argument("--no-ema", action="store_true",
                       help="convert the raw 'model' weights instead of the EMA weights (by default 'ema' is used "
                            "when present, as the official sampler does)")

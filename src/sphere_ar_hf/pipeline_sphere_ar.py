@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -73,10 +74,17 @@ def _check_source(source: object) -> None:
                         f"got {type(source).__name__}")
     path = os.fspath(source)
     if os.path.isdir(path):
+        official = sorted(p.name for p in Path(path).glob("*.pt"))
+        if official and not os.path.exists(os.path.join(path, "model_index.json")):
+            raise ValueError(f"pretrained_model_name_or_path: {path} holds checkpoints ({', '.join(official)}), not "
+                             f"a pipeline folder: load one with SphereARPipeline.from_single_file"
+                             f"({os.path.join(path, official[0])!r}), or convert it with `sphere-ar convert`")
         return
     if os.path.exists(path):
+        hint = " (an official checkpoint loads with SphereARPipeline.from_single_file)" if path.endswith(
+            (".pt", ".pth", ".bin", ".ckpt")) else ""
         raise ValueError(f"pretrained_model_name_or_path: {path} is a file; expected a pipeline folder (with "
-                         "model_index.json) or a Hub repository id")
+                         f"model_index.json) or a Hub repository id{hint}")
     if not path or os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path:
         raise ValueError(f"pretrained_model_name_or_path: no such folder {path!r} (and not a Hub repository id, "
                          "owner/name)")
@@ -181,6 +189,18 @@ class SphereARPipeline(DiffusionPipeline):
         if dtype is not None:
             kwargs[DIFFUSERS_DTYPE_KWARG] = {"default": dtype} if dtype == "auto" else dtype
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_single_file(cls, checkpoint: str | os.PathLike, **kwargs) -> SphereARPipeline:
+        """An official checkpoint (``SphereAR_B.pt``, ``_L``, ``_H``) as a pipeline, converted in memory as ``sphere-ar
+        convert`` does (weights-only unpickling, sizes inferred, EMA weights unless ``use_ema=False``): a local file,
+        a Hub file URL (``https://huggingface.co/guolinke/SphereAR/blob/main/SphereAR_B.pt``) or ``owner/repo/file``,
+        downloaded once into the Hub cache. Takes ``vae_checkpoint`` (a separate ``vae.pt``, the same forms),
+        ``use_ema``, ``dtype`` and ``cache_dir``, ``revision``, ``token``, ``local_files_only``,
+        ``force_download``, ``proxies`` (:mod:`.single_file`)."""
+        from .single_file import load_single_file
+
+        return load_single_file(cls, checkpoint, **kwargs)
 
     @classmethod
     def load_config(cls, *args, **kwargs):

@@ -16,11 +16,13 @@ from .labels import resolve_label_ids  # noqa: F401  (imported for diffusers, se
 from .layers import TransformerBlock  # noqa: F401
 from .loading import resolve_dtype  # noqa: F401
 from .modeling_sphere_ar import SphereARTransformer
+from .official_checkpoint import official_components  # noqa: F401
 from .options import CFG_SCHEDULES  # noqa: F401
 from .pipeline_sphere_ar import SphereARPipeline as _SphereARPipeline
 from .power_spherical import project_to_sphere  # noqa: F401
 from .remote_code import write_remote_code
 from .scheduling_sphere_ar import SphereARScheduler
+from .single_file import load_single_file  # noqa: F401
 from .thin_products import ThinProducts  # noqa: F401
 from .vae import SphereVAE
 
