@@ -113,3 +113,10 @@ def test_from_pretrained_points_official_checkpoints_to_from_single_file(fixture
         with pytest.raises(ValueError) as info:
             SphereARPipeline.from_pretrained(source)
         assert needle in str(info.value) and "from_single_file" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_home_relative_path_is_a_local_file(fixture_dir, converted_pipeline, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "weights").mkdir()
+    shutil.copyfile(fixture_dir / "ar.pt", tmp_path / "weights" / "SphereAR_B.pt")
+    assert same_weights(SphereARPipeline.from_single_file("~/weights/SphereAR_B.pt"), converted_pipeline)

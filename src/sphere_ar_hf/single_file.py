@@ -47,8 +47,8 @@ def resolve_checkpoint(link: str | os.PathLike, field: str, **hub_kwargs: Any) -
     if not isinstance(link, str | os.PathLike):
         raise TypeError(f"{field}={link!r}: expected a checkpoint file, a Hub file URL or owner/repo/file (a str)")
     text = os.fspath(link)
-    if os.path.exists(text):
-        return Path(text)
+    if os.path.exists(os.path.expanduser(text)):
+        return Path(text).expanduser()
     hub = _hub_file(text)
     if hub is None:
         raise ConversionError(f"{field}: no such file {text!r} (nor a Hub file: "
