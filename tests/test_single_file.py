@@ -8,8 +8,10 @@ import contextlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sphere_ar_hf import SphereARPipeline, convert_official_checkpoint
 from sphere_ar_hf.cli import main as cli
@@ -120,3 +122,49 @@ def test_a_home_relative_path_is_a_local_file(fixture_dir, converted_pipeline, t
     (tmp_path / "weights").mkdir()
     shutil.copyfile(fixture_dir / "ar.pt", tmp_path / "weights" / "SphereAR_B.pt")
     assert same_weights(SphereARPipeline.from_single_file("~/weights/SphereAR_B.pt"), converted_pipeline)
+
+
+# ---- the command line: --model takes an official checkpoint --------------------------------------------------------
+GENERATE = ["--class-labels", "golden retriever", "3", "--steps", "2", "--seed", "1", "--threads", "1"]
+
+
+def grid(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_generate_and_sample_take_a_checkpoint_as_model(fixture_dir, hub_cache, tmp_path, monkeypatch):
+    """``--model`` with a local ``.pt`` or a Hub file gives the images of the converted folder (class names come
+    from the checkpoint's class count); a folder of checkpoints is named with the file to pass."""
+    folder = tmp_path / "converted"
+    with contextlib.redirect_stdout(None):
+        assert cli(["convert", "--checkpoint", str(fixture_dir / "ar.pt"), "--output", str(folder)]) == 0
+        assert cli(["generate", "--model", str(folder), *GENERATE, "--output", str(tmp_path / "a.png")]) == 0
+        assert cli(["generate", "--model", str(fixture_dir / "ar.pt"), *GENERATE, "--output",
+                    str(tmp_path / "b.png")]) == 0
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub_cache))
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+        assert cli(["generate", "--model", f"{REPO}/SphereAR_B.pt", *GENERATE, "--output",
+                    str(tmp_path / "c.png")]) == 0
+        sample = ["--num-images", "3", "--steps", "2", "--threads", "1"]
+        assert cli(["sample", "--model", str(folder), *sample, "--output-dir", str(tmp_path / "s1")]) == 0
+        assert cli(["sample", "--model", str(fixture_dir / "ar.pt"), *sample, "--output-dir",
+                    str(tmp_path / "s2")]) == 0
+    assert np.array_equal(grid(tmp_path / "a.png"), grid(tmp_path / "b.png"))
+    assert np.array_equal(grid(tmp_path / "a.png"), grid(tmp_path / "c.png"))
+    with np.load(tmp_path / "s1" / "samples.npz") as one, np.load(tmp_path / "s2" / "samples.npz") as two:
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+
+
+def test_a_model_that_is_no_checkpoint_is_named_in_one_line(fixture_dir, tmp_path, capsys):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copyfile(fixture_dir / "ar.pt", weights / "SphereAR_B.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    for model, needle in ((weights, f"it holds SphereAR_B.pt: pass --model {weights / 'SphereAR_B.pt'}"),
+                          (tmp_path / "missing.pt", "--model: no such file"),
+                          (tmp_path / "junk.pt", "junk.pt: refused to unpickle")):
+        assert cli(["generate", "--model", str(model), *GENERATE, "--output", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "x.png").exists()

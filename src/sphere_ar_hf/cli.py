@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli_common import (
+    MODEL_HELP,
     CLIError,
     add_compile_argument,
     add_threads_argument,
     device_from_name,
     guidance_option,
+    is_checkpoint,
     load_pipeline,
     number_argument,
     one_line,
@@ -178,6 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .batching import ROW_QUANTUM, padded_batches, padded_size
+    from .labels import resolve_label_ids
     from .seeding import image_generators
 
     if args.output is not None:
@@ -189,11 +192,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     device = device_from_name(args.device)
     model = resolve_model(args.model)
+    pipe = load_pipeline(model, args.dtype) if is_checkpoint(model) else None  # (its class names are in its weights)
     try:
-        ids = label_ids_from_config(model, list(args.class_labels))  # before the weights load
+        ids = (resolve_label_ids(list(args.class_labels), pipe.id2label, pipe.num_classes) if pipe is not None else
+               label_ids_from_config(model, list(args.class_labels)))  # for a folder: before the weights load
     except (ValueError, TypeError) as e:
         raise CLIError(f"--class-labels {one_line(e)}") from None
-    pipe = load_pipeline(model, args.dtype)
+    pipe = pipe or load_pipeline(model, args.dtype)
     _check_output_size(pipe.vae.config.image_size, args.scale, len(ids))
     pipe.to(device)
     if args.compile:
@@ -307,8 +312,7 @@ def add_generate_parser(sub, fmt) -> None:
         epilog="example: sphere-ar generate --model ./SphereAR-B --class-labels 207 360 'golden retriever' "
                "--output-dir samples/")
     gen.add_argument("--model", default=None, metavar="DIR",
-                     help="pipeline folder written by `sphere-ar convert` or a Hub repository id (default: the "
-                          "embedded digits model, classes 0-9)")
+                     help=f"{MODEL_HELP} (default: the embedded digits model, classes 0-9)")
     gen.add_argument("--class-labels", required=True, nargs="+", metavar="LABEL",
                      help="class ids (0-999 for ImageNet) and/or class names, e.g. 207 360 'golden retriever' "
                           "(names are case-insensitive; any synonym of an ImageNet class works)")

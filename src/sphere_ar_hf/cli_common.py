@@ -16,9 +16,10 @@ from .options import DEFAULT_THREADS, MAX_SEED
 if TYPE_CHECKING:
     from .pipeline_sphere_ar import SphereARPipeline
 
-__all__ = ["CLIError", "DEFAULT_MODEL", "add_compile_argument", "add_threads_argument", "device_from_name",
-           "finite_float", "guidance_option", "load_pipeline", "number_argument", "one_line", "positive_int",
-           "quiet_libraries", "resolve_model", "seed_argument", "set_threads", "steps_argument", "threads_argument"]
+__all__ = ["CHECKPOINT_SUFFIXES", "CLIError", "DEFAULT_MODEL", "MODEL_HELP", "add_compile_argument",
+           "add_threads_argument", "device_from_name", "finite_float", "guidance_option", "is_checkpoint",
+           "load_pipeline", "number_argument", "one_line", "positive_int", "quiet_libraries", "resolve_model",
+           "seed_argument", "set_threads", "steps_argument", "threads_argument"]
 
 # the embedded digits model (package data): the commands work offline with no --model
 DEFAULT_MODEL: str | None = str(Path(__file__).parent / "pretrained" / "digits")
@@ -114,18 +115,35 @@ def quiet_libraries() -> Iterator[None]:
 
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+MODEL_HELP = ("pipeline folder (from `sphere-ar convert`), Hub repository id, or an official checkpoint: a .pt file or "
+              "a Hub file (guolinke/SphereAR/SphereAR_B.pt or its URL), converted in memory")
+
+
+def is_checkpoint(model: str) -> bool:
+    """Whether ``--model`` names an official checkpoint (a ``.pt`` file, a Hub file URL or ``owner/repo/file``),
+    which :func:`load_pipeline` converts in memory, rather than a pipeline folder or a Hub repository id."""
+    return model.endswith(CHECKPOINT_SUFFIXES) or model.startswith(("https://", "http://"))
+
+
 def resolve_model(model: str | None) -> str:
-    """The pipeline folder (or Hub id) to load: ``--model``, else :data:`DEFAULT_MODEL`."""
+    """The pipeline folder, Hub id or official checkpoint (:func:`is_checkpoint`) to load: ``--model``, else
+    :data:`DEFAULT_MODEL`."""
     model = model or DEFAULT_MODEL
     if not model:
         raise CLIError("no model given: pass --model DIR (a folder written by `sphere-ar convert`)")
+    if is_checkpoint(model):
+        return model  # a local file or a Hub file: from_single_file says which it cannot load
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CLIError(f"{model}: not a folder (--model takes a pipeline folder written by `sphere-ar convert`)")
+            raise CLIError(f"{model}: not a folder (--model takes a pipeline folder written by `sphere-ar convert`, "
+                           f"or an official checkpoint: {', '.join(CHECKPOINT_SUFFIXES)})")
         if not (path / "model_index.json").is_file():
+            found = sorted(p.name for p in path.iterdir() if p.name.endswith(CHECKPOINT_SUFFIXES))
+            hint = f"; it holds {', '.join(found)}: pass --model {path / found[0]}" if found else ""
             raise CLIError(f"{model}: no model_index.json, so not a pipeline folder (write one with `sphere-ar "
-                           "convert`)")
+                           f"convert`){hint}")
         return str(path)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.startswith("."):
         return model  # a Hugging Face Hub repository id
@@ -161,6 +179,15 @@ def load_pipeline(model: str, dtype: str = "float32") -> SphereARPipeline:
 
     from .pipeline_sphere_ar import SphereARPipeline
 
+    if is_checkpoint(model):
+        from .single_file import resolve_checkpoint
+
+        try:
+            with quiet_libraries():
+                path = resolve_checkpoint(model, "--model")  # a local file, or a Hub file fetched to the cache
+                return SphereARPipeline.from_single_file(path, dtype=getattr(torch, dtype))
+        except ValueError as e:  # ConversionError: the file, its download or its contents, in one line
+            raise CLIError(one_line(e)) from None
     try:  # (SphereARPipeline.from_pretrained passes the dtype on under the name the installed diffusers takes)
         with quiet_libraries():
             pipe = SphereARPipeline.from_pretrained(model, dtype=getattr(torch, dtype))

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .cli_common import (
+    MODEL_HELP,
     CLIError,
     add_compile_argument,
     add_threads_argument,
@@ -165,7 +166,7 @@ def add_sampling_options(p: argparse.ArgumentParser, output_help: str) -> None:
     """The options ``sample`` shares with ``sweep``: model, image count, output folder (``output_help``), labels,
     batch, seed, time shift, shards, resume, device, dtype and threads."""
     p.add_argument("--model", default=None, metavar="DIR",
-                   help="pipeline folder or Hub repository id (default: the embedded digits model)")
+                   help=f"{MODEL_HELP} (default: the embedded digits model)")
     p.add_argument("--num-images", required=True, type=positive_int, metavar="N", help="images to sample")
     p.add_argument("--output-dir", required=True, type=Path, metavar="DIR", help=output_help)
     p.add_argument("--labels", choices=LABEL_MODES, default="uniform",

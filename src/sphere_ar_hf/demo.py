@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from .batching import generate_padded
-from .cli_common import add_compile_argument, add_threads_argument, positive_int, set_threads
+from .cli_common import MODEL_HELP, add_compile_argument, add_threads_argument, positive_int, set_threads
 from .configuration_sphere_ar import check_guidance_scale
 from .scheduling_sphere_ar import CFG_SCHEDULES, check_num_inference_steps
 from .seeding import MAX_SEED, image_generators
@@ -390,8 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sphere-ar-demo", formatter_class=HelpFormatter,
         description="The SphereAR Gradio demo: pick classes, set guidance / schedule / steps / seed, generate.")
     parser.add_argument("--model", default=None, metavar="DIR_OR_REPO",
-                        help="pipeline folder (from `sphere-ar convert`) or Hugging Face Hub repository id "
-                             "(default: the bundled digits model, which needs no network)")
+                        help=f"{MODEL_HELP} (default: the bundled digits model, which needs no network)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="address to bind; 0.0.0.0 exposes the demo to the network (default: $GRADIO_SERVER_NAME, "
                              "which Spaces set to 0.0.0.0, else 127.0.0.1)")
