@@ -168,3 +168,12 @@ def test_a_model_that_is_no_checkpoint_is_named_in_one_line(fixture_dir, tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_space_serves_a_converted_folder_not_a_checkpoint(fixture_dir, tmp_path, capsys):
+    """A Space would convert the checkpoint on every start: ``space`` says to serve the converted folder."""
+    for model in (str(fixture_dir / "ar.pt"), f"{REPO}/SphereAR_B.pt"):
+        assert cli(["space", "--model", model, "--output", str(tmp_path / "space")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "an official checkpoint: serve the folder `sphere-ar convert" in err[0], err
+    assert not (tmp_path / "space").exists()

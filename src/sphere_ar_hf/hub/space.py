@@ -138,14 +138,17 @@ def _space_model(model: str | os.PathLike | None) -> tuple[Path | None, str]:
 
         return bundled_model_path("digits"), "a copy of the digits model embedded in sphere-ar-hf"
     path = Path(model).expanduser()
+    # an official checkpoint is converted on every start of the Space: convert it once, and serve the folder
+    hint = (" (an official checkpoint: serve the folder `sphere-ar convert --checkpoint ... --output DIR` writes)"
+            if str(model).endswith((".pt", ".pth", ".ckpt")) else "")
     if path.exists():
         if not path.is_dir():
-            raise HubError(f"{model}: not a folder (`model` takes a pipeline folder or a Hub repository id)")
+            raise HubError(f"{model}: not a folder (`model` takes a pipeline folder or a Hub repository id){hint}")
         pipeline_facts(path)  # a SphereAR pipeline folder, with weights
         return path, f"a copy of `{path.resolve().name}`"
     if REPO_ID_PATTERN.fullmatch(str(model)) and not str(model).startswith("."):
         return None, check_repo_id(str(model))
-    raise HubError(f"{model}: no such folder, and not a Hub repository id (owner/name)")
+    raise HubError(f"{model}: no such folder, and not a Hub repository id (owner/name){hint}")
 
 
 def space_folder_kind(template_dir: str | os.PathLike | None = None) -> FolderKind:
