@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,6 +23,13 @@ TINY_AR = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_
                head_num_adaln=1, image_size=32, patch_size=16, num_classes=10, num_class_tokens=4)
 TINY_VAE = dict(image_size=32, patch_size=16, z_channels=64, cnn_channels=(32, 32, 32, 32, 64), encoder_layers=1,
                 decoder_layers=1)
+VAE_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_vae.py"
+# a tiny S-VAE for the training script (CPU, fp32, no workers)
+VAE_SCRIPT_ARGS = [
+    "--latent_dim", "16", "--patch_size", "16", "--z_channels", "64", "--cnn_channels", "32", "32", "32", "32", "64",
+    "--encoder_layers", "1", "--decoder_layers", "1", "--disc_channels", "16", "--resolution", "32", "--num_classes",
+    "4", "--mixed_precision", "no", "--dataloader_num_workers", "0", "--lpips_random_backbone", "--report_to",
+    "tensorboard"]
 TINY_ID2LABEL = {0: "zero, nil", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven",
                  8: "eight", 9: "nine"}
 
@@ -215,3 +223,33 @@ def offline_browser(profile: Path, origin: str, timeout_s: float) -> Iterator[tu
             yield context, context.new_page(), outside
         finally:
             context.close()
+
+
+def safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in ``folder``, keyed ``file/name``."""
+    return {f"{f.name}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.fixture(scope="module")
+def image_dataset(tmp_path_factory) -> Path:
+    """64 synthetic light 36px images (a linear gradient and a disc, 4 classes) saved with ``save_to_disk``."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    size = 36
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    images, labels = [], []
+    for i in range(64):
+        c0, c1, c2 = rng.uniform(140, 255, (3, 3))
+        angle = rng.uniform(0, 2 * np.pi)
+        t = ((np.cos(angle) * xx + np.sin(angle) * yy + 1) / 2)[..., None]
+        img = c0 * t + c1 * (1 - t)
+        cx, cy, r = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75), rng.uniform(0.1, 0.3)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = c2
+        images.append(Image.fromarray(img.astype(np.uint8)))
+        labels.append(i % 4)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
+    path = tmp_path_factory.mktemp("data") / "images"
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(path))
+    return path

@@ -30,6 +30,7 @@ __all__ = [
     "ResumableDistributedSampler",
     "TrainState",
     "accelerate_state_folder",
+    "process_positions",
     "save_checkpoint_atomically",
 ]
 
@@ -73,12 +74,15 @@ class TrainState:
         for key, value in state.items():
             setattr(self, key, int(value))
 
-    def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Set the fields from the completion marker of ``folder`` (a complete ``checkpoint-<step>``). A checkpoint
-        written before the state moved there holds it in accelerate's ``custom_checkpoint_0.pkl``, which is read
-        with ``torch.load(weights_only=True)`` (a dict of integers): a pickle that would run code is refused."""
+    def load_checkpoint(self, folder: str | os.PathLike, process_index: int = 0, num_processes: int = 1) -> None:
+        """Set the fields from the completion marker of ``folder`` (a complete ``checkpoint-<step>``), with the data
+        position of process ``process_index`` when the checkpoint was written by ``num_processes`` processes (the
+        processes of a stream can be in different epochs; otherwise process 0's). A checkpoint written before the
+        state moved there holds it in accelerate's ``custom_checkpoint_0.pkl``, which is read with
+        ``torch.load(weights_only=True)`` (a dict of integers): a pickle that would run code is refused."""
         folder = Path(folder)
-        saved = json.loads((folder / CHECKPOINT_MARKER).read_text()).get("train_state")
+        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
+        saved = marker.get("train_state")
         if saved is None:
             legacy = folder / "custom_checkpoint_0.pkl"
             try:
@@ -93,6 +97,22 @@ class TrainState:
                 isinstance(v, int) and not isinstance(v, bool) for v in saved.values()):
             raise ValueError(f"{folder}: train_state {saved!r}: expected the integers {sorted(self.state_dict())}")
         self.load_state_dict(saved)
+        positions = marker.get("process_positions")
+        if positions is None:  # written before the positions were saved per process
+            return
+        if not (isinstance(positions, list) and len(positions) == self.num_processes and all(
+                isinstance(p, list) and len(p) == 2 and all(type(v) is int and v >= 0 for v in p) for p in positions)):
+            raise ValueError(f"{folder}: process_positions {positions!r}: expected {self.num_processes} pairs "
+                             "[epoch, micro_batches_in_epoch] of integers >= 0")
+        if num_processes == self.num_processes:
+            self.epoch, self.micro_batches_in_epoch = positions[process_index]
+
+
+def process_positions(accelerator: Any, state: TrainState) -> list[list[int]]:
+    """``[epoch, micro_batches_in_epoch]`` of every process, in process order (a collective: call on every process).
+    They differ when the processes stream shards of different lengths."""
+    mine = torch.tensor([[state.epoch, state.micro_batches_in_epoch]], dtype=torch.long, device=accelerator.device)
+    return accelerator.gather(mine).tolist()
 
 
 @contextlib.contextmanager

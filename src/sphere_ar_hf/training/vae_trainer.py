@@ -49,6 +49,7 @@ from .vae_checkpoints import (
     ResumableDistributedSampler,
     TrainState,
     accelerate_state_folder,
+    process_positions,
     save_checkpoint_atomically,
 )
 from .vae_models import PairedDiscriminator, VAEWithPosterior, build_discriminator, build_vae, posterior_generator
@@ -315,10 +316,12 @@ def _after_step(setup: _Setup, models: _Models, data: _Data, state: TrainState, 
 
 
 def _save_checkpoint(setup: _Setup, state: TrainState) -> None:
-    """``checkpoint-<step>`` of the whole state (with the epoch in its marker), rotated as the arguments say."""
+    """``checkpoint-<step>`` of the whole state (with the epoch and every process's data position in its marker),
+    rotated as the arguments say."""
     args = setup.args
-    save_checkpoint_atomically(setup.accelerator, setup.output_dir, state.global_step,
-                               extra={"epoch": state.epoch, "train_state": state.state_dict()},
+    extra = {"epoch": state.epoch, "train_state": state.state_dict(),
+             "process_positions": process_positions(setup.accelerator, state)}
+    save_checkpoint_atomically(setup.accelerator, setup.output_dir, state.global_step, extra=extra,
                                total_limit=args.checkpoints_total_limit, keep_every=args.keep_checkpoints_every)
 
 
@@ -464,7 +467,8 @@ def _resume(accelerator: Any, args: VAETrainingArguments, output_dir: Path, accu
     path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
     if path is None:
         return state
-    state.load_checkpoint(path)  # before load_state: a checkpoint it refuses changes nothing
+    # before load_state: a checkpoint it refuses changes nothing
+    state.load_checkpoint(path, accelerator.process_index, world)
     with accelerate_state_folder(path) as folder:
         accelerator.load_state(str(folder))
     saved = (state.global_batch_size, state.num_processes, state.gradient_accumulation_steps)
