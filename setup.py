@@ -37,7 +37,7 @@ setup(
         "test": ["pytest>=8", "matplotlib>=3.7",
                  "ruff>=0.6", "datasets>=3.0", "lpips>=0.1.4", "torchvision", "tensorboard>=2.10",
                  "scikit-learn>=1.3", "peft>=0.17", "gradio>=6.31,<7", "gradio_client>=2.0", "playwright>=1.50",
-                 "httpx", "torch-fidelity>=0.3"],
+                 "httpx", "torch-fidelity>=0.3", "spaces>=0.40"],
     },
     entry_points={"console_scripts": ["sphere-ar=sphere_ar_hf.cli:main"]},
     classifiers=[

@@ -19,6 +19,7 @@ import textwrap
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -64,6 +65,36 @@ BLOCKER = textwrap.dedent('''
 
 
     sys.meta_path.insert(0, OnlyTheSpacesCopy())
+''')
+
+
+# a stand-in for the `spaces` package of ZeroGPU hardware: logs whether torch was imported before it, the handlers
+# it wraps (with their duration) and each call of one
+FAKE_SPACES = textwrap.dedent('''
+    import functools
+    import os
+    import sys
+
+    LOG = os.environ["SPHERE_AR_SPACES_LOG"]
+
+
+    def _log(line):
+        with open(LOG, "a", encoding="utf-8") as f:
+            f.write(line + "\\n")
+
+
+    _log(f"imported torch_before={'torch' in sys.modules}")
+
+
+    def GPU(task, duration=None):
+        _log(f"wrapped {task.__name__} duration={duration}")
+
+        @functools.wraps(task)
+        def on_gpu(*args, **kwargs):
+            _log(f"called {task.__name__}")
+            return task(*args, **kwargs)
+
+        return on_gpu
 ''')
 
 
@@ -163,6 +194,32 @@ def test_space_for_a_pipeline_folder(tmp_path, capsys):
         assert capsys.readouterr().err.startswith("error: ")
 
 
+def test_zero_gpu_wraps_the_handler_with_the_real_spaces_package(monkeypatch, tiny_pipeline):
+    """``on_zero_gpu`` calls the ``spaces`` package as it is published (off ZeroGPU hardware its ``GPU`` returns the
+    handler unchanged); without ``spaces`` imported, the handler is left alone."""
+    import spaces
+
+    from sphere_ar_hf.demo import build_demo, build_parser, on_zero_gpu
+
+    def handler(x):
+        return x
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert on_zero_gpu(handler, 45) is handler
+    monkeypatch.delitem(sys.modules, "spaces")
+    assert on_zero_gpu(handler) is handler
+    seen = []
+    monkeypatch.setitem(sys.modules, "spaces", SimpleNamespace(GPU=lambda task, duration: seen.append(duration)
+                                                                   or (lambda *a, **k: task(*a, **k))))
+    assert on_zero_gpu(handler, 45)(3) == 3 and seen == [45]
+    demo = build_demo(tiny_pipeline, gpu_duration=90)
+    assert seen == [45, 90] and "spaces" in sys.modules and spaces.GPU
+    demo.close()
+    assert build_parser().parse_args([]).gpu_duration == 60
+    monkeypatch.setenv("SPHERE_AR_GPU_DURATION", "120")  # a Space variable
+    assert build_parser().parse_args([]).gpu_duration == 120
+
+
 def test_python_api_keeps_working(tmp_path):
     out = hub.build_space_folder(tmp_path / "space", license="mit", models=["someone/sphere-ar-digits"])
     assert front_matter(out / "README.md")["models"] == ["someone/sphere-ar-digits"]
@@ -174,9 +231,11 @@ def test_python_api_keeps_working(tmp_path):
 def _blocked_env(space: Path, hooks: Path, log: Path, port: int | None = None) -> dict[str, str]:
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(BLOCKER)
+    (hooks / "spaces.py").write_text(FAKE_SPACES)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "PYTHON"))}
     env.update({"PYTHONPATH": str(hooks), "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1",
                 "SPHERE_AR_SPACE_DIR": str(space), "SPHERE_AR_IMPORT_LOG": str(log), "HF_HUB_OFFLINE": "1",
+                "SPHERE_AR_SPACES_LOG": str(hooks / "spaces.log"),
                 "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                 "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_TEMP_DIR": str(hooks / "gradio"), "OMP_NUM_THREADS": "1"})
     if port is not None:
@@ -195,6 +254,8 @@ def test_the_installed_package_is_blocked(space, tmp_path):
 
 
 def test_space_app_serves_images_with_the_package_blocked(space, tmp_path):
+    """The Space as it starts on ZeroGPU hardware too (``spaces`` a stand-in that logs): ``spaces`` is imported
+    before torch, the handler is wrapped with the default duration, and the request runs through the wrapper."""
     from PIL import Image
 
     port, log, output = free_port(), tmp_path / "imports.log", tmp_path / "app.log"
@@ -239,6 +300,8 @@ def test_space_app_serves_images_with_the_package_blocked(space, tmp_path):
                 lo, hi = image.convert("L").getextrema()
                 assert hi > lo  # not a blank image
         assert outside == []  # the page loads nothing from beyond the Space's server
+        spaces_log = (tmp_path / "hooks" / "spaces.log").read_text().splitlines()
+        assert spaces_log == ["imported torch_before=False", "wrapped generate duration=60", "called generate"]
     finally:
         proc.terminate()
         try:

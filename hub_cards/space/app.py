@@ -9,12 +9,20 @@ is a Hub repository id (downloaded when the app starts) or a pipeline folder bes
     python app.py --help
 
 On a Space, GRADIO_SERVER_NAME=0.0.0.0 and GRADIO_SERVER_PORT are set by the platform and become the defaults of
---host and --port; elsewhere the demo binds 127.0.0.1 only.
+--host and --port; elsewhere the demo binds 127.0.0.1 only. On ZeroGPU hardware, the `spaces` package (installed on
+every Gradio Space) is imported first, before torch, and each request gets a GPU for at most --gpu-duration
+seconds (default: the Space variable SPHERE_AR_GPU_DURATION, else 60); on other hardware, and where `spaces` is
+not installed, nothing changes.
 """
 
 import os
 import sys
 from pathlib import Path
+
+try:  # first: on ZeroGPU it must come before torch initialises CUDA; the demo then asks for a GPU per request
+    import spaces  # noqa: F401
+except ImportError:  # not a Space
+    pass
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check
 

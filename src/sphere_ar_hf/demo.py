@@ -17,6 +17,10 @@ One request samples at a time (the queue's concurrency limit defaults to 1; the 
 state, so a higher limit is safe), and the queue holds at most ``max_queue_size`` waiting requests. Progress comes
 from the pipeline's per-token ``callback_on_step_end``.
 
+On a Hugging Face Space with ZeroGPU hardware, the Space's ``app.py`` imports ``spaces`` first; the handler is
+then wrapped by ``spaces.GPU``, which attaches a GPU for each request (:func:`on_zero_gpu`). Elsewhere ``spaces``
+is not imported, or its ``GPU`` returns the handler unchanged.
+
 Needs ``gradio`` (the ``[demo]`` extra); imported here, so import this module only for the demo.
 """
 
@@ -47,11 +51,12 @@ if TYPE_CHECKING:
     from .pipeline_sphere_ar import SphereARPipeline
 
 __all__ = ["DEMO_CSS", "MAX_SEED", "DemoRunner", "build_demo", "build_parser", "class_choices", "create_demo",
-           "load_default_pipeline", "main", "validate_request"]
+           "load_default_pipeline", "main", "on_zero_gpu", "validate_request"]
 
 MAX_LABEL_CHARS = 200  # a class name longer than this is refused before the (fuzzy) name lookup
 IMAGENET_DEFAULT_CLASSES = (207, 360, 388, 88)  # golden retriever, otter, giant panda, macaw
 API_NAME = "generate"
+GPU_DURATION_S = 60  # ZeroGPU's default: the most seconds one request holds a GPU
 # Gradio lays a thumbnail's caption over the bottom of the image and cuts it to one line, and the gallery's label
 # over the first image; here the caption goes below its square image, whole, and the grid starts below the label
 # (passed to ``launch(css=...)`` by ``create_demo``)
@@ -285,6 +290,15 @@ class DemoRunner:
         return gallery, info
 
 
+def on_zero_gpu(handler: Any, duration: int = GPU_DURATION_S) -> Any:
+    """``handler`` wrapped by ``spaces.GPU(duration=...)`` when the ``spaces`` package has been imported (a Space's
+    ``app.py`` imports it before torch: on ZeroGPU hardware each call then gets a GPU for at most ``duration``
+    seconds; elsewhere ``spaces.GPU`` returns the handler unchanged), else ``handler`` itself. Not imported here:
+    on ZeroGPU, ``spaces`` must be imported before CUDA is initialised."""
+    spaces = sys.modules.get("spaces")
+    return handler if spaces is None else spaces.GPU(handler, duration=duration)
+
+
 # ---- the UI -----------------------------------------------------------------------------------------------------
 def _describe(pipeline: SphereARPipeline, model_name: str | None) -> str:
     c = pipeline.transformer.config
@@ -298,7 +312,7 @@ def build_demo(pipeline: SphereARPipeline, *, model_name: str | None = None, max
                max_steps: int = 200, default_steps: int | None = None, default_images_per_class: int = 1,
                default_class_labels: Sequence[int | str] | None = None, max_guidance: float | None = None,
                concurrency_limit: int = 1, max_queue_size: int = 16, display_size: int = 256,
-               analytics_enabled: bool = False) -> gr.Blocks:
+               analytics_enabled: bool = False, gpu_duration: int = GPU_DURATION_S) -> gr.Blocks:
     """The demo for ``pipeline``, with the queue enabled; call ``.launch(css=DEMO_CSS)`` on it (the gallery's
     captions below their images).
 
@@ -316,6 +330,7 @@ def build_demo(pipeline: SphereARPipeline, *, model_name: str | None = None, max
         max_queue_size: requests that may wait; more are turned away.
         display_size: images smaller than this are upscaled (nearest neighbour, integer factor) for display.
         analytics_enabled: Gradio's usage telemetry (off by default: the demo never phones home).
+        gpu_duration: on ZeroGPU, the most seconds one request may hold a GPU (:func:`on_zero_gpu`).
     """
     runner = DemoRunner(pipeline, max_images=max_images, max_steps=max_steps, max_guidance=max_guidance,
                         display_size=display_size)
@@ -361,7 +376,8 @@ def build_demo(pipeline: SphereARPipeline, *, model_name: str | None = None, max
                 info = gr.Markdown(label="Details", elem_id="info")
         # preprocess=False: the handler gets the raw values, so validate_request sees a seed of 1.5 or a string
         # steps (Gradio's preprocessing would round the one and fail with a generic error on the other)
-        button.click(runner.generate, inputs=[classes, images_per_class, guidance, schedule, steps_slider, seed],
+        button.click(on_zero_gpu(runner.generate, gpu_duration),
+                     inputs=[classes, images_per_class, guidance, schedule, steps_slider, seed],
                      outputs=[gallery, info], api_name=API_NAME, concurrency_limit=concurrency_limit,
                      preprocess=False)
     demo.queue(max_size=max_queue_size, default_concurrency_limit=concurrency_limit)
@@ -407,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_argument(parser)
     parser.add_argument("--concurrency-limit", type=positive_int, default=1, help="requests processed at once")
     parser.add_argument("--queue-size", type=positive_int, default=16, help="requests that may wait in the queue")
+    parser.add_argument("--gpu-duration", type=positive_int, metavar="SECONDS",
+                        default=os.environ.get("SPHERE_AR_GPU_DURATION") or str(GPU_DURATION_S),
+                        help="on a ZeroGPU Space: the most seconds one request may hold a GPU (default: "
+                             f"$SPHERE_AR_GPU_DURATION, a Space variable, or {GPU_DURATION_S})")
     add_threads_argument(parser)
     return parser
 
@@ -439,7 +459,7 @@ def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str,
         pipeline.enable_torch_compile()
     demo = build_demo(pipeline, model_name=name, max_images=args.max_images, max_steps=args.max_steps,
                       default_steps=args.steps, concurrency_limit=args.concurrency_limit,
-                      max_queue_size=args.queue_size)
+                      max_queue_size=args.queue_size, gpu_duration=args.gpu_duration)
     return demo, {"server_name": args.host, "server_port": args.port, "ssr_mode": False, "css": DEMO_CSS}
 
 
