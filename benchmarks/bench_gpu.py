@@ -30,7 +30,7 @@ rough time estimate per part. Then, in order:
 
 On the CPU (``--device cpu``, with ``--tiny``: a tiny random model at 32 px) the same code runs, the offload paths
 with the CPU standing in for the accelerator (``device="cpu"``), training without fused AdamW at batches 8 and 16
-with 1 + 5 steps (about 45 s in all, 1 thread); tests/test_fast_sampling.py runs it so.
+with 1 + 5 steps (about 45 s in all, 1 thread); tests/test_gpu_benchmark.py runs it so.
 
 Running it on the GPU machine (torch, transformers, accelerate, peft and safetensors installed; no diffusers, no
 network): see benchmarks/README.md. In short, here: ``pip wheel diffusers==$(python -c "import diffusers;

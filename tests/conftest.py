@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 from collections.abc import Iterator
@@ -253,3 +254,104 @@ def image_dataset(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "images"
     datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(path))
     return path
+
+
+# ---- the AR trainer's tests (test_train_sphere_ar*.py) -------------------------------------------------------------
+TRAIN_AR_CLASS_NAMES = ["red", "green", "blue", "grey"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """A tiny S-VAE folder, a 16-image 4-class dataset (save_to_disk) and a tiny transformer config file."""
+    import datasets
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("train_ar_assets")
+    torch.manual_seed(0)
+    SphereVAE(**TINY_VAE).save_pretrained(str(root / "vae"))
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(16):
+        c = i % 4
+        a = np.full((40, 44, 3), 40, np.uint8)
+        a[..., c % 3] = 200
+        a[: 8 * (c + 1)] = 90
+        images.append(Image.fromarray(np.clip(a + rng.integers(0, 40, a.shape), 0, 255).astype(np.uint8)))
+        labels.append(c)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=TRAIN_AR_CLASS_NAMES)})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(root / "data"))
+    SphereARConfig(**{**TINY_AR, "num_classes": 4}).to_json_file(str(root / "config.json"))
+    return {"root": root, "vae": root / "vae", "data": root / "data", "config": root / "config.json"}
+
+
+# ---- the demo's tests (test_demo*.py): loopback only, no telemetry, one thread ---------------------------------
+def _is_loopback(host: object) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def isolated(tmp_path_factory):
+    """No telemetry or version checks, Gradio's files in a temporary folder, and Python sockets that refuse any
+    address but the loopback (a phone-home attempt fails; test_demo.py checks in ``test_nothing_left_loopback``
+    that none was tried). The demo's modules opt in with ``pytest.mark.usefixtures("isolated")``, first."""
+    blocked: list[object] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(sock: socket.socket, address) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            blocked.append(address)
+            raise ConnectionRefusedError(f"test_demo: connection to {address!r} blocked (loopback only)")
+
+    def connect(sock, address):
+        guard(sock, address)
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        guard(sock, address)
+        return real_connect_ex(sock, address)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a shared 2-core machine spin-wait badly
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+                            "HF_HUB_OFFLINE": "1", "GRADIO_RUN_HISTORY": "False",
+                            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}.items():
+            mp.setenv(name, value)
+        mp.delenv("GRADIO_SERVER_NAME", raising=False)
+        mp.delenv("GRADIO_SERVER_PORT", raising=False)
+        mp.setattr(socket.socket, "connect", connect)
+        mp.setattr(socket.socket, "connect_ex", connect_ex)
+        yield blocked
+    torch.set_num_threads(threads)
+
+
+# ---- the LoRA tests (test_lora*.py) --------------------------------------------------------------------------------
+@pytest.fixture
+def adapter_dir(make_pipeline, tmp_path) -> Path:
+    """An adapter with random (non-zero) LoRA matrices and class rows 1 and 10 (the null class), saved."""
+    from sphere_ar_hf.lora import add_lora, build_lora_config, save_lora
+
+    pipe = make_pipeline()
+    peft_model = add_lora(pipe.transformer, build_lora_config(rank=4, alpha=8, lora_head=True, class_rows=[1, 10]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    out = save_lora(peft_model, tmp_path / "adapter", base_model_name_or_path="tiny")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left behind
+    return out
+
+
+# ---- the sampler's tests (test_fast_sampling.py, test_gpu_benchmark.py) ---------------------------------------------
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,49 +1,35 @@
-"""AR-model training: recipe defaults, EMA, optimizer groups, LR schedule, crash-safe resume, two processes."""
+"""AR-model training: the recipe's defaults and --help, optimizer groups, the LR schedule, the EMA, the loss, pixel
+batches, evaluation, saving and pushing the pipeline, and the activation-checkpointing and torch.compile flags. Its
+helpers (a tiny model, its arguments, a latents dataset, the example script's command line) serve the other
+test_train_sphere_ar_*.py files; checkpoints and resume are in test_train_sphere_ar_checkpoints.py, the data routes
+and two processes in test_train_sphere_ar_data.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file
-from transformers import TrainerCallback
 
-from conftest import free_port
+from conftest import TRAIN_AR_CLASS_NAMES as CLASS_NAMES
 from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARTransformer, SphereVAE
-from sphere_ar_hf.evaluation.sampling import image_labels, sample_images
-from sphere_ar_hf.seeding import image_seeds
 from sphere_ar_hf.training.arguments import ModelArguments, SphereARTrainingArguments
-from sphere_ar_hf.training.checkpoints import (
-    CHECKPOINT_MARKER,
-    is_complete_checkpoint,
-    mark_checkpoint_complete,
-    resolve_resume_checkpoint,
-)
 from sphere_ar_hf.training.data import DataArguments
 from sphere_ar_hf.training.ema import EMA_WEIGHTS_NAME, ParameterEMA
-from sphere_ar_hf.training.evaluation_log import EvaluationLog, ImageMetric
 from sphere_ar_hf.training.optimization import official_param_groups
 from sphere_ar_hf.training.schedules import official_learning_rate
-from sphere_ar_hf.training.trainer import SphereARTrainer, collate_training_batch, train_sphere_ar
+from sphere_ar_hf.training.trainer import SphereARTrainer, collate_training_batch
 from sphere_ar_hf.utils import OutputFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_sphere_ar.py"
 PROBE = ROOT / "tests" / "scripts" / "train_probe.py"
-CLASS_NAMES = ["red", "green", "blue", "grey"]
 TINY_AR = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_hidden_size=64, head_num_layers=2,
                head_num_adaln=1, image_size=32, patch_size=16, num_classes=4, num_class_tokens=4)
 TINY_VAE = dict(image_size=32, patch_size=16, z_channels=64, cnn_channels=(32, 32, 32, 32, 64), encoder_layers=1,
@@ -56,27 +42,6 @@ TIMEOUT = 600
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    """A tiny S-VAE folder, a 16-image 4-class dataset (save_to_disk) and a tiny transformer config file."""
-    root = tmp_path_factory.mktemp("train_ar_assets")
-    torch.manual_seed(0)
-    SphereVAE(**TINY_VAE).save_pretrained(str(root / "vae"))
-    rng = np.random.default_rng(0)
-    images, labels = [], []
-    for i in range(16):
-        c = i % 4
-        a = np.full((40, 44, 3), 40, np.uint8)
-        a[..., c % 3] = 200
-        a[: 8 * (c + 1)] = 90
-        images.append(Image.fromarray(np.clip(a + rng.integers(0, 40, a.shape), 0, 255).astype(np.uint8)))
-        labels.append(c)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
-    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(root / "data"))
-    SphereARConfig(**TINY_AR).to_json_file(str(root / "config.json"))
-    return {"root": root, "vae": root / "vae", "data": root / "data", "config": root / "config.json"}
 
 
 class LatentsDataset(torch.utils.data.Dataset):
@@ -280,71 +245,6 @@ def test_lr_schedule_is_the_official_formula(tmp_path):
     assert official_learning_rate(10**6, total, lr, min_lr, 10, 40) == pytest.approx(min_lr)
 
 
-class LRRecorder(TrainerCallback):
-    """The learning rate each optimizer step used, read from the optimizer right after the step."""
-
-    def __init__(self):
-        self.lrs: dict[int, float] = {}
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.lrs[state.global_step + 1] = optimizer.param_groups[0]["lr"]  # global_step counts finished steps
-
-
-def test_resume_with_a_larger_max_steps_follows_the_new_schedule(tmp_path, capsys):
-    """Train 8 steps of an 8-step schedule, resume with max_steps 20: every step after the resume uses the lr of
-    a fresh 20-step schedule (not the checkpointed 8-step one), never above the peak; the Trainer's progress bar
-    and the startup summary show."""
-    lr, min_lr = 1e-3, 1e-5
-    kw = dict(per_device_train_batch_size=8, learning_rate=lr, min_lr=min_lr, warmup_steps=3, decay_start=3,
-              save_strategy="steps", save_steps=4, ema_decay=0.0)
-    first = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path, max_steps=8, **kw),
-                            train_dataset=LatentsDataset())
-    first.train()
-    assert first.optimizer.param_groups[0]["lr"] == pytest.approx(min_lr)  # the end of the 8-step schedule
-    recorder = LRRecorder()
-    resumed = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path, max_steps=20, disable_tqdm=False, **kw),
-                              train_dataset=LatentsDataset(), callbacks=[recorder])
-    capsys.readouterr()
-    resumed.train(resume_from_checkpoint="latest")
-    err = capsys.readouterr().err
-    assert sorted(recorder.lrs) == list(range(9, 21))
-    fresh = {s: official_learning_rate(s - 1, 20, lr, min_lr, 3, 3) for s in range(1, 21)}
-    for step, used in recorder.lrs.items():
-        assert used == pytest.approx(fresh[step], rel=1e-9, abs=1e-12), step
-        assert used <= lr
-    logged = {h["step"]: h["learning_rate"] for h in resumed.state.log_history if "loss" in h}
-    for step, value in logged.items():
-        if step > 8:
-            assert value == pytest.approx(fresh[step], rel=1e-6, abs=1e-12), step
-    # the same as a run that started with max_steps 20
-    recorder_fresh = LRRecorder()
-    SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path / "fresh", max_steps=20, **kw),
-                    train_dataset=LatentsDataset(), callbacks=[recorder_fresh]).train()
-    assert all(recorder.lrs[s] == pytest.approx(recorder_fresh.lrs[s], rel=1e-9, abs=1e-12) for s in recorder.lrs)
-    # the progress bar (with ETA) and the startup summary, printed once
-    assert "20/20 [" in err and err.count("SphereAR training") == 1
-    assert "resuming at step 8" in err and "8 per device x 1 process x 1 accumulation = 8 per step" in err
-    assert f"parameters: {resumed.model.num_parameters():,}" in err and "8 examples, 4 classes" in err
-
-
-def test_default_run_keeps_a_bounded_number_of_checkpoints(tmp_path):
-    """Default save_total_limit 3; --keep_checkpoints_every N keeps every N-th for good; resume uses the newest."""
-    kw = dict(per_device_train_batch_size=8, save_strategy="steps", save_steps=1, ema_decay=0.9)
-    args = tiny_args(tmp_path, max_steps=6, **kw)  # save_total_limit left at its default
-    assert args.save_total_limit == 3 and args.keep_checkpoints_every is None
-    SphereARTrainer(model=tiny_model(), args=args, train_dataset=LatentsDataset()).train()
-    out = tmp_path / "out"
-    names = lambda: sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))  # noqa: E731
-    assert names() == [4, 5, 6]
-    recorder = LRRecorder()
-    resumed = SphereARTrainer(model=tiny_model(), train_dataset=LatentsDataset(), callbacks=[recorder],
-                              args=tiny_args(tmp_path, max_steps=10, keep_checkpoints_every=4, **kw))
-    resumed.train(resume_from_checkpoint="latest")
-    assert sorted(recorder.lrs) == [7, 8, 9, 10]  # resumed from checkpoint-6
-    assert names() == [4, 7, 8, 9, 10]  # the newest 3, and every 4th step
-    assert all(is_complete_checkpoint(out / f"checkpoint-{s}") for s in names())
-
-
 def test_ema_update_equals_the_formula(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
@@ -496,224 +396,3 @@ def test_activation_checkpointing_and_torch_compile_flags(tmp_path, monkeypatch)
     trainer, compiled = run(torch_compile=True, torch_compile_backend="eager")
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
     assert compiled == pytest.approx(base, rel=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints: completion marker, resolver, kill -9 and resume
-
-
-def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    folder = root / f"checkpoint-{step}"
-    folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"x" * 100)
-    (folder / "trainer_state.json").write_text("{}")
-    if complete:
-        mark_checkpoint_complete(folder, step)
-    return folder
-
-
-def test_resolver_skips_checkpoints_a_crash_left_half_written(tmp_path):
-    assert resolve_resume_checkpoint(tmp_path, "latest") is None  # nothing yet: start fresh
-    good = _fake_checkpoint(tmp_path, 5)
-    _fake_checkpoint(tmp_path, 10, complete=False)  # killed before the marker
-    truncated = _fake_checkpoint(tmp_path, 15)
-    (truncated / "model.safetensors").write_bytes(b"x" * 10)  # a file shorter than recorded
-    corrupt = _fake_checkpoint(tmp_path, 20)
-    (corrupt / CHECKPOINT_MARKER).write_text('{"global_step": 20, "fil')  # torn marker
-    (tmp_path / "checkpoint-25").mkdir()  # an empty folder
-    assert is_complete_checkpoint(good) and not is_complete_checkpoint(truncated)
-    assert resolve_resume_checkpoint(tmp_path, "latest") == str(good)
-    assert resolve_resume_checkpoint(tmp_path, True) == str(good)
-    assert resolve_resume_checkpoint(tmp_path, None) is None
-    with pytest.raises(ValueError, match="incomplete"):
-        resolve_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-10"))
-    with pytest.raises(ValueError, match="no such folder"):
-        resolve_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-99"))
-    assert json.loads((good / CHECKPOINT_MARKER).read_text())["files"]["model.safetensors"] == 100
-
-
-def test_checkpoints_are_marked_rotated_and_never_written_into(tmp_path):
-    """Every checkpoint gets its marker (with the loss generator's state in it); save_total_limit keeps the
-    newest complete ones, counted after the marker; a folder an earlier run left at a step is replaced."""
-    out = tmp_path / "out"
-    stale = out / "checkpoint-3"
-    stale.mkdir(parents=True)
-    (stale / "left_by_a_killed_run.bin").write_bytes(b"x")
-    _fake_checkpoint(out, 1)  # a complete checkpoint of an earlier run: replaced at step 1, then rotated away
-    _fake_checkpoint(out, 9, complete=False)  # incomplete: deleted by the rotation
-    args = tiny_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1, save_total_limit=2, ema_decay=0.9)
-    trainer = SphereARTrainer(model=tiny_model(), args=args, train_dataset=LatentsDataset())
-    assert trainer.save_total_limit == 2 and trainer.args.save_total_limit is None and args.save_total_limit == 2
-    seen = []
-    trainer.on_checkpoint_written = lambda folder: seen.append((folder.name, is_complete_checkpoint(folder)))
-    trainer.train()
-    assert seen == [(f"checkpoint-{i}", False) for i in (1, 2, 3, 4)]  # the hook runs before the marker
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3",
-                                                                                          "checkpoint-4"]
-    for step in (3, 4):
-        folder = out / f"checkpoint-{step}"
-        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
-        assert is_complete_checkpoint(folder) and marker["global_step"] == step
-        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
-                EMA_WEIGHTS_NAME, "loss_generator_0.safetensors"} <= set(marker["files"])
-    assert not (out / "checkpoint-3" / "left_by_a_killed_run.bin").exists()
-    saved = load_file(str(out / "checkpoint-4" / "loss_generator_0.safetensors"))["state"]
-    assert torch.equal(saved, trainer.generator.get_state())
-    # resuming restores the loss generator: the state right after step 3, not a fresh seed
-    resumed = SphereARTrainer(model=tiny_model(), args=tiny_args(tmp_path, max_steps=4, ema_decay=0.9),
-                              train_dataset=LatentsDataset())
-    resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
-    assert torch.equal(resumed.generator.get_state(), trainer.generator.get_state())
-    assert max_abs_diff(dict(resumed.model.named_parameters()), dict(trainer.model.named_parameters())) <= 1e-6
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> None:
-    start = time.time()
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before {path} appeared:\n"
-                                 + log.read_text()[-4000:])
-        if time.time() - start > timeout:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {path}")
-        time.sleep(0.2)
-
-
-def test_kill9_while_checkpointing_then_resume_latest_equals_uninterrupted(assets, tmp_path):
-    flags = dict(max_steps=30, save_strategy="steps", save_steps=10, seed=3)
-    # reference: the same example script, uninterrupted (in this process)
-    load_example().main(example_cli(assets, tmp_path / "ref", **flags, report_to="tensorboard"))
-    ref = tmp_path / "ref"
-    # TensorBoard logs go to <output_dir>/logs, as the S-VAE trainer's
-    assert list((ref / "logs").glob("events.out.tfevents*")), "no tensorboard events in <output_dir>/logs"
-    assert not (ref / "runs").exists()
-
-    # run 2: killed with SIGKILL while writing checkpoint-20 (every file written, completion marker not yet)
-    out, signal_file, log = tmp_path / "run", tmp_path / "hanging", tmp_path / "killed.log"
-    env = subprocess_env(SPHERE_AR_PROBE_HANG_AT_STEP="20", SPHERE_AR_PROBE_SIGNAL=str(signal_file))
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(PROBE), *example_cli(assets, out, **flags)], env=env,
-                                stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path)
-        try:
-            _wait_for(signal_file, proc, log)
-            assert is_complete_checkpoint(out / "checkpoint-10")
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    half = out / "checkpoint-20"
-    assert (half / "model.safetensors").is_file() and (half / EMA_WEIGHTS_NAME).is_file()
-    assert not is_complete_checkpoint(half) and not (out / "pipeline").exists()
-
-    # resume with the example script: `latest` must skip the half-written checkpoint-20 and use checkpoint-10
-    res = subprocess.run([sys.executable, str(EXAMPLE), *example_cli(assets, out, **flags,
-                                                                     resume_from_checkpoint="latest")],
-                         env=subprocess_env(), capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert f"resuming from {out / 'checkpoint-10'}" in res.stderr
-    assert "skipping" in res.stderr and is_complete_checkpoint(half)
-
-    for name in ("model.safetensors", EMA_WEIGHTS_NAME):
-        a, b = load_file(str(ref / "checkpoint-30" / name)), load_file(str(out / "checkpoint-30" / name))
-        assert max_abs_diff(a, b) <= 1e-6, name
-    pipe_ref = load_file(str(ref / "pipeline" / "transformer" / "model.safetensors"))
-    pipe_run = load_file(str(out / "pipeline" / "transformer" / "model.safetensors"))
-    assert max_abs_diff(pipe_ref, pipe_run) <= 1e-6
-    # the pipeline holds the EMA weights, which differ from the raw ones
-    ema = load_file(str(ref / "checkpoint-30" / EMA_WEIGHTS_NAME))
-    assert max_abs_diff(pipe_ref, ema) == 0
-    assert max_abs_diff(pipe_ref, load_file(str(ref / "checkpoint-30" / "model.safetensors"))) > 1e-4
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# data routes and two processes
-
-
-def test_classes_come_from_the_dataset_and_a_mismatch_is_refused(assets, tmp_path, capsys):
-    """The README's "Your own images" route: an imagefolder and no --num_classes gives a model with the folders'
-    classes and names; an explicit --num_classes that differs is a one-line error before training."""
-    folder = tmp_path / "train"
-    for c, name in enumerate(["cat", "dog"]):
-        (folder / name).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(np.full((32, 32, 3), 60 + 100 * c + i, np.uint8)).save(folder / name / f"{i}.png")
-    model_args = ModelArguments(pretrained_vae=str(assets["vae"]), config_file=str(assets["config"]))
-    out = train_sphere_ar(model_args, DataArguments(train_data_dir=str(folder), resolution=32),
-                          tiny_args(tmp_path, max_steps=1, ema_decay=0.0))
-    pipe = SphereARPipeline.from_pretrained(str(out))
-    assert pipe.transformer.config.num_classes == 2 and pipe.id2label == {0: "cat", 1: "dog"}
-
-    from sphere_ar_hf.utils import run_main
-
-    argv = example_cli(assets, tmp_path / "wrong", num_classes=1000, max_steps=1)
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(load_example().main, argv)
-    assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: --num_classes 1000 does not match the dataset: label column 'label' names 4 classes "
-                      "(red, green, blue, grey); drop --num_classes to use the dataset's"]
-    assert not (tmp_path / "wrong").exists()  # refused before training
-    # the same from a latent cache (whose class count is the dataset's, 4)
-    from sphere_ar_hf.training.latent_cache import cache_latents, load_vae
-
-    cache_latents(load_vae(assets["vae"]), DataArguments(dataset_path=str(assets["data"]), resolution=32),
-                  tmp_path / "cache", batch_size=8, disable_tqdm=True)
-    with pytest.raises(ValueError, match="--num_classes 3 does not match the latent cache .* 4 classes"):
-        train_sphere_ar(model_args, DataArguments(latent_cache=str(tmp_path / "cache"), num_classes=3),
-                        tiny_args(tmp_path, max_steps=1))
-
-
-def test_training_from_a_latent_cache(assets, tmp_path):
-    from sphere_ar_hf.training.latent_cache import cache_latents, load_vae
-
-    data_args = DataArguments(dataset_path=str(assets["data"]), num_classes=4, resolution=32)
-    cache_latents(load_vae(assets["vae"]), data_args, tmp_path / "cache", batch_size=8)
-    model_args = ModelArguments(pretrained_vae=str(assets["vae"]), config_file=str(assets["config"]))
-    out = train_sphere_ar(model_args, DataArguments(latent_cache=str(tmp_path / "cache"), num_classes=4),
-                          tiny_args(tmp_path, max_steps=2, ema_decay=0.9999))
-    pipe = SphereARPipeline.from_pretrained(str(out))
-    assert pipe.id2label == dict(enumerate(CLASS_NAMES)) and pipe.transformer.config.num_classes == 4
-
-
-
-def test_two_processes_train_on_disjoint_data_and_save_a_pipeline(assets, tmp_path):
-    index_dir, out = tmp_path / "indices", tmp_path / "ddp"
-    index_dir.mkdir()
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(PROBE), *example_cli(assets, out, num_train_epochs=2, save_strategy="no",
-                                    per_device_train_batch_size=2, decay_start=4, logging_steps=2,
-                                    ddp_backend="gloo", eval_images=9, eval_steps=8, eval_features="digits",
-                                    eval_num_inference_steps=2, per_device_eval_batch_size=8)]
-    res = subprocess.run(cmd, env=subprocess_env(SPHERE_AR_PROBE_INDEX_DIR=str(index_dir)), capture_output=True,
-                         text=True, cwd=tmp_path, timeout=TIMEOUT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    seen = {}
-    for rank in (0, 1):
-        rows = [tuple(map(int, line.split())) for line in (index_dir / f"rank{rank}.txt").read_text().split("\n")
-                if line]
-        seen[rank] = rows
-        assert all(label == index % 4 for _, index, label in rows)  # the dataset's labels
-    for epoch in (0, 1):
-        r0 = [i for e, i, _ in seen[0] if e == epoch]
-        r1 = [i for e, i, _ in seen[1] if e == epoch]
-        assert len(r0) == len(r1) == 8  # both ranks trained: 4 steps x batch 2 each
-        assert not set(r0) & set(r1) and set(r0) | set(r1) == set(range(16))
-    assert sorted(i for e, i, _ in seen[0] if e == 0) != sorted(i for e, i, _ in seen[0] if e == 1)  # reshuffled
-    state = json.loads((out / "pipeline" / "model_index.json").read_text())
-    assert {"transformer", "vae", "scheduler"} <= set(state)
-    pipe = SphereARPipeline.from_pretrained(str(out / "pipeline"))
-    pipe.set_progress_bar_config(disable=True)
-    assert pipe.id2label == dict(enumerate(CLASS_NAMES))
-    images = pipe(["blue", 0], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                  output_type="np").images
-    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
-    # the evaluation at the last step, split over the two ranks (5 + 4 images), measured the final (EMA) weights
-    (record,) = EvaluationLog(out / "eval").records()
-    n = np.arange(9)
-    labels = image_labels(0, n, 4, "balanced")
-    samples = sample_images(pipe, labels, image_seeds(0, n), 8, num_inference_steps=2)
-    assert record["step"] == 8 and record["frechet_distance"] == pytest.approx(
-        ImageMetric("digits")(samples, labels)["frechet_distance"], rel=1e-6)
-    shutil.rmtree(out)
