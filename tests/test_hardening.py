@@ -140,6 +140,42 @@ def test_batch_bound_follows_the_free_memory(tiny_pipeline, monkeypatch) -> None
         pipe([0, 1, 2, 3], num_inference_steps=2)
 
 
+def test_vae_slicing_decodes_image_by_image_and_lets_a_larger_batch_fit(tiny_pipeline, monkeypatch) -> None:
+    """``pipe.vae.enable_slicing()`` (diffusers' name): the decoder runs once per image, the images equal the
+    batched decode's to float rounding, the memory estimate counts the decoder's activations once, and the
+    refusal of a batch that fits only so names it."""
+    pipe, vae = tiny_pipeline, tiny_pipeline.vae
+    tokens = torch.randn(5, vae.num_tokens, vae.config.latent_dim, generator=torch.Generator().manual_seed(0))
+    runs = []
+    handle = vae.decoder_conv_in.register_forward_hook(lambda module, args, out: runs.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            batched = vae.decode(tokens).sample
+            vae.enable_slicing()
+            try:
+                sliced = vae.decode(tokens, return_dict=False)[0]
+                sliced_bytes = pipe.sampling_bytes(5, 2, guided=True)
+            finally:
+                vae.disable_slicing()
+    finally:
+        handle.remove()
+    assert runs == [5, 1, 1, 1, 1, 1] and not vae.use_slicing
+    assert (sliced - batched).abs().max() <= 1e-5 and not torch.equal(sliced, torch.zeros_like(sliced))
+    full = pipe.sampling_bytes(5, 2, guided=True)
+    assert full - sliced_bytes == 4 * vae.decode_bytes_per_image()
+    assert pipe.sampling_bytes(5, 2, True, vae_slicing=True) == sliced_bytes
+    with pytest.raises(TypeError, match="vae_slicing must be a bool or None, got str"):
+        pipe.sampling_bytes(5, 2, True, vae_slicing="yes")
+    monkeypatch.setattr(pipeline_module, "_free_memory", lambda device: sliced_bytes)
+    with pytest.raises(ValueError, match=r"at most \d images fit in one call.*, or call pipe.vae.enable_slicing\(\)"):
+        pipe([0, 1, 2, 3, 4], num_inference_steps=2)
+    vae.enable_slicing()
+    try:
+        assert pipe([0, 1, 2, 3, 4], num_inference_steps=2, output_type="pt").images.shape[0] == 5
+    finally:
+        vae.disable_slicing()
+
+
 def test_cli_refuses_a_batch_that_does_not_fit(folder, tmp_path, monkeypatch) -> None:
     # generate pads each call to a multiple of 8 images (batching.ROW_QUANTUM): the padded call is what must fit
     pipe = SphereARPipeline.from_pretrained(folder)

@@ -153,6 +153,21 @@ def test_sample_with_the_fast_sampler(tmp_path, capsys) -> None:
     assert _sha(eager / "samples.npz") == before
 
 
+def test_sample_with_vae_slicing(tmp_path, capsys) -> None:
+    """``--vae-slicing``: the default run's images to float rounding, recorded in sampling.json (a resume must
+    match it)."""
+    plain, sliced = tmp_path / "plain", tmp_path / "sliced"
+    assert cli(["sample", *SAMPLE, "--output-dir", str(plain), "--batch-size", "16"]) == 0
+    assert cli(["sample", *SAMPLE, "--output-dir", str(sliced), "--batch-size", "16", "--vae-slicing"]) == 0
+    a, b = ImageSet(plain / "samples.npz").images().astype(int), ImageSet(sliced / "samples.npz").images().astype(int)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+    assert json.loads((sliced / "sampling.json").read_text())["vae_slicing"] is True
+    assert json.loads((plain / "sampling.json").read_text())["vae_slicing"] is False
+    capsys.readouterr()
+    assert cli(["sample", *SAMPLE, "--output-dir", str(sliced), "--resume"]) == 2
+    assert "vae_slicing: True there, False now" in capsys.readouterr().err
+
+
 def test_png_images_equal_the_npz(tmp_path) -> None:
     from PIL import Image
 

@@ -85,6 +85,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         pipe.set_progress_bar_config(disable=True)
         if args.compile:
             pipe.enable_torch_compile()
+        if args.vae_slicing:
+            pipe.vae.enable_slicing()
         tf = pipe.transformer.config
         guidance = guidance if guidance is not None else float(tf.guidance_scale)
         settings = sampling_settings(pipe, model_id(model), args.num_images, args.seed, args.labels, guidance,
@@ -158,6 +160,10 @@ def add_sample_parser(sub, fmt) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="per-token sampler (default: the model's scheduler, euler_maruyama for official weights)")
     p.add_argument("--png", action="store_true", help="also write each image to DIR/images/{n:06d}.png")
+    p.add_argument("--vae-slicing", action="store_true",
+                   help="decode one image at a time (pipe.vae.enable_slicing()): the decoder's memory for one image "
+                        "instead of the batch, so a larger --batch-size fits a smaller GPU; images equal to float "
+                        "rounding")
     add_compile_argument(p)
     p.set_defaults(func=cmd_sample)
 

@@ -285,13 +285,16 @@ class SphereARPipeline(DiffusionPipeline):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
 
     def sampling_bytes(self, batch_size: int, num_inference_steps: int, guided: bool,
-                       output_type: str = "pil") -> int:
+                       output_type: str = "pil", vae_slicing: bool | None = None) -> int:
         """About the memory a call allocates beyond the weights: the KV cache, the head's :class:`.SamplingPlan`
         (time embeddings, a token's modulations), a token's noise, and the decoder's activations (all linear in
-        ``batch_size``)."""
+        ``batch_size``; the decoder's for one image when the VAE decodes in slices: ``vae_slicing``, default
+        ``pipe.vae.use_slicing``)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         check_num_inference_steps(num_inference_steps)
+        if vae_slicing is not None and not isinstance(vae_slicing, bool):
+            raise TypeError(f"vae_slicing must be a bool or None, got {type(vae_slicing).__name__}")
         tf = self.transformer
         rows = batch_size * (2 if guided else 1)
         heun = self.scheduler.config.sampler == "heun"  # (without building a grid: a billion steps are refused)
@@ -300,9 +303,11 @@ class SphereARPipeline(DiffusionPipeline):
         total += tf.sampling_plan_bytes(evaluations, rows, exact=self._compiled_sampler is None)
         total += (evaluations + 1) * rows * tf.config.latent_dim * 4  # a token's noise
         total += 2 * batch_size * tf.config.num_image_tokens * tf.config.latent_dim * 4  # tokens, latents
-        if output_type != "latent":
+        if output_type != "latent":  # the decoder's activations (for one image when it decodes in slices), images
             size = self.vae.config.image_size
-            total += batch_size * (self.vae.decode_bytes_per_image() + 3 * size * size * 4 * 2)  # + images
+            sliced = self.vae.use_slicing if vae_slicing is None else vae_slicing
+            total += (1 if sliced else batch_size) * self.vae.decode_bytes_per_image()
+            total += batch_size * 3 * size * size * 4 * 2
         return total
 
     def check_memory(self, batch_size: int, num_inference_steps: int, guided: bool, output_type: str,
@@ -318,6 +323,10 @@ class SphereARPipeline(DiffusionPipeline):
         advice = (f"at most {fits} images fit in one call: pass fewer class labels per call (the CLI splits "
                   "requests with --batch-size)" if fits else "even one image does not fit: use fewer "
                   "num_inference_steps")
+        if output_type != "latent" and not self.vae.use_slicing:
+            sliced = self.sampling_bytes(batch_size, num_inference_steps, guided, output_type, vae_slicing=True)
+            if sliced <= free:
+                advice += f", or call pipe.vae.enable_slicing() (then about {sliced / 2**30:.1f} GiB)"
         raise ValueError(f"{what} about {need / 2**30:.1f} GiB of {device.type} memory (KV cache and activations) "
                          f"but about {free / 2**30:.1f} GiB is free; {advice}")
 

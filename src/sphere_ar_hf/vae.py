@@ -187,6 +187,7 @@ class SphereVAE(ModelMixin, ConfigMixin):
         heads = num_attention_heads or max(1, z_channels // 64)
         grid = image_size // patch_size
         self.grid_size, self.num_tokens = grid, grid * grid
+        self.use_slicing = False  # decode one image at a time (enable_slicing)
         vit = dict(dim=z_channels, num_heads=heads, num_registers=num_register_tokens, grid=grid, eps=rms_norm_eps,
                    theta=rope_theta)
         # encoder
@@ -234,6 +235,16 @@ class SphereVAE(ModelMixin, ConfigMixin):
         vit = 8 * tokens * c.z_channels + 2 * tokens**2 * heads
         return 4 * stages * el + vit * el
 
+    def enable_slicing(self) -> None:
+        """Decode a batch one image at a time (diffusers' ``AutoencoderKL.enable_slicing``): the decoder's
+        activations then take :meth:`decode_bytes_per_image` once instead of once per image, for larger sampling
+        batches on a smaller GPU. An image's pixels may then differ from a batched decode by float rounding."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        """Decode a batch in one pass again (the default)."""
+        self.use_slicing = False
+
     @property
     def latent_radius(self) -> float:
         return math.sqrt(self.config.latent_dim)
@@ -275,6 +286,14 @@ class SphereVAE(ModelMixin, ConfigMixin):
         if latents.dim() != 3 or latents.shape[1] != L or latents.shape[2] != d:
             raise ValueError(f"latents must have shape (batch, {L}, {d}) (tokens of a {self.config.image_size}px image,"
                              f" latent_dim {d}), got {tuple(latents.shape)}")
+        if self.use_slicing and latents.shape[0] > 1:
+            x = torch.cat([self._decode_tokens(z) for z in latents.split(1)])
+        else:
+            x = self._decode_tokens(latents)
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def _decode_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """The decoder on checked tokens ``(B, L, latent_dim)``, in one pass."""
         if self.config.normalize_decoder_input:
             latents = self.normalize(latents)
         x = self.post_quant_proj(latents.to(self.post_quant_proj.weight.dtype))
@@ -285,8 +304,7 @@ class SphereVAE(ModelMixin, ConfigMixin):
         x = x.transpose(1, 2).unflatten(2, (g, g))
         for block in self.up_blocks:
             x = block(x)
-        x = self.decoder_conv_out(F.silu(self.decoder_norm_out(x)))
-        return DecoderOutput(sample=x) if return_dict else (x,)
+        return self.decoder_conv_out(F.silu(self.decoder_norm_out(x)))
 
     def forward(self, images: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
                 return_dict: bool = True) -> DecoderOutput | tuple:

@@ -13,8 +13,8 @@ of processes, the batch size or its batch-mates:
   batch-mates and the thread count. On GPUs the libraries choose kernels per shape, so images made with different
   batch sizes can differ in the last bits.
 
-With ``fast_sampler`` (``pipe.enable_torch_compile()`` on) the images equal eager's to float rounding only, so a
-run records it among its settings.
+With ``fast_sampler`` (``pipe.enable_torch_compile()`` on) or ``vae_slicing`` (``pipe.vae.enable_slicing()``) the
+images equal the default's to float rounding only, so a run records both among its settings.
 
 A run writes ``DIR/sampling.json`` (the settings), then shards ``DIR/shards/{start}-{end}.npz`` of
 ``shard_size`` consecutive images, each written to a temporary name and renamed once complete, so that a crash
@@ -102,6 +102,7 @@ class SamplingSettings:
     num_classes: int
     image_size: int
     fast_sampler: bool = False  # pipe.enable_torch_compile(): the same images up to float rounding, not bit for bit
+    vae_slicing: bool = False  # pipe.vae.enable_slicing(): the same, up to float rounding
 
     def differences(self, other: dict) -> list[str]:
         """Each setting that differs from ``other`` (a recorded run's; a setting it lacks has its default)."""
@@ -124,14 +125,14 @@ def set_sampler(pipe, sampler: str | None = None, time_shift: float | None = Non
 def sampling_settings(pipe, model: str, num_images: int, seed: int, labels: str, guidance_scale: float,
                       cfg_schedule: str, num_inference_steps: int, dtype: str, shard_size: int,
                       fast_sampler: bool = False) -> SamplingSettings:
-    """The :class:`SamplingSettings` of a run of ``pipe`` (its sampler, time shift, classes and image size);
-    ``fast_sampler``: the run samples with ``pipe.enable_torch_compile()`` on."""
+    """The :class:`SamplingSettings` of a run of ``pipe`` (its sampler, time shift, classes, image size and VAE
+    slicing); ``fast_sampler``: the run samples with ``pipe.enable_torch_compile()`` on."""
     return SamplingSettings(
         model=model, num_images=num_images, seed=seed, labels=labels, guidance_scale=guidance_scale,
         cfg_schedule=cfg_schedule, sampler=pipe.scheduler.config.sampler,
         time_shift=float(pipe.scheduler.config.time_shift), num_inference_steps=num_inference_steps, dtype=dtype,
         shard_size=shard_size, num_classes=pipe.transformer.config.num_classes,
-        image_size=pipe.vae.config.image_size, fast_sampler=fast_sampler)
+        image_size=pipe.vae.config.image_size, fast_sampler=fast_sampler, vae_slicing=bool(pipe.vae.use_slicing))
 
 
 def _shard_path(output_dir: Path, start: int, end: int) -> Path:
