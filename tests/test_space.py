@@ -220,6 +220,33 @@ def test_zero_gpu_wraps_the_handler_with_the_real_spaces_package(monkeypatch, ti
     assert build_parser().parse_args([]).gpu_duration == 120
 
 
+ZERO_GPU_STARTUP = textwrap.dedent('''
+    import sys
+
+    import app  # the Space's app.py: imports spaces (here in its ZeroGPU mode), then the demo
+    from sphere_ar_hf.demo import create_demo
+
+    demo, _ = create_demo(["--model", app.served_model(), "--steps", "2"])
+    pipe, (event,) = demo.runner.pipeline, list(demo.fns.values()) if isinstance(demo.fns, dict) else demo.fns
+    print("devices", pipe.device, next(pipe.vae.parameters()).device)
+    print("zerogpu", hasattr(event.fn, "zerogpu"), event.fn.__wrapped__ == demo.runner.generate)
+''')
+
+
+def test_space_starts_as_on_zero_gpu_hardware(space, tmp_path):
+    """The real ``spaces`` package in its ZeroGPU mode (``SPACES_ZERO_GPU=true``: it patches torch so that CUDA
+    looks available and moves to it are deferred): the Space's start-up touches no real CUDA, the pipeline is on
+    ``cuda`` as ZeroGPU reports it, and the Generate handler is ZeroGPU's wrapper of the demo's handler. (A request
+    would need ZeroGPU's device service, which is not here.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "SPACES_", "ZEROGPU_"))}
+    env.update(SPACES_ZERO_GPU="true", SPACES_ZERO_DEVICE_API_URL="http://127.0.0.1:9", HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1", PYTHONPATH=str(space))
+    done = subprocess.run([sys.executable, "-c", ZERO_GPU_STARTUP], cwd=space, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "devices cuda:0 cuda:0" in done.stdout and "zerogpu True True" in done.stdout, done.stdout
+
+
 def test_python_api_keeps_working(tmp_path):
     out = hub.build_space_folder(tmp_path / "space", license="mit", models=["someone/sphere-ar-digits"])
     assert front_matter(out / "README.md")["models"] == ["someone/sphere-ar-digits"]
