@@ -20,7 +20,9 @@ rough time estimate per part. Then, in order:
    ran inside the token loop (``torch.cuda.set_sync_debug_mode``); the bfloat16 images' distance from float32 ones
    (same weights and seeds, eager float32); the trunk steps alone at the largest batch, eager and compiled (their
    ms per token, and how long the host took to issue them: whether the trunk step is bound by the host, which
-   capturing it too would remove); and the time 50,000 images would take at the best rate.
+   capturing it too would remove); the VAE decoder at the largest batch in one pass and with
+   ``vae.enable_slicing()`` (time, peak memory, the estimate); and the time 50,000 images would take at the best
+   rate.
 3. **Offload, end to end**: ``enable_model_cpu_offload()`` and ``enable_sequential_cpu_offload()`` on the
    fixture's pipeline (eager, and model offload with the fast path) against the same path's images without offload.
 4. **A training step of SphereAR-B at 256 px from cached latents**: the trainer's step (the model's loss as
@@ -393,12 +395,37 @@ def budget(a: argparse.Namespace) -> str:
             f"{', '.join(f'{k} ~{v:.1f}' for k, v in parts.items())}; total ~{sum(parts.values()):.1f} min")
 
 
+def decoder_memory(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device) -> None:
+    """The VAE decoder at the largest batch, in one pass and with ``vae.enable_slicing()``: time and peak memory
+    above what was allocated before (CUDA), against ``decode_bytes_per_image`` times the batch."""
+    b, vae = max(a.batch_sizes), pipe.vae
+    tokens = torch.randn(b, vae.num_tokens, vae.config.latent_dim, generator=torch.Generator().manual_seed(a.seed))
+    tokens, parts = tokens.to(device), []
+    for sliced in (False, True):
+        vae.enable_slicing() if sliced else vae.disable_slicing()
+        sync(device)
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            vae.decode(tokens)
+        sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
+        parts.append(f"{'sliced' if sliced else 'one pass'} {time.perf_counter() - t0:6.2f} s, peak +{peak:.2f} GiB")
+    vae.disable_slicing()
+    log(f"decoder at batch {b}: {'; '.join(parts)} (estimate for one pass "
+        f"{b * vae.decode_bytes_per_image() / 2**30:.2f} GiB)")
+
+
 def sampling(a: argparse.Namespace, device: torch.device) -> None:
     """Part 2: throughput of every path, the 50,000-image time, the distance from float32."""
     reference = build_model(a)  # float32, kept on the CPU until the throughput has run
     pipe = copy.deepcopy(reference).to(device)
     pipe.to(DTYPES[a.dtype])
     result = throughput(pipe, a, device)
+    with attempt("decoder memory"):
+        decoder_memory(pipe, a, device)
     del pipe
     if result["rates"]:
         (path, b), best = max(result["rates"].items(), key=lambda item: item[1])

@@ -52,6 +52,8 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
     for line in ("model CPU offload:", "model CPU offload + fast path:", "sequential CPU offload:"):
         assert line in out
     assert out.count("max |diff| from no offload 0.00e+00") == 3 and out.rstrip().endswith("done")
+    assert re.search(r"decoder at batch 2: one pass +[\d.]+ s, peak \+nan GiB; sliced +[\d.]+ s, peak \+nan GiB "
+                     r"\(estimate for one pass [\d.]+ GiB\)", out), out
     runs = {(m[1], int(m[2])): m for m in TRAINING_LINE.finditer(out)}
     assert sorted(runs) == [("compiled", 4), ("compiled", 8), ("eager", 4), ("eager", 8)], out
     for (tag, batch), m in runs.items():
