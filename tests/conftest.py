@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_env(*drop: str, **extra: str) -> dict[str, str]:
+    """The environment for a script or ``torchrun`` launched by a test: this one without the variables of a
+    distributed launch (and ``drop``), offline, one thread (``extra`` overrides or adds)."""
+    env = {k: v for k, v in os.environ.items() if k not in (*DISTRIBUTED_VARIABLES, *drop)}
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "TOKENIZERS_PARALLELISM": "false", **extra})
+    return env
+
+
+def torchrun_command(*args: str | Path, processes: int = 2) -> list[str]:
+    """``torchrun --nproc_per_node processes`` on 127.0.0.1 and a free port, then ``args`` (a script and its
+    arguments, or ``-m module ...``)."""
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
 
 
 def compiled_graphs() -> int:

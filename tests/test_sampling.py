@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import launch_env, torchrun_command
 from sphere_ar_hf.cli import main as cli
 from sphere_ar_hf.evaluation import ImageSet, image_labels, image_seeds
 
@@ -27,10 +27,7 @@ SAMPLE = ["--num-images", "40", "--labels", "uniform", "--seed", "5", "--steps",
 
 
 def _env(threads: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    return env
+    return launch_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
 
 
@@ -75,10 +72,9 @@ def test_two_processes_write_the_same_file_as_one_with_another_batch_size(tmp_pa
     res = subprocess.run(_sample_cmd(one, "--batch-size", "16"), env=_env(2), capture_output=True, text=True,
                          timeout=TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                          str(free_port()), "-m", "sphere_ar_hf.cli", "sample", *SAMPLE, "--output-dir", str(two),
-                          "--batch-size", "5"], env=_env(1), capture_output=True, text=True, timeout=TIMEOUT)
+    res = subprocess.run(torchrun_command("-m", "sphere_ar_hf.cli", "sample", *SAMPLE, "--output-dir", two,
+                                          "--batch-size", "5"), env=_env(1), capture_output=True, text=True,
+                         timeout=TIMEOUT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 processes" in res.stdout and "rank 1: shard" in res.stderr
     assert _sha(one / "samples.npz") == _sha(two / "samples.npz")

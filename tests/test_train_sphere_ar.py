@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from conftest import TRAIN_AR_CLASS_NAMES as CLASS_NAMES
+from conftest import launch_env
 from sphere_ar_hf import SphereARConfig, SphereARPipeline, SphereARTransformer, SphereVAE
 from sphere_ar_hf.training.arguments import ModelArguments, SphereARTrainingArguments
 from sphere_ar_hf.training.data import DataArguments
@@ -83,11 +83,7 @@ def example_cli(assets: dict[str, Path], output_dir: Path, **flags) -> list[str]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", **extra)
-    return env
+    return launch_env(**extra)
 
 
 def load_example():

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import TRAIN_AR_CLASS_NAMES as CLASS_NAMES
-from conftest import free_port
+from conftest import torchrun_command
 from sphere_ar_hf import SphereARPipeline
 from sphere_ar_hf.evaluation.sampling import image_labels, sample_images
 from sphere_ar_hf.seeding import image_seeds
@@ -84,12 +82,11 @@ def test_training_from_a_latent_cache(assets, tmp_path):
 def test_two_processes_train_on_disjoint_data_and_save_a_pipeline(assets, tmp_path):
     index_dir, out = tmp_path / "indices", tmp_path / "ddp"
     index_dir.mkdir()
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(PROBE), *example_cli(assets, out, num_train_epochs=2, save_strategy="no",
-                                    per_device_train_batch_size=2, decay_start=4, logging_steps=2,
-                                    ddp_backend="gloo", eval_images=9, eval_steps=8, eval_features="digits",
-                                    eval_num_inference_steps=2, per_device_eval_batch_size=8)]
+    cmd = torchrun_command(PROBE, *example_cli(assets, out, num_train_epochs=2, save_strategy="no",
+                                               per_device_train_batch_size=2, decay_start=4, logging_steps=2,
+                                               ddp_backend="gloo", eval_images=9, eval_steps=8,
+                                               eval_features="digits", eval_num_inference_steps=2,
+                                               per_device_eval_batch_size=8))
     res = subprocess.run(cmd, env=subprocess_env(SPHERE_AR_PROBE_INDEX_DIR=str(index_dir)), capture_output=True,
                          text=True, cwd=tmp_path, timeout=TIMEOUT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -5,15 +5,13 @@ size between the processes (each process resumes at its own data position)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import VAE_SCRIPT, VAE_SCRIPT_ARGS, free_port, safetensors_weights
+from conftest import VAE_SCRIPT, VAE_SCRIPT_ARGS, launch_env, safetensors_weights, torchrun_command
 from sphere_ar_hf import SphereVAE
 from sphere_ar_hf.training.checkpoints import CHECKPOINT_MARKER, mark_checkpoint_complete
 from sphere_ar_hf.training.vae_checkpoints import TrainState
@@ -25,13 +23,9 @@ COMMON = ["--global_batch_size", "8", "--gradient_accumulation_steps", "2", "--d
 
 def torchrun(cwd: Path, out: Path, *args: str) -> str:
     """Run the training script with 2 processes into ``out``; returns its stderr (it must succeed)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(VAE_SCRIPT), "--output_dir", str(out), *VAE_SCRIPT_ARGS, *COMMON,
-           *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd, timeout=600)
+    cmd = torchrun_command(VAE_SCRIPT, "--output_dir", out, *VAE_SCRIPT_ARGS, *COMMON, *args)
+    res = subprocess.run(cmd, env=launch_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, cwd=cwd,
+                         timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stderr
 

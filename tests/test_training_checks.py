@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import launch_env, torchrun_command
 from sphere_ar_hf.loading import refuse_non_finite
 from sphere_ar_hf.training.argument_checks import check_input_path
 from sphere_ar_hf.training.data import probe_images
@@ -148,12 +146,9 @@ def test_processes_that_would_each_run_alone_are_refused(tmp_path, name, argv, o
     """``torchrun`` of two processes on a machine without GPUs, without the script's CPU option: accelerate and the
     Trainer would run each process alone (all the data, no gradient exchange, the same files written twice). Every
     script refuses in one line on each process, before any work."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "ACCELERATE_USE_CPU")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # no GPU, also on a GPU machine
+    env = launch_env("ACCELERATE_USE_CPU", CUDA_VISIBLE_DEVICES="")  # no GPU, also on a GPU machine
     (tmp_path / "no-data").mkdir()
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(ROOT / "examples" / f"{name}.py"), *argv]
+    cmd = torchrun_command(ROOT / "examples" / f"{name}.py", *argv)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     # the two processes share stderr, so their lines may interleave: count the messages, not the lines
     assert res.returncode != 0 and res.stderr.count("error: WORLD_SIZE=2: ") == 2, res.stderr[-3000:]
