@@ -199,15 +199,17 @@ def test_zero_gpu_wraps_the_handler_with_the_real_spaces_package(monkeypatch, ti
     handler unchanged); without ``spaces`` imported, the handler is left alone."""
     import spaces
 
-    from sphere_ar_hf.demo import build_demo, build_parser, on_zero_gpu
+    from sphere_ar_hf.demo import build_demo, build_parser, on_zero_gpu, zero_gpu_hardware
 
     def handler(x):
         return x
 
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
-    assert on_zero_gpu(handler, 45) is handler
+    assert on_zero_gpu(handler, 45) is handler and not zero_gpu_hardware()
+    monkeypatch.setattr(spaces.config.Config, "zero_gpu", True)
+    assert zero_gpu_hardware()  # read from the package's own settings
     monkeypatch.delitem(sys.modules, "spaces")
-    assert on_zero_gpu(handler) is handler
+    assert on_zero_gpu(handler) is handler and not zero_gpu_hardware()
     seen = []
     monkeypatch.setitem(sys.modules, "spaces", SimpleNamespace(GPU=lambda task, duration: seen.append(duration)
                                                                    or (lambda *a, **k: task(*a, **k))))
@@ -224,8 +226,14 @@ ZERO_GPU_STARTUP = textwrap.dedent('''
     import sys
 
     import app  # the Space's app.py: imports spaces (here in its ZeroGPU mode), then the demo
-    from sphere_ar_hf.demo import create_demo
+    from sphere_ar_hf.cli_common import CLIError
+    from sphere_ar_hf.demo import create_demo, zero_gpu_hardware
 
+    try:
+        create_demo(["--model", app.served_model(), "--compile"])
+    except CLIError as e:
+        print("refused", e)
+    print("zero_gpu_hardware", zero_gpu_hardware())
     demo, _ = create_demo(["--model", app.served_model(), "--steps", "2"])
     pipe, (event,) = demo.runner.pipeline, list(demo.fns.values()) if isinstance(demo.fns, dict) else demo.fns
     print("devices", pipe.device, next(pipe.vae.parameters()).device)
@@ -236,7 +244,8 @@ ZERO_GPU_STARTUP = textwrap.dedent('''
 def test_space_starts_as_on_zero_gpu_hardware(space, tmp_path):
     """The real ``spaces`` package in its ZeroGPU mode (``SPACES_ZERO_GPU=true``: it patches torch so that CUDA
     looks available and moves to it are deferred): the Space's start-up touches no real CUDA, the pipeline is on
-    ``cuda`` as ZeroGPU reports it, and the Generate handler is ZeroGPU's wrapper of the demo's handler. (A request
+    ``cuda`` as ZeroGPU reports it, the Generate handler is ZeroGPU's wrapper of the demo's handler, and
+    ``--compile`` (unsupported there) is refused. (A request
     would need ZeroGPU's device service, which is not here.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "SPACES_", "ZEROGPU_"))}
     env.update(SPACES_ZERO_GPU="true", SPACES_ZERO_DEVICE_API_URL="http://127.0.0.1:9", HF_HUB_OFFLINE="1",
@@ -245,6 +254,9 @@ def test_space_starts_as_on_zero_gpu_hardware(space, tmp_path):
                           text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "devices cuda:0 cuda:0" in done.stdout and "zerogpu True True" in done.stdout, done.stdout
+    # torch.compile does not work on ZeroGPU: --compile is refused in one line, before the model loads
+    assert "zero_gpu_hardware True" in done.stdout
+    assert "refused --compile: ZeroGPU hardware does not support torch.compile" in done.stdout, done.stdout
 
 
 def test_python_api_keeps_working(tmp_path):

@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from .pipeline_sphere_ar import SphereARPipeline
 
 __all__ = ["DEMO_CSS", "MAX_SEED", "DemoRunner", "build_demo", "build_parser", "class_choices", "create_demo",
-           "load_default_pipeline", "main", "on_zero_gpu", "validate_request"]
+           "load_default_pipeline", "main", "on_zero_gpu", "validate_request",
+           "zero_gpu_hardware"]
 
 MAX_LABEL_CHARS = 200  # a class name longer than this is refused before the (fuzzy) name lookup
 IMAGENET_DEFAULT_CLASSES = (207, 360, 388, 88)  # golden retriever, otter, giant panda, macaw
@@ -299,6 +300,12 @@ def on_zero_gpu(handler: Any, duration: int = GPU_DURATION_S) -> Any:
     return handler if spaces is None else spaces.GPU(handler, duration=duration)
 
 
+def zero_gpu_hardware() -> bool:
+    """Whether this process runs on ZeroGPU hardware: ``spaces`` imported, in its ZeroGPU mode."""
+    config = getattr(getattr(sys.modules.get("spaces"), "config", None), "Config", None)
+    return getattr(config, "zero_gpu", False) is True
+
+
 # ---- the UI -----------------------------------------------------------------------------------------------------
 def _describe(pipeline: SphereARPipeline, model_name: str | None) -> str:
     c = pipeline.transformer.config
@@ -442,6 +449,9 @@ def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str,
 
     args = build_parser().parse_args(argv)
     set_threads(args.threads)
+    if args.compile and zero_gpu_hardware():  # ZeroGPU's documentation: torch.compile is not supported there
+        raise CLIError("--compile: ZeroGPU hardware does not support torch.compile (huggingface.co/docs/hub/"
+                       "spaces-zerogpu#compilation); serve without --compile")
     if args.model is None:
         pipeline, name = load_default_pipeline(args.dtype), "digits (bundled)"
     else:
