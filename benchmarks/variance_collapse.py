@@ -36,7 +36,7 @@ for extra in (ROOT / "src", ROOT / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from ablation_digits import GUIDANCE_SCALES, VARIANTS  # noqa: E402
+from ablation_report import GUIDANCE_SCALES, VARIANTS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
