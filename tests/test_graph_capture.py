@@ -3,6 +3,7 @@ emulated as they behave: capture records the operators run on fixed tensors, and
 the same tensors again. Whatever a graph reads is what sat at the captured tensors at replay time: an input not copied
 into its static buffer, an output not copied out before the next replay, or a weight swapped for a new tensor is
 stale here as on a GPU. (What the emulation cannot show, memory pools, streams and timings, bench_gpu.py measures.)
+Beside them, the uncaptured compiled path under the same adapter changes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 from sphere_ar_hf import fast_sampling
 from sphere_ar_hf.fast_sampling import FastTokenSampler
+from sphere_ar_hf.lora import add_lora, build_lora_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LABELS = [1, 7, 3]
@@ -88,8 +90,8 @@ def _latents(pipe, generator=None, **kwargs) -> torch.Tensor:
 
 def _uncaptured(pipe, **kwargs) -> torch.Tensor:
     """The same fast path with each token's loop run as the function a graph would capture (no capture)."""
-    with mock.patch.object(FastTokenSampler, "captured", lambda self, table, head, inputs:
-                           self.token_loop(table, head)):
+    with mock.patch.object(FastTokenSampler, "captured", lambda self, table, plan, inputs:
+                           self.token_loop(table, plan.head)):
         return _latents(pipe, **kwargs)
 
 
@@ -133,6 +135,75 @@ def test_loaded_weights_are_read_by_the_replay(make_pipeline, emulated_cuda_grap
     assert EmulatedGraph.captures == 2
     pipe.transformer.load_state_dict(make_pipeline(seed=2).transformer.state_dict(), assign=True)  # new tensors
     assert torch.equal(_latents(pipe), _uncaptured(pipe)) and EmulatedGraph.captures == 4
+
+
+def _head_adapter(pipe):
+    """A LoRA adapter on ``pipe``'s trunk and head, its B matrices random (so that it changes the images); returns
+    PEFT's view of the transformer."""
+    peft_model = add_lora(pipe.transformer, build_lora_config(rank=4, lora_head=True))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, weight in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(torch.randn(weight.shape, generator=g) * 0.5)
+    return peft_model
+
+
+def test_adapter_settings_changed_between_calls_capture_anew(make_pipeline, emulated_cuda_graphs) -> None:
+    """A head adapter disabled, scaled or merged between calls changes no weight's address, only the head's
+    settings: each such call captures anew (a replay of the old graph would apply the old adapter), and gives the
+    uncaptured fast path's images, which follow the adapter (the control); unchanged settings replay."""
+    pipe = make_pipeline()
+    peft_model = _head_adapter(pipe)
+    pipe.enable_torch_compile(backend="eager")
+    adapted = _latents(pipe)
+    assert torch.equal(_latents(pipe), adapted) and EmulatedGraph.captures == 2
+    with peft_model.disable_adapter():
+        off = _latents(pipe)
+        assert torch.equal(off, _uncaptured(pipe)) and EmulatedGraph.captures == 4
+    assert (off - adapted).abs().max() > 1e-2
+    layers = [m for m in pipe.transformer.head.modules() if hasattr(m, "scale_layer")]
+    for layer in layers:
+        layer.scale_layer(0.25)
+    scaled = _latents(pipe)
+    assert torch.equal(scaled, _uncaptured(pipe)) and (scaled - adapted).abs().max() > 1e-2
+    for layer in layers:
+        layer.unscale_layer()
+    peft_model.merge_adapter()  # the deltas added to the weights in place, the adapter branch skipped
+    merged = _latents(pipe)
+    assert torch.equal(merged, _uncaptured(pipe)) and (merged - adapted).abs().max() <= 1e-4
+    peft_model.unmerge_adapter()
+    assert (_latents(pipe) - adapted).abs().max() <= 1e-4
+
+
+def test_the_compiled_steps_follow_adapter_settings(make_pipeline) -> None:
+    """Without capture (the CPU's scans and compiled steps), dynamo's guards on the same settings recompile: the fast
+    path's images follow the adapter disabled, scaled and merged as the eager sampler's do."""
+    torch._dynamo.reset()
+    pipe = make_pipeline()
+    peft_model = _head_adapter(pipe)
+    layers = [m for m in pipe.transformer.head.modules() if hasattr(m, "scale_layer")]
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        pipe.disable_torch_compile()
+        eager = _latents(pipe)
+        pipe.enable_torch_compile(backend="eager")
+        return _latents(pipe), eager
+
+    results = [both()]
+    with peft_model.disable_adapter():
+        results.append(both())
+    for layer in layers:
+        layer.scale_layer(0.25)
+    results.append(both())
+    for layer in layers:
+        layer.unscale_layer()
+    peft_model.merge_adapter()
+    results.append(both())
+    torch._dynamo.reset()
+    for fast, eager in results:
+        assert (fast - eager).abs().max() <= 1e-4
+    assert min((a[1] - b[1]).abs().max() for a, b in zip(results, results[1:3])) > 1e-2  # the settings matter
 
 
 def test_the_emulation_sees_a_stale_input(make_pipeline, emulated_cuda_graphs) -> None:

@@ -9,7 +9,7 @@ waits for the device.
 
 Where the host's cost per step is paid:
 
-- on CUDA, the token's loop is captured once per (rows, steps, dtype, weights) and replayed as one CUDA graph per
+- on CUDA, the token's loop is captured once per (rows, steps, dtype, head settings) and replayed as one CUDA graph per
   token: the host issues nothing per step;
 - on the CPU, a run of steps of one kind (the 100 SDE steps of the default sampler, the Euler steps of
   ``sampler="euler"``) is one compiled call, a ``scan`` over the steps (:data:`RUN_FUNCTIONS`): the compiled step
@@ -28,6 +28,7 @@ The same code runs on the CPU (the tests) and under the CUDA graph capture: what
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -41,7 +42,7 @@ from .scheduling_sphere_ar import StepTable, apply_guidance, update_step
 from .thin_products import ThinProducts
 
 __all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "RUN_FUNCTIONS", "guided_velocity",
-           "unguided_velocity"]
+           "module_settings", "unguided_velocity"]
 
 MAX_GRAPHS = 4  # captured token loops kept per sampler (each holds its own memory pool)
 UNROLL = 2  # steps per iteration of a scan (each iteration's loop test reads a value: 2 host operators)
@@ -193,11 +194,37 @@ def compiled_functions(compile_kwargs: dict) -> tuple[dict, dict, dict, Callable
         return built
 
 
+PLAIN_TYPES = (bool, int, float, str, type(None))
+TORCH_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules"})  # their tensors: keyed by address instead
+
+
+def frozen(value: object) -> object:
+    """``value`` as a key: plain values as they are, lists / tuples / sets / dicts of them as tuples, any other object
+    by its type."""
+    if isinstance(value, PLAIN_TYPES):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(frozen(x) for x in value)
+    if isinstance(value, dict):
+        return tuple((k, frozen(x)) for k, x in value.items())
+    return type(value)
+
+
+def module_settings(module: nn.Module) -> tuple:
+    """What a captured graph of ``module`` was recorded with besides its tensors' contents: the address of every
+    parameter and buffer, and every submodule's plain attributes (flags, scales, names; what dynamo guards on).
+    PEFT's ``disable_adapter()``, ``set_adapter``, ``scale_layer``, ``merge_adapter``, ``train()`` / ``eval()``
+    and added hooks all change it, in-place weight loads do not (a replay reads them where they are)."""
+    tensors = tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
+    return tensors, tuple((name, frozen(value)) for m in module.modules() for name, value in vars(m).items()
+                          if name not in TORCH_CONTAINERS)
+
+
 class CapturedToken:
     """A token's step loop captured as one CUDA graph, with static input buffers: a call copies its inputs in
     (without waiting), replays the graph and returns a copy of its output. The time embeddings and step scalars are
     copied in per call, the head condition, noise and guidance per token; the weights are read where they were at
-    capture (the owner keys graphs by their addresses)."""
+    capture (the owner keys graphs by them and the modules' settings: :func:`module_settings`)."""
 
     def __init__(self, run: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor | None, ...]):
         self.inputs = tuple(None if x is None else x.clone() for x in inputs)
@@ -245,6 +272,7 @@ class FastTokenSampler:
         self.cuda_graph = cuda_graph
         self.graphs: OrderedDict[tuple, CapturedToken] = OrderedDict()
         self.lock = threading.Lock()
+        self.settings: tuple[weakref.ref, tuple] | None = None  # the last call's plan and its head's settings
 
     @staticmethod
     def supports(transformer: nn.Module) -> bool:
@@ -296,7 +324,7 @@ class FastTokenSampler:
         head = plan.head
         inputs = (plan.time_embeddings, table.scalars, z, noise, guidance)
         if self.captures(z.device):
-            return self.captured(table, head, inputs)(*inputs)
+            return self.captured(table, plan, inputs)(*inputs)
         # scans on the CPU (on CUDA their loop test reads the device)
         scan_runs = z.device.type == "cpu" and SCANS_COMPILE
         return self.run_token(table.kinds, table.noise_rows, head, *inputs, scan_runs=scan_runs)
@@ -310,15 +338,26 @@ class FastTokenSampler:
         state, one compiled call per step (no scans)."""
         return lambda *inputs: self.run_token(table.kinds, table.noise_rows, head, *inputs)
 
-    def captured(self, table: StepTable, head: DiffusionHead, inputs: tuple) -> CapturedToken:
-        """The captured loop for these shapes, step kinds and weight addresses (captured on first use)."""
+    def head_settings(self, plan: SamplingPlan) -> tuple:
+        """:func:`module_settings` of ``plan``'s head, read once per call (a plan belongs to one call): a change to
+        the head's weights' addresses or settings between calls captures anew."""
+        with self.lock:
+            if self.settings is not None and self.settings[0]() is plan:
+                return self.settings[1]
+        settings = module_settings(plan.head)
+        with self.lock:
+            self.settings = (weakref.ref(plan), settings)
+        return settings
+
+    def captured(self, table: StepTable, plan: SamplingPlan, inputs: tuple) -> CapturedToken:
+        """The captured loop for these shapes, step kinds and head settings (captured on first use)."""
         shapes = tuple(None if x is None else (tuple(x.shape), x.dtype) for x in inputs)
-        key = (table.kinds, table.noise_rows, shapes, inputs[2].device, tuple(p.data_ptr() for p in head.parameters()))
+        key = (table.kinds, table.noise_rows, shapes, inputs[2].device, self.head_settings(plan))
         with self.lock:
             graph = self.graphs.pop(key, None)
             if graph is None:
                 while len(self.graphs) >= MAX_GRAPHS:
                     self.graphs.popitem(last=False)
-                graph = CapturedToken(self.token_loop(table, head), inputs)
+                graph = CapturedToken(self.token_loop(table, plan.head), inputs)
             self.graphs[key] = graph
         return graph
