@@ -184,6 +184,27 @@ def test_auto_dtype_is_the_stored_dtype(folder, tmp_path) -> None:
     assert SphereARPipeline.from_pretrained(folder, dtype="auto").vae.dtype == torch.float32
 
 
+def test_a_variant_in_shards_is_saved_beside_the_main_weights(tmp_path) -> None:
+    """``pipe.save_pretrained(variant=..., max_shard_size=...)`` reaches both models (diffusers passes these only to a
+    save method whose signature names them): the bfloat16 variant is written in shards beside the float32 weights,
+    which stay byte for byte; each loads back exactly, and ``dtype="auto"`` reads the asked variant's files."""
+    pipe = build_tiny_pipeline()
+    pipe.save_pretrained(tmp_path)
+    main = {f: f.read_bytes() for f in tmp_path.rglob("*.safetensors")}
+    pipe.to(torch.bfloat16).save_pretrained(tmp_path, variant="bf16", max_shard_size="20KB")
+    for component, weights in WEIGHTS.items():
+        assert len(list((tmp_path / component).glob(weights.replace(".safetensors", ".bf16-*-of-*.safetensors")))) > 1
+        assert (tmp_path / component / f"{weights}.index.bf16.json").is_file()
+    assert {f: f.read_bytes() for f in main} == main
+    for loaded, want in ((SphereARPipeline.from_pretrained(tmp_path, variant="bf16", dtype=torch.bfloat16), pipe),
+                         (SphereARPipeline.from_pretrained(tmp_path, dtype=torch.float32), build_tiny_pipeline())):
+        for name in WEIGHTS:
+            got, expected = getattr(loaded, name).state_dict(), getattr(want, name).state_dict()
+            assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), name
+    assert SphereVAE.from_pretrained(tmp_path, subfolder="vae", dtype="auto", variant="bf16").dtype == torch.bfloat16
+    assert SphereVAE.from_pretrained(tmp_path, subfolder="vae", dtype="auto").dtype == torch.float32
+
+
 @pytest.mark.parametrize("bad", ["float64", "bf17", "int8", torch.float64, torch.int8, 16, ""])
 def test_other_dtypes_are_refused(folder, bad) -> None:
     for load in (lambda: SphereARPipeline.from_pretrained(folder, dtype=bad),

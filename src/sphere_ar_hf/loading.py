@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 
 from .config_fields import ConfigFieldError, check_config_file, check_fields, config_file_error
 
-__all__ = ["DTYPE_NAMES", "describe_mismatch", "load_strictly", "resolve_dtype", "stored_dtype", "weights_folder"]
+__all__ = ["DTYPE_NAMES", "describe_mismatch", "load_strictly", "resolve_dtype", "stored_dtype", "variant_files",
+           "weights_folder"]
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -56,9 +57,18 @@ def _as_dtype(value: Any) -> torch.dtype | str | None:
                      f"(torch.float32, torch.bfloat16, torch.float16), got {value!r}")
 
 
-def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
-    """The dtype of the first floating tensor of the safetensors weights in ``folder`` (``None`` if none)."""
-    for file in sorted(Path(folder).glob("*.safetensors")):
+def variant_files(folder: str | os.PathLike, variant: str | None = None) -> list[Path]:
+    """The safetensors files of ``folder`` that hold ``variant`` (``name.<variant>.safetensors``, sharded or not), or
+    with ``None`` those of no variant (``name.safetensors``, ``name-00001-of-00002.safetensors``)."""
+    tag = "" if variant is None else r"\." + re.escape(variant)
+    pattern = re.compile(rf"[^.]+{tag}(-\d+-of-\d+)?\.safetensors")
+    return sorted(f for f in Path(folder).glob("*.safetensors") if pattern.fullmatch(f.name))
+
+
+def stored_dtype(folder: str | os.PathLike, variant: str | None = None) -> torch.dtype | None:
+    """The dtype of the first floating tensor of the safetensors weights of ``variant`` in ``folder`` (any file's where
+    no file is named as a variant's; ``None`` if none)."""
+    for file in variant_files(folder, variant) or sorted(Path(folder).glob("*.safetensors")):
         with safe_open(file, "pt") as f:
             for key in f.keys():
                 dtype = f.get_slice(key).get_dtype()
@@ -104,12 +114,14 @@ def refuse_non_finite(model: torch.nn.Module, what: str) -> None:
 ARCHITECTURE_KEY = "sphere_ar_hf.architecture"  # safetensors metadata: the config fields the weights were saved with
 
 
-def write_architecture(folder: str | os.PathLike, config: Any, fields: Iterable[str]) -> None:
-    """Record ``config``'s ``fields`` in the metadata of every safetensors file of ``folder`` (just saved): the
-    header is rewritten and the tensor bytes copied as they are, through a temporary file renamed over it (this
-    module ships as remote code, so it uses no helper of the package's)."""
+def write_architecture(folder: str | os.PathLike, config: Any, fields: Iterable[str],
+                       variant: str | None = None) -> None:
+    """Record ``config``'s ``fields`` in the metadata of the safetensors files of ``variant`` in ``folder`` (just
+    saved; another variant's files are left alone): the header is rewritten and the tensor bytes copied as they
+    are, through a temporary file renamed over it (this module ships as remote code, so it uses no helper of the
+    package's)."""
     value = json.dumps({k: _plain(getattr(config, k)) for k in fields}, sort_keys=True)
-    for file in sorted(Path(folder).glob("*.safetensors")):
+    for file in variant_files(folder, variant):
         with open(file, "rb") as src:
             size = struct.unpack("<Q", src.read(8))[0]
             header = json.loads(src.read(size))
@@ -172,12 +184,16 @@ def check_architecture(folder: Path, schema: type | None = None) -> None:
 def weights_folder(path: str | os.PathLike, kwargs: dict[str, Any],
                    weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
     """The local folder holding a model's weights: ``path`` (plus ``kwargs["subfolder"]``) if it is a directory,
-    else the Hub cache folder of ``weights_name`` in repo ``path`` (downloaded if needed, as loading would)."""
+    else the Hub cache folder of ``weights_name`` (of ``kwargs["variant"]``) in repo ``path`` (downloaded if needed,
+    as loading would)."""
     subfolder = kwargs.get("subfolder") or ""
     local = Path(path) / subfolder
     if local.is_dir():
         return local
     from huggingface_hub import hf_hub_download
+
+    if kwargs.get("variant"):
+        weights_name = weights_name.replace(".safetensors", f".{kwargs['variant']}.safetensors")
 
     hub_args = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
     return Path(hf_hub_download(str(path), weights_name, subfolder=subfolder or None, **hub_args)).parent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from .loading import load_strictly, resolve_dtype, write_architecture
 from .scheduling_sphere_ar import flow_path
 
 __all__ = ["SphereARTransformer", "SphereARTransformerOutput", "DiffusionHead", "SamplingPlan", "offload_entry_point"]
+# PreTrainedModel.save_pretrained's parameters, which the override keeps: a pipeline's save_pretrained passes
+# variant, max_shard_size, ... only to a save method whose signature names them
+SAVE_SIGNATURE = inspect.signature(PreTrainedModel.save_pretrained)
 
 MODULATION_BYTES = 64 * 2**20  # eager sampling: at most this much of a token's adaLN modulations is computed ahead
 
@@ -313,9 +317,13 @@ class SphereARTransformer(SphereARPreTrainedModel):
                 "this transformer carries LoRA adapters, and its weights would be saved under PEFT's names (a folder "
                 "that loads with random weights): merge_lora(pipe) to save the merged model, unload_lora(pipe) to "
                 "save the base model, save_lora(pipe, folder) to save the adapter")
+        saving = SAVE_SIGNATURE.bind(self, save_directory, *args, **kwargs).arguments
         out = super().save_pretrained(save_directory, *args, **kwargs)
-        write_architecture(save_directory, self.config, TRANSFORMER_ARCHITECTURE)
+        if saving.get("is_main_process", True):  # (the other processes of a distributed save write nothing)
+            write_architecture(save_directory, self.config, TRANSFORMER_ARCHITECTURE, saving.get("variant"))
         return out
+
+    save_pretrained.__signature__ = SAVE_SIGNATURE
 
     @property
     def null_class_id(self) -> int:

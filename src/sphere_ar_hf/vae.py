@@ -3,6 +3,7 @@ ablation, a diagonal Gaussian one)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from .options import POSTERIORS
 from .power_spherical import PowerSphericalDistribution, l2_normalize, project_to_sphere
 
 __all__ = ["POSTERIOR_CLASSES", "SphereVAE", "SphereVAEEncoderOutput", "DecoderOutput", "posterior_tokens"]
+# ModelMixin.save_pretrained's parameters, which the override keeps: a pipeline's save_pretrained passes
+# variant, max_shard_size, ... only to a save method whose signature names them
+SAVE_SIGNATURE = inspect.signature(ModelMixin.save_pretrained)
 
 Posterior = PowerSphericalDistribution | DiagonalGaussianDistribution
 POSTERIOR_CLASSES: dict[str, type[Posterior]] = {
@@ -133,9 +137,13 @@ class SphereVAE(ModelMixin, ConfigMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``ModelMixin.save_pretrained``, with the architecture recorded in the weights' metadata (checked against
         the config when the folder loads: ``loading.check_architecture``)."""
+        saving = SAVE_SIGNATURE.bind(self, save_directory, *args, **kwargs).arguments
         out = super().save_pretrained(save_directory, *args, **kwargs)
-        write_architecture(save_directory, self.config, VAE_ARCHITECTURE)
+        if saving.get("is_main_process", True):  # (the other processes of a distributed save write nothing)
+            write_architecture(save_directory, self.config, VAE_ARCHITECTURE, saving.get("variant"))
         return out
+
+    save_pretrained.__signature__ = SAVE_SIGNATURE
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -144,7 +152,8 @@ class SphereVAE(ModelMixin, ConfigMixin):
         understood and the CPU weights in aligned memory (see ``layers.align_tensors_``)."""
         dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         if dtype == "auto":
-            dtype = stored_dtype(weights_folder(args[0] if args else kwargs["pretrained_model_name_or_path"], kwargs))
+            folder = weights_folder(args[0] if args else kwargs["pretrained_model_name_or_path"], kwargs)
+            dtype = stored_dtype(folder, kwargs.get("variant"))
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
         return align_loaded(load_strictly(cls, super().from_pretrained, args, kwargs))
