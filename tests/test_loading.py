@@ -205,6 +205,23 @@ def test_a_variant_in_shards_is_saved_beside_the_main_weights(tmp_path) -> None:
     assert SphereVAE.from_pretrained(tmp_path, subfolder="vae", dtype="auto").dtype == torch.float32
 
 
+@pytest.mark.parametrize("keyword", ["dtype", "torch_dtype"])
+def test_dtype_per_component(folder, keyword: str) -> None:
+    """diffusers' per-component form: each model in its own dtype, names understood, ``"default"`` for the rest; a
+    key that names no component, or a dtype that is not a floating one, is a one-line ``ValueError``."""
+    pipe = SphereARPipeline.from_pretrained(folder, **{keyword: {"transformer": "bf16", "default": torch.float16}})
+    assert (pipe.transformer.dtype, pipe.vae.dtype) == (torch.bfloat16, torch.float16)
+    pipe = SphereARPipeline.from_pretrained(folder, **{keyword: {"vae": torch.bfloat16}})
+    assert (pipe.transformer.dtype, pipe.vae.dtype) == (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype: no component named 'transfomer'; expected keys among"):
+        SphereARPipeline.from_pretrained(folder, **{keyword: {"transfomer": torch.bfloat16}})
+    with pytest.raises(ValueError, match="dtype must be one of .* got torch.int8"):
+        SphereARPipeline.from_pretrained(folder, **{keyword: {"vae": torch.int8}})
+    for model in (SphereARTransformer.from_pretrained, SphereVAE.from_pretrained):  # a model has one dtype
+        with pytest.raises(ValueError, match="dtype must be one of .* got {'vae': 'bf16'}"):
+            model(folder / ("vae" if model == SphereVAE.from_pretrained else "transformer"), dtype={"vae": "bf16"})
+
+
 @pytest.mark.parametrize("bad", ["float64", "bf17", "int8", torch.float64, torch.int8, 16, ""])
 def test_other_dtypes_are_refused(folder, bad) -> None:
     for load in (lambda: SphereARPipeline.from_pretrained(folder, dtype=bad),

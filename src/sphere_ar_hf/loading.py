@@ -25,8 +25,8 @@ from safetensors import SafetensorError, safe_open
 
 from .config_fields import ConfigFieldError, check_config_file, check_fields, config_file_error
 
-__all__ = ["DTYPE_NAMES", "describe_mismatch", "load_strictly", "resolve_dtype", "stored_dtype", "variant_files",
-           "weights_folder"]
+__all__ = ["DTYPE_NAMES", "component_dtypes", "describe_mismatch", "load_strictly", "resolve_dtype", "stored_dtype",
+           "variant_files", "weights_folder"]
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -46,8 +46,20 @@ def resolve_dtype(dtype: Any = None, torch_dtype: Any = None) -> torch.dtype | s
     return dtype if dtype is not None else torch_dtype
 
 
+def component_dtypes(dtype: dict, components: Iterable[str]) -> dict[str, torch.dtype | str]:
+    """A pipeline's ``dtype={component: dtype, "default": dtype}`` (diffusers' per-component form), each value read
+    as :func:`resolve_dtype` reads one; a key that names no component is a ``ValueError``."""
+    known = {"default", *components}
+    unknown = sorted(str(k) for k in dtype if k not in known)
+    if unknown:
+        raise ValueError(f"dtype: no component named {', '.join(map(repr, unknown))}; expected keys among "
+                         f"{sorted(known)}")
+    resolved = {k: _as_dtype(v) for k, v in dtype.items()}
+    return {k: v for k, v in resolved.items() if v is not None}
+
+
 def _as_dtype(value: Any) -> torch.dtype | str | None:
-    if value is None or value == "auto" or value in _FLOAT_DTYPES:
+    if value is None or isinstance(value, torch.dtype) and value in _FLOAT_DTYPES or value == "auto":
         return value
     if isinstance(value, str):
         name = value.lower().removeprefix("torch.")

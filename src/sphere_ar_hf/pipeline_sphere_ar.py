@@ -17,7 +17,7 @@ from packaging.version import Version
 from .configuration_sphere_ar import check_guidance_scale
 from .fast_sampling import FastTokenSampler
 from .labels import build_label_index, resolve_label_ids
-from .loading import resolve_dtype
+from .loading import component_dtypes, resolve_dtype
 from .modeling_sphere_ar import SphereARTransformer
 from .options import CFG_SCHEDULES
 from .scheduling_sphere_ar import SphereARScheduler, apply_guidance, check_num_inference_steps, guidance_at
@@ -183,9 +183,17 @@ class SphereARPipeline(DiffusionPipeline):
         """``DiffusionPipeline.from_pretrained``, with every component loaded strictly (a missing, unexpected or
         mis-shaped weight is a ``ValueError``) and ``dtype`` given as a floating ``torch.dtype``, a name
         (``"bfloat16"``, ``"bf16"``, ``"float16"``, ``"fp16"``, ``"float32"``) or ``"auto"`` (each component in the
-        dtype its weights are stored in); any other dtype is a ``ValueError``."""
+        dtype its weights are stored in), or per component (``{"transformer": torch.bfloat16, "default": ...}``);
+        any other dtype is a ``ValueError``."""
         _check_source(pretrained_model_name_or_path)
-        dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        if isinstance(dtype, dict) or isinstance(torch_dtype, dict):
+            if dtype is not None and torch_dtype is not None:
+                raise ValueError("got both dtype= and torch_dtype=: pass one (dtype)")
+            kwargs[DIFFUSERS_DTYPE_KWARG] = component_dtypes(dtype if dtype is not None else torch_dtype,
+                                                             ("transformer", "vae"))
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        dtype = resolve_dtype(dtype, torch_dtype)
         if dtype is not None:
             kwargs[DIFFUSERS_DTYPE_KWARG] = {"default": dtype} if dtype == "auto" else dtype
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
