@@ -270,8 +270,12 @@ def timed_batch(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.dev
     tokens = pipe.transformer.config.num_image_tokens
     compile_note = (f"; first call {first:6.1f} s (compile / capture ~{max(0.0, first - wall):5.1f} s), graphs "
                     f"compiled by the timed call: {bench_sampling.compiled_graphs() - graphs}")
+    # what check_memory refuses by: the call's estimate beyond the weights (the captured graphs' pools included?)
+    weights = sum(t.nbytes for m in (pipe.transformer, pipe.vae) for t in (*m.parameters(), *m.buffers())) / 2**30
+    estimate = pipe.sampling_bytes(b, a.steps, guided=True, output_type="pt") / 2**30
     log(f"{path:8s} batch {b:3d}: {b / wall:8.2f} images/s, {1000 * wall / tokens:7.2f} ms/token"
-        f"{compile_note if path != 'eager' else ''}; peak GPU memory {peak:.2f} GiB")
+        f"{compile_note if path != 'eager' else ''}; peak GPU memory {peak:.2f} GiB (weights {weights:.2f} + "
+        f"the call's estimate {estimate:.2f})")
     return b / wall, images
 
 

@@ -41,6 +41,8 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
         assert f"fixture {tag}: cpu fp32 eager tokens vs CPU: max |diff| 0.00e+00" in out
     for path in ("eager", "compiled", "graph"):
         assert f"{path:8s} batch   2:" in out and "synchronising calls inside the token loop: none" in out
+        assert re.search(rf"{path:8s} batch   2: .*; peak GPU memory nan GiB \(weights [\d.]+ \+ the call's "
+                         r"estimate [\d.]+\)\n", out), out
     # the fast paths first: a run cut short by its time limit still has their numbers
     assert out.index("graph    batch   2:") < out.index("compiled batch   2:") < out.index("eager    batch   2:")
     for path in ("compiled", "graph"):  # the first call compiled what the timed call runs: no recompilation
