@@ -205,6 +205,17 @@ def test_a_variant_in_shards_is_saved_beside_the_main_weights(tmp_path) -> None:
     assert SphereVAE.from_pretrained(tmp_path, subfolder="vae", dtype="auto").dtype == torch.float32
 
 
+def test_weights_are_saved_as_safetensors_only(tmp_path) -> None:
+    """A pickle can run code where it loads: the pipeline and the VAE refuse diffusers' ``safe_serialization=False``
+    in one line, before writing anything (transformers 5 writes safetensors only)."""
+    pipe = build_tiny_pipeline()
+    for save, who in ((lambda: pipe.save_pretrained(tmp_path / "pipe", safe_serialization=False), "SphereARPipeline"),
+                      (lambda: pipe.vae.save_pretrained(tmp_path / "vae", safe_serialization=False), "SphereVAE")):
+        with pytest.raises(ValueError, match=f"safe_serialization=False: {who} writes safetensors only"):
+            save()
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("keyword", ["dtype", "torch_dtype"])
 def test_dtype_per_component(folder, keyword: str) -> None:
     """diffusers' per-component form: each model in its own dtype, names understood, ``"default"`` for the rest; a

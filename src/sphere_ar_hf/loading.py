@@ -25,8 +25,8 @@ from safetensors import SafetensorError, safe_open
 
 from .config_fields import ConfigFieldError, check_config_file, check_fields, config_file_error
 
-__all__ = ["DTYPE_NAMES", "component_dtypes", "describe_mismatch", "load_strictly", "resolve_dtype", "stored_dtype",
-           "variant_files", "weights_folder"]
+__all__ = ["DTYPE_NAMES", "component_dtypes", "describe_mismatch", "load_strictly", "pipeline_dtype", "resolve_dtype",
+           "stored_dtype", "variant_files", "weights_folder"]
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -44,6 +44,18 @@ def resolve_dtype(dtype: Any = None, torch_dtype: Any = None) -> torch.dtype | s
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ValueError(f"got both dtype={dtype!r} and torch_dtype={torch_dtype!r}: pass one (dtype)")
     return dtype if dtype is not None else torch_dtype
+
+
+def pipeline_dtype(dtype: Any, torch_dtype: Any, components: Iterable[str]) -> torch.dtype | dict | None:
+    """What a pipeline's ``from_pretrained`` hands diffusers for ``dtype=`` / ``torch_dtype=``: ``None``, a floating
+    dtype, or a dict per component (:func:`component_dtypes`; ``"auto"`` becomes ``{"default": "auto"}``, so that
+    each component loads in the dtype its weights are stored in)."""
+    if isinstance(dtype, dict) or isinstance(torch_dtype, dict):
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("got both dtype= and torch_dtype=: pass one (dtype)")
+        return component_dtypes(dtype if dtype is not None else torch_dtype, components)
+    resolved = resolve_dtype(dtype, torch_dtype)
+    return {"default": "auto"} if resolved == "auto" else resolved
 
 
 def component_dtypes(dtype: dict, components: Iterable[str]) -> dict[str, torch.dtype | str]:

@@ -17,7 +17,7 @@ from packaging.version import Version
 from .configuration_sphere_ar import check_guidance_scale
 from .fast_sampling import FastTokenSampler
 from .labels import build_label_index, resolve_label_ids
-from .loading import component_dtypes, resolve_dtype
+from .loading import pipeline_dtype
 from .modeling_sphere_ar import SphereARTransformer
 from .options import CFG_SCHEDULES
 from .scheduling_sphere_ar import SphereARScheduler, apply_guidance, check_num_inference_steps, guidance_at
@@ -186,17 +186,18 @@ class SphereARPipeline(DiffusionPipeline):
         dtype its weights are stored in), or per component (``{"transformer": torch.bfloat16, "default": ...}``);
         any other dtype is a ``ValueError``."""
         _check_source(pretrained_model_name_or_path)
-        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
-        if isinstance(dtype, dict) or isinstance(torch_dtype, dict):
-            if dtype is not None and torch_dtype is not None:
-                raise ValueError("got both dtype= and torch_dtype=: pass one (dtype)")
-            kwargs[DIFFUSERS_DTYPE_KWARG] = component_dtypes(dtype if dtype is not None else torch_dtype,
-                                                             ("transformer", "vae"))
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        dtype = resolve_dtype(dtype, torch_dtype)
+        dtype = pipeline_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None), ("transformer", "vae"))
         if dtype is not None:
-            kwargs[DIFFUSERS_DTYPE_KWARG] = {"default": dtype} if dtype == "auto" else dtype
+            kwargs[DIFFUSERS_DTYPE_KWARG] = dtype
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
+        """``DiffusionPipeline.save_pretrained`` (``variant=``, ``max_shard_size=`` reach both models), safetensors
+        only: ``safe_serialization=False`` is refused before anything is written."""
+        if safe_serialization is not True:
+            raise ValueError(f"safe_serialization={safe_serialization!r}: SphereARPipeline writes safetensors only "
+                             "(a pickled weights file can run code where it is loaded)")
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
 
     @classmethod
     def from_single_file(cls, checkpoint: str | os.PathLike, **kwargs) -> SphereARPipeline:

@@ -136,8 +136,12 @@ class SphereVAE(ModelMixin, ConfigMixin):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``ModelMixin.save_pretrained``, with the architecture recorded in the weights' metadata (checked against
-        the config when the folder loads: ``loading.check_architecture``)."""
+        the config when the folder loads: ``loading.check_architecture``). Safetensors only, as transformers writes
+        them: ``safe_serialization=False`` (a pickle, which can run code where it loads) is a ``ValueError``."""
         saving = SAVE_SIGNATURE.bind(self, save_directory, *args, **kwargs).arguments
+        if saving.get("safe_serialization", True) is not True:
+            raise ValueError(f"safe_serialization={saving['safe_serialization']!r}: SphereVAE writes safetensors "
+                             "only (a pickled weights file can run code where it is loaded)")
         out = super().save_pretrained(save_directory, *args, **kwargs)
         if saving.get("is_main_process", True):  # (the other processes of a distributed save write nothing)
             write_architecture(save_directory, self.config, VAE_ARCHITECTURE, saving.get("variant"))
