@@ -23,8 +23,9 @@ rough time estimate per part. Then, in order:
    capturing it too would remove); the VAE decoder at the largest batch in one pass and with
    ``vae.enable_slicing()`` (time, peak memory, the estimate); and the time 50,000 images would take at the best
    rate.
-3. **Offload, end to end**: ``enable_model_cpu_offload()`` and ``enable_sequential_cpu_offload()`` on the
-   fixture's pipeline (eager, and model offload with the fast path) against the same path's images without offload.
+3. **Offload, end to end**: ``enable_model_cpu_offload()``, ``enable_sequential_cpu_offload()`` and
+   ``enable_group_offload()`` (leaf level) on the fixture's pipeline (eager, and model offload with the fast path)
+   against the same path's images without offload.
 4. **A training step of SphereAR-B at 256 px from cached latents**: the trainer's step (the model's loss as
    ``SphereARTrainer.compute_loss`` calls it, ``--train-dtype`` autocast, backward, clipping, fused AdamW, EMA),
    eager and ``torch.compile``d at each ``--train-batch`` (64 and 128): median step time, images/s, first step,
@@ -350,7 +351,9 @@ def enable_offload(pipe: SphereARPipeline, mode: str, device: torch.device) -> N
     """diffusers' ``enable_{mode}_cpu_offload``; on the CPU the CPU stands in for the accelerator: diffusers names it
     ``cpu:0``, to which accelerate's sequential hooks cannot move a weight, so those are installed as diffusers
     installs them (``accelerate.cpu_offload`` per model) with ``cpu``."""
-    if device.type != "cpu":
+    if mode == "group":  # diffusers' hooks on every leaf module (the fast path declines them: eager)
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level")
+    elif device.type != "cpu":
         getattr(pipe, f"enable_{mode}_cpu_offload")()
     elif mode == "model":
         pipe.enable_model_cpu_offload(device="cpu")
@@ -365,7 +368,7 @@ def offload(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device)
     labels, kw = [1, 2, 3], dict(guidance_scale=4.0)
     pipe.to(device)
     references = {}
-    for mode, fast in (("model", False), ("model", True), ("sequential", False)):
+    for mode, fast in (("model", False), ("model", True), ("sequential", False), ("group", False)):
         with attempt(f"{mode} CPU offload{' + fast path' if fast else ''}"):
             set_path(pipe, "graph" if fast else "eager", a.compile_backend)
             if fast not in references:  # the same path without offload
@@ -376,8 +379,9 @@ def offload(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device)
             log(f"{mode} CPU offload{' + fast path' if fast else ''}: {time.perf_counter() - t0:.1f} s, max |diff| "
                 f"from no offload {(images - references[fast]).abs().max():.2e}; transformer afterwards on "
                 f"{pipe.transformer.device.type}")
-        pipe.remove_all_hooks()
-        pipe.to(device)
+        if mode != "group":  # (group offload's hooks stay on: the last mode)
+            pipe.remove_all_hooks()
+            pipe.to(device)
     pipe.disable_torch_compile()
 
 

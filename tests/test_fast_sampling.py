@@ -394,3 +394,18 @@ def test_sequential_cpu_offload_reads_no_weight_around_its_module(make_pipeline,
     tf = pipe.transformer
     with pytest.raises(RuntimeError, match="Tensor on device meta"):
         tf.norm(torch.zeros(1, 64)) + tf.head_pos_embedding.weight[0]
+
+
+def test_group_offload_samples_eagerly(make_pipeline, fresh_dynamo, caplog) -> None:
+    """diffusers' ``enable_group_offload`` hooks the transformer's modules (each call moves its weights in Python):
+    the fast path declines, with a warning, and the images are the eager sampler's, bit for bit. The hooks are real
+    (the CPU stands in for both devices)."""
+    images = _latents(make_pipeline(), [3, 4], output_type="pt")
+    pipe = make_pipeline()
+    pipe.enable_torch_compile(backend="eager")
+    cpu = torch.device("cpu")
+    pipe.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+    assert any(hasattr(m, "_diffusers_hook") for m in pipe.transformer.head.modules())
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(_latents(pipe, [3, 4], output_type="pt"), images)
+    assert "sequential or group offload moves weights per module call: sampling eagerly" in caplog.text

@@ -51,9 +51,10 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
         # the pipeline's compiled trunk step, reused: nothing compiles again
         assert re.search(rf"{path} +batch   2: trunk steps alone +[\d.]+ ms per token \(issued by the host in "
                          r" *[\d.]+ ms\); graphs compiled: 0\n", out), out
-    for line in ("model CPU offload:", "model CPU offload + fast path:", "sequential CPU offload:"):
+    for line in ("model CPU offload:", "model CPU offload + fast path:", "sequential CPU offload:",
+                 "group CPU offload:"):
         assert line in out
-    assert out.count("max |diff| from no offload 0.00e+00") == 3 and out.rstrip().endswith("done")
+    assert out.count("max |diff| from no offload 0.00e+00") == 4 and out.rstrip().endswith("done")
     assert re.search(r"decoder at batch 2: one pass +[\d.]+ s, peak \+nan GiB; sliced +[\d.]+ s, peak \+nan GiB "
                      r"\(estimate for one pass [\d.]+ GiB\)", out), out
     runs = {(m[1], int(m[2])): m for m in TRAINING_LINE.finditer(out)}

@@ -276,9 +276,12 @@ class FastTokenSampler:
 
     @staticmethod
     def supports(transformer: nn.Module) -> bool:
-        """False where sequential offload hooks sit inside the transformer's head (each module call moves its
-        weights: nothing to compile or capture); the pipeline then samples eagerly."""
-        return not any(hasattr(m, "_hf_hook") for m in transformer.head.modules())
+        """False where hooks sit inside the transformer that change what a module call does: accelerate's
+        sequential offload in the head, diffusers' hooks anywhere (``enable_group_offload``, caches): each call moves
+        weights or decides in Python, which a compiled function or a captured graph would not redo. The pipeline then
+        samples eagerly. (Model offload's one hook on the whole transformer is run around the eager trunk step.)"""
+        return not any(hasattr(m, "_hf_hook") for m in transformer.head.modules()) and not any(
+            hasattr(m, "_diffusers_hook") for m in transformer.modules())
 
     def decode_step(self, transformer: SphereARTransformer, token: torch.Tensor, index: int,
                     cache: KVCache) -> torch.Tensor:

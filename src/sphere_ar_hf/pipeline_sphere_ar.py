@@ -265,7 +265,7 @@ class SphereARPipeline(DiffusionPipeline):
     def _fast_sampler(self) -> FastTokenSampler | None:
         fast = self._compiled_sampler
         if fast is not None and not fast.supports(self.transformer):
-            logger.warning("sequential CPU offload moves each weight per module call: sampling eagerly")
+            logger.warning("sequential or group offload moves weights per module call: sampling eagerly")
             return None
         return fast
 
