@@ -191,6 +191,16 @@ def test_bfloat16_pipeline(make_pipeline) -> None:
     assert (latents.float().norm(dim=-1) - 4.0).abs().max() <= 1e-2
 
 
+def test_to_takes_dtype_and_device_keywords_only(make_pipeline) -> None:
+    """``to(dtype=..., device=...)`` as diffusers takes them; ``torch_dtype=`` (from_pretrained's old name), which
+    diffusers would ignore silently, is a one-line ``TypeError``."""
+    pipe = make_pipeline().to(device="cpu", dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == pipe.vae.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"to\(\) got unexpected keyword arguments \['torch_dtype'\]: expected dtype="):
+        pipe.to(torch_dtype=torch.float32)
+    assert pipe.transformer.dtype == torch.bfloat16
+
+
 def test_torch_compile_gives_same_images(make_pipeline) -> None:
     pipe = make_pipeline()
     ref = _run(pipe, [1, 8], guidance_scale=3.0)

@@ -341,7 +341,10 @@ class SphereARPipeline(DiffusionPipeline):
 
     def to(self, *args, **kwargs):
         """``DiffusionPipeline.to``, without diffusers' warning that float16 cannot run on the CPU: this pipeline
-        does (tested)."""
+        does (tested); a keyword it does not take (diffusers would ignore ``torch_dtype=``) is a ``TypeError``."""
+        unknown = sorted(set(kwargs) - {"dtype", "device", "silence_dtype_warnings"})
+        if unknown:
+            raise TypeError(f"to() got unexpected keyword arguments {unknown}: expected dtype= and / or device=")
         kwargs.setdefault("silence_dtype_warnings", True)
         return super().to(*args, **kwargs)
 
