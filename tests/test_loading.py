@@ -187,7 +187,8 @@ def test_auto_dtype_is_the_stored_dtype(folder, tmp_path) -> None:
 def test_a_variant_in_shards_is_saved_beside_the_main_weights(tmp_path) -> None:
     """``pipe.save_pretrained(variant=..., max_shard_size=...)`` reaches both models (diffusers passes these only to a
     save method whose signature names them): the bfloat16 variant is written in shards beside the float32 weights,
-    which stay byte for byte; each loads back exactly, and ``dtype="auto"`` reads the asked variant's files."""
+    which stay byte for byte; each loads back exactly, and ``dtype="auto"`` is the dtype of the asked variant's
+    files (transformers would read ``config.json``, which the variant's save rewrote)."""
     pipe = build_tiny_pipeline()
     pipe.save_pretrained(tmp_path)
     main = {f: f.read_bytes() for f in tmp_path.rglob("*.safetensors")}
@@ -201,8 +202,9 @@ def test_a_variant_in_shards_is_saved_beside_the_main_weights(tmp_path) -> None:
         for name in WEIGHTS:
             got, expected = getattr(loaded, name).state_dict(), getattr(want, name).state_dict()
             assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), name
-    assert SphereVAE.from_pretrained(tmp_path, subfolder="vae", dtype="auto", variant="bf16").dtype == torch.bfloat16
-    assert SphereVAE.from_pretrained(tmp_path, subfolder="vae", dtype="auto").dtype == torch.float32
+    for variant, stored in ((None, torch.float32), ("bf16", torch.bfloat16)):  # not transformer/config.json's dtype
+        auto = SphereARPipeline.from_pretrained(tmp_path, dtype="auto", variant=variant)
+        assert auto.transformer.dtype == auto.vae.dtype == stored, variant
 
 
 def test_weights_are_saved_as_safetensors_only(tmp_path) -> None:

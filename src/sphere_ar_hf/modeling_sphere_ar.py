@@ -7,6 +7,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from transformers.utils import ModelOutput
 from .config_fields import TRANSFORMER_ARCHITECTURE, TransformerFields
 from .configuration_sphere_ar import SphereARConfig
 from .layers import KVCache, RMSNorm, Rope2D, TransformerBlock, align_loaded, run_blocks
-from .loading import load_strictly, resolve_dtype, write_architecture
+from .loading import load_strictly, resolve_dtype, stored_dtype, write_architecture
 from .scheduling_sphere_ar import flow_path
 
 __all__ = ["SphereARTransformer", "SphereARTransformerOutput", "DiffusionHead", "SamplingPlan", "offload_entry_point"]
@@ -258,8 +259,14 @@ class SphereARPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``, strict (a missing, unexpected or mis-shaped weight is a
         ``ValueError``: :func:`.loading.load_strictly`), with ``dtype`` names such as ``"bf16"`` understood and the
-        CPU weights in aligned memory (``layers.align_tensors_``)."""
+        CPU weights in aligned memory (``layers.align_tensors_``). ``dtype="auto"`` on a local folder is the dtype of
+        the weights files loaded (of ``variant``), not transformers' reading of ``config.json``, which the last save
+        of any variant wrote."""
         dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+        folder = Path(path) / (kwargs.get("subfolder") or "")
+        if dtype == "auto" and folder.is_dir():
+            dtype = stored_dtype(folder, kwargs.get("variant")) or dtype
         if dtype is not None:
             kwargs["dtype"] = dtype
         return align_loaded(load_strictly(cls, super().from_pretrained, args, kwargs, "ignore_mismatched_sizes"))
