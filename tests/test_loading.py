@@ -207,6 +207,21 @@ def test_a_variant_in_shards_is_saved_beside_the_main_weights(tmp_path) -> None:
         assert auto.transformer.dtype == auto.vae.dtype == stored, variant
 
 
+def test_only_the_main_process_records_the_architecture(tmp_path) -> None:
+    """transformers' ``Trainer`` calls ``save_pretrained(is_main_process=False)`` on the other ranks of a sharded
+    model: they must not rewrite the files the main process writes."""
+    from sphere_ar_hf.loading import ARCHITECTURE_KEY, recorded_architecture
+
+    vae = build_tiny_pipeline().vae
+    vae.save_pretrained(tmp_path)
+    file = tmp_path / WEIGHTS["vae"]
+    save_file(load_file(file), file, metadata={"format": "pt"})  # the weights without the record
+    vae.save_pretrained(tmp_path, is_main_process=False)
+    assert recorded_architecture(tmp_path) is None and ARCHITECTURE_KEY
+    vae.save_pretrained(tmp_path)
+    assert recorded_architecture(tmp_path)["z_channels"] == vae.config.z_channels
+
+
 def test_weights_are_saved_as_safetensors_only(tmp_path) -> None:
     """A pickle can run code where it loads: the pipeline and the VAE refuse diffusers' ``safe_serialization=False``
     in one line, before writing anything (transformers 5 writes safetensors only)."""

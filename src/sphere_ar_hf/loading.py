@@ -16,7 +16,7 @@ import pickle
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ from safetensors import SafetensorError, safe_open
 
 from .config_fields import ConfigFieldError, check_config_file, check_fields, config_file_error
 
-__all__ = ["DTYPE_NAMES", "component_dtypes", "describe_mismatch", "load_strictly", "pipeline_dtype", "resolve_dtype",
-           "stored_dtype", "variant_files", "weights_folder"]
+__all__ = ["DTYPE_NAMES", "auto_dtype", "component_dtypes", "describe_mismatch", "load_strictly", "pipeline_dtype",
+           "require_safetensors", "resolve_dtype", "stored_dtype", "variant_files"]
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -138,14 +138,23 @@ def refuse_non_finite(model: torch.nn.Module, what: str) -> None:
 ARCHITECTURE_KEY = "sphere_ar_hf.architecture"  # safetensors metadata: the config fields the weights were saved with
 
 
-def write_architecture(folder: str | os.PathLike, config: Any, fields: Iterable[str],
-                       variant: str | None = None) -> None:
-    """Record ``config``'s ``fields`` in the metadata of the safetensors files of ``variant`` in ``folder`` (just
-    saved; another variant's files are left alone): the header is rewritten and the tensor bytes copied as they
-    are, through a temporary file renamed over it (this module ships as remote code, so it uses no helper of the
-    package's)."""
+def require_safetensors(safe_serialization: Any, owner: str) -> None:
+    """Refuse diffusers' ``safe_serialization=False`` (a pickle, which can run code where it loads) in one line."""
+    if safe_serialization is not True:
+        raise ValueError(f"safe_serialization={safe_serialization!r}: {owner} writes safetensors only (a pickled "
+                         "weights file can run code where it is loaded)")
+
+
+def write_architecture(saving: Mapping[str, Any], config: Any, fields: Iterable[str]) -> None:
+    """After a model's ``save_pretrained`` (``saving``: its bound arguments), record ``config``'s ``fields`` in the
+    metadata of the safetensors files of the variant just saved (another variant's files are left alone; nothing on
+    a process other than the main one of a distributed save): the header is rewritten and the tensor bytes copied as
+    they are, through a temporary file renamed over it (this module ships as remote code, so it uses no helper of
+    the package's)."""
+    if not saving.get("is_main_process", True):
+        return
     value = json.dumps({k: _plain(getattr(config, k)) for k in fields}, sort_keys=True)
-    for file in variant_files(folder, variant):
+    for file in variant_files(saving["save_directory"], saving.get("variant")):
         with open(file, "rb") as src:
             size = struct.unpack("<Q", src.read(8))[0]
             header = json.loads(src.read(size))
@@ -205,22 +214,23 @@ def check_architecture(folder: Path, schema: type | None = None) -> None:
             raise error
 
 
-def weights_folder(path: str | os.PathLike, kwargs: dict[str, Any],
-                   weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
-    """The local folder holding a model's weights: ``path`` (plus ``kwargs["subfolder"]``) if it is a directory,
-    else the Hub cache folder of ``weights_name`` (of ``kwargs["variant"]``) in repo ``path`` (downloaded if needed,
-    as loading would)."""
-    subfolder = kwargs.get("subfolder") or ""
+def auto_dtype(path: str | os.PathLike, kwargs: dict[str, Any], hub_weights: str | None = None) -> torch.dtype | None:
+    """``dtype="auto"``: the dtype the weights of ``kwargs["variant"]`` are stored in (:func:`stored_dtype`), read in
+    the folder ``path`` (plus ``kwargs["subfolder"]``) if it is a directory, else, given ``hub_weights``, in that
+    file of repo ``path`` (downloaded if needed, as loading would); ``None`` if not known."""
+    subfolder, variant = kwargs.get("subfolder") or "", kwargs.get("variant")
     local = Path(path) / subfolder
     if local.is_dir():
-        return local
+        return stored_dtype(local, variant)
+    if hub_weights is None:
+        return None
     from huggingface_hub import hf_hub_download
 
-    if kwargs.get("variant"):
-        weights_name = weights_name.replace(".safetensors", f".{kwargs['variant']}.safetensors")
-
+    if variant:
+        hub_weights = hub_weights.replace(".safetensors", f".{variant}.safetensors")
     hub_args = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
-    return Path(hf_hub_download(str(path), weights_name, subfolder=subfolder or None, **hub_args)).parent
+    file = hf_hub_download(str(path), hub_weights, subfolder=subfolder or None, **hub_args)
+    return stored_dtype(Path(file).parent, variant)
 
 
 # diffusers raises (rather than reports) a mis-shaped weight unless it re-initialises the whole model first

@@ -7,7 +7,6 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from transformers.utils import ModelOutput
 from .config_fields import TRANSFORMER_ARCHITECTURE, TransformerFields
 from .configuration_sphere_ar import SphereARConfig
 from .layers import KVCache, RMSNorm, Rope2D, TransformerBlock, align_loaded, run_blocks
-from .loading import load_strictly, resolve_dtype, stored_dtype, write_architecture
+from .loading import auto_dtype, load_strictly, resolve_dtype, write_architecture
 from .scheduling_sphere_ar import flow_path
 
 __all__ = ["SphereARTransformer", "SphereARTransformerOutput", "DiffusionHead", "SamplingPlan", "offload_entry_point"]
@@ -263,10 +262,8 @@ class SphereARPreTrainedModel(PreTrainedModel):
         the weights files loaded (of ``variant``), not transformers' reading of ``config.json``, which the last save
         of any variant wrote."""
         dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
-        path = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
-        folder = Path(path) / (kwargs.get("subfolder") or "")
-        if dtype == "auto" and folder.is_dir():
-            dtype = stored_dtype(folder, kwargs.get("variant")) or dtype
+        if dtype == "auto":  # (a Hub repository: transformers reads its config.json)
+            dtype = auto_dtype(args[0] if args else kwargs["pretrained_model_name_or_path"], kwargs) or dtype
         if dtype is not None:
             kwargs["dtype"] = dtype
         return align_loaded(load_strictly(cls, super().from_pretrained, args, kwargs, "ignore_mismatched_sizes"))
@@ -326,8 +323,7 @@ class SphereARTransformer(SphereARPreTrainedModel):
                 "save the base model, save_lora(pipe, folder) to save the adapter")
         saving = SAVE_SIGNATURE.bind(self, save_directory, *args, **kwargs).arguments
         out = super().save_pretrained(save_directory, *args, **kwargs)
-        if saving.get("is_main_process", True):  # (the other processes of a distributed save write nothing)
-            write_architecture(save_directory, self.config, TRANSFORMER_ARCHITECTURE, saving.get("variant"))
+        write_architecture(saving, self.config, TRANSFORMER_ARCHITECTURE)
         return out
 
     save_pretrained.__signature__ = SAVE_SIGNATURE

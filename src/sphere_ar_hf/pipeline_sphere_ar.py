@@ -17,7 +17,7 @@ from packaging.version import Version
 from .configuration_sphere_ar import check_guidance_scale
 from .fast_sampling import FastTokenSampler
 from .labels import build_label_index, resolve_label_ids
-from .loading import pipeline_dtype
+from .loading import pipeline_dtype, require_safetensors
 from .modeling_sphere_ar import SphereARTransformer
 from .options import CFG_SCHEDULES
 from .scheduling_sphere_ar import SphereARScheduler, apply_guidance, check_num_inference_steps, guidance_at
@@ -194,9 +194,7 @@ class SphereARPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
         """``DiffusionPipeline.save_pretrained`` (``variant=``, ``max_shard_size=`` reach both models), safetensors
         only: ``safe_serialization=False`` is refused before anything is written."""
-        if safe_serialization is not True:
-            raise ValueError(f"safe_serialization={safe_serialization!r}: SphereARPipeline writes safetensors only "
-                             "(a pickled weights file can run code where it is loaded)")
+        require_safetensors(safe_serialization, "SphereARPipeline")
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
 
     @classmethod

@@ -20,7 +20,7 @@ from torch import nn
 from .config_fields import VAE_ARCHITECTURE, VAEFields, check_fields
 from .diagonal_gaussian import DiagonalGaussianDistribution
 from .layers import RMSNorm, Rope2D, TransformerBlock, align_loaded, run_blocks, swiglu_hidden_size
-from .loading import load_strictly, resolve_dtype, stored_dtype, weights_folder, write_architecture
+from .loading import auto_dtype, load_strictly, require_safetensors, resolve_dtype, write_architecture
 from .options import POSTERIORS
 from .power_spherical import PowerSphericalDistribution, l2_normalize, project_to_sphere
 
@@ -139,12 +139,9 @@ class SphereVAE(ModelMixin, ConfigMixin):
         the config when the folder loads: ``loading.check_architecture``). Safetensors only, as transformers writes
         them: ``safe_serialization=False`` (a pickle, which can run code where it loads) is a ``ValueError``."""
         saving = SAVE_SIGNATURE.bind(self, save_directory, *args, **kwargs).arguments
-        if saving.get("safe_serialization", True) is not True:
-            raise ValueError(f"safe_serialization={saving['safe_serialization']!r}: SphereVAE writes safetensors "
-                             "only (a pickled weights file can run code where it is loaded)")
+        require_safetensors(saving.get("safe_serialization", True), "SphereVAE")
         out = super().save_pretrained(save_directory, *args, **kwargs)
-        if saving.get("is_main_process", True):  # (the other processes of a distributed save write nothing)
-            write_architecture(save_directory, self.config, VAE_ARCHITECTURE, saving.get("variant"))
+        write_architecture(saving, self.config, VAE_ARCHITECTURE)
         return out
 
     save_pretrained.__signature__ = SAVE_SIGNATURE
@@ -156,8 +153,8 @@ class SphereVAE(ModelMixin, ConfigMixin):
         understood and the CPU weights in aligned memory (see ``layers.align_tensors_``)."""
         dtype = resolve_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         if dtype == "auto":
-            folder = weights_folder(args[0] if args else kwargs["pretrained_model_name_or_path"], kwargs)
-            dtype = stored_dtype(folder, kwargs.get("variant"))
+            path = args[0] if args else kwargs["pretrained_model_name_or_path"]
+            dtype = auto_dtype(path, kwargs, "diffusion_pytorch_model.safetensors")
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
         return align_loaded(load_strictly(cls, super().from_pretrained, args, kwargs))
