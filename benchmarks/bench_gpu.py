@@ -25,7 +25,8 @@ rough time estimate per part. Then, in order:
    rate.
 3. **Offload, end to end**: ``enable_model_cpu_offload()``, ``enable_sequential_cpu_offload()`` and
    ``enable_group_offload()`` (leaf level) on the fixture's pipeline (eager, and model offload with the fast path)
-   against the same path's images without offload.
+   against the same path's images without offload; first, two requests at once (``gpu_threads.py``): a graph
+   capture beside an eager call in another thread.
 4. **A training step of SphereAR-B at 256 px from cached latents**: the trainer's step (the model's loss as
    ``SphereARTrainer.compute_loss`` calls it, ``--train-dtype`` autocast, backward, clipping, fused AdamW, EMA),
    eager and ``torch.compile``d at each ``--train-batch`` (64 and 128): median step time, images/s, first step,
@@ -60,6 +61,7 @@ for folder in (ROOT / "src", ROOT / "benchmarks"):  # the package; the other par
         sys.path.insert(0, str(folder))
 
 import bench_sampling  # noqa: E402
+import gpu_threads  # noqa: E402
 import gpu_training  # noqa: E402
 from gpu_report import FAILURES, attempt, finish, log, sync  # noqa: E402
 
@@ -367,6 +369,8 @@ def enable_offload(pipe: SphereARPipeline, mode: str, device: torch.device) -> N
 def offload(pipe: SphereARPipeline, a: argparse.Namespace, device: torch.device) -> None:
     labels, kw = [1, 2, 3], dict(guidance_scale=4.0)
     pipe.to(device)
+    with attempt("two requests at once"):
+        log(gpu_threads.two_requests(pipe, sample, set_path, a.compile_backend, a.seed))
     references = {}
     for mode, fast in (("model", False), ("model", True), ("sequential", False), ("group", False)):
         with attempt(f"{mode} CPU offload{' + fast path' if fast else ''}"):
@@ -396,7 +400,7 @@ def budget(a: argparse.Namespace) -> str:
     its host, ~110 operators per head evaluation at ~10 us each, ~120 ms per token, ~30 s per 100-step call at any
     batch size; with its 4 full calls, the profile and the float32 reference about 3 min; the fast paths' compile
     (once: the compiled path reuses the graph path's compiled functions) and captures about 2.5 min more."""
-    guess = {"fixture": 0.5, "sampling": 5.5, "offload": 0.7,
+    guess = {"fixture": 0.5, "sampling": 5.5, "offload": 1.2,
              "training": sum(1.2 + 0.15 * b / 64 for b in a.train_batch)}
     parts = {k: v for k, v in guess.items() if k in a.sections}
     return (f"time budget, estimated for an H200 (not measured): "

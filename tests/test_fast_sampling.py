@@ -409,3 +409,47 @@ def test_group_offload_samples_eagerly(make_pipeline, fresh_dynamo, caplog) -> N
     with caplog.at_level(logging.WARNING):
         assert torch.equal(_latents(pipe, [3, 4], output_type="pt"), images)
     assert "sequential or group offload moves weights per module call: sampling eagerly" in caplog.text
+
+
+def _compile_whole(pipe, idiom: str) -> None:
+    if idiom == "Module.compile":
+        pipe.transformer.compile(backend="eager")
+    elif idiom == "torch.compile":
+        pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    else:  # the head alone
+        pipe.transformer.head.compile(backend="eager")
+
+
+@pytest.mark.parametrize("idiom", ["Module.compile", "torch.compile", "head"])
+def test_compiling_the_transformer_whole_says_sampling_does_not_call_it(make_pipeline, fresh_dynamo, caplog,
+                                                                       idiom: str) -> None:
+    """diffusers' idioms ``pipe.transformer.compile()`` and ``torch.compile(pipe.transformer)`` compile ``forward``,
+    which sampling never calls: a call says so and samples eagerly (before, silently: no graph was compiled). With
+    ``enable_torch_compile`` on the same transformer, the fast path runs, and says nothing."""
+    eager = _latents(make_pipeline(), [3, 4])
+    pipe = make_pipeline()
+    _compile_whole(pipe, idiom)
+    graphs = compiled_graphs()
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(_latents(pipe, [3, 4]), eager)
+    assert compiled_graphs() == graphs  # nothing it compiled ran
+    assert "is compiled, but sampling does not call its forward: sampling eagerly" in caplog.text
+    assert ("pipe.transformer.head" in caplog.text) == (idiom == "head")
+    caplog.clear()
+    pipe.enable_torch_compile(backend="eager")
+    with caplog.at_level(logging.WARNING):
+        assert (_latents(pipe, [3, 4]) - eager).abs().max() <= 1e-4
+    assert compiled_graphs() > graphs and "sampling eagerly" not in caplog.text
+
+
+def test_compiling_the_layers_is_reached_by_sampling(make_pipeline, fresh_dynamo, caplog) -> None:
+    """A regional compile (each trunk layer's ``forward``) is what the eager sampler's trunk calls: it compiles and
+    runs, and nothing is said."""
+    eager = _latents(make_pipeline(), [3, 4])
+    pipe = make_pipeline()
+    for layer in pipe.transformer.layers:
+        layer.compile(backend="eager")
+    graphs = compiled_graphs()
+    with caplog.at_level(logging.WARNING):
+        assert (_latents(pipe, [3, 4]) - eager).abs().max() <= 1e-4
+    assert compiled_graphs() > graphs and "sampling eagerly" not in caplog.text

@@ -55,6 +55,8 @@ def test_gpu_benchmark_runs_on_the_cpu(capsys, fresh_dynamo) -> None:
                  "group CPU offload:"):
         assert line in out
     assert out.count("max |diff| from no offload 0.00e+00") == 4 and out.rstrip().endswith("done")
+    assert re.search(r"two requests at once \(the graph path capturing at batch 5 (NOT )?inside an eager call, "
+                     r"[\d.]+ s in [\d.]+ s\): max \|diff\| from alone: eager 0.00e\+00, graph 0.00e\+00\n", out), out
     assert re.search(r"decoder at batch 2: one pass +[\d.]+ s, peak \+nan GiB; sliced +[\d.]+ s, peak \+nan GiB "
                      r"\(estimate for one pass [\d.]+ GiB\)", out), out
     runs = {(m[1], int(m[2])): m for m in TRAINING_LINE.finditer(out)}

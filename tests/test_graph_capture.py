@@ -9,6 +9,8 @@ Beside them, the uncaptured compiled path under the same adapter changes.
 from __future__ import annotations
 
 import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import pytest
@@ -204,6 +206,49 @@ def test_the_compiled_steps_follow_adapter_settings(make_pipeline) -> None:
     for fast, eager in results:
         assert (fast - eager).abs().max() <= 1e-4
     assert min((a[1] - b[1]).abs().max() for a, b in zip(results, results[1:3])) > 1e-2  # the settings matter
+
+
+class CaptureLog:
+    """The emulated captures' modes and how many ran at once; the first capture waits (up to 5 s) for a second to
+    start beside it, so that two captures that may overlap do."""
+
+    def __init__(self):
+        self.modes: list[str] = []
+        self.active = self.most = 0
+        self.lock, self.second = threading.Lock(), threading.Event()
+
+    @contextlib.contextmanager
+    def capture(self, graph: EmulatedGraph, capture_error_mode: str = "global", **_):
+        with self.lock:
+            self.modes.append(capture_error_mode)
+            self.active += 1
+            self.most, first = max(self.most, self.active), len(self.modes) == 1
+        if first:
+            self.second.wait(timeout=5)
+        self.second.set()
+        try:
+            with capture(graph):
+                yield
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_captures_run_one_at_a_time_in_thread_local_mode(make_pipeline, emulated_cuda_graphs) -> None:
+    """Two pipelines sampling in two threads (a demo's concurrent requests, a server with two models): their
+    captures run one after the other, as CUDA allows one capture in a process at a time, and each in
+    ``thread_local`` mode, so that the other thread's CUDA work does not invalidate it; both give their own uncaptured
+    images."""
+    pipes = [make_pipeline(), make_pipeline(seed=1)]
+    for pipe in pipes:
+        pipe.enable_torch_compile(backend="eager")
+    log = CaptureLog()
+    with mock.patch.object(torch.cuda, "graph", log.capture), ThreadPoolExecutor(2) as pool:
+        images = [f.result() for f in [pool.submit(_latents, pipe) for pipe in pipes]]
+    assert log.modes == ["thread_local"] * 4 and log.most == 1  # 2 shapes per pipeline
+    for pipe, got in zip(pipes, images):
+        assert torch.equal(got, _uncaptured(pipe))
+    assert (images[0] - images[1]).abs().max() > 1e-2
 
 
 def test_the_emulation_sees_a_stale_input(make_pipeline, emulated_cuda_graphs) -> None:

@@ -41,10 +41,11 @@ from .modeling_sphere_ar import DiffusionHead, SamplingPlan, SphereARTransformer
 from .scheduling_sphere_ar import StepTable, apply_guidance, update_step
 from .thin_products import ThinProducts
 
-__all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "RUN_FUNCTIONS", "guided_velocity",
-           "module_settings", "unguided_velocity"]
+__all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "RUN_FUNCTIONS", "compiled_forward",
+           "guided_velocity", "module_settings", "unguided_velocity"]
 
 MAX_GRAPHS = 4  # captured token loops kept per sampler (each holds its own memory pool)
+CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture in the process at a time, whichever sampler captures
 UNROLL = 2  # steps per iteration of a scan (each iteration's loop test reads a value: 2 host operators)
 # inductor compiles a ``scan`` (as a while loop) from torch 2.10 on (2.6-2.7: "scan is not an OpOverload", 2.8-2.9:
 # its loop test is unsupported); with an older torch the CPU runs a token's steps one compiled call each, as CUDA does
@@ -220,11 +221,27 @@ def module_settings(module: nn.Module) -> tuple:
                           if name not in TORCH_CONTAINERS)
 
 
+def compiled_forward(transformer: nn.Module) -> str | None:
+    """Which of ``pipe.transformer`` and its head a user compiled whole (``torch.compile(module)`` or
+    ``module.compile()``), or ``None``: either compiles the module's ``forward``, which sampling never calls (it calls
+    ``prefill``, ``decode_step`` and the head's :class:`.SamplingPlan`; a compile of the trunk's layers or the head's
+    blocks is reached, as their ``forward`` runs)."""
+    head = getattr(transformer, "_orig_mod", transformer).head
+    for name, module in (("pipe.transformer", transformer), ("pipe.transformer.head", head)):
+        if hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None:
+            return name
+    return None
+
+
 class CapturedToken:
     """A token's step loop captured as one CUDA graph, with static input buffers: a call copies its inputs in
     (without waiting), replays the graph and returns a copy of its output. The time embeddings and step scalars are
     copied in per call, the head condition, noise and guidance per token; the weights are read where they were at
-    capture (the owner keys graphs by them and the modules' settings: :func:`module_settings`)."""
+    capture (the owner keys graphs by them and the modules' settings: :func:`module_settings`).
+
+    Captures run one at a time in the process (:data:`CAPTURE_LOCK`, across samplers and pipelines) and in
+    ``thread_local`` mode: CUDA work of other threads during a capture (another request's eager sampling or decoding,
+    a ``DataLoader`` pinning memory) neither fails nor invalidates it, as it would in the default ``global`` mode."""
 
     def __init__(self, run: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor | None, ...]):
         self.inputs = tuple(None if x is None else x.clone() for x in inputs)
@@ -236,7 +253,7 @@ class CapturedToken:
             run(*self.inputs)  # compiles and autotunes outside the capture
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = run(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from packaging.version import Version
 
 from .configuration_sphere_ar import check_guidance_scale
-from .fast_sampling import FastTokenSampler
+from .fast_sampling import FastTokenSampler, compiled_forward
 from .labels import build_label_index, resolve_label_ids
 from .loading import pipeline_dtype, require_safetensors
 from .modeling_sphere_ar import SphereARTransformer
@@ -262,7 +262,10 @@ class SphereARPipeline(DiffusionPipeline):
 
     def _fast_sampler(self) -> FastTokenSampler | None:
         fast = self._compiled_sampler
-        if fast is not None and not fast.supports(self.transformer):
+        if fast is None and (compiled := compiled_forward(self.transformer)):
+            logger.warning(f"{compiled} is compiled, but sampling does not call its forward: sampling eagerly "
+                           "(pipe.enable_torch_compile() compiles the sampler)")
+        elif fast is not None and not fast.supports(self.transformer):
             logger.warning("sequential or group offload moves weights per module call: sampling eagerly")
             return None
         return fast
