@@ -24,17 +24,21 @@ from sphere_ar_hf.lora import add_lora, build_lora_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LABELS = [1, 7, 3]
+CURRENT = threading.local()  # the emulated current device (``device``; unset: the process's default), per thread
 
 
 class EmulatedGraph:
-    """A stand-in for ``torch.cuda.CUDAGraph``: the operators captured into it, replayed on the same tensors."""
+    """A stand-in for ``torch.cuda.CUDAGraph``: the operators captured into it, replayed on the same tensors; the
+    current device (as ``torch.cuda.device`` set it) at each capture and replay."""
 
     captures = 0
+    devices: list[tuple[str, torch.device | None]] = []
 
     def __init__(self):
         self.ops: list[tuple] = []
 
     def replay(self) -> None:
+        EmulatedGraph.devices.append(("replay", getattr(CURRENT, "device", None)))
         for func, args, kwargs, out in self.ops:
             result = func(*args, **kwargs)
             for old, new in zip(tree_leaves(out), tree_leaves(result)):
@@ -63,6 +67,7 @@ class Recorder(TorchDispatchMode):
 @contextlib.contextmanager
 def capture(graph: EmulatedGraph, **_):
     EmulatedGraph.captures += 1
+    EmulatedGraph.devices.append(("capture", getattr(CURRENT, "device", None)))
     with Recorder(graph):
         yield
 
@@ -72,13 +77,24 @@ class Stream:
         pass
 
 
+@contextlib.contextmanager
+def current_device(device: torch.device):
+    """``torch.cuda.device``, emulated."""
+    before, CURRENT.device = getattr(CURRENT, "device", None), torch.device(device)
+    try:
+        yield
+    finally:
+        CURRENT.device = before
+
+
 @pytest.fixture
 def emulated_cuda_graphs():
     """``torch.cuda``'s graph and stream calls emulated, and the fast sampler's CUDA branch taken on the CPU."""
     torch._dynamo.reset()
-    EmulatedGraph.captures = 0
+    EmulatedGraph.captures, EmulatedGraph.devices = 0, []
     with mock.patch.multiple(torch.cuda, CUDAGraph=EmulatedGraph, graph=capture, Stream=Stream,
-                             stream=lambda s: contextlib.nullcontext(), current_stream=Stream), \
+                             stream=lambda s: contextlib.nullcontext(), current_stream=Stream,
+                             device=current_device), \
             mock.patch.object(FastTokenSampler, "captures", lambda self, device: True):
         yield
     torch._dynamo.reset()
@@ -115,6 +131,10 @@ def test_replayed_token_loops_give_the_uncaptured_images(make_pipeline, emulated
     assert (other - first).abs().max() > 1e-2  # the new noise was copied in, not the captured one replayed
     stronger = _latents(pipe, guidance_scale=6.0)
     assert EmulatedGraph.captures == 2 and torch.equal(stronger, _uncaptured(pipe, guidance_scale=6.0))
+    # captured and replayed with the inputs' device current (not the process's: a pipeline on cuda:1 would capture
+    # an empty graph on cuda:0's stream)
+    assert {device for _, device in EmulatedGraph.devices} == {torch.device("cpu")}
+    assert [kind for kind, _ in EmulatedGraph.devices].count("capture") == 2
 
 
 def test_new_step_counts_capture_again_and_old_graphs_are_dropped(make_pipeline, emulated_cuda_graphs) -> None:
