@@ -336,3 +336,26 @@ def test_load_pipeline_passes_the_dtype_under_the_installed_diffusers_name() -> 
         warnings.filterwarnings("error", message=".*torch_dtype.*")
         pipe = load_pipeline(DEFAULT_MODEL, "bfloat16")
     assert pipe.transformer.dtype == pipe.vae.dtype == torch.bfloat16
+
+
+def test_a_cuda_device_is_checked_and_made_current(monkeypatch) -> None:
+    """``--device cuda:N`` becomes the process's current CUDA device (CUDA graphs, streams and pinned memory use the
+    current one: a rank sampling on cuda:1 with cuda:0 current would capture empty graphs on cuda:0); under
+    torchrun a bare ``cuda`` is ``cuda:LOCAL_RANK``, made current too; a device the machine lacks is a one-line
+    error. CUDA is emulated: two devices."""
+    import torch
+
+    from sphere_ar_hf.cli_common import CLIError, device_from_name
+    from sphere_ar_hf.cli_sampling import sampling_device
+
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.device(device)))
+    assert device_from_name("cuda:1") == torch.device("cuda:1") and current == [torch.device("cuda:1")]
+    assert device_from_name("cuda") == torch.device("cuda") and len(current) == 1  # no index: left as it is
+    assert sampling_device(None, world=2, local_rank=1) == torch.device("cuda:1") and current[-1] == torch.device(
+        "cuda:1") and len(current) == 2
+    assert sampling_device("cpu", world=2, local_rank=1) == torch.device("cpu") and len(current) == 2
+    with pytest.raises(CLIError, match=r"^--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)$"):
+        device_from_name("cuda:2")

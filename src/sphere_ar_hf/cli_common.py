@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKPOINT_SUFFIXES", "CLIError", "DEFAULT_MODEL", "MODEL_HELP", "add_compile_argument",
            "add_threads_argument", "device_from_name", "finite_float", "guidance_option", "is_checkpoint",
-           "load_pipeline", "number_argument", "one_line", "positive_int", "quiet_libraries", "resolve_model",
-           "seed_argument", "set_threads", "steps_argument", "threads_argument"]
+           "load_pipeline", "make_current", "number_argument", "one_line", "positive_int", "quiet_libraries",
+           "resolve_model", "seed_argument", "set_threads", "steps_argument", "threads_argument"]
 
 # the embedded digits model (package data): the commands work offline with no --model
 DEFAULT_MODEL: str | None = str(Path(__file__).parent / "pretrained" / "digits")
@@ -150,7 +150,20 @@ def resolve_model(model: str | None) -> str:
     raise CLIError(f"{model}: no such folder")
 
 
+def make_current(device):
+    """Makes ``device`` (``cuda:N``) the process's current CUDA device, returns it: what ``torch.cuda`` calls
+    without a device use (streams, the fast sampler's CUDA graphs, the context that pinned memory creates), so that a
+    process sampling on ``cuda:1`` makes nothing on ``cuda:0``."""
+    if device.type == "cuda" and device.index is not None:
+        import torch
+
+        torch.cuda.set_device(device)
+    return device
+
+
 def device_from_name(name: str | None):
+    """``--device``: the named device (default: cuda, else mps, else cpu), checked, and made current
+    (:func:`make_current`); a one-line error for a device this machine lacks."""
     import torch
 
     if name is None:
@@ -166,11 +179,14 @@ def device_from_name(name: str | None):
         raise CLIError(f"--device {name}: expected cpu, cuda, cuda:N, mps or xpu (a device that computes)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= (count := torch.cuda.device_count()):
+        raise CLIError(f"--device {name}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                       f"(cuda:0 to cuda:{count - 1})")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise CLIError(f"--device {name}: MPS is not available on this machine")
     if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         raise CLIError(f"--device {name}: XPU is not available on this machine")
-    return device
+    return make_current(device)
 
 
 def load_pipeline(model: str, dtype: str = "float32") -> SphereARPipeline:

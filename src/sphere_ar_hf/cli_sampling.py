@@ -18,6 +18,7 @@ from .cli_common import (
     finite_float,
     guidance_option,
     load_pipeline,
+    make_current,
     number_argument,
     one_line,
     positive_int,
@@ -53,12 +54,13 @@ def process_group() -> Iterator[tuple[int, int, int, Callable[[], None]]]:
 
 
 def sampling_device(name: str | None, world: int, local_rank: int):
-    """``--device`` of a sampling process: a bare ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun."""
+    """``--device`` of a sampling process: a bare ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun (made current:
+    each rank's CUDA graphs and pinned memory on its own GPU)."""
     device = device_from_name(name)
     if device.type == "cuda" and device.index is None and world > 1:
         import torch
 
-        device = torch.device("cuda", local_rank)
+        device = make_current(torch.device("cuda", local_rank))
     return device
 
 

@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=_port, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
                         help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--device", default=None,
-                        help="torch device (default: cuda if available, else cpu)")
+                        help="torch device (default: cuda if available, else mps, else cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="weights and compute dtype")
     parser.add_argument("--max-images", type=positive_int, default=16, help="most images per request")
@@ -443,9 +443,7 @@ def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str,
 
     Raises ``CLIError`` (from ``sphere_ar_hf.cli_common``) for a model that cannot be loaded.
     """
-    import torch
-
-    from .cli_common import CLIError, load_pipeline, resolve_model
+    from .cli_common import CLIError, device_from_name, load_pipeline, resolve_model
 
     args = build_parser().parse_args(argv)
     set_threads(args.threads)
@@ -460,8 +458,7 @@ def create_demo(argv: Sequence[str] | None = None) -> tuple[gr.Blocks, dict[str,
         name = Path(model).resolve().name if Path(model).exists() else model
         pipeline = load_pipeline(model, args.dtype)
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        pipeline.to(device)
+        pipeline.to(device_from_name(args.device))  # made current: its CUDA graphs captured on its own GPU
     except (RuntimeError, ValueError, AssertionError) as e:
         raise CLIError(f"--device {args.device}: {' '.join(str(e).split())}") from None
     pipeline.set_progress_bar_config(disable=True)
