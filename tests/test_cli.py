@@ -354,6 +354,8 @@ def test_a_cuda_device_is_checked_and_made_current(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.device(device)))
     assert device_from_name("cuda:1") == torch.device("cuda:1") and current == [torch.device("cuda:1")]
     assert device_from_name("cuda") == torch.device("cuda") and len(current) == 1  # no index: left as it is
+    # cuda:0 is current in a new process (and ZeroGPU's main process must not initialise CUDA)
+    assert device_from_name("cuda:0") == torch.device("cuda:0") and len(current) == 1
     assert sampling_device(None, world=2, local_rank=1) == torch.device("cuda:1") and current[-1] == torch.device(
         "cuda:1") and len(current) == 2
     assert sampling_device("cpu", world=2, local_rank=1) == torch.device("cpu") and len(current) == 2

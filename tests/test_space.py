@@ -238,6 +238,8 @@ ZERO_GPU_STARTUP = textwrap.dedent('''
     pipe, (event,) = demo.runner.pipeline, list(demo.fns.values()) if isinstance(demo.fns, dict) else demo.fns
     print("devices", pipe.device, next(pipe.vae.parameters()).device)
     print("zerogpu", hasattr(event.fn, "zerogpu"), event.fn.__wrapped__ == demo.runner.generate)
+    demo, _ = create_demo(["--model", app.served_model(), "--steps", "2", "--device", "cuda:0"])
+    print("named device", demo.runner.pipeline.device)  # made current would initialise CUDA: not for cuda:0
 ''')
 
 
@@ -254,6 +256,7 @@ def test_space_starts_as_on_zero_gpu_hardware(space, tmp_path):
                           text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "devices cuda:0 cuda:0" in done.stdout and "zerogpu True True" in done.stdout, done.stdout
+    assert "named device cuda:0" in done.stdout, done.stdout
     # torch.compile does not work on ZeroGPU: --compile is refused in one line, before the model loads
     assert "zero_gpu_hardware True" in done.stdout
     assert "refused --compile: ZeroGPU hardware does not support torch.compile" in done.stdout, done.stdout

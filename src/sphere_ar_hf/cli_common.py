@@ -153,8 +153,9 @@ def resolve_model(model: str | None) -> str:
 def make_current(device):
     """Makes ``device`` (``cuda:N``) the process's current CUDA device, returns it: what ``torch.cuda`` calls
     without a device use (streams, the fast sampler's CUDA graphs, the context that pinned memory creates), so that a
-    process sampling on ``cuda:1`` makes nothing on ``cuda:0``."""
-    if device.type == "cuda" and device.index is not None:
+    process sampling on ``cuda:1`` makes nothing on ``cuda:0``. ``cuda:0`` is left alone: it is already current in a
+    new process, and setting it would initialise CUDA, which ZeroGPU forbids in its main process."""
+    if device.type == "cuda" and device.index:
         import torch
 
         torch.cuda.set_device(device)
