@@ -242,16 +242,16 @@ class CapturedToken:
     Captures run one at a time in the process (:data:`CAPTURE_LOCK`, across samplers and pipelines) and in
     ``thread_local`` mode: CUDA work of other threads during a capture (another request's eager sampling or decoding,
     a ``DataLoader`` pinning memory) neither fails nor invalidates it, as it would in the default ``global`` mode.
-    Capture and replay run with the inputs' device current (``torch.cuda.device``): a pipeline on ``cuda:1`` in a
-    process whose current device is ``cuda:0`` would otherwise capture on ``cuda:0``'s stream, which its kernels never
-    reach: an empty graph, whose replays return the first token's state for every token."""
+    The capture runs with the inputs' device current (``torch.cuda.device``): a pipeline on ``cuda:1`` in a process
+    whose current device is ``cuda:0`` would otherwise capture on ``cuda:0``'s stream, which its kernels never reach:
+    an empty graph, whose replays return the first token's state for every token. (A replay takes its capture's device
+    itself: torch's ``CUDAGraph::replay`` guards it.)"""
 
     def __init__(self, run: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor | None, ...]):
         self.inputs = tuple(None if x is None else x.clone() for x in inputs)
         self.sources = list(inputs)  # what each buffer holds now (held, so that an identity test is sound)
-        self.device = next(x.device for x in inputs if x is not None)
         self.lock = threading.Lock()
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(next(x.device for x in inputs if x is not None)):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -262,8 +262,7 @@ class CapturedToken:
                 self.output = run(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
-        # static buffers: one replay at a time, its output copied before the next
-        with self.lock, torch.cuda.device(self.device):
+        with self.lock:  # static buffers: one replay at a time, its output copied before the next
             for slot, (static, x) in enumerate(zip(self.inputs, inputs)):
                 if static is not None and x is not self.sources[slot]:  # per-call inputs: once per call
                     static.copy_(x, non_blocking=True)
