@@ -1,5 +1,6 @@
-"""The fast sampler's inductor pass (:mod:`sphere_ar_hf.thin_products`): products with a side of at most 16 become
-generated code (no BLAS call), with the values of the eager products; other products stay BLAS calls."""
+"""The fast sampler's inductor pass (:mod:`sphere_ar_hf.thin_products`): products with a side of at most 16, and on
+the CPU products of 2 to 4 rows, become generated code (no BLAS call), with the values of the eager products; other
+products stay BLAS calls."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from sphere_ar_hf.modeling_sphere_ar import DiffusionHead
-from sphere_ar_hf.thin_products import THIN, ThinProducts
+from sphere_ar_hf.thin_products import SHORT, THIN, ThinProducts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,19 +59,37 @@ def test_thin_products_become_generated_code(dtype, tol) -> None:
         assert (passed(x).float() - eager.float()).abs().max() <= tol * eager.float().abs().max()
 
 
-def test_the_heads_thin_projections_in_the_fast_path(make_pipeline) -> None:
-    """The fast path's compile options carry the pass: the head's step issues its blocks' products only."""
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_short_products_become_generated_code(dtype, tol) -> None:
+    """On the CPU, 2 to SHORT rows: every product generated code; 1 row (a matrix-vector product) and more rows:
+    BLAS calls for the wide products."""
+    torch.manual_seed(0)
+    model = Mixed().to(dtype).eval()
+    passed = torch.compile(model, fullgraph=True, dynamic=False,
+                           options={"post_grad_custom_pre_pass": ThinProducts()})
+    with torch.no_grad():
+        for rows, wide in ((1, 1), (2, 0), (SHORT, 0), (SHORT + 1, 1)):
+            x = torch.randn(rows, THIN, dtype=dtype)
+            eager = model(x)
+            assert products(passed, x) == ["aten::addmm"] * wide, rows
+            assert (passed(x).float() - eager.float()).abs().max() <= tol * eager.float().abs().max(), rows
+
+
+@pytest.mark.parametrize("rows, products_issued", [(2, []), (6, ["aten::addmm"] * 4)])
+def test_the_heads_products_in_the_fast_path(make_pipeline, rows, products_issued) -> None:
+    """The fast path's compile options carry the pass: at 6 rows the head's step issues its blocks' products only
+    (not the thin input and output projections); at 2 rows (batch 1 with guidance) none."""
     torch.manual_seed(0)
     head = DiffusionHead(latent_dim=16, cond_dim=32, dim=64, num_layers=2, num_adaln=1).eval()
     for p in head.parameters():
         p.data.normal_(0, 0.1)
-    x, mods = torch.randn(6, 16), [torch.randn(6, 192), torch.randn(6, 128)]
+    x, mods = torch.randn(rows, 16), [torch.randn(rows, 192), torch.randn(rows, 128)]
     pipe = make_pipeline()
     pipe.enable_torch_compile()
     options = pipe._compiled_sampler.compile_kwargs["options"]
     velocity = torch.compile(head.velocity, fullgraph=True, options=options)
     with torch.no_grad():
-        assert products(velocity, x, mods) == ["aten::addmm"] * 4  # w1 and w2 of 2 blocks; not input or output
+        assert products(velocity, x, mods) == products_issued
         assert torch.allclose(velocity(x, mods), head.velocity(x, mods), atol=1e-5)
 
 
@@ -92,16 +111,20 @@ def test_user_options_keep_the_pass_and_a_mode_replaces_it(make_pipeline) -> Non
 
 
 def test_the_pass_on_a_graph() -> None:
-    """Only ``mm``/``addmm`` whose weight has a side <= THIN, and only nodes with fake values, are rewritten."""
+    """Rewritten: ``mm``/``addmm`` whose weight has a side <= THIN, and on the CPU those of 2 .. SHORT static rows,
+    with the products' values; left alone: other products, products with ``beta``, nodes without fake values."""
     from torch import fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     aten = torch.ops.aten
 
-    def graph(k: int, n: int, with_values: bool = True) -> fx.Graph:
+    def graph(rows: int, k: int, device: str = "cpu", with_values: bool = True) -> fx.Graph:
         g = fx.Graph()
         a, b, bias = g.placeholder("a"), g.placeholder("b"), g.placeholder("bias")
         if with_values:
-            a.meta["val"], b.meta["val"], bias.meta["val"] = torch.ones(3, k), torch.ones(k, n), torch.ones(n)
+            with FakeTensorMode():
+                shapes = ((rows, k), (k, 64), (64,))
+                a.meta["val"], b.meta["val"], bias.meta["val"] = (torch.empty(s, device=device) for s in shapes)
         g.output((g.call_function(aten.addmm.default, (bias, a, b)), g.call_function(aten.mm.default, (a, b)),
                   g.call_function(aten.addmm.default, (bias, a, b), {"beta": 2})))
         return g
@@ -109,11 +132,17 @@ def test_the_pass_on_a_graph() -> None:
     def targets(g: fx.Graph) -> list:
         return [node.target for node in g.nodes if node.op == "call_function"]
 
-    thin = graph(THIN, 64)
-    ThinProducts()(thin)
-    assert targets(thin).count(aten.sum.dim_IntList) == 2 and targets(thin).count(aten.mm.default) == 0
-    assert targets(thin).count(aten.addmm.default) == 1  # with beta: left alone
-    for g in (graph(THIN + 1, 64), graph(THIN, 64, with_values=False)):
+    for rows, k, sums in ((5, THIN, 2), (2, THIN + 1, 4), (SHORT, THIN + 1, 2 * SHORT)):
+        g = graph(rows, k)
+        ThinProducts()(g)
+        assert targets(g).count(aten.sum.dim_IntList) == sums and targets(g).count(aten.mm.default) == 0
+        assert targets(g).count(aten.addmm.default) == 1  # with beta: left alone
+        a, b, bias = torch.randn(rows, k), torch.randn(k, 64), torch.randn(64)
+        out = fx.GraphModule(torch.nn.Module(), g)(a, b, bias)
+        assert torch.allclose(out[0], torch.addmm(bias, a, b), atol=1e-5) and torch.allclose(out[1], a @ b, atol=1e-5)
+    left_alone = (graph(1, THIN + 1), graph(SHORT + 1, THIN + 1), graph(2, THIN + 1, device="cuda"),
+                  graph(5, THIN, with_values=False), graph(2, THIN + 1, with_values=False))
+    for g in left_alone:
         before = targets(g)
         ThinProducts()(g)
         assert targets(g) == before
