@@ -1,5 +1,5 @@
 """The fast sampler's inductor pass (:mod:`sphere_ar_hf.thin_products`): products with a side of at most 16, and on
-the CPU products of 2 to 4 rows, become generated code (no BLAS call), with the values of the eager products; other
+the CPU products of 1 to 4 rows, become generated code (no BLAS call), with the values of the eager products; other
 products stay BLAS calls."""
 
 from __future__ import annotations
@@ -61,24 +61,23 @@ def test_thin_products_become_generated_code(dtype, tol) -> None:
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_short_products_become_generated_code(dtype, tol) -> None:
-    """On the CPU, 2 to SHORT rows: every product generated code; 1 row (a matrix-vector product) and more rows:
-    BLAS calls for the wide products."""
+    """On the CPU, 1 to SHORT rows: every product generated code; more rows: BLAS calls for the wide products."""
     torch.manual_seed(0)
     model = Mixed().to(dtype).eval()
     passed = torch.compile(model, fullgraph=True, dynamic=False,
                            options={"post_grad_custom_pre_pass": ThinProducts()})
     with torch.no_grad():
-        for rows, wide in ((1, 1), (2, 0), (SHORT, 0), (SHORT + 1, 1)):
+        for rows, wide in ((1, 0), (2, 0), (SHORT, 0), (SHORT + 1, 1)):
             x = torch.randn(rows, THIN, dtype=dtype)
             eager = model(x)
             assert products(passed, x) == ["aten::addmm"] * wide, rows
             assert (passed(x).float() - eager.float()).abs().max() <= tol * eager.float().abs().max(), rows
 
 
-@pytest.mark.parametrize("rows, products_issued", [(2, []), (6, ["aten::addmm"] * 4)])
+@pytest.mark.parametrize("rows, products_issued", [(1, []), (2, []), (6, ["aten::addmm"] * 4)])
 def test_the_heads_products_in_the_fast_path(make_pipeline, rows, products_issued) -> None:
     """The fast path's compile options carry the pass: at 6 rows the head's step issues its blocks' products only
-    (not the thin input and output projections); at 2 rows (batch 1 with guidance) none."""
+    (not the thin input and output projections); at 1 or 2 rows (batch 1) none."""
     torch.manual_seed(0)
     head = DiffusionHead(latent_dim=16, cond_dim=32, dim=64, num_layers=2, num_adaln=1).eval()
     for p in head.parameters():
@@ -111,7 +110,7 @@ def test_user_options_keep_the_pass_and_a_mode_replaces_it(make_pipeline) -> Non
 
 
 def test_the_pass_on_a_graph() -> None:
-    """Rewritten: ``mm``/``addmm`` whose weight has a side <= THIN, and on the CPU those of 2 .. SHORT static rows,
+    """Rewritten: ``mm``/``addmm`` whose weight has a side <= THIN, and on the CPU those of 1 .. SHORT static rows,
     with the products' values; left alone: other products, products with ``beta``, nodes without fake values."""
     from torch import fx
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -132,7 +131,7 @@ def test_the_pass_on_a_graph() -> None:
     def targets(g: fx.Graph) -> list:
         return [node.target for node in g.nodes if node.op == "call_function"]
 
-    for rows, k, sums in ((5, THIN, 2), (2, THIN + 1, 4), (SHORT, THIN + 1, 2 * SHORT)):
+    for rows, k, sums in ((5, THIN, 2), (1, THIN + 1, 2), (2, THIN + 1, 4), (SHORT, THIN + 1, 2 * SHORT)):
         g = graph(rows, k)
         ThinProducts()(g)
         assert targets(g).count(aten.sum.dim_IntList) == sums and targets(g).count(aten.mm.default) == 0
@@ -140,9 +139,29 @@ def test_the_pass_on_a_graph() -> None:
         a, b, bias = torch.randn(rows, k), torch.randn(k, 64), torch.randn(64)
         out = fx.GraphModule(torch.nn.Module(), g)(a, b, bias)
         assert torch.allclose(out[0], torch.addmm(bias, a, b), atol=1e-5) and torch.allclose(out[1], a @ b, atol=1e-5)
-    left_alone = (graph(1, THIN + 1), graph(SHORT + 1, THIN + 1), graph(2, THIN + 1, device="cuda"),
+    left_alone = (graph(SHORT + 1, THIN + 1), graph(2, THIN + 1, device="cuda"),
                   graph(5, THIN, with_values=False), graph(2, THIN + 1, with_values=False))
     for g in left_alone:
         before = targets(g)
         ThinProducts()(g)
         assert targets(g) == before
+
+
+def test_the_products_benchmark(capsys) -> None:
+    """benchmarks/bench_products.py, tiny: at 2 rows the pass leaves no product to BLAS, at 5 rows it leaves all."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_products.py"
+    spec = importlib.util.spec_from_file_location("bench_products", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(bench.parse_args(["--width", "64", "--layers", "2", "--rows", "2,5", "--repeats", "1", "--inner", "1"]))
+    out = capsys.readouterr().out
+    assert re.search(r"^torch .*head width 64, 2 blocks, .* GB/s$", out, re.M), out
+    issued = {rows: re.findall(r"(blas|generated) [\d.]+ ms \([\d.]+ GB/s, (\d+) products issued, difference "
+                               r"([\d.e+-]+)\)", line) for rows, line in re.findall(r"^rows (\d+): (.*)$", out, re.M)}
+    assert {rows: [(name, int(n)) for name, n, _ in found] for rows, found in issued.items()} == {
+        "2": [("blas", 4), ("generated", 0)], "5": [("blas", 4), ("generated", 4)]}, out
+    assert all(float(d) < 1e-5 for found in issued.values() for *_, d in found), out

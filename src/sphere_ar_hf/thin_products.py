@@ -5,12 +5,13 @@
   calls a BLAS kernel for each (one host-issued operator, and on CUDA one more kernel launch), although the weight
   is tiny and a product over 16 terms is cheap as generated code: a broadcast multiply and a sum, which inductor
   fuses into its own kernels (SphereAR-B: 14 -> 12 products per head evaluation).
-- **Short products, on the CPU.** A product of 2 to 4 rows (a batch of 1 or 2 with guidance) only streams its
-  weight, but BLAS runs it as a GEMM far below the memory bandwidth: SphereAR-B's head at 2 rows ran at 8.0-8.5
-  GFLOP/s on this project's CPU (1 thread, fp32). Written as one sum per row along the weight's rows, inductor
-  fuses the rows into one loop that reads the weight once: the head at 2 rows 2.9 against 8.4 ms per evaluation,
-  and no BLAS call left in it. One row (a matrix-vector product, which BLAS runs well), more rows and CUDA's
-  products stay BLAS calls.
+- **Short products, on the CPU.** A product of 1 to 4 rows (a batch of 1 or 2 with guidance) only streams its
+  weight, but BLAS runs it far below the memory bandwidth: SphereAR-B's head blocks (61 MiB of weights) at 2 rows
+  ran at 7-9 GB/s on this project's CPU (1 thread, fp32), where one ``sum`` over as many bytes reads 30 GB/s.
+  Written as one sum per row along the weight's rows, inductor fuses the rows into one loop that reads the weight
+  once: 2.3 against 8.9 ms per evaluation at 2 rows (27 GB/s), 3.8 against 5.5 ms at 1 row
+  (``benchmarks/bench_products.py``), and no BLAS call left in the head's step. More rows and CUDA's products stay
+  BLAS calls.
 
 The values are the eager products' up to float rounding. The pass runs after autograd on the aten graph
 (``post_grad_custom_pre_pass``), so eager code and training never see it.
@@ -25,7 +26,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 __all__ = ["ThinProducts", "SHORT", "THIN"]
 
 THIN = 16  # a product whose weight has at most this many rows or columns is computed as generated code
-SHORT = 4  # on the CPU, a product of 2 .. SHORT rows (batch 1 or 2, guided) is computed as generated code too
+SHORT = 4  # on the CPU, a product of 1 .. SHORT rows (batch 1 or 2, guided) is computed as generated code too
 aten = torch.ops.aten
 
 
@@ -56,11 +57,11 @@ def is_thin(operands: tuple[fx.Node | None, fx.Node, fx.Node]) -> bool:
 
 
 def is_short(operands: tuple[fx.Node | None, fx.Node, fx.Node]) -> bool:
-    """Whether the left operand ``a`` (M, K) of ``(bias, a, b)`` is a CPU tensor of a static 2 .. :data:`SHORT`
-    rows (one row, a matrix-vector product, BLAS runs well; CUDA's products stay BLAS calls)."""
+    """Whether the left operand ``a`` (M, K) of ``(bias, a, b)`` is a CPU tensor of a static 1 .. :data:`SHORT`
+    rows (CUDA's products stay BLAS calls)."""
     value = operands[1].meta["val"]
     return value.device.type == "cpu" and value.dim() == 2 and isinstance(value.shape[0], int) and (
-        2 <= value.shape[0] <= SHORT)
+        1 <= value.shape[0] <= SHORT)
 
 
 class ThinProducts(CustomGraphPass):
