@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from sphere_ar_hf.configuration_sphere_ar import PRESETS
 from sphere_ar_hf.modeling_sphere_ar import HeadResBlock
 from sphere_ar_hf.thin_products import ThinProducts
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench_sampling's timer, when loaded from its path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sampling import best_seconds  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,17 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.width = a.width or PRESETS[a.preset]["head_hidden_size"]
     a.layers = a.layers or PRESETS[a.preset]["head_num_layers"]
     return a
-
-
-def best_seconds(fn, repeats: int, inner: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return best
 
 
 def host_operators(fn) -> int:
