@@ -25,8 +25,8 @@ Short row counts on the CPU: the :class:`.ThinProducts` pass writes a product of
 generated code, which streams its weight several times faster than BLAS does. Dynamo gives a function a dynamic
 batch size from its second batch size on, so the sampler marks the rows static where the pass applies
 (``torch._dynamo.mark_static``): the head's steps at 1 .. ``SHORT`` rows and the trunk step at 1 ..
-:data:`TRUNK_SHORT` rows each get a graph of their own, whatever was compiled before (one more compile per such row
-count, at most ``SHORT`` + :data:`TRUNK_SHORT` in all).
+:data:`TRUNK_SHORT` rows each get a graph of their own, whatever was compiled before: at most ``SHORT`` more graphs
+per step function and :data:`TRUNK_SHORT` more for the trunk step.
 
 The same code runs on the CPU (the tests) and under the CUDA graph capture: what only a GPU runs is
 :class:`CapturedToken` (capture, copy-in, replay).
@@ -166,7 +166,8 @@ RUN_FUNCTIONS: dict[tuple[str, bool], Callable] = {
 
 def trunk_step(transformer: SphereARTransformer, token: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
     """One trunk step, :meth:`.SphereARTransformer.decode_step`: the function the fast path compiles with dynamic
-    shapes (one graph for every token index and batch size)."""
+    shapes (one graph for every token index and batch size; on the CPU one more per row count of at most
+    :data:`TRUNK_SHORT`)."""
     return transformer.decode_step(token, index, cache)
 
 
@@ -326,7 +327,7 @@ class FastTokenSampler:
     def decode_step(self, transformer: SphereARTransformer, token: torch.Tensor, index: int,
                     cache: KVCache) -> torch.Tensor:
         """:meth:`.SphereARTransformer.decode_step`, compiled (eager where an offload hook moves the transformer per
-        call: its hook is not traced)."""
+        call: its hook is not traced); on the CPU, a static row count up to :data:`TRUNK_SHORT`."""
         if hasattr(transformer, "_hf_hook"):
             return transformer.decode_step(token, index, cache)
         if token.device.type == "cpu" and token.shape[0] <= TRUNK_SHORT:  # a graph per short row count
