@@ -142,8 +142,9 @@ def test_user_options_keep_the_pass_and_a_mode_replaces_it(make_pipeline) -> Non
 
 
 def test_the_pass_on_a_graph() -> None:
-    """Rewritten: ``mm``/``addmm`` whose weight has a side <= THIN, and on the CPU those of 1 .. SHORT static rows,
-    with the products' values; left alone: other products, products with ``beta``, nodes without fake values."""
+    """Rewritten: ``mm``/``addmm`` whose weight has a side <= THIN, and on the CPU those of 1 .. SHORT static rows
+    (their left operand marked to be stored first), with the products' values; left alone: other products, products
+    with ``beta``, nodes without fake values."""
     from torch import fx
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -168,6 +169,8 @@ def test_the_pass_on_a_graph() -> None:
         ThinProducts()(g)
         assert targets(g).count(aten.sum.dim_IntList) == sums and targets(g).count(aten.mm.default) == 0
         assert targets(g).count(aten.addmm.default) == 1  # with beta: left alone
+        stored = next(n for n in g.nodes if n.name == "a").meta.get("inductor_realize_to_strides", False)
+        assert stored == (k > THIN)  # a short product's left operand is stored before its sums, not computed in them
         a, b, bias = torch.randn(rows, k), torch.randn(k, 64), torch.randn(64)
         out = fx.GraphModule(torch.nn.Module(), g)(a, b, bias)
         assert torch.allclose(out[0], torch.addmm(bias, a, b), atol=1e-5) and torch.allclose(out[1], a @ b, atol=1e-5)

@@ -24,9 +24,8 @@ and batch size), where no offload hook moves the transformer per call.
 Short row counts on the CPU: the :class:`.ThinProducts` pass writes a product of a static 1 .. ``SHORT`` rows as
 generated code, which streams its weight several times faster than BLAS does. Dynamo gives a function a dynamic
 batch size from its second batch size on, so the sampler marks the rows static where the pass applies
-(``torch._dynamo.mark_static``): the head's steps at 1 .. ``SHORT`` rows and the trunk step at 1 ..
-:data:`TRUNK_SHORT` rows each get a graph of their own, whatever was compiled before: at most ``SHORT`` more graphs
-per step function and :data:`TRUNK_SHORT` more for the trunk step.
+(``torch._dynamo.mark_static``, :func:`static_rows`): the head's steps and the trunk step at 1 .. ``SHORT`` rows
+each get a graph of their own, whatever was compiled before (at most ``SHORT`` more graphs per function).
 
 The same code runs on the CPU (the tests) and under the CUDA graph capture: what only a GPU runs is
 :class:`CapturedToken` (capture, copy-in, replay).
@@ -57,14 +56,12 @@ UNROLL = 2  # steps per iteration of a scan (each iteration's loop test reads a 
 # inductor compiles a ``scan`` (as a while loop) from torch 2.10 on (2.6-2.7: "scan is not an OpOverload", 2.8-2.9:
 # its loop test is unsupported); with an older torch the CPU runs a token's steps one compiled call each, as CUDA does
 SCANS_COMPILE = torch.__version__ >= "2.10"  # a TorchVersion: compared as a version (2.9.1 < 2.10), not as text
-# on the CPU, the trunk step of at most this many rows gets a static graph (its products then generated code): at 1
-# and 2 rows (batch 1) SphereAR-B's step took 29 / 34 ms against BLAS's 65 / 100; at 4 rows 88 against 82 ms
-TRUNK_SHORT = 2
 
 
 def static_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """``x``, its first dimension marked static where a step of ``rows`` rows gets a graph of its own (on the CPU,
-    ``rows`` at most ``SHORT``: the :class:`.ThinProducts` pass rewrites only static row counts)."""
+    ``rows`` at most ``SHORT``: the :class:`.ThinProducts` pass rewrites only static row counts; SphereAR-B's trunk
+    step at 1, 2, 3, 4 rows: 27, 30, 41, 48 ms; with BLAS 65, 100, 136 (eager) and 74-82)."""
     if x.device.type == "cpu" and rows <= SHORT:
         torch._dynamo.mark_static(x, 0)
     return x
@@ -166,8 +163,8 @@ RUN_FUNCTIONS: dict[tuple[str, bool], Callable] = {
 
 def trunk_step(transformer: SphereARTransformer, token: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
     """One trunk step, :meth:`.SphereARTransformer.decode_step`: the function the fast path compiles with dynamic
-    shapes (one graph for every token index and batch size; on the CPU one more per row count of at most
-    :data:`TRUNK_SHORT`)."""
+    shapes (one graph for every token index and batch size; on the CPU one more per row count of at most ``SHORT``:
+    :func:`static_rows`)."""
     return transformer.decode_step(token, index, cache)
 
 
@@ -327,11 +324,10 @@ class FastTokenSampler:
     def decode_step(self, transformer: SphereARTransformer, token: torch.Tensor, index: int,
                     cache: KVCache) -> torch.Tensor:
         """:meth:`.SphereARTransformer.decode_step`, compiled (eager where an offload hook moves the transformer per
-        call: its hook is not traced); on the CPU, a static row count up to :data:`TRUNK_SHORT`."""
+        call: its hook is not traced)."""
         if hasattr(transformer, "_hf_hook"):
             return transformer.decode_step(token, index, cache)
-        if token.device.type == "cpu" and token.shape[0] <= TRUNK_SHORT:  # a graph per short row count
-            torch._dynamo.mark_static(token, 0)
+        token = static_rows(token, token.shape[0])
         with torch._dynamo.config.patch(specialize_float=True):  # float attributes (norm eps) stay constants
             return self.trunk(transformer, token, index, cache)
 

@@ -9,9 +9,9 @@
   weight, but BLAS runs it far below the memory bandwidth: SphereAR-B's head blocks (61 MiB of weights) at 2 rows
   ran at 7-9 GB/s on this project's CPU (1 thread, fp32), where one ``sum`` over as many bytes reads 30 GB/s.
   Written as one sum per row along the weight's rows, inductor fuses the rows into one loop that reads the weight
-  once: 2.3 against 8.9 ms per evaluation at 2 rows (27 GB/s), 3.8 against 5.5 ms at 1 row
-  (``benchmarks/bench_products.py``), and no BLAS call left in the head's step. More rows and CUDA's products stay
-  BLAS calls.
+  once: 2.5 against 8.3 ms per evaluation at 2 rows (25 GB/s), 2.1 against 4.8 ms at 1 row, 3.6 against 7.0 ms at
+  4 rows (``benchmarks/bench_products.py``), and no BLAS call left in the head's step (nor in the trunk step's).
+  More rows and CUDA's products stay BLAS calls.
 
 The values are the eager products' up to float rounding. The pass runs after autograd on the aten graph
 (``post_grad_custom_pre_pass``), so eager code and training never see it.
@@ -104,7 +104,11 @@ class ThinProducts(CustomGraphPass):
         """``cat([sum(b.T * a[r], -1)[None] for r in rows])``: per row, a sum along the weight's rows (contiguous for
         a linear layer's ``(N, K)`` weight), which inductor fuses into one loop that reads the weight once; the rows
         concatenated along the first dimension, so that the output is row-major (a column-major one made the next
-        product read its input with a stride, which inductor did not vectorise: 2.4x slower)."""
+        product read its input with a stride, which inductor did not vectorise: 2.4x slower). ``a`` is stored before
+        the sums (inductor's ``inductor_realize_to_strides``): computed inside them, as inductor otherwise does with a
+        cheap producer such as a norm, it is computed again for each of the weight's rows (SphereAR-B's trunk step at 4
+        rows: 88 ms, slower than BLAS's 82; stored first: 48 ms)."""
+        a.meta["inductor_realize_to_strides"] = True
         weight = self.call(graph, aten.permute.default, b, [1, 0])
         rows = [self.call(graph, aten.unsqueeze.default, self.call(graph, aten.sum.dim_IntList, self.call(
             graph, aten.mul.Tensor, weight, self.call(graph, aten.select.int, a, 0, r)), [-1]), 0)
