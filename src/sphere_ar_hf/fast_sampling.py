@@ -19,7 +19,7 @@ Where the host's cost per step is paid:
 
 Between tokens, the trunk step (:meth:`.SphereARTransformer.decode_step`, feeding the token back through the KV
 cache) is compiled too (:func:`trunk_step`, with a dynamic token index and batch size: one graph for every token
-and batch size), where no offload hook moves the transformer per call.
+and every batch size of more than ``SHORT`` rows), where no offload hook moves the transformer per call.
 
 Short row counts on the CPU: the :class:`.ThinProducts` pass writes a product of a static 1 .. ``SHORT`` rows as
 generated code, which streams its weight several times faster than BLAS does. Dynamo gives a function a dynamic
