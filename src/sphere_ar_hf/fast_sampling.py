@@ -58,13 +58,12 @@ UNROLL = 2  # steps per iteration of a scan (each iteration's loop test reads a 
 SCANS_COMPILE = torch.__version__ >= "2.10"  # a TorchVersion: compared as a version (2.9.1 < 2.10), not as text
 
 
-def static_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x``, its first dimension marked static where a step of ``rows`` rows gets a graph of its own (on the CPU,
-    ``rows`` at most ``SHORT``: the :class:`.ThinProducts` pass rewrites only static row counts; SphereAR-B's trunk
-    step at 1, 2, 3, 4 rows: 27, 30, 41, 48 ms; with BLAS 65, 100, 136 (eager) and 74-82)."""
-    if x.device.type == "cpu" and rows <= SHORT:
-        torch._dynamo.mark_static(x, 0)
-    return x
+def static_rows(x: torch.Tensor) -> bool:
+    """Whether a compiled step on ``x``'s rows gets a graph with a static row count (its first dimension marked
+    static, ``torch._dynamo.mark_static``): on the CPU, 1 .. ``SHORT`` rows, where the :class:`.ThinProducts` pass
+    rewrites the products (it needs a static row count; SphereAR-B's trunk step at 1, 2, 3, 4 rows: 27, 30, 41, 48
+    ms; with BLAS 65, 100, 136 (eager) and 74-82)."""
+    return x.device.type == "cpu" and x.shape[0] <= SHORT
 
 
 def guided_velocity(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],
@@ -327,7 +326,8 @@ class FastTokenSampler:
         call: its hook is not traced)."""
         if hasattr(transformer, "_hf_hook"):
             return transformer.decode_step(token, index, cache)
-        token = static_rows(token, token.shape[0])
+        if static_rows(token):
+            torch._dynamo.mark_static(token, 0)
         with torch._dynamo.config.patch(specialize_float=True):  # float attributes (norm eps) stay constants
             return self.trunk(transformer, token, index, cache)
 
@@ -338,7 +338,8 @@ class FastTokenSampler:
         of each kind, or with ``scan_runs`` one compiled scan per run of SDE or Euler steps; no read of a device
         value."""
         modulations = SamplingPlan(head, time_embeddings, z.shape[0]).token_modulations(z)
-        guided, extra, rows = guidance is not None, (() if guidance is None else (guidance,)), z.shape[0]
+        guided, extra = guidance is not None, (() if guidance is None else (guidance,))
+        static = static_rows(z)  # the head's rows (x's, guided: half of them): decided once per token
         x, carry = noise[0].clone(), ()  # not a view, as every later x (views are guarded by their base)
         for kind, first, stop in step_runs(kinds):
             scanned = (stop - first) // UNROLL * UNROLL if scan_runs and (kind, guided) in self.runs else 0
@@ -346,11 +347,15 @@ class FastTokenSampler:
                 end = first + scanned
                 mods = tuple(m[first:end] for m in modulations)
                 draws = (noise[noise_rows[first]:noise_rows[end - 1] + 1],) if kind == "sde" else ()
-                x = self.runs[kind, guided](head, static_rows(x, rows), mods, scalars[first:end], *draws, *extra)
+                if static:
+                    torch._dynamo.mark_static(x, 0)
+                x = self.runs[kind, guided](head, x, mods, scalars[first:end], *draws, *extra)
                 first = end
             step = self.steps[kind, guided]
             for k in range(first, stop):
-                mods, x = tuple(m[k] for m in modulations), static_rows(x, rows)
+                mods = tuple(m[k] for m in modulations)
+                if static:  # each step's x is a new tensor
+                    torch._dynamo.mark_static(x, 0)
                 if kind == "sde":
                     x = step(head, x, mods, scalars[k], noise[noise_rows[k]], *extra)
                 elif kind == "predict":
