@@ -45,7 +45,7 @@ from torch._higher_order_ops import scan
 from .layers import KVCache
 from .modeling_sphere_ar import DiffusionHead, SamplingPlan, SphereARTransformer
 from .scheduling_sphere_ar import StepTable, apply_guidance, update_step
-from .thin_products import SHORT, ThinProducts
+from .thin_products import ThinProducts, short_rows
 
 __all__ = ["FastTokenSampler", "CapturedToken", "STEP_FUNCTIONS", "RUN_FUNCTIONS", "compiled_forward",
            "guided_velocity", "module_settings", "unguided_velocity"]
@@ -60,10 +60,10 @@ SCANS_COMPILE = torch.__version__ >= "2.10"  # a TorchVersion: compared as a ver
 
 def static_rows(x: torch.Tensor) -> bool:
     """Whether a compiled step on ``x``'s rows gets a graph with a static row count (its first dimension marked
-    static, ``torch._dynamo.mark_static``): on the CPU, 1 .. ``SHORT`` rows, where the :class:`.ThinProducts` pass
-    rewrites the products (it needs a static row count; SphereAR-B's trunk step at 1, 2, 3, 4 rows: 27, 30, 41, 48
+    static, ``torch._dynamo.mark_static``): where the :class:`.ThinProducts` pass rewrites products of that many rows
+    (:func:`.short_rows`; it needs a static row count; SphereAR-B's trunk step at 1, 2, 3, 4 rows: 27, 30, 41, 48
     ms; with BLAS 65, 100, 136 (eager) and 74-82)."""
-    return x.device.type == "cpu" and x.shape[0] <= SHORT
+    return short_rows(x.device, x.shape[0])
 
 
 def guided_velocity(head: DiffusionHead, x: torch.Tensor, modulations: tuple[torch.Tensor, ...],

@@ -23,7 +23,7 @@ import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-__all__ = ["ThinProducts", "SHORT", "THIN"]
+__all__ = ["ThinProducts", "SHORT", "THIN", "short_rows"]
 
 THIN = 16  # a product whose weight has at most this many rows or columns is computed as generated code
 SHORT = 4  # on the CPU, a product of 1 .. SHORT rows (batch 1 or 2, guided) is computed as generated code too
@@ -56,12 +56,18 @@ def is_thin(operands: tuple[fx.Node | None, fx.Node, fx.Node]) -> bool:
     return len(sides) == 2 and all(isinstance(s, int) for s in sides) and min(sides) <= THIN
 
 
+def short_rows(device: torch.device, rows: int) -> bool:
+    """Whether a product of ``rows`` static rows on ``device`` is rewritten as short (:meth:`ThinProducts.short`):
+    on the CPU, 1 .. :data:`SHORT` rows (CUDA's products stay BLAS calls). The fast sampler asks it which row counts
+    to mark static, so that the pass sees them."""
+    return device.type == "cpu" and 1 <= rows <= SHORT
+
+
 def is_short(operands: tuple[fx.Node | None, fx.Node, fx.Node]) -> bool:
-    """Whether the left operand ``a`` (M, K) of ``(bias, a, b)`` is a CPU tensor of a static 1 .. :data:`SHORT`
-    rows (CUDA's products stay BLAS calls)."""
+    """Whether the left operand ``a`` (M, K) of ``(bias, a, b)`` has a static row count that :func:`short_rows`
+    rewrites."""
     value = operands[1].meta["val"]
-    return value.device.type == "cpu" and value.dim() == 2 and isinstance(value.shape[0], int) and (
-        1 <= value.shape[0] <= SHORT)
+    return value.dim() == 2 and isinstance(value.shape[0], int) and short_rows(value.device, value.shape[0])
 
 
 def fake_value(arg: object) -> object:
